@@ -1,0 +1,1 @@
+"""The ``moeforge`` command line: a thin wrapper over the Python API."""

@@ -1,0 +1,47 @@
+"""Entry point of the ``moeforge`` command.
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers)``; the parser it adds sets
+``func(args) -> int``. User errors (:class:`~moeforge.errors.MoeforgeError`) become one line on stderr
+and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from moeforge import __version__
+from moeforge.cli import chat_cmd, convert_cmd, fetch_cmd, inspect_cmd
+from moeforge.errors import MoeforgeError
+
+SUBCOMMANDS = (convert_cmd, inspect_cmd, chat_cmd, fetch_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moeforge",
+        description="Turn dense LLaMA-family models into Mixture-of-Experts models; train, evaluate and ship them.",
+    )
+    parser.add_argument("--version", action="version", version=f"moeforge {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in SUBCOMMANDS:
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MoeforgeError as err:
+        print(f"moeforge {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"moeforge {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
