@@ -1,0 +1,216 @@
+"""The conversion recipe: YAML in, a validated, typed object out.
+
+Every field is checked before any weight is read: unknown keys and impossible values are rejected
+with a message that names the key (``moe.top_k: 9 is larger than num_experts 8``). Keys users know
+from Dense2MoE (``expert_top_k``, ``moe_start_layer``, ``moe_layer_freq``, ``gate_type``) and Mixtral
+(``num_experts_per_tok``) are accepted as aliases.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moeforge.errors import MoeforgeError
+
+ExpertCount = int | list[int] | dict[str, int]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class CopyInit(_Strict):
+    """Sparse upcycling options: every expert starts as the dense FFN."""
+
+    noise: Annotated[float, Field(ge=0.0)] = 0.0
+    """Gaussian noise added to each expert, relative to each matrix's std (breaks symmetry; not exact)."""
+    drop_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Drop-Upcycling: fraction of each expert's neurons re-initialised from N(mean, std) of the dense matrix."""
+
+
+class PartitionInit(_Strict):
+    """LLaMA-MoE neuron split: the FFN's intermediate neurons are divided among the experts."""
+
+    method: Literal["random", "kmeans", "importance"] = "random"
+
+
+class SharedExperts(_Strict):
+    """Always-on experts carved out of the dense FFN (the "residual MoE")."""
+
+    num_experts: Annotated[int, Field(ge=0)] = 0
+    intermediate_size: Annotated[int, Field(ge=0)] | None = None
+    """Total neurons for all shared experts; default: num_experts/(num_experts + routed) of the FFN."""
+    selection: Literal["importance", "first", "random"] = "importance"
+    """Which neurons go to the shared experts: the most active on calibration text, the first ones, or random."""
+
+
+class Placement(_Strict):
+    """Which decoder layers get an MoE block. The rest keep their dense FFN."""
+
+    layers: Literal["all"] | list[int] = "all"
+    moe_start_layer: Annotated[int, Field(ge=0)] = 0
+    moe_layer_freq: Annotated[int, Field(ge=1)] = 1
+    keep_first_dense: Annotated[int, Field(ge=0)] = 0
+    keep_last_dense: Annotated[int, Field(ge=0)] = 0
+
+
+class Routing(_Strict):
+    scoring: Literal["softmax_then_topk", "topk_then_softmax"] = "softmax_then_topk"
+    normalize: bool = True
+    """Renormalise the top-k softmax probabilities to sum to 1 (softmax_then_topk only)."""
+    gate_type: Literal["linear", "mlp", "gmm"] = "linear"
+    gate_hidden_size: Annotated[int, Field(ge=1)] = 256
+    router_init: Literal["auto", "random", "kmeans", "virtual_groups", "zeros"] = "auto"
+    router_init_std: Annotated[float, Field(gt=0.0)] = 0.02
+
+    @model_validator(mode="after")
+    def _check(self) -> Routing:
+        if self.scoring == "topk_then_softmax" and not self.normalize:
+            raise ValueError("normalize: false has no meaning with scoring topk_then_softmax (its weights always sum to 1)")
+        if self.router_init == "kmeans" and self.gate_type == "mlp":
+            raise ValueError("router_init: kmeans needs gate_type linear or gmm (an mlp gate has no per-expert centroid)")
+        return self
+
+
+class MoESpec(_Strict):
+    num_experts: ExpertCount = 8
+    """Experts per MoE layer: an int, a list (one per MoE layer), or a mapping like {"0-11": 4, "12-29": 8} (PMoE)."""
+    top_k: Annotated[int, Field(ge=1, validation_alias=AliasChoices("top_k", "expert_top_k", "num_experts_per_tok"))] = 2
+    init: Literal["copy", "partition", "granular"] = "copy"
+    copy_: CopyInit = Field(default_factory=CopyInit, alias="copy")
+    partition: PartitionInit = Field(default_factory=PartitionInit)
+    granularity: Annotated[int, Field(ge=1)] = 1
+    """granular: each dense copy is split into this many shards (experts = copies × granularity)."""
+    shared: SharedExperts = Field(default_factory=SharedExperts)
+    placement: Placement = Field(default_factory=Placement)
+    routing: Routing = Field(default_factory=Routing)
+    scale: float | Literal["auto"] = "auto"
+    """Factor on each routed expert's down_proj; auto = the value that reproduces the dense FFN (see docs)."""
+
+    @field_validator("num_experts")
+    @classmethod
+    def _positive(cls, value: ExpertCount) -> ExpertCount:
+        counts = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        for count in counts:
+            if count < 1:
+                raise ValueError(f"every expert count must be >= 1, got {count}")
+        if isinstance(value, dict):
+            for key in value:
+                if not re.fullmatch(r"\d+(-\d+)?", str(key)):
+                    raise ValueError(f"layer key {key!r} must be a layer index like '3' or a range like '0-11'")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> MoESpec:
+        if self.init != "granular" and self.granularity != 1:
+            raise ValueError("granularity is only used with init: granular")
+        if self.init == "granular" and self.granularity < 2:
+            raise ValueError("init: granular needs granularity >= 2 (1 is plain copy upcycling)")
+        if self.routing.router_init == "virtual_groups" and self.init != "granular":
+            raise ValueError("routing.router_init: virtual_groups only applies to init: granular")
+        return self
+
+
+class Calibration(_Strict):
+    file: Path | None = None
+    """Plain-text file of calibration text; default: a built-in sample shipped with moeforge."""
+    num_sequences: Annotated[int, Field(ge=1)] = 8
+    sequence_length: Annotated[int, Field(ge=8)] = 128
+
+
+class Fidelity(_Strict):
+    check: bool = True
+    tolerance: Annotated[float, Field(gt=0.0)] | None = None
+    """Max |Δlogit| allowed for exact conversions; default scales with the logits' magnitude (fp32 round-off)."""
+
+
+class ConvertRecipe(_Strict):
+    """Everything ``moeforge convert`` needs, validated."""
+
+    source: str
+    """Local HF directory, hub id, path to a .gguf file, or "default" (the embedded SmolLM2-135M-Instruct)."""
+    gguf_file: str | None = None
+    output: Path
+    export: Literal["auto", "mixtral", "qwen2_moe", "moeforge"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_shard_size: str = "2GB"
+    seed: int = 0
+    moe: MoESpec = Field(default_factory=MoESpec)
+    calibration: Calibration = Field(default_factory=Calibration)
+    fidelity: Fidelity = Field(default_factory=Fidelity)
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GB' → 2_000_000_000, '512MiB' → 536_870_912 (the conventions of transformers' max_shard_size)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size like '2GB' or '500MiB'")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _describe(error: ValidationError) -> str:
+    """The first problem, as `key.path: message (got value)`, so the user knows what to edit."""
+    first = error.errors()[0]
+    path = ".".join(str(part) for part in first["loc"]) or "recipe"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{path}: unknown key; check the spelling against the recipe reference in the README"
+    if first["type"] == "missing":
+        return f"{path}: required key is missing"
+    got = first.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{path}: {message}{shown}"
+
+
+def parse_recipe(data: dict[str, Any], *, origin: str = "recipe") -> ConvertRecipe:
+    try:
+        return ConvertRecipe.model_validate(data)
+    except ValidationError as error:
+        raise MoeforgeError(f"{origin}: {_describe(error)}") from None
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> ConvertRecipe:
+    """Read a YAML recipe; ``overrides`` (dotted keys, e.g. from CLI flags) replace values in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoeforgeError(f"recipe {path} does not exist: pass the path of a YAML recipe (see recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise MoeforgeError(f"recipe {path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(data, dict):
+        raise MoeforgeError(f"recipe {path}: the top level must be a mapping of keys like 'source:' and 'moe:'")
+    for dotted, value in (overrides or {}).items():
+        set_dotted(data, dotted, value)
+    return parse_recipe(data, origin=f"recipe {path}")
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """set_dotted(d, 'moe.routing.top_k', 2) creates the intermediate mappings as needed."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise MoeforgeError(f"recipe key {key!r} must be a mapping to set {dotted}")
+    node[leaf] = value
