@@ -1,0 +1,82 @@
+"""Build one layer's expert tensors from its dense FFN (copy, partition or granular; shared experts).
+
+Output tensors use the fused layout of transformers 5 (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``)
+and moeforge's key names; :mod:`moeforge.convert.export` renames them for the target architecture.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeforge.config.recipe import MoESpec
+from moeforge.convert.neurons import select_shared, split_neurons
+from moeforge.convert.plan import LayerPlan
+
+
+def _perturb(weight: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
+    if noise == 0:
+        return weight
+    return weight + noise * weight.std() * torch.randn(weight.shape, generator=generator)
+
+
+def _drop_upcycle(
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ratio: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop-Upcycling: re-draw a fraction of this expert's neurons from N(mean, std) of each dense matrix."""
+    if ratio == 0:
+        return gate, up, down
+    count = round(ratio * gate.shape[0])
+    picked = torch.randperm(gate.shape[0], generator=generator)[:count]
+    gate, up, down = gate.clone(), up.clone(), down.clone()
+
+    def redraw(matrix: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return matrix.mean() + matrix.std() * torch.randn(shape, generator=generator)
+
+    gate[picked] = redraw(gate, (count, gate.shape[1]))
+    up[picked] = redraw(up, (count, up.shape[1]))
+    down[:, picked] = redraw(down, (down.shape[0], count))
+    return gate, up, down
+
+
+def build_experts(
+    plan: LayerPlan,
+    moe: MoESpec,
+    gate_proj: torch.Tensor,
+    up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    activations: torch.Tensor | None,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Dense ``gate_proj/up_proj [I, H]``, ``down_proj [H, I]`` (fp32) → ``{"experts.gate_up_proj", "experts.down_proj",
+    and "shared_expert.{gate,up,down}_proj.weight" when shared}``. ``activations [T, I]`` feed importance-based choices."""
+    intermediate = gate_proj.shape[0]
+    tensors: dict[str, torch.Tensor] = {}
+    if plan.shared_intermediate_size:
+        shared_ids, pool = select_shared(
+            moe.shared.selection, intermediate, plan.shared_intermediate_size, activations=activations, generator=generator
+        )
+        tensors["shared_expert.gate_proj.weight"] = gate_proj[shared_ids]
+        tensors["shared_expert.up_proj.weight"] = up_proj[shared_ids]
+        tensors["shared_expert.down_proj.weight"] = down_proj[:, shared_ids]
+    else:
+        pool = torch.arange(intermediate)
+
+    if moe.init == "partition":
+        groups = split_neurons(
+            moe.partition.method, pool, plan.num_experts, up_proj=up_proj, activations=activations, generator=generator
+        )
+    else:  # copy, granular: every copy holds the whole pool, granular splits each copy into shards
+        shards = split_neurons("contiguous", pool, plan.n_split, up_proj=up_proj, activations=None, generator=generator)
+        groups = shards * (plan.num_experts // plan.n_split)
+
+    gate_up, down = [], []
+    for ids in groups:
+        gate_e, up_e, down_e = gate_proj[ids], up_proj[ids], down_proj[:, ids]
+        if moe.init != "partition":
+            gate_e, up_e, down_e = (_perturb(w, moe.copy_.noise, generator) for w in (gate_e, up_e, down_e))
+            gate_e, up_e, down_e = _drop_upcycle(gate_e, up_e, down_e, moe.copy_.drop_ratio, generator)
+        gate_up.append(torch.cat([gate_e, up_e], dim=0))
+        down.append(down_e * plan.scale)
+    tensors["experts.gate_up_proj"] = torch.stack(gate_up)
+    tensors["experts.down_proj"] = torch.stack(down)
+    return tensors

@@ -1,0 +1,274 @@
+"""``convert(recipe)``: recipe → plan → tensors → checkpoint, one decoder layer at a time.
+
+Per layer: read the dense tensors, run the dense layer on the calibration batch (capturing the FFN
+input), build the experts and router, run the converted layer on the MoE stream, write its tensors.
+Two streams (dense and MoE) advance side by side, so the router sees its real input (the MoE stream's)
+and the fidelity report costs no second pass. Output goes to a temporary directory renamed on success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import safetensors
+import torch
+import torch.nn.functional as F
+import transformers
+
+from moeforge import __version__
+from moeforge.config.recipe import ConvertRecipe
+from moeforge.convert.calibration import calibration_ids
+from moeforge.convert.experts import build_experts
+from moeforge.convert.export import build_config, resolve_export, to_disk_layout, to_target_layout
+from moeforge.convert.fidelity import FidelityReport, compare, default_tolerance
+from moeforge.convert.layerwise import LayerwiseModel
+from moeforge.convert.plan import ConversionPlan, LayerPlan, build_plan
+from moeforge.convert.router_init import init_router
+from moeforge.errors import FidelityError, MoeforgeError
+from moeforge.models.loading import DENSE_MODEL_TYPES, load_tokenizer, read_config, resolve_checkpoint
+from moeforge.models.safetensors_io import CheckpointReader, ShardedWriter
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json", "generation_config.json", "added_tokens.json",
+    "vocab.json", "merges.txt",
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    output: Path
+    export: str
+    plan: ConversionPlan
+    fidelity: FidelityReport | None
+    seconds: float
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _prepare_output(output: Path, overwrite: bool) -> Path:
+    if output.exists() and not overwrite:
+        raise MoeforgeError(f"output {output} already exists: choose another path or pass --overwrite")
+    if output.exists() and not output.is_dir():
+        raise MoeforgeError(f"output {output} exists and is not a directory")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, output: Path) -> None:
+    """Swap the finished directory into place; an old output (with --overwrite) goes only once the new one is complete."""
+    old = output.parent / f".{output.name}.old-{os.getpid()}"
+    if output.exists():
+        os.replace(output, old)
+    os.replace(tmp, output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _ffn_activations(mlp_input: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Callable) -> torch.Tensor:
+    flat = mlp_input.reshape(-1, mlp_input.shape[-1])
+    return act(flat @ gate.T) * (flat @ up.T)
+
+
+class _Converter:
+    def __init__(self, recipe: ConvertRecipe, source_dir: Path, log: Callable[[str], None]) -> None:
+        self.recipe = recipe
+        self.log = log
+        self.source_dir = source_dir
+        self.source_config = read_config(source_dir)
+        if self.source_config.model_type not in DENSE_MODEL_TYPES:
+            raise MoeforgeError(
+                f"source: {recipe.source} is a {self.source_config.model_type} model; convert takes a dense model "
+                f"({', '.join(DENSE_MODEL_TYPES)})"
+            )
+        self.plan = build_plan(recipe, self.source_config)
+        self.target = resolve_export(recipe.export, self.plan, self.source_config)
+        self.target_config = build_config(self.target, self.plan, self.source_config)
+        self.reader = CheckpointReader(source_dir)
+        self.generator = torch.Generator().manual_seed(recipe.seed)
+        first = "model.embed_tokens.weight"
+        self.out_dtype = DTYPES.get(recipe.dtype) or self.reader.dtype_of(first)
+        self.act = transformers.activations.ACT2FN[self.source_config.hidden_act]
+
+    def _read(self, name: str) -> torch.Tensor:
+        """A source tensor, rounded to the output dtype (so the dense reference is the model as it will be stored) and computed on in fp32."""
+        return self.reader.get(name).to(self.out_dtype).float()
+
+    def _layer_names(self, index: int) -> list[str]:
+        prefix = f"model.layers.{index}."
+        return [name for name in self.reader.keys() if name.startswith(prefix)]
+
+    def run(self, tmp: Path) -> tuple[FidelityReport | None, list[str]]:
+        recipe, plan, config = self.recipe, self.plan, self.source_config
+        tokenizer = load_tokenizer(self.source_dir)
+        ids, origin = calibration_ids(recipe.calibration, tokenizer, config.vocab_size, self.generator)
+        self.log(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens from {origin}")
+        dense_model, moe_model = LayerwiseModel(config), LayerwiseModel(self.target_config)
+        writer = ShardedWriter(tmp, recipe.max_shard_bytes)
+        new_params: list[str] = []
+
+        def write(name: str, tensor: torch.Tensor) -> None:
+            writer.add(name, tensor.to(self.out_dtype))
+
+        embed = self._read("model.embed_tokens.weight")
+        write("model.embed_tokens.weight", embed)
+        dense_h = F.embedding(ids, embed)
+        moe_h = dense_h.clone()
+        del embed
+        for index in range(plan.num_layers):
+            prefix = f"model.layers.{index}."
+            dense = {name[len(prefix):]: self._read(name) for name in self._layer_names(index)}
+            dense_h, dense_ffn_in = dense_model.run_layer(index, dense, dense_h, capture_mlp_input=True)
+            layer_plan = plan.layers[index]
+            if layer_plan is None:
+                moe_layer = dense
+                disk = {prefix + name: tensor for name, tensor in dense.items()}
+            else:
+                moe_layer, disk, created = self._convert_layer(index, layer_plan, dense, dense_ffn_in, moe_h, dense_model)
+                new_params += created
+            moe_h, _ = moe_model.run_layer(index, moe_layer, moe_h)
+            for name, tensor in disk.items():
+                write(name, tensor)
+            self.log(f"  layer {index + 1}/{plan.num_layers} {'moe' if layer_plan else 'dense'}")
+        norm = self._read("model.norm.weight")
+        write("model.norm.weight", norm)
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        head_name = "model.embed_tokens.weight" if tied or "lm_head.weight" not in self.reader else "lm_head.weight"
+        lm_head = self._read(head_name)
+        if not tied:
+            write("lm_head.weight", lm_head)
+        writer.close()
+        report = None
+        if recipe.fidelity.check:
+            dense_logits = dense_model.logits(dense_h, norm, lm_head)
+            moe_logits = moe_model.logits(moe_h, norm, lm_head)
+            tolerance = recipe.fidelity.tolerance or default_tolerance(dense_logits, plan.num_layers)
+            report = compare(dense_logits, moe_logits, ids, exact_expected=plan.exact, tolerance=tolerance)
+        return report, new_params
+
+    def _convert_layer(
+        self,
+        index: int,
+        layer_plan: LayerPlan,
+        dense: dict[str, torch.Tensor],
+        dense_ffn_in: torch.Tensor,
+        moe_h: torch.Tensor,
+        dense_model: LayerwiseModel,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+        moe, config = self.recipe.moe, self.source_config
+        gate, up, down = dense["mlp.gate_proj.weight"], dense["mlp.up_proj.weight"], dense["mlp.down_proj.weight"]
+        activations = _ffn_activations(dense_ffn_in, gate, up, self.act) if self.plan.needs_activations else None
+        router_inputs = None
+        if layer_plan.router_init == "kmeans":
+            # the router's real input: this layer's FFN input on the MoE stream (attention is unchanged)
+            _, moe_ffn_in = dense_model.run_layer(index, dict(dense), moe_h, capture_mlp_input=True)
+            router_inputs = moe_ffn_in.reshape(-1, moe_ffn_in.shape[-1])
+        mlp = build_experts(layer_plan, moe, gate, up, down, activations, self.generator)
+        router = init_router(
+            layer_plan, moe.routing.gate_type, moe.routing.gate_hidden_size, config.hidden_size,
+            moe.routing.router_init_std, router_inputs, self.generator,
+        )
+        mlp.update({f"gate.{name}": tensor for name, tensor in router.items()})
+        mlp = to_target_layout(self.target, mlp, config.hidden_size)
+        # round-trip through the output dtype so the MoE stream runs exactly what is stored
+        mlp = {name: tensor.to(self.out_dtype).float() for name, tensor in mlp.items()}
+        layer = {name: tensor for name, tensor in dense.items() if not name.startswith("mlp.")}
+        if self.target == "moeforge" and "self_attn.q_proj.bias" in layer and "self_attn.o_proj.bias" not in layer:
+            layer["self_attn.o_proj.bias"] = torch.zeros(config.hidden_size)  # Llama attention biases all four projections
+        prefix = f"model.layers.{index}."
+        disk = {prefix + name: tensor for name, tensor in layer.items()}
+        disk.update(to_disk_layout(self.target, prefix, mlp))
+        layer.update({f"mlp.{name}": tensor for name, tensor in mlp.items()})
+        created = [name for name in disk if ".gate." in name or name.endswith("gate.weight")]
+        return layer, disk, created
+
+
+def _copy_tokenizer(source_dir: Path, tmp: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copy2(source_dir / name, tmp / name)
+
+
+def _provenance(
+    recipe: ConvertRecipe, converter: _Converter, report: FidelityReport | None, new_params: list[str], tmp: Path
+) -> dict:
+    plan = converter.plan
+    return {
+        "moeforge_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"spec": recipe.source, "resolved": str(converter.source_dir), "model_type": converter.source_config.model_type},
+        "export": converter.target,
+        "dtype": str(converter.out_dtype).removeprefix("torch."),
+        "recipe": recipe.model_dump(mode="json", by_alias=True),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "safetensors": safetensors.__version__},
+        "layers": [
+            None if layer is None else {
+                "num_experts": layer.num_experts, "top_k": layer.top_k,
+                "expert_intermediate_size": layer.expert_intermediate_size,
+                "shared_intermediate_size": layer.shared_intermediate_size, "scale": layer.scale,
+                "router_init": layer.router_init, "exact": layer.exact,
+            }
+            for layer in plan.layers
+        ],
+        "exact_by_construction": plan.exact,
+        "fidelity": report.to_dict() if report else None,
+        "newly_initialized": new_params,
+        "checksums": {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))},
+    }
+
+
+def convert(recipe: ConvertRecipe, *, overwrite: bool = False, log: Callable[[str], None] = _log) -> ConversionResult:
+    """Convert a dense model into an MoE checkpoint as the recipe says. Raises MoeforgeError on bad input
+    and FidelityError when a conversion that must be exact is not; nothing is left at ``recipe.output`` then."""
+    start = time.perf_counter()
+    source_dir = resolve_checkpoint(recipe.source, gguf_file=recipe.gguf_file)
+    converter = _Converter(recipe, source_dir, log)
+    moe_count = len(converter.plan.moe_layers)
+    log(
+        f"converting {recipe.source} ({converter.source_config.model_type}, {converter.plan.num_layers} layers) -> "
+        f"{converter.target}: {moe_count} MoE layers, init {recipe.moe.init}, dtype {str(converter.out_dtype).removeprefix('torch.')}"
+    )
+    tmp = _prepare_output(recipe.output, overwrite)
+    try:
+        report, new_params = converter.run(tmp)
+        if report is not None:
+            for line in report.lines():
+                log(line)
+            if not report.passed:
+                raise FidelityError(
+                    f"the conversion should reproduce the dense model exactly but max |Δlogit| is {report.max_abs_logit_diff:.3e} "
+                    f"(tolerance {report.tolerance:.2e}); nothing was written. Please report this with your recipe"
+                )
+        converter.target_config.save_pretrained(tmp)
+        _copy_tokenizer(source_dir, tmp)
+        provenance = _provenance(recipe, converter, report, new_params, tmp)
+        (tmp / "moeforge.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        _publish(tmp, recipe.output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - start
+    log(f"wrote {recipe.output} ({converter.target}) in {seconds:.1f}s")
+    return ConversionResult(recipe.output, converter.target, converter.plan, report, seconds)

@@ -1,0 +1,198 @@
+"""Recipe + source config → a per-layer conversion plan.
+
+The plan is pure data, computed before any weight is read, so every impossible combination
+(indivisible sizes, top_k > experts, a layer index past the model) is reported up front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PretrainedConfig
+
+from moeforge.config.recipe import ConvertRecipe, MoESpec
+from moeforge.errors import MoeforgeError
+from moeforge.modeling import MoeLayerSpec
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one dense FFN becomes an MoE block."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    shared_intermediate_size: int
+    num_shared_experts: int
+    n_split: int
+    """How many routed experts together hold the routed neurons once: 1 copy, E partition, G granular."""
+    scale: float
+    """Factor on each routed expert's down_proj."""
+    router_init: str
+    exact: bool
+    """Whether this layer reproduces the dense FFN exactly (up to fp round-off)."""
+
+    def spec(self, moe: MoESpec) -> MoeLayerSpec:
+        routing = moe.routing
+        return MoeLayerSpec(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            expert_intermediate_size=self.expert_intermediate_size,
+            shared_intermediate_size=self.shared_intermediate_size,
+            gate_type=routing.gate_type,
+            gate_hidden_size=routing.gate_hidden_size,
+            scoring=routing.scoring,
+            normalize=routing.normalize or routing.scoring == "topk_then_softmax",
+        )
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    recipe: ConvertRecipe
+    num_layers: int
+    intermediate_size: int
+    layers: list[LayerPlan | None] = field(default_factory=list)
+
+    @property
+    def moe(self) -> MoESpec:
+        return self.recipe.moe
+
+    @property
+    def moe_layers(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers if layer is not None]
+
+    @property
+    def exact(self) -> bool:
+        return all(layer.exact for layer in self.moe_layers)
+
+    @property
+    def needs_activations(self) -> bool:
+        """Whether the conversion itself (not only the fidelity report) uses calibration activations."""
+        moe = self.moe
+        return (
+            (moe.init == "partition" and moe.partition.method == "importance")
+            or (moe.shared.num_experts > 0 and moe.shared.selection == "importance")
+            or any(layer.router_init == "kmeans" for layer in self.moe_layers)
+        )
+
+
+def _parse_layer_key(key: str) -> range:
+    start, _, end = str(key).partition("-")
+    return range(int(start), int(end or start) + 1)
+
+
+def select_moe_layers(moe: MoESpec, num_layers: int) -> list[int]:
+    placement = moe.placement
+    if placement.layers != "all":
+        bad = [i for i in placement.layers if not 0 <= i < num_layers]
+        if bad:
+            raise MoeforgeError(f"moe.placement.layers: layer {bad[0]} does not exist (the model has {num_layers} layers, 0-{num_layers - 1})")
+        chosen = sorted(set(placement.layers))
+    else:
+        chosen = list(range(placement.moe_start_layer, num_layers, placement.moe_layer_freq))
+    last_allowed = num_layers - placement.keep_last_dense
+    chosen = [i for i in chosen if placement.keep_first_dense <= i < last_allowed]
+    if not chosen:
+        raise MoeforgeError(f"moe.placement selects no layer of the model's {num_layers}: loosen moe_start_layer / keep_*_dense / layers")
+    return chosen
+
+
+def experts_per_layer(moe: MoESpec, layers: list[int]) -> dict[int, int]:
+    value = moe.num_experts
+    if isinstance(value, int):
+        return dict.fromkeys(layers, value)
+    if isinstance(value, list):
+        if len(value) != len(layers):
+            raise MoeforgeError(f"moe.num_experts: the list has {len(value)} entries but {len(layers)} layers are MoE ({layers}); give one count per MoE layer")
+        return dict(zip(layers, value, strict=True))
+    counts: dict[int, int] = {}
+    for key, count in value.items():
+        for layer in _parse_layer_key(key):
+            counts[layer] = count
+    missing = [i for i in layers if i not in counts]
+    if missing:
+        raise MoeforgeError(f"moe.num_experts: no expert count given for MoE layer {missing[0]}; cover every MoE layer with the mapping's ranges")
+    return {i: counts[i] for i in layers}
+
+
+def _plan_layer(moe: MoESpec, layer: int, num_experts: int, intermediate: int) -> LayerPlan:
+    where = f"layer {layer}"
+    top_k = moe.top_k
+    if top_k > num_experts:
+        raise MoeforgeError(f"moe.top_k: {top_k} is larger than num_experts {num_experts} ({where})")
+    shared = moe.shared
+    routed_experts_for_default = num_experts if moe.init != "granular" else num_experts // moe.granularity
+    if shared.num_experts:
+        total_units = routed_experts_for_default + shared.num_experts
+        shared_size = shared.intermediate_size if shared.intermediate_size is not None else intermediate * shared.num_experts // total_units
+        if shared_size % shared.num_experts:
+            raise MoeforgeError(f"moe.shared.intermediate_size: {shared_size} is not divisible by shared.num_experts {shared.num_experts}")
+        if not 0 < shared_size < intermediate:
+            raise MoeforgeError(f"moe.shared.intermediate_size: {shared_size} must be between 1 and the FFN size {intermediate} - 1")
+    else:
+        if shared.intermediate_size:
+            raise MoeforgeError("moe.shared.intermediate_size is set but shared.num_experts is 0: set num_experts too")
+        shared_size = 0
+    pool = intermediate - shared_size
+    routing = moe.routing
+    normalized = routing.normalize or routing.scoring == "topk_then_softmax"
+    perturbed = moe.copy_.noise > 0 or moe.copy_.drop_ratio > 0
+
+    if moe.init == "copy":
+        n_split, expert_size = 1, pool
+        router_init = "random" if routing.router_init == "auto" else routing.router_init
+        exact = normalized and not perturbed
+    elif moe.init == "partition":
+        if pool % num_experts:
+            raise MoeforgeError(f"moe.num_experts: the {pool} routed neurons of {where} do not split evenly into {num_experts} experts; pick a divisor of {pool}")
+        n_split, expert_size = num_experts, pool // num_experts
+        full = top_k == num_experts
+        if full and routing.router_init not in ("auto", "zeros"):
+            raise MoeforgeError(
+                f"moe.routing.router_init: {routing.router_init} with partition and top_k = num_experts would weight the "
+                "experts unequally and break the exact split; use auto (zeros) or lower top_k"
+            )
+        router_init = ("zeros" if full else "random") if routing.router_init == "auto" else routing.router_init
+        exact = full
+    else:  # granular
+        granularity = moe.granularity
+        if num_experts % granularity:
+            raise MoeforgeError(f"moe.num_experts: {num_experts} ({where}) must be a multiple of granularity {granularity} (experts = copies x shards)")
+        if top_k % granularity:
+            raise MoeforgeError(f"moe.top_k: {top_k} must be a multiple of granularity {granularity}, so whole copies are selected together")
+        if pool % granularity:
+            raise MoeforgeError(f"moe.granularity: the {pool} routed neurons of {where} do not split evenly into {granularity} shards")
+        n_split, expert_size = granularity, pool // granularity
+        router_init = "virtual_groups" if routing.router_init == "auto" else routing.router_init
+        exact = normalized and router_init == "virtual_groups" and not perturbed
+
+    if moe.scale == "auto":
+        scale = float(n_split) if normalized else float(n_split) * num_experts / top_k
+    else:
+        scale, exact = float(moe.scale), False
+    return LayerPlan(
+        layer=layer,
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_intermediate_size=expert_size,
+        shared_intermediate_size=shared_size,
+        num_shared_experts=shared.num_experts,
+        n_split=n_split,
+        scale=scale,
+        router_init=router_init,
+        exact=exact,
+    )
+
+
+def build_plan(recipe: ConvertRecipe, source_config: PretrainedConfig) -> ConversionPlan:
+    num_layers = source_config.num_hidden_layers
+    intermediate = source_config.intermediate_size
+    if getattr(source_config, "mlp_bias", False):
+        raise MoeforgeError("the source model has mlp_bias=True; moeforge converts bias-free (SwiGLU) FFNs only")
+    moe_layer_ids = select_moe_layers(recipe.moe, num_layers)
+    counts = experts_per_layer(recipe.moe, moe_layer_ids)
+    layers: list[LayerPlan | None] = [None] * num_layers
+    for layer in moe_layer_ids:
+        layers[layer] = _plan_layer(recipe.moe, layer, counts[layer], intermediate)
+    return ConversionPlan(recipe=recipe, num_layers=num_layers, intermediate_size=intermediate, layers=layers)

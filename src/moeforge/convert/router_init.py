@@ -1,0 +1,82 @@
+"""Initial router weights: random, zeros, k-means on the router's real input, or virtual groups.
+
+Returned names are relative to the router module (``weight`` for linear; ``fc1.weight``/``fc2.weight``
+for mlp; ``means``/``log_scales`` for gmm).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from moeforge.convert.plan import LayerPlan
+
+
+def kmeans(points: torch.Tensor, num_clusters: int, generator: torch.Generator, iters: int = 25) -> torch.Tensor:
+    """Plain k-means (k-means++ seeding) on ``points [N, D]``; returns the cluster id of every point."""
+    points = points.float()
+    first = torch.randint(len(points), (1,), generator=generator)
+    centroids = [points[first[0]]]
+    for _ in range(1, num_clusters):
+        distance = torch.cdist(points, torch.stack(centroids)).min(dim=1).values.square()
+        probs = distance / distance.sum() if distance.sum() > 0 else torch.full_like(distance, 1 / len(distance))
+        centroids.append(points[torch.multinomial(probs, 1, generator=generator)[0]])
+    centers = torch.stack(centroids)
+    assignment = torch.zeros(len(points), dtype=torch.long)
+    for _ in range(iters):
+        assignment = torch.cdist(points, centers).argmin(dim=1)
+        updated = torch.stack(
+            [points[assignment == c].mean(0) if (assignment == c).any() else centers[c] for c in range(num_clusters)]
+        )
+        if torch.allclose(updated, centers):
+            break
+        centers = updated
+    return assignment
+
+
+def init_router(
+    plan: LayerPlan,
+    gate_type: str,
+    gate_hidden_size: int,
+    hidden_size: int,
+    std: float,
+    router_inputs: torch.Tensor | None,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    experts = plan.num_experts
+    method = plan.router_init
+    # The per-expert rows: the linear weight, the mlp gate's output layer, or the gmm means.
+    width = gate_hidden_size if gate_type == "mlp" else hidden_size
+
+    def normal(*shape: int) -> torch.Tensor:
+        return std * torch.randn(shape, generator=generator)
+
+    if method == "zeros":
+        rows = torch.zeros(experts, width)
+    elif method == "virtual_groups":
+        # one random row per dense copy, repeated for each of its shards: the shards of a copy tie and are
+        # selected together, which is what makes granular upcycling exact
+        rows = normal(experts // plan.n_split, width).repeat_interleave(plan.n_split, dim=0)
+    elif method == "random":
+        rows = normal(experts, width)
+    elif method == "kmeans":
+        if router_inputs is None:
+            raise ValueError("kmeans router init needs the router inputs from calibration text")
+        assignment = kmeans(router_inputs, experts, generator)
+        clusters = [router_inputs[assignment == e] for e in range(experts)]
+        centroids = torch.stack([c.mean(0) if len(c) else router_inputs.mean(0) for c in clusters])
+        if gate_type == "gmm":
+            spread = torch.stack([c.std(0) if len(c) > 1 else router_inputs.std(0) for c in clusters])
+            return {"means": centroids, "log_scales": torch.log(spread.clamp_min(1e-3))}
+        # unit directions scaled to the norm a random N(0, std) row would have: same logit magnitude
+        return {"weight": F.normalize(centroids, dim=-1) * std * math.sqrt(hidden_size)}
+    else:
+        raise ValueError(f"unknown router init {method!r}")
+
+    if gate_type == "linear":
+        return {"weight": rows}
+    if gate_type == "mlp":
+        return {"fc1.weight": normal(gate_hidden_size, hidden_size), "fc2.weight": rows}
+    return {"means": rows, "log_scales": torch.zeros(experts, hidden_size)}
