@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,14 +26,20 @@ _BUILTIN_MODULES = (
 def builtin_text() -> str:
     """Docstrings of standard-library modules and their public members, in a fixed order."""
     parts: list[str] = []
-    for name in _BUILTIN_MODULES:
-        module = importlib.import_module(name)
-        parts.append(inspect.getdoc(module) or "")
-        for attr in sorted(vars(module)):
-            member = getattr(module, attr)
-            if not attr.startswith("_") and (inspect.isfunction(member) or inspect.isclass(member)):
-                parts.append(inspect.getdoc(member) or "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # typing's deprecated aliases warn on access
+        for name in _BUILTIN_MODULES:
+            parts.extend(_module_docs(importlib.import_module(name)))
     return "\n\n".join(p for p in parts if p)
+
+
+def _module_docs(module) -> list[str]:
+    parts = [inspect.getdoc(module) or ""]
+    for attr in sorted(vars(module)):
+        member = getattr(module, attr)
+        if not attr.startswith("_") and (inspect.isfunction(member) or inspect.isclass(member)):
+            parts.append(inspect.getdoc(member) or "")
+    return parts
 
 
 def calibration_ids(

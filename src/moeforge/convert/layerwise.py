@@ -16,7 +16,10 @@ class LayerwiseModel:
         import moeforge.modeling  # noqa: F401  (registers moeforge_llama)
 
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+            # eager experts: transformers' grouped_mm rejects expert sizes whose rows are not 16-byte multiples
+            self.model = AutoModelForCausalLM.from_config(
+                config, attn_implementation="sdpa", experts_implementation="eager", dtype=torch.float32
+            )
         self.model.eval()
         rotary_cls = type(self.model.model.rotary_emb)
         self.rotary = rotary_cls(config=config)

@@ -250,6 +250,12 @@ def convert(recipe: ConvertRecipe, *, overwrite: bool = False, log: Callable[[st
         f"converting {recipe.source} ({converter.source_config.model_type}, {converter.plan.num_layers} layers) -> "
         f"{converter.target}: {moe_count} MoE layers, init {recipe.moe.init}, dtype {str(converter.out_dtype).removeprefix('torch.')}"
     )
+    odd = sorted({layer.expert_intermediate_size for layer in converter.plan.moe_layers if layer.expert_intermediate_size % 8})
+    if odd:
+        log(
+            f"warning: expert intermediate size {odd[0]} is not a multiple of 8; transformers' default grouped_mm experts "
+            "backend rejects such rows on CPU: load with experts_implementation='eager'"
+        )
     tmp = _prepare_output(recipe.output, overwrite)
     try:
         report, new_params = converter.run(tmp)

@@ -125,7 +125,11 @@ def _plan_layer(moe: MoESpec, layer: int, num_experts: int, intermediate: int) -
     routed_experts_for_default = num_experts if moe.init != "granular" else num_experts // moe.granularity
     if shared.num_experts:
         total_units = routed_experts_for_default + shared.num_experts
-        shared_size = shared.intermediate_size if shared.intermediate_size is not None else intermediate * shared.num_experts // total_units
+        if shared.intermediate_size is not None:
+            shared_size = shared.intermediate_size
+        else:  # an equal share per expert, rounded down to 8 neurons per shared expert (aligned GEMM rows)
+            per_expert = intermediate // total_units
+            shared_size = shared.num_experts * (per_expert - per_expert % 8 if per_expert >= 8 else per_expert)
         if shared_size % shared.num_experts:
             raise MoeforgeError(f"moe.shared.intermediate_size: {shared_size} is not divisible by shared.num_experts {shared.num_experts}")
         if not 0 < shared_size < intermediate:
