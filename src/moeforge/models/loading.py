@@ -1,0 +1,243 @@
+"""Load any supported LLaMA-family causal LM from a directory, a hub id or a GGUF file.
+
+Everything funnels into a local Hugging Face directory first (:func:`resolve_checkpoint`), so the rest
+of moeforge only ever deals with ``config.json`` + safetensors. Weight files are validated with
+:class:`~moeforge.models.safetensors_io.CheckpointReader` before transformers sees them, so a bad
+download gives one actionable line instead of a deep traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from moeforge.errors import MoeforgeError
+from moeforge.models.safetensors_io import SAFE_INDEX, SAFE_SINGLE, CheckpointReader
+
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "moeforge_llama")
+SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
+
+DEFAULT_MODEL_ALIASES = ("default", "smollm2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_META_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+]
+
+log = logging.getLogger("moeforge")
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints live: ``$MOEFORGE_CACHE`` or ``~/.cache/moeforge``."""
+    env = os.environ.get("MOEFORGE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moeforge"
+
+
+def _first_line(err: BaseException) -> str:
+    """Exception text fit for a one-line message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _has_config(directory: Path) -> bool:
+    return (directory / "config.json").is_file()
+
+
+def gguf_to_safetensors(gguf_path: Path, target: Path) -> Path:
+    """Dequantise ``gguf_path`` into a plain fp32 safetensors directory at ``target`` (once).
+
+    The work happens in a temporary directory beside ``target`` that is renamed into place only when
+    complete, so an aborted or concurrent run never leaves a half-written ``target``.
+    """
+    if _has_config(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cached model is not a secret
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        except (ValueError, KeyError, IndexError, OSError, TypeError, struct.error) as err:
+            raise MoeforgeError(
+                f"could not read GGUF file {gguf_path} ({_first_line(err)}): "
+                "check that it is a complete GGUF of a LLaMA-family model"
+            ) from None
+        # The weights are now plain fp32 tensors: drop the GGUF quantizer so this saves (and later
+        # loads) as an ordinary safetensors checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _has_config(target):  # someone else finishing first is fine; anything else is not
+                raise MoeforgeError(f"{target} exists but holds no converted model; delete it and retry") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _gguf_cache_dir(gguf_path: Path, cache_dir: Path | None) -> Path:
+    stat = gguf_path.stat()
+    key = f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    return (cache_dir or cache_root()) / "gguf" / key
+
+
+def _convert_gguf(gguf_path: Path, cache_dir: Path | None) -> Path:
+    if not gguf_path.is_file():
+        raise MoeforgeError(f"{gguf_path} does not exist: pass an existing .gguf file")
+    return gguf_to_safetensors(gguf_path, _gguf_cache_dir(gguf_path, cache_dir))
+
+
+def _download(repo_id: str, revision: str | None, cache_dir: Path | None, gguf_file: str | None) -> Path:
+    """Fetch only what loading needs: config, tokenizer and one weight format (safetensors preferred)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def fetch(patterns: list[str]) -> Path:
+        try:
+            return Path(
+                snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+            )
+        except (HfHubHTTPError, OSError, ValueError) as err:
+            raise MoeforgeError(
+                f"could not download {repo_id} from the Hugging Face Hub ({_first_line(err)}): "
+                "check the id or pass a local directory"
+            ) from None
+
+    if gguf_file:
+        return fetch([gguf_file])
+    directory = fetch(_HUB_META_PATTERNS + ["model*.safetensors", SAFE_INDEX])
+    if not (directory / SAFE_SINGLE).is_file() and not (directory / SAFE_INDEX).is_file():
+        directory = fetch(_HUB_META_PATTERNS + ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
+    return directory
+
+
+def resolve_checkpoint(
+    source: str | Path,
+    *,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+) -> Path:
+    """Turn what the user typed into a local directory holding ``config.json`` and weights.
+
+    ``source`` is ``"default"``/``"smollm2"`` (the embedded model), a local directory, a ``.gguf`` file
+    (or a directory / hub id plus ``gguf_file``), or a hub id ``org/name``. GGUF files are converted once
+    into ``cache_dir`` (default :func:`cache_root`); hub downloads go to ``cache_dir`` too when given,
+    else to the usual Hugging Face cache.
+    """
+    text = str(source)
+    if text in DEFAULT_MODEL_ALIASES and not Path(text).exists():
+        from moeforge.models.default_model import default_model_dir  # lazy: default_model imports us
+
+        return default_model_dir(cache_dir)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _convert_gguf(path, cache_dir)
+    if path.is_dir():
+        if gguf_file:
+            return _convert_gguf(path / gguf_file, cache_dir)
+        if not _has_config(path):
+            raise MoeforgeError(f"{path} has no config.json: point to a Hugging Face model directory")
+        return path
+    if path.exists():
+        raise MoeforgeError(f"{path} is neither a model directory nor a .gguf file")
+    if _HUB_ID.match(text):
+        directory = _download(text, revision, cache_dir, gguf_file)
+        return _convert_gguf(directory / gguf_file, cache_dir) if gguf_file else directory
+    raise MoeforgeError(f"{text} does not exist: pass a model directory, a .gguf file or a Hugging Face id (org/name)")
+
+
+def read_config(directory: Path, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    """Read ``config.json``, refusing unsupported model types before transformers tries to build them."""
+    import moeforge.modeling  # noqa: F401  (registers moeforge_llama with the Auto classes)
+
+    config_path = Path(directory) / "config.json"
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MoeforgeError(f"{config_path} is not readable JSON ({type(err).__name__}); fix or re-download it") from None
+    if not isinstance(raw, dict):
+        raise MoeforgeError(f"{config_path} is not a JSON object; fix or re-download it")
+    _refuse_unsupported(raw.get("model_type"), raw.get("architectures"))
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        raise MoeforgeError(f"{config_path} is not a valid config ({_first_line(err)}); fix or re-download it") from None
+
+
+def _refuse_unsupported(model_type: object, architectures: object) -> None:
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return
+    arch = f" ({', '.join(architectures)})" if isinstance(architectures, list) and architectures else ""
+    raise MoeforgeError(
+        f"model_type {model_type!r}{arch} is not supported; moeforge supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+def check_supported(config: PretrainedConfig) -> None:
+    """Raise :class:`MoeforgeError` unless ``config`` is a LLaMA-family model moeforge handles."""
+    _refuse_unsupported(config.model_type, getattr(config, "architectures", None))
+
+
+def load_tokenizer(directory: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase | None:
+    """The checkpoint's tokenizer, or None (with a note) when the directory ships none."""
+    directory = Path(directory)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        log.warning("note: %s has no tokenizer files; continuing without a tokenizer", directory)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        raise MoeforgeError(
+            f"could not load the tokenizer in {directory} ({_first_line(err)}); fix or re-download it"
+        ) from None
+
+
+def load_model(
+    source: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Resolve, validate and load a supported causal LM (in eval mode) and its tokenizer."""
+    directory = resolve_checkpoint(source, gguf_file=gguf_file)
+    config = read_config(directory, trust_remote_code=trust_remote_code)
+    reader = CheckpointReader(directory)  # validates every weight file before transformers opens it
+    model = AutoModelForCausalLM.from_pretrained(
+        directory,
+        config=config,
+        dtype=dtype,
+        use_safetensors=reader.format == "safetensors",
+        weights_only=True,
+        trust_remote_code=trust_remote_code,
+    )
+    model.to(device)
+    model.eval()
+    return model, load_tokenizer(directory, trust_remote_code=trust_remote_code)

@@ -1,0 +1,143 @@
+"""Tiny, offline test models shared by every test package.
+
+Real checkpoints cannot be downloaded in tests, so these build a 3-layer LLaMA with a 256-token
+character-level tokenizer (with a ChatML chat template) in well under a second. Everything that works
+on a hub model (load, chat, convert, save) can be exercised on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+TINY_VOCAB_SIZE = 256
+SPECIAL_TOKENS = ("<unk>", "<|im_start|>", "<|im_end|>", "<pad>")  # ids 0..3
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_llama_config(**overrides: Any) -> LlamaConfig:
+    """A LLaMA small enough to build and run instantly; token ids match :func:`make_tiny_tokenizer`."""
+    values: dict[str, Any] = dict(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer whose 256 ids all decode, so random models' output is printable."""
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    chars += [chr(c) for c in range(0xA1, 0xA1 + TINY_VOCAB_SIZE - len(SPECIAL_TOKENS) - len(chars))]
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *chars])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_llama(config: LlamaConfig | None = None, seed: int = 0) -> LlamaForCausalLM:
+    """Random weights drawn from a fixed seed, so two builds are identical."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config or make_tiny_llama_config()).eval()
+
+
+def save_tiny_llama(
+    path: Path, config: LlamaConfig | None = None, seed: int = 0, max_shard_size: str | int | None = None
+) -> Path:
+    """Save a tiny LLaMA (safetensors, optionally sharded) plus its tokenizer; return ``path``."""
+    model = build_tiny_llama(config, seed)
+    kwargs: dict[str, Any] = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    make_tiny_tokenizer().save_pretrained(path)
+    return Path(path)
+
+
+def _llama_cpp_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The q/k row order llama.cpp's converter writes (transformers undoes it when reading a GGUF)."""
+    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(
+        weight.shape
+    )
+
+
+def save_tiny_llama_gguf(path: Path, config: LlamaConfig | None = None, seed: int = 0) -> LlamaForCausalLM:
+    """Write a tiny LLaMA as an fp32 GGUF file at ``path`` the way llama.cpp would; return the model.
+
+    Its tokenizer is a byte-level vocabulary of exactly 256 tokens and no merges.
+    """
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    model = build_tiny_llama(config, seed)
+    c = model.config
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("tiny-llama")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(list(bytes_to_unicode().values())[: c.vocab_size])
+    writer.add_token_types([1] * c.vocab_size)
+    writer.add_token_scores([0.0] * c.vocab_size)
+    writer.add_bos_token_id(c.bos_token_id)
+    writer.add_eos_token_id(c.eos_token_id)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    names = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    state = model.state_dict()
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
+    writer.add_tensor("output.weight", state["lm_head.weight"].numpy())
+    for i in range(c.num_hidden_layers):
+        for hf, gg in names.items():
+            weight = state[f"model.layers.{i}.{hf}.weight"]
+            if gg == "attn_q":
+                weight = _llama_cpp_permute(weight, c.num_attention_heads)
+            elif gg == "attn_k":
+                weight = _llama_cpp_permute(weight, c.num_key_value_heads)
+            writer.add_tensor(f"blk.{i}.{gg}.weight", weight.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model

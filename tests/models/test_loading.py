@@ -1,0 +1,175 @@
+"""resolve_checkpoint / load_model on tiny offline checkpoints: every source kind and every refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
+from transformers import GPT2Config
+
+from moeforge.errors import MoeforgeError
+from moeforge.models import loading
+from moeforge.models.loading import check_supported, load_model, read_config, resolve_checkpoint
+from tests.helpers import build_tiny_llama, make_tiny_llama_config, save_tiny_llama, save_tiny_llama_gguf
+
+IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 255]])
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_local_dir_loads_identical_model_and_tokenizer(tiny_llama_dir: Path) -> None:
+    model, tokenizer = load_model(tiny_llama_dir)
+    assert not model.training
+    assert torch.equal(_logits(model), _logits(build_tiny_llama()))
+    assert tokenizer is not None and tokenizer.chat_template
+    assert tokenizer.eos_token_id == model.config.eos_token_id
+
+
+def test_sharded_dir_loads(tmp_path: Path) -> None:
+    directory = save_tiny_llama(tmp_path / "sharded", max_shard_size="100KB")
+    assert (directory / "model.safetensors.index.json").is_file()
+    model, _ = load_model(directory)
+    assert torch.equal(_logits(model), _logits(build_tiny_llama()))
+
+
+def test_legacy_bin_loads_and_bfloat16(tmp_path: Path) -> None:
+    reference = build_tiny_llama()
+    reference.config.save_pretrained(tmp_path)
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    model, tokenizer = load_model(tmp_path)
+    assert tokenizer is None  # no tokenizer files: a note, not an error
+    assert torch.equal(_logits(model), _logits(reference))
+    model, _ = load_model(tmp_path, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+
+
+def test_gpt2_is_refused_with_the_supported_list(tmp_path: Path) -> None:
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"])
+    config.save_pretrained(tmp_path)
+    expected = (
+        "model_type 'gpt2' (GPT2LMHeadModel) is not supported; moeforge supports: "
+        "llama, mistral, qwen2, mixtral, qwen2_moe, qwen3_moe, moeforge_llama"
+    )
+    with pytest.raises(MoeforgeError) as err:
+        load_model(tmp_path)
+    assert str(err.value) == expected
+    with pytest.raises(MoeforgeError, match="model_type 'gpt2'"):
+        check_supported(config)
+    check_supported(make_tiny_llama_config())
+
+
+def test_missing_path_and_dir_without_config(tmp_path: Path) -> None:
+    with pytest.raises(MoeforgeError, match=r"nowhere does not exist"):
+        resolve_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(MoeforgeError, match=r"has no config.json: point to a Hugging Face model directory"):
+        resolve_checkpoint(tmp_path)
+
+
+def test_corrupted_shard_fails_before_transformers(tmp_path: Path) -> None:
+    directory = save_tiny_llama(tmp_path / "sharded", max_shard_size="100KB")
+    shard = sorted(directory.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(MoeforgeError, match=rf"{shard.name} is truncated or corrupted; delete it and download it again"):
+        load_model(directory)
+
+
+def test_bad_config_json(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(MoeforgeError, match="config.json is not readable JSON"):
+        read_config(tmp_path)
+
+
+def test_hub_id_download_error_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def offline(*args: object, **kwargs: object) -> str:
+        raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache.\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(MoeforgeError) as err:
+        resolve_checkpoint("some-org/some-model")
+    message = str(err.value)
+    assert message.startswith("could not download some-org/some-model from the Hugging Face Hub (")
+    assert message.endswith("): check the id or pass a local directory")
+    assert "\n" not in message
+
+
+def test_hub_id_without_network_really_fails_cleanly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The real snapshot_download, offline: our message, not a traceback."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MoeforgeError, match="could not download no-such-org/no-such-model from the Hugging Face Hub"):
+        resolve_checkpoint("no-such-org/no-such-model", cache_dir=tmp_path)
+
+
+def test_hub_id_happy_path_prefers_safetensors(monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path) -> None:
+    calls: list[dict[str, object]] = []
+
+    def fake(repo_id: str, **kwargs: object) -> str:
+        calls.append({"repo_id": repo_id, **kwargs})
+        return str(tiny_llama_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    model, tokenizer = load_model("acme/tiny-llama")
+    assert torch.equal(_logits(model), _logits(build_tiny_llama()))
+    assert tokenizer is not None
+    assert len(calls) == 1 and calls[0]["repo_id"] == "acme/tiny-llama"
+    patterns = calls[0]["allow_patterns"]
+    assert "config.json" in patterns and "model*.safetensors" in patterns
+    assert not any(p.endswith(".bin") for p in patterns)
+
+
+def test_hub_id_falls_back_to_bin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    reference = build_tiny_llama()
+    reference.config.save_pretrained(tmp_path)
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    calls: list[list[str]] = []
+
+    def fake(repo_id: str, *, allow_patterns: list[str], **kwargs: object) -> str:
+        calls.append(allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert resolve_checkpoint("acme/old-model", revision="v1") == tmp_path
+    assert len(calls) == 2 and "pytorch_model*.bin" in calls[1]
+
+
+def test_gguf_file_is_converted_once_and_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MOEFORGE_CACHE", str(tmp_path / "cache"))
+    gguf_path = tmp_path / "models" / "tiny.gguf"
+    gguf_path.parent.mkdir()
+    reference = save_tiny_llama_gguf(gguf_path)
+    model, tokenizer = load_model(gguf_path)
+    assert torch.equal(_logits(model), _logits(reference))
+    assert tokenizer is not None and tokenizer.chat_template
+    converted = resolve_checkpoint(gguf_path)
+    assert converted.parent == tmp_path / "cache" / "gguf"
+    assert "quantization_config" not in json.loads((converted / "config.json").read_text())
+    assert not [p for p in converted.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+    def no_reconversion(*args: object, **kwargs: object) -> None:
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", no_reconversion)
+    assert resolve_checkpoint(gguf_path.parent, gguf_file="tiny.gguf") == converted
+
+
+def test_bad_gguf_is_a_moeforge_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MOEFORGE_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(MoeforgeError, match="could not read GGUF file .*bad.gguf"):
+        resolve_checkpoint(bad)
+    assert not list((tmp_path / "cache" / "gguf").iterdir())
+    good = tmp_path / "good.gguf"
+    save_tiny_llama_gguf(good)
+    for cut in (100, good.stat().st_size // 2):
+        bad.write_bytes(good.read_bytes()[:cut])
+        with pytest.raises(MoeforgeError, match="could not read GGUF file .*bad.gguf"):
+            resolve_checkpoint(bad)
+    with pytest.raises(MoeforgeError, match="missing.gguf does not exist"):
+        resolve_checkpoint(tmp_path, gguf_file="missing.gguf")
