@@ -196,3 +196,31 @@ def test_reading_everything_needs_about_one_tensor_of_memory(tmp_path: Path) -> 
     # Peak covers the tensor read plus its float() copy; the whole checkpoint would be 400 MiB more.
     assert peak - base < 4 * tensor_mib * 1024, (base, peak)
     assert end - base < 4 * tensor_mib * 1024, (base, end)
+
+
+def test_large_shards_keep_a_padded_header_that_every_reader_accepts(tmp_path: Path, monkeypatch) -> None:
+    """Shards above the compaction size keep their reserved (space-padded) header instead of being rewritten."""
+    import safetensors
+
+    monkeypatch.setattr("moeforge.models.safetensors_io._SMALL_SHARD_BYTES", 0)
+    tensors = _tensors()
+    with ShardedWriter(tmp_path, max_shard_bytes=10**9, header_reserve=4096) as writer:
+        for name, t in tensors.items():
+            writer.add(name, t)
+    path = tmp_path / "model.safetensors"
+    assert int.from_bytes(path.read_bytes()[:8], "little") == 4096
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        for name, expected in tensors.items():
+            assert torch.equal(handle.get_tensor(name), expected)
+    reader = CheckpointReader(tmp_path)
+    assert all(torch.equal(reader.get(name), t) for name, t in tensors.items())
+
+
+def test_header_reserve_starts_a_new_shard_instead_of_overflowing(tmp_path: Path) -> None:
+    tensors = _tensors(40)
+    with ShardedWriter(tmp_path, max_shard_bytes=10**9, header_reserve=1024) as writer:
+        for name, t in tensors.items():
+            writer.add(name, t)
+    reader = CheckpointReader(tmp_path)
+    assert len(reader.shard_paths()) > 1
+    assert all(torch.equal(reader.get(name), t) for name, t in tensors.items())

@@ -40,8 +40,12 @@ class MoeforgeExperts(nn.Module):
         """Eager path: tokens sorted by expert, one matmul pair per active expert.
 
         The fused weights are unbound once, so autograd sees one view op instead of E indexing ops (whose
-        backward would zero-fill a full [E, ...] gradient per expert: cost growing with E²)."""
-        num_tokens, top_k = top_k_index.shape
+        backward would zero-fill a full [E, ...] gradient per expert: cost growing with E²). Weights stored
+        in a narrower dtype than the activations (bf16 weights, fp32 compute) are upcast one expert at a time."""
+        final = torch.zeros_like(hidden_states)
+        if top_k_index.numel() == 0:
+            return final
+        top_k = top_k_index.shape[1]
         flat_experts = top_k_index.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
@@ -52,10 +56,9 @@ class MoeforgeExperts(nn.Module):
         for expert, chunk in enumerate(sorted_states.split(counts)):
             if chunk.shape[0] == 0:
                 continue
-            gate, up = nn.functional.linear(chunk, gate_up[expert]).chunk(2, dim=-1)
-            outputs.append(nn.functional.linear(self.act_fn(gate) * up, down[expert]))
+            gate, up = nn.functional.linear(chunk, gate_up[expert].to(chunk.dtype)).chunk(2, dim=-1)
+            outputs.append(nn.functional.linear(self.act_fn(gate) * up, down[expert].to(chunk.dtype)))
         expert_out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None].to(hidden_states.dtype)
-        final = torch.zeros_like(hidden_states)
         return final.index_add(0, token_of_slot, expert_out)
 
 

@@ -3,7 +3,7 @@
 Converting a model means touching every tensor once. Loading the whole state dict would need as much
 memory as the model, so :class:`CheckpointReader` reads one tensor at a time with plain ``seek`` +
 ``readinto`` (no mmap, whose touched pages would count against RSS) and :class:`ShardedWriter`
-buffers at most one shard. Every file is validated up front from its header, so a truncated download
+streams each tensor to disk as it arrives. Every file is validated up front from its header, so a truncated download
 fails with a one-line :class:`~moeforge.errors.MoeforgeError` before any work starts.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ from pathlib import Path
 from types import TracebackType
 
 import torch
-from safetensors.torch import save_file
 
 from moeforge.errors import MoeforgeError
 
@@ -245,54 +245,101 @@ class CheckpointReader:
         return self._entry(name).shape
 
 
-class ShardedWriter:
-    """Write tensors as Hugging Face safetensors shards, holding at most one shard in memory.
+_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+_SMALL_SHARD_BYTES = 256 * 1024**2
 
-    Tensors are referenced (not copied) until their shard is flushed, so callers must not modify a
-    tensor in place after :meth:`add`. Use as a context manager to remove partial output on error.
+
+class _OpenShard:
+    """One shard being written: tensor bytes go straight to disk after a reserved header region,
+    whose JSON is written (space-padded, as the format allows) when the shard is closed."""
+
+    def __init__(self, path: Path, header_reserve: int) -> None:
+        self.path = path
+        self.reserve = header_reserve
+        self.handle = path.open("wb")
+        self.handle.seek(8 + header_reserve)
+        self.entries: dict[str, dict] = {}
+        self.data_bytes = 0
+        self.header_bytes = 2 + len('"__metadata__":{"format":"pt"},')
+
+    def fits(self, name: str, tensor: torch.Tensor, max_bytes: int) -> bool:
+        entry_bytes = len(name) + 80 + 12 * tensor.dim()
+        within_header = self.header_bytes + entry_bytes <= self.reserve
+        return not self.entries or (within_header and self.data_bytes + tensor.nbytes <= max_bytes)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        start = self.data_bytes
+        if tensor.nbytes:
+            self.handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self.data_bytes += tensor.nbytes
+        entry = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [start, self.data_bytes]}
+        self.entries[name] = entry
+        self.header_bytes += len(json.dumps({name: entry}, separators=(",", ":")))
+
+    def close(self) -> None:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        if len(header) > self.reserve:  # cannot happen: fits() keeps a margin; guard against silent corruption
+            raise RuntimeError(f"safetensors header of {self.path} outgrew its reserved space")
+        if self.data_bytes <= _SMALL_SHARD_BYTES:
+            self._compact(header)
+            return
+        self.handle.seek(0)
+        self.handle.write(struct.pack("<Q", self.reserve) + header.ljust(self.reserve, b" "))
+        self.handle.close()
+
+    def _compact(self, header: bytes) -> None:
+        """Small shards are rewritten with a tight header (a cheap copy) so they look like any other file."""
+        self.handle.close()
+        header = header.ljust(-(-len(header) // 8) * 8, b" ")  # 8-byte aligned data, as safetensors writes it
+        compact = self.path.with_suffix(".compact")
+        with self.path.open("rb") as source, compact.open("wb") as target:
+            target.write(struct.pack("<Q", len(header)) + header)
+            source.seek(8 + self.reserve)
+            shutil.copyfileobj(source, target, 1 << 24)
+        os.replace(compact, self.path)
+
+
+class ShardedWriter:
+    """Write tensors as Hugging Face safetensors shards, streaming each tensor to disk as it comes.
+
+    Nothing is buffered: each tensor's bytes are written immediately after a reserved header region,
+    so memory does not grow with the shard size. Views are written without copying. Use as a
+    context manager to remove partial output on error.
     """
 
-    def __init__(self, directory: Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+    def __init__(self, directory: Path, max_shard_bytes: int = 2 * 1024**3, header_reserve: int = 1 << 20) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._buffer_storages: set[int] = set()
-        self._names: set[str] = set()
-        self._shard_of: dict[str, int] = {}
+        self.header_reserve = header_reserve
+        self._shard: _OpenShard | None = None
         self._provisional: list[Path] = []
+        self._shard_of: dict[str, int] = {}
         self._total_size = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._names:
+        if name in self._shard_of:
             raise ValueError(f"tensor {name!r} was already added")
         tensor = tensor.detach().to("cpu").contiguous()
-        storage = tensor.untyped_storage()
-        # safetensors refuses tensors sharing memory, and a view would pin its whole base in memory.
-        if tensor.numel() == 0 or storage.nbytes() != tensor.nbytes or storage.data_ptr() in self._buffer_storages:
-            tensor = tensor.clone()
-            storage = tensor.untyped_storage()
-        if self._buffer and self._buffer_bytes + tensor.nbytes > self.max_shard_bytes:
-            self._flush()
-        self._names.add(name)
-        self._buffer[name] = tensor
-        self._buffer_bytes += tensor.nbytes
-        self._buffer_storages.add(storage.data_ptr())
+        if self._shard is None or not self._shard.fits(name, tensor, self.max_shard_bytes):
+            self._next_shard()
+        self._shard.write(name, tensor)
+        self._shard_of[name] = len(self._provisional) - 1
         self._total_size += tensor.nbytes
 
-    def _flush(self) -> None:
+    def _next_shard(self) -> None:
+        if self._shard is not None:
+            self._shard.close()
         path = self.directory / f".moeforge-shard-{len(self._provisional) + 1:05d}.safetensors.tmp"
-        save_file(self._buffer, str(path), metadata={"format": "pt"})
-        for name in self._buffer:
-            self._shard_of[name] = len(self._provisional)
         self._provisional.append(path)
-        self._buffer, self._buffer_bytes, self._buffer_storages = {}, 0, set()
+        self._shard = _OpenShard(path, self.header_reserve)
 
     def close(self) -> list[Path]:
-        """Flush, give shards their final names and write the index; return the shard paths."""
-        if self._buffer or not self._provisional:
-            self._flush()
+        """Finish the last shard, give shards their final names and write the index; return the shard paths."""
+        if self._shard is None:
+            self._next_shard()
+        self._shard.close()
+        self._shard = None
         n = len(self._provisional)
         if n == 1:
             final = [self.directory / SAFE_SINGLE]
@@ -318,6 +365,9 @@ class ShardedWriter:
         if exc_type is None:
             self.close()
             return
+        if self._shard is not None:
+            self._shard.handle.close()
+            self._shard = None
         for tmp in self._provisional:
             tmp.unlink(missing_ok=True)
-        self._provisional, self._buffer = [], {}
+        self._provisional = []
