@@ -101,7 +101,16 @@ def test_existing_output_is_kept_until_the_new_one_is_complete(tiny_sources, tmp
 
 def test_failed_fidelity_leaves_nothing(tiny_sources, tmp_path, monkeypatch):
     monkeypatch.setattr("moeforge.convert.pipeline.default_tolerance", lambda *_a: 0.0)
-    monkeypatch.setattr("moeforge.convert.experts._perturb", lambda w, _n, _g: w * 1.01)  # a subtly wrong expert
+    import moeforge.convert.pipeline as pipeline
+
+    original = pipeline.build_experts
+
+    def subtly_wrong(*args, **kwargs):
+        tensors = original(*args, **kwargs)
+        tensors["experts.down_proj"][0].mul_(1.01)
+        return tensors
+
+    monkeypatch.setattr(pipeline, "build_experts", subtly_wrong)
     with pytest.raises(FidelityError, match="should reproduce the dense model exactly"):
         run_convert(tiny_sources["gqa"], tmp_path / "moe", {"num_experts": 4})
     assert list(tmp_path.iterdir()) == []

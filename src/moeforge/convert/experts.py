@@ -47,9 +47,13 @@ def build_experts(
     activations: torch.Tensor | None,
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
-    """Dense ``gate_proj/up_proj [I, H]``, ``down_proj [H, I]`` (fp32) → ``{"experts.gate_up_proj", "experts.down_proj",
-    and "shared_expert.{gate,up,down}_proj.weight" when shared}``. ``activations [T, I]`` feed importance-based choices."""
-    intermediate = gate_proj.shape[0]
+    """Dense ``gate_proj/up_proj [I, H]``, ``down_proj [H, I]`` → ``{"experts.gate_up_proj", "experts.down_proj",
+    and "shared_expert.{gate,up,down}_proj.weight" when shared}``, in the dense tensors' dtype.
+
+    Experts are gathered straight into preallocated fused tensors (one pass over the output bytes, no fp32
+    copies); only perturbed experts (noise, Drop-Upcycling) go through fp32. ``activations [T, I]`` feed
+    importance-based choices."""
+    intermediate, hidden = gate_proj.shape
     tensors: dict[str, torch.Tensor] = {}
     if plan.shared_intermediate_size:
         shared_ids, pool = select_shared(
@@ -69,14 +73,22 @@ def build_experts(
         shards = split_neurons("contiguous", pool, plan.n_split, up_proj=up_proj, activations=None, generator=generator)
         groups = shards * (plan.num_experts // plan.n_split)
 
-    gate_up, down = [], []
-    for ids in groups:
-        gate_e, up_e, down_e = gate_proj[ids], up_proj[ids], down_proj[:, ids]
-        if moe.init != "partition":
+    size = plan.expert_intermediate_size
+    gate_up = torch.empty(plan.num_experts, 2 * size, hidden, dtype=gate_proj.dtype)
+    down = torch.empty(plan.num_experts, hidden, size, dtype=down_proj.dtype)
+    perturbed = moe.init != "partition" and (moe.copy_.noise > 0 or moe.copy_.drop_ratio > 0)
+    for e, ids in enumerate(groups):
+        if perturbed:
+            gate_e, up_e, down_e = (w.float() for w in (gate_proj[ids], up_proj[ids], down_proj[:, ids]))
             gate_e, up_e, down_e = (_perturb(w, moe.copy_.noise, generator) for w in (gate_e, up_e, down_e))
             gate_e, up_e, down_e = _drop_upcycle(gate_e, up_e, down_e, moe.copy_.drop_ratio, generator)
-        gate_up.append(torch.cat([gate_e, up_e], dim=0))
-        down.append(down_e * plan.scale)
-    tensors["experts.gate_up_proj"] = torch.stack(gate_up)
-    tensors["experts.down_proj"] = torch.stack(down)
+            gate_up[e, :size], gate_up[e, size:], down[e] = gate_e, up_e, down_e
+        else:
+            torch.index_select(gate_proj, 0, ids, out=gate_up[e, :size])
+            torch.index_select(up_proj, 0, ids, out=gate_up[e, size:])
+            torch.index_select(down_proj, 1, ids, out=down[e])
+    if plan.scale != 1.0:
+        down.mul_(plan.scale)
+    tensors["experts.gate_up_proj"] = gate_up
+    tensors["experts.down_proj"] = down
     return tensors

@@ -34,6 +34,7 @@ from moeforge.convert.layerwise import LayerwiseModel
 from moeforge.convert.plan import ConversionPlan, LayerPlan, build_plan
 from moeforge.convert.router_init import init_router
 from moeforge.errors import FidelityError, MoeforgeError
+from moeforge.modeling import MoeforgeLlamaConfig, MoeforgeSparseMoeBlock
 from moeforge.models.loading import DENSE_MODEL_TYPES, load_tokenizer, read_config, resolve_checkpoint
 from moeforge.models.safetensors_io import CheckpointReader, ShardedWriter
 
@@ -111,10 +112,16 @@ class _Converter:
         first = "model.embed_tokens.weight"
         self.out_dtype = DTYPES.get(recipe.dtype) or self.reader.dtype_of(first)
         self.act = transformers.activations.ACT2FN[self.source_config.hidden_act]
+        # config of the canonical MoE block that runs the MoE stream (eager experts: bf16 weights, fp32 compute)
+        self.block_config = MoeforgeLlamaConfig(
+            hidden_size=self.source_config.hidden_size, hidden_act=self.source_config.hidden_act, num_hidden_layers=1,
+            num_attention_heads=1, num_key_value_heads=1,
+        )
+        self.block_config._experts_implementation = "eager"
 
     def _read(self, name: str) -> torch.Tensor:
-        """A source tensor, rounded to the output dtype (so the dense reference is the model as it will be stored) and computed on in fp32."""
-        return self.reader.get(name).to(self.out_dtype).float()
+        """A source tensor in the output dtype: the dense reference is the model as it will be stored."""
+        return self.reader.get(name).to(self.out_dtype)
 
     def _layer_names(self, index: int) -> list[str]:
         prefix = f"model.layers.{index}."
@@ -125,45 +132,45 @@ class _Converter:
         tokenizer = load_tokenizer(self.source_dir)
         ids, origin = calibration_ids(recipe.calibration, tokenizer, config.vocab_size, self.generator)
         self.log(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens from {origin}")
-        dense_model, moe_model = LayerwiseModel(config), LayerwiseModel(self.target_config)
+        runner = LayerwiseModel(config)
         writer = ShardedWriter(tmp, recipe.max_shard_bytes)
         new_params: list[str] = []
 
-        def write(name: str, tensor: torch.Tensor) -> None:
-            writer.add(name, tensor.to(self.out_dtype))
-
         embed = self._read("model.embed_tokens.weight")
-        write("model.embed_tokens.weight", embed)
-        dense_h = F.embedding(ids, embed)
+        writer.add("model.embed_tokens.weight", embed)
+        dense_h = F.embedding(ids, embed.float())
         moe_h = dense_h.clone()
         del embed
         for index in range(plan.num_layers):
             prefix = f"model.layers.{index}."
-            dense = {name[len(prefix):]: self._read(name) for name in self._layer_names(index)}
-            dense_h, dense_ffn_in = dense_model.run_layer(index, dense, dense_h, capture_mlp_input=True)
+            stored = {name[len(prefix):]: self._read(name) for name in self._layer_names(index)}
+            dense = {name: tensor.float() for name, tensor in stored.items()}
+            dense_h, dense_ffn_in = runner.run_layer(index, dense, dense_h, capture_mlp_input=True)
             layer_plan = plan.layers[index]
             if layer_plan is None:
-                moe_layer = dense
-                disk = {prefix + name: tensor for name, tensor in dense.items()}
+                moe_h, _ = runner.run_layer(index, dense, moe_h)
+                disk = {prefix + name: tensor for name, tensor in stored.items()}
             else:
-                moe_layer, disk, created = self._convert_layer(index, layer_plan, dense, dense_ffn_in, moe_h, dense_model)
+                block, disk, created = self._convert_layer(index, layer_plan, stored, dense, dense_ffn_in, moe_h, runner)
+                attention = {name: tensor for name, tensor in dense.items() if not name.startswith("mlp.")}
+                moe_h, _ = runner.run_layer(index, attention, moe_h, mlp=block)
                 new_params += created
-            moe_h, _ = moe_model.run_layer(index, moe_layer, moe_h)
+            del stored, dense
             for name, tensor in disk.items():
-                write(name, tensor)
+                writer.add(name, tensor)
             self.log(f"  layer {index + 1}/{plan.num_layers} {'moe' if layer_plan else 'dense'}")
         norm = self._read("model.norm.weight")
-        write("model.norm.weight", norm)
+        writer.add("model.norm.weight", norm)
         tied = bool(getattr(config, "tie_word_embeddings", False))
         head_name = "model.embed_tokens.weight" if tied or "lm_head.weight" not in self.reader else "lm_head.weight"
         lm_head = self._read(head_name)
         if not tied:
-            write("lm_head.weight", lm_head)
+            writer.add("lm_head.weight", lm_head)
         writer.close()
         report = None
         if recipe.fidelity.check:
-            dense_logits = dense_model.logits(dense_h, norm, lm_head)
-            moe_logits = moe_model.logits(moe_h, norm, lm_head)
+            dense_logits = runner.logits(dense_h, norm.float(), lm_head.float())
+            moe_logits = runner.logits(moe_h, norm.float(), lm_head.float())
             tolerance = recipe.fidelity.tolerance or default_tolerance(dense_logits, plan.num_layers)
             report = compare(dense_logits, moe_logits, ids, exact_expected=plan.exact, tolerance=tolerance)
         return report, new_params
@@ -172,37 +179,53 @@ class _Converter:
         self,
         index: int,
         layer_plan: LayerPlan,
+        stored: dict[str, torch.Tensor],
         dense: dict[str, torch.Tensor],
         dense_ffn_in: torch.Tensor,
         moe_h: torch.Tensor,
-        dense_model: LayerwiseModel,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+        runner: LayerwiseModel,
+    ) -> tuple[MoeforgeSparseMoeBlock, dict[str, torch.Tensor], list[str]]:
+        """Build layer ``index``'s MoE block. Returns the block for the MoE stream (experts kept in the
+        output dtype, upcast per expert as they run), the checkpoint tensors, and the new router names."""
         moe, config = self.recipe.moe, self.source_config
-        gate, up, down = dense["mlp.gate_proj.weight"], dense["mlp.up_proj.weight"], dense["mlp.down_proj.weight"]
-        activations = _ffn_activations(dense_ffn_in, gate, up, self.act) if self.plan.needs_activations else None
+        activations = None
+        if self.plan.needs_activations:
+            activations = _ffn_activations(dense_ffn_in, dense["mlp.gate_proj.weight"], dense["mlp.up_proj.weight"], self.act)
         router_inputs = None
         if layer_plan.router_init == "kmeans":
             # the router's real input: this layer's FFN input on the MoE stream (attention is unchanged)
-            _, moe_ffn_in = dense_model.run_layer(index, dict(dense), moe_h, capture_mlp_input=True)
+            _, moe_ffn_in = runner.run_layer(index, dense, moe_h, capture_mlp_input=True)
             router_inputs = moe_ffn_in.reshape(-1, moe_ffn_in.shape[-1])
-        mlp = build_experts(layer_plan, moe, gate, up, down, activations, self.generator)
+        mlp = build_experts(
+            layer_plan, moe, stored["mlp.gate_proj.weight"], stored["mlp.up_proj.weight"], stored["mlp.down_proj.weight"],
+            activations, self.generator,
+        )
         router = init_router(
             layer_plan, moe.routing.gate_type, moe.routing.gate_hidden_size, config.hidden_size,
             moe.routing.router_init_std, router_inputs, self.generator,
         )
-        mlp.update({f"gate.{name}": tensor for name, tensor in router.items()})
-        mlp = to_target_layout(self.target, mlp, config.hidden_size)
-        # round-trip through the output dtype so the MoE stream runs exactly what is stored
-        mlp = {name: tensor.to(self.out_dtype).float() for name, tensor in mlp.items()}
-        layer = {name: tensor for name, tensor in dense.items() if not name.startswith("mlp.")}
-        if self.target == "moeforge" and "self_attn.q_proj.bias" in layer and "self_attn.o_proj.bias" not in layer:
-            layer["self_attn.o_proj.bias"] = torch.zeros(config.hidden_size)  # Llama attention biases all four projections
+        mlp.update({f"gate.{name}": tensor.to(self.out_dtype) for name, tensor in router.items()})
+
         prefix = f"model.layers.{index}."
+        layer = {name: tensor for name, tensor in stored.items() if not name.startswith("mlp.")}
+        if self.target == "moeforge" and "self_attn.q_proj.bias" in layer and "self_attn.o_proj.bias" not in layer:
+            layer["self_attn.o_proj.bias"] = torch.zeros(config.hidden_size, dtype=self.out_dtype)  # Llama biases all four
         disk = {prefix + name: tensor for name, tensor in layer.items()}
-        disk.update(to_disk_layout(self.target, prefix, mlp))
-        layer.update({f"mlp.{name}": tensor for name, tensor in mlp.items()})
-        created = [name for name in disk if ".gate." in name or name.endswith("gate.weight")]
-        return layer, disk, created
+        disk.update(to_disk_layout(self.target, prefix, to_target_layout(self.target, mlp, config.hidden_size)))
+        created = sorted(name for name in disk if _is_router_param(name))
+
+        with torch.device("meta"):
+            block = MoeforgeSparseMoeBlock(self.block_config, layer_plan.spec(moe))
+        block.load_state_dict(
+            {name: tensor if name.startswith("experts.") else tensor.float() for name, tensor in mlp.items()},
+            strict=True, assign=True,
+        )
+        return block, disk, created
+
+
+def _is_router_param(name: str) -> bool:
+    """Router parameters in any export layout (Mixtral ``block_sparse_moe.gate``, Qwen ``mlp.gate``, ``shared_expert_gate``)."""
+    return ".gate." in name or name.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
 
 
 def _copy_tokenizer(source_dir: Path, tmp: Path) -> None:
