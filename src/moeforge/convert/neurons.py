@@ -10,35 +10,40 @@ import torch
 import torch.nn.functional as F
 
 
+def balanced_assignment(similarity: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Assign each row to a cluster, at most ``capacity`` rows per cluster, preferring high similarity.
+
+    Every unassigned row bids for its best cluster that still has room; a cluster keeps its strongest
+    bidders up to its room and the rest bid again. Each round fills a cluster or ends, so there are at
+    most C + 1 rounds of vectorised work."""
+    num_rows, num_clusters = similarity.shape
+    assignment = torch.full((num_rows,), -1, dtype=torch.long)
+    room = torch.full((num_clusters,), capacity, dtype=torch.long)
+    while (assignment < 0).any():
+        rows = torch.nonzero(assignment < 0).flatten()
+        bids = similarity[rows].masked_fill(room == 0, float("-inf")).argmax(dim=1)
+        for cluster in bids.unique().tolist():
+            bidders = rows[bids == cluster]
+            strongest = bidders[torch.argsort(similarity[bidders, cluster], descending=True)[: int(room[cluster])]]
+            assignment[strongest] = cluster
+            room[cluster] -= len(strongest)
+    return assignment
+
+
 def balanced_kmeans(features: torch.Tensor, num_clusters: int, generator: torch.Generator, iters: int = 15) -> list[torch.Tensor]:
     """Cluster the rows of ``features [N, D]`` into ``num_clusters`` groups of exactly N / num_clusters rows,
-    by cosine similarity. Assignment is greedy on the globally sorted row-centroid similarities with a
-    capacity per cluster, then centroids are re-estimated; returns sorted row indices per cluster."""
+    by cosine similarity (k-means with a capacity-constrained assignment step); returns sorted row indices
+    per cluster."""
     num_rows = features.shape[0]
-    capacity = num_rows // num_clusters
     x = F.normalize(features.float(), dim=-1)
     centroids = x[torch.randperm(num_rows, generator=generator)[:num_clusters]].clone()
-    assignment = torch.empty(num_rows, dtype=torch.long)
+    assignment = torch.empty(0)
     for _ in range(iters):
-        similarity = x @ centroids.T  # [N, C]
-        order = torch.argsort(similarity.reshape(-1), descending=True)
-        assignment.fill_(-1)
-        filled = torch.zeros(num_clusters, dtype=torch.long)
-        remaining = num_rows
-        for flat in order.tolist():
-            row, cluster = divmod(flat, num_clusters)
-            if assignment[row] >= 0 or filled[cluster] >= capacity:
-                continue
-            assignment[row] = cluster
-            filled[cluster] += 1
-            remaining -= 1
-            if remaining == 0:
-                break
-        new_centroids = torch.stack([x[assignment == c].mean(0) for c in range(num_clusters)])
-        new_centroids = F.normalize(new_centroids, dim=-1)
-        if torch.allclose(new_centroids, centroids):
+        new_assignment = balanced_assignment(x @ centroids.T, num_rows // num_clusters)
+        if torch.equal(new_assignment, assignment):
             break
-        centroids = new_centroids
+        assignment = new_assignment
+        centroids = F.normalize(torch.stack([x[assignment == c].mean(0) for c in range(num_clusters)]), dim=-1)
     return [torch.nonzero(assignment == c).flatten() for c in range(num_clusters)]
 
 
