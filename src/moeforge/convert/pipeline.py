@@ -8,7 +8,6 @@ and the fidelity report costs no second pass. Output goes to a temporary directo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -80,14 +79,6 @@ def _publish(tmp: Path, output: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _ffn_activations(mlp_input: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Callable) -> torch.Tensor:
     flat = mlp_input.reshape(-1, mlp_input.shape[-1])
     return act(flat @ gate.T) * (flat @ up.T)
@@ -112,6 +103,7 @@ class _Converter:
         first = "model.embed_tokens.weight"
         self.out_dtype = DTYPES.get(recipe.dtype) or self.reader.dtype_of(first)
         self.act = transformers.activations.ACT2FN[self.source_config.hidden_act]
+        self.checksums: dict[str, str] = {}
         # config of the canonical MoE block that runs the MoE stream (eager experts: bf16 weights, fp32 compute)
         self.block_config = MoeforgeLlamaConfig(
             hidden_size=self.source_config.hidden_size, hidden_act=self.source_config.hidden_act, num_hidden_layers=1,
@@ -133,27 +125,47 @@ class _Converter:
         ids, origin = calibration_ids(recipe.calibration, tokenizer, config.vocab_size, self.generator)
         self.log(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens from {origin}")
         runner = LayerwiseModel(config)
-        writer = ShardedWriter(tmp, recipe.max_shard_bytes)
         new_params: list[str] = []
+        with ShardedWriter(tmp, recipe.max_shard_bytes) as writer:
+            dense_h, moe_h, norm, lm_head = self._stream_layers(ids, runner, writer, new_params)
+        self.checksums = writer.checksums
+        report = None
+        if recipe.fidelity.check:
+            dense_logits = runner.logits(dense_h, norm.float(), lm_head.float())
+            moe_logits = runner.logits(moe_h, norm.float(), lm_head.float())
+            tolerance = recipe.fidelity.tolerance or default_tolerance(dense_logits, plan.num_layers)
+            report = compare(dense_logits, moe_logits, ids, exact_expected=plan.exact, tolerance=tolerance)
+        return report, new_params
 
+    def _stream_layers(
+        self, ids: torch.Tensor, runner: LayerwiseModel, writer: ShardedWriter, new_params: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write every tensor of the converted model while advancing the dense and MoE streams."""
+        plan, config = self.plan, self.source_config
         embed = self._read("model.embed_tokens.weight")
         writer.add("model.embed_tokens.weight", embed)
         dense_h = F.embedding(ids, embed.float())
         moe_h = dense_h.clone()
         del embed
+        # Without a fidelity check and with nothing calibrated, conversion is a pure streaming rewrite.
+        streams = self.recipe.fidelity.check or plan.needs_activations
         for index in range(plan.num_layers):
             prefix = f"model.layers.{index}."
             stored = {name[len(prefix):]: self._read(name) for name in self._layer_names(index)}
-            dense = {name: tensor.float() for name, tensor in stored.items()}
-            dense_h, dense_ffn_in = runner.run_layer(index, dense, dense_h, capture_mlp_input=True)
+            dense = {name: tensor.float() for name, tensor in stored.items()} if streams else {}
+            dense_ffn_in = None
+            if streams:
+                dense_h, dense_ffn_in = runner.run_layer(index, dense, dense_h, capture_mlp_input=True)
             layer_plan = plan.layers[index]
             if layer_plan is None:
-                moe_h, _ = runner.run_layer(index, dense, moe_h)
+                if streams:
+                    moe_h, _ = runner.run_layer(index, dense, moe_h)
                 disk = {prefix + name: tensor for name, tensor in stored.items()}
             else:
                 block, disk, created = self._convert_layer(index, layer_plan, stored, dense, dense_ffn_in, moe_h, runner)
-                attention = {name: tensor for name, tensor in dense.items() if not name.startswith("mlp.")}
-                moe_h, _ = runner.run_layer(index, attention, moe_h, mlp=block)
+                if streams:
+                    attention = {name: tensor for name, tensor in dense.items() if not name.startswith("mlp.")}
+                    moe_h, _ = runner.run_layer(index, attention, moe_h, mlp=block)
                 new_params += created
             del stored, dense
             for name, tensor in disk.items():
@@ -166,14 +178,7 @@ class _Converter:
         lm_head = self._read(head_name)
         if not tied:
             writer.add("lm_head.weight", lm_head)
-        writer.close()
-        report = None
-        if recipe.fidelity.check:
-            dense_logits = runner.logits(dense_h, norm.float(), lm_head.float())
-            moe_logits = runner.logits(moe_h, norm.float(), lm_head.float())
-            tolerance = recipe.fidelity.tolerance or default_tolerance(dense_logits, plan.num_layers)
-            report = compare(dense_logits, moe_logits, ids, exact_expected=plan.exact, tolerance=tolerance)
-        return report, new_params
+        return dense_h, moe_h, norm, lm_head
 
     def _convert_layer(
         self,
@@ -181,7 +186,7 @@ class _Converter:
         layer_plan: LayerPlan,
         stored: dict[str, torch.Tensor],
         dense: dict[str, torch.Tensor],
-        dense_ffn_in: torch.Tensor,
+        dense_ffn_in: torch.Tensor | None,
         moe_h: torch.Tensor,
         runner: LayerwiseModel,
     ) -> tuple[MoeforgeSparseMoeBlock, dict[str, torch.Tensor], list[str]]:
@@ -258,7 +263,7 @@ def _provenance(
         "exact_by_construction": plan.exact,
         "fidelity": report.to_dict() if report else None,
         "newly_initialized": new_params,
-        "checksums": {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))},
+        "checksums": converter.checksums,
     }
 
 

@@ -9,11 +9,14 @@ fails with a one-line :class:`~moeforge.errors.MoeforgeError` before any work st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import shutil
 import struct
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 import zipfile
 from dataclasses import dataclass
 from math import prod
@@ -251,7 +254,9 @@ _SMALL_SHARD_BYTES = 256 * 1024**2
 
 class _OpenShard:
     """One shard being written: tensor bytes go straight to disk after a reserved header region,
-    whose JSON is written (space-padded, as the format allows) when the shard is closed."""
+    whose JSON is written (space-padded, as the format allows) when the shard is closed. Bookkeeping
+    (:meth:`record`) happens on the caller's thread; :meth:`write`, :meth:`close` and :meth:`sha256` may
+    run on the writer thread, in submission order."""
 
     def __init__(self, path: Path, header_reserve: int) -> None:
         self.path = path
@@ -267,14 +272,16 @@ class _OpenShard:
         within_header = self.header_bytes + entry_bytes <= self.reserve
         return not self.entries or (within_header and self.data_bytes + tensor.nbytes <= max_bytes)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def record(self, name: str, tensor: torch.Tensor) -> None:
         start = self.data_bytes
-        if tensor.nbytes:
-            self.handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
         self.data_bytes += tensor.nbytes
         entry = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [start, self.data_bytes]}
         self.entries[name] = entry
         self.header_bytes += len(json.dumps({name: entry}, separators=(",", ":")))
+
+    def write(self, tensor: torch.Tensor) -> None:
+        if tensor.nbytes:
+            self.handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
     def close(self) -> None:
         header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
@@ -298,56 +305,106 @@ class _OpenShard:
             shutil.copyfileobj(source, target, 1 << 24)
         os.replace(compact, self.path)
 
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        with self.path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
 
 class ShardedWriter:
     """Write tensors as Hugging Face safetensors shards, streaming each tensor to disk as it comes.
 
-    Nothing is buffered: each tensor's bytes are written immediately after a reserved header region,
-    so memory does not grow with the shard size. Views are written without copying. Use as a
-    context manager to remove partial output on error.
+    Nothing is buffered per shard: each tensor's bytes are written right after a reserved header region,
+    so memory does not grow with the shard size, and views are written without copying. Writing, closing
+    and checksumming shards happen on one background thread, overlapping the caller's compute; at most
+    ``max_inflight_bytes`` of tensors wait for it. Use as a context manager to remove partial output on error.
+    ``checksums`` (final file name → sha256) is filled by :meth:`close`.
     """
 
-    def __init__(self, directory: Path, max_shard_bytes: int = 2 * 1024**3, header_reserve: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        max_shard_bytes: int = 2 * 1024**3,
+        header_reserve: int = 1 << 20,
+        max_inflight_bytes: int = 512 * 1024**2,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
         self.header_reserve = header_reserve
+        self.max_inflight_bytes = max_inflight_bytes
+        self.checksums: dict[str, str] = {}
         self._shard: _OpenShard | None = None
-        self._provisional: list[Path] = []
+        self._shards: list[_OpenShard] = []
         self._shard_of: dict[str, int] = {}
         self._total_size = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeforge-writer")
+        self._pending: list[Future] = []
+        self._digests: list[Future] = []
+        self._inflight = 0
+        self._room = threading.Condition()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._shard_of:
             raise ValueError(f"tensor {name!r} was already added")
+        self._raise_worker_error()
         tensor = tensor.detach().to("cpu").contiguous()
         if self._shard is None or not self._shard.fits(name, tensor, self.max_shard_bytes):
             self._next_shard()
-        self._shard.write(name, tensor)
-        self._shard_of[name] = len(self._provisional) - 1
+        self._shard.record(name, tensor)
+        self._shard_of[name] = len(self._shards) - 1
         self._total_size += tensor.nbytes
+        with self._room:
+            self._room.wait_for(lambda: self._inflight == 0 or self._inflight + tensor.nbytes <= self.max_inflight_bytes)
+            self._inflight += tensor.nbytes
+        self._pending.append(self._pool.submit(self._write, self._shard, tensor))
+
+    def _write(self, shard: _OpenShard, tensor: torch.Tensor) -> None:
+        try:
+            shard.write(tensor)
+        finally:
+            with self._room:
+                self._inflight -= tensor.nbytes
+                self._room.notify_all()
+
+    def _raise_worker_error(self) -> None:
+        done = [future for future in self._pending if future.done()]
+        for future in done:
+            future.result()
+        self._pending = [future for future in self._pending if not future.done()]
 
     def _next_shard(self) -> None:
         if self._shard is not None:
-            self._shard.close()
-        path = self.directory / f".moeforge-shard-{len(self._provisional) + 1:05d}.safetensors.tmp"
-        self._provisional.append(path)
+            self._finish(self._shard)
+        path = self.directory / f".moeforge-shard-{len(self._shards) + 1:05d}.safetensors.tmp"
         self._shard = _OpenShard(path, self.header_reserve)
+        self._shards.append(self._shard)
+
+    def _finish(self, shard: _OpenShard) -> None:
+        self._pending.append(self._pool.submit(shard.close))
+        self._digests.append(self._pool.submit(shard.sha256))
 
     def close(self) -> list[Path]:
         """Finish the last shard, give shards their final names and write the index; return the shard paths."""
         if self._shard is None:
             self._next_shard()
-        self._shard.close()
+        self._finish(self._shard)
         self._shard = None
-        n = len(self._provisional)
+        for future in self._pending:
+            future.result()
+        digests = [future.result() for future in self._digests]
+        self._pool.shutdown()
+        n = len(self._shards)
         if n == 1:
             final = [self.directory / SAFE_SINGLE]
         else:
             final = [self.directory / f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-        for tmp, path in zip(self._provisional, final):
-            os.replace(tmp, path)
-        self._provisional = []
+        for shard, path, digest in zip(self._shards, final, digests):
+            os.replace(shard.path, path)
+            self.checksums[path.name] = digest
+        self._shards = []
         if n == 1:
             (self.directory / SAFE_INDEX).unlink(missing_ok=True)  # a stale index would shadow the new file
         else:
@@ -355,6 +412,15 @@ class ShardedWriter:
             index = {"metadata": {"total_size": self._total_size}, "weight_map": weight_map}
             (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return final
+
+    def abort(self) -> None:
+        """Stop writing and delete every partial shard."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for shard in self._shards:
+            shard.handle.close()
+            shard.path.unlink(missing_ok=True)
+            shard.path.with_suffix(".compact").unlink(missing_ok=True)
+        self._shards, self._shard = [], None
 
     def __enter__(self) -> ShardedWriter:
         return self
@@ -364,10 +430,5 @@ class ShardedWriter:
     ) -> None:
         if exc_type is None:
             self.close()
-            return
-        if self._shard is not None:
-            self._shard.handle.close()
-            self._shard = None
-        for tmp in self._provisional:
-            tmp.unlink(missing_ok=True)
-        self._provisional = []
+        else:
+            self.abort()
