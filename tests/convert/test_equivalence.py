@@ -73,6 +73,7 @@ def test_inexact_conversions_compute_what_the_report_measured(case, tiny_sources
     # the checkpoint on disk computes the perplexity the in-pipeline check reported
     tokenizer = load_tokenizer(tiny_sources["gqa"])
     ids, _ = calibration_ids(Calibration(), tokenizer, 256, torch.Generator().manual_seed(3))
+    ids = ids[Calibration().num_sequences // 2 :]  # the report is computed on the held-out half
     import moeforge  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32).eval()
@@ -81,12 +82,26 @@ def test_inexact_conversions_compute_what_the_report_measured(case, tiny_sources
     assert torch.exp(loss).item() == pytest.approx(result.fidelity.perplexity_moe, rel=1e-4)
 
 
-def test_partition_scale_is_analytic(tiny_sources, tmp_path):
-    """Partition with renormalised top-k scales each expert by E (exact when all experts fire with weight 1/E)."""
-    result = run_convert(tiny_sources["gqa"], tmp_path / "moe", {"num_experts": 4, "top_k": 2, "init": "partition"})
+def test_analytic_scales(tiny_sources, tmp_path):
+    """Partition with renormalised top-k scales each expert by E (exact when all experts fire with weight 1/E);
+    copy without renormalisation by E/k (the expected sum of k of E near-uniform probabilities)."""
+    moe = {"num_experts": 4, "top_k": 2, "init": "partition", "scale": "analytic"}
+    result = run_convert(tiny_sources["gqa"], tmp_path / "moe", moe)
     assert {layer.scale for layer in result.plan.moe_layers} == {4.0}
-    result = run_convert(tiny_sources["gqa"], tmp_path / "moe2", {"num_experts": 4, "top_k": 2, "routing": {"normalize": False}})
-    assert {layer.scale for layer in result.plan.moe_layers} == {2.0}  # copy without renorm: E/k
+    moe = {"num_experts": 4, "top_k": 2, "routing": {"normalize": False}, "scale": "analytic"}
+    result = run_convert(tiny_sources["gqa"], tmp_path / "moe2", moe)
+    assert {layer.scale for layer in result.plan.moe_layers} == {2.0}
+
+
+def test_auto_scale_fits_approximate_layers_and_beats_analytic(tiny_sources, tmp_path):
+    moe = {"num_experts": 4, "top_k": 2, "init": "partition"}
+    analytic = run_convert(tiny_sources["gqa"], tmp_path / "a", {**moe, "scale": "analytic"})
+    fitted = run_convert(tiny_sources["gqa"], tmp_path / "f", moe)
+    assert fitted.fidelity.mean_abs_logit_diff < analytic.fidelity.mean_abs_logit_diff
+    layers = json.loads((tmp_path / "f" / "moeforge.json").read_text())["layers"]
+    assert all(layer["scale_calibrated"] for layer in layers) and len({layer["scale"] for layer in layers}) == 3
+    exact = run_convert(tiny_sources["gqa"], tmp_path / "e", {"num_experts": 4, "top_k": 2})
+    assert exact.fidelity.passed  # exact layers keep their analytic scale
 
 
 def test_native_exports_generate_with_plain_transformers(tiny_sources, tmp_path, input_ids):

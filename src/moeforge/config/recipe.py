@@ -89,8 +89,10 @@ class MoESpec(_Strict):
     shared: SharedExperts = Field(default_factory=SharedExperts)
     placement: Placement = Field(default_factory=Placement)
     routing: Routing = Field(default_factory=Routing)
-    scale: float | Literal["auto"] = "auto"
-    """Factor on each routed expert's down_proj; auto = the value that reproduces the dense FFN (see docs)."""
+    scale: float | Literal["auto", "analytic"] = "auto"
+    """Factor on each routed expert's down_proj. analytic: the value that makes the expected MoE output equal
+    the dense FFN (exact where the strategy allows); auto: analytic for exact layers, and for approximate ones
+    the least-squares factor that best matches the dense FFN on calibration text; or a number."""
 
     @field_validator("num_experts")
     @classmethod

@@ -104,6 +104,13 @@ class _Converter:
         self.out_dtype = DTYPES.get(recipe.dtype) or self.reader.dtype_of(first)
         self.act = transformers.activations.ACT2FN[self.source_config.hidden_act]
         self.checksums: dict[str, str] = {}
+        self.scales: dict[int, float] = {}  # least-squares calibrated down_proj factors, by layer
+        # Calibration sequences used to fit (importance, k-means routers, scales); the fidelity report uses the
+        # others, so its figures are held out. Nothing fitted: every sequence serves the report.
+        sequences = recipe.calibration.num_sequences
+        if self.plan.needs_calibration and sequences < 2:
+            raise MoeforgeError("calibration.num_sequences: this recipe fits to calibration text and needs at least 2 sequences (half fit, half report)")
+        self.fit_sequences = sequences // 2 if self.plan.needs_calibration else 0
         # config of the canonical MoE block that runs the MoE stream (eager experts: bf16 weights, fp32 compute)
         self.block_config = MoeforgeLlamaConfig(
             hidden_size=self.source_config.hidden_size, hidden_act=self.source_config.hidden_act, num_hidden_layers=1,
@@ -131,10 +138,11 @@ class _Converter:
         self.checksums = writer.checksums
         report = None
         if recipe.fidelity.check:
-            dense_logits = runner.logits(dense_h, norm.float(), lm_head.float())
-            moe_logits = runner.logits(moe_h, norm.float(), lm_head.float())
+            held_out = slice(self.fit_sequences, None)  # sequences nothing was fitted on
+            dense_logits = runner.logits(dense_h[held_out], norm.float(), lm_head.float())
+            moe_logits = runner.logits(moe_h[held_out], norm.float(), lm_head.float())
             tolerance = recipe.fidelity.tolerance or default_tolerance(dense_logits, plan.num_layers)
-            report = compare(dense_logits, moe_logits, ids, exact_expected=plan.exact, tolerance=tolerance)
+            report = compare(dense_logits, moe_logits, ids[held_out], exact_expected=plan.exact, tolerance=tolerance)
         return report, new_params
 
     def _stream_layers(
@@ -148,7 +156,7 @@ class _Converter:
         moe_h = dense_h.clone()
         del embed
         # Without a fidelity check and with nothing calibrated, conversion is a pure streaming rewrite.
-        streams = self.recipe.fidelity.check or plan.needs_activations
+        streams = self.recipe.fidelity.check or plan.needs_calibration
         for index in range(plan.num_layers):
             prefix = f"model.layers.{index}."
             stored = {name[len(prefix):]: self._read(name) for name in self._layer_names(index)}
@@ -195,12 +203,14 @@ class _Converter:
         moe, config = self.recipe.moe, self.source_config
         activations = None
         if self.plan.needs_activations:
-            activations = _ffn_activations(dense_ffn_in, dense["mlp.gate_proj.weight"], dense["mlp.up_proj.weight"], self.act)
-        router_inputs = None
-        if layer_plan.router_init == "kmeans":
+            fit_in = dense_ffn_in[: self.fit_sequences]
+            activations = _ffn_activations(fit_in, dense["mlp.gate_proj.weight"], dense["mlp.up_proj.weight"], self.act)
+        moe_ffn_in = None
+        if layer_plan.router_init == "kmeans" or layer_plan.calibrate_scale:
             # the router's real input: this layer's FFN input on the MoE stream (attention is unchanged)
             _, moe_ffn_in = runner.run_layer(index, dense, moe_h, capture_mlp_input=True)
-            router_inputs = moe_ffn_in.reshape(-1, moe_ffn_in.shape[-1])
+            moe_ffn_in = moe_ffn_in[: self.fit_sequences].reshape(-1, moe_ffn_in.shape[-1])
+        router_inputs = moe_ffn_in if layer_plan.router_init == "kmeans" else None
         mlp = build_experts(
             layer_plan, moe, stored["mlp.gate_proj.weight"], stored["mlp.up_proj.weight"], stored["mlp.down_proj.weight"],
             activations, self.generator,
@@ -210,6 +220,11 @@ class _Converter:
             moe.routing.router_init_std, router_inputs, self.generator,
         )
         mlp.update({f"gate.{name}": tensor.to(self.out_dtype) for name, tensor in router.items()})
+        block = self._block(layer_plan, mlp)
+        if layer_plan.calibrate_scale:
+            factor = _least_squares_scale(block, dense, moe_ffn_in, self.act)
+            mlp["experts.down_proj"].mul_(factor)  # the block shares this storage (assign=True)
+            self.scales[index] = layer_plan.scale * factor
 
         prefix = f"model.layers.{index}."
         layer = {name: tensor for name, tensor in stored.items() if not name.startswith("mlp.")}
@@ -218,14 +233,32 @@ class _Converter:
         disk = {prefix + name: tensor for name, tensor in layer.items()}
         disk.update(to_disk_layout(self.target, prefix, to_target_layout(self.target, mlp, config.hidden_size)))
         created = sorted(name for name in disk if _is_router_param(name))
+        return block, disk, created
 
+    def _block(self, layer_plan: LayerPlan, mlp: dict[str, torch.Tensor]) -> MoeforgeSparseMoeBlock:
+        """The canonical MoE block over these tensors: experts stay in the output dtype, the rest runs in fp32."""
         with torch.device("meta"):
-            block = MoeforgeSparseMoeBlock(self.block_config, layer_plan.spec(moe))
+            block = MoeforgeSparseMoeBlock(self.block_config, layer_plan.spec(self.recipe.moe))
         block.load_state_dict(
             {name: tensor if name.startswith("experts.") else tensor.float() for name, tensor in mlp.items()},
             strict=True, assign=True,
         )
-        return block, disk, created
+        return block
+
+
+@torch.no_grad()
+def _least_squares_scale(
+    block: MoeforgeSparseMoeBlock, dense: dict[str, torch.Tensor], ffn_in: torch.Tensor, act: Callable
+) -> float:
+    """The factor on the routed experts that brings the block's output closest (L2) to the dense FFN's
+    on the same inputs: argmin_s ||dense - shared - s·routed||² = <dense - shared, routed> / ||routed||²."""
+    target = act(ffn_in @ dense["mlp.gate_proj.weight"].T) * (ffn_in @ dense["mlp.up_proj.weight"].T)
+    target = target @ dense["mlp.down_proj.weight"].T
+    total = block(ffn_in.unsqueeze(0)).squeeze(0)
+    shared = block.shared_expert(ffn_in) if block.shared_expert is not None else torch.zeros_like(total)
+    routed = total - shared
+    denominator = (routed * routed).sum()
+    return float(((target - shared) * routed).sum() / denominator) if denominator > 0 else 1.0
 
 
 def _is_router_param(name: str) -> bool:
@@ -255,10 +288,11 @@ def _provenance(
             None if layer is None else {
                 "num_experts": layer.num_experts, "top_k": layer.top_k,
                 "expert_intermediate_size": layer.expert_intermediate_size,
-                "shared_intermediate_size": layer.shared_intermediate_size, "scale": layer.scale,
+                "shared_intermediate_size": layer.shared_intermediate_size,
+                "scale": converter.scales.get(index, layer.scale), "scale_calibrated": index in converter.scales,
                 "router_init": layer.router_init, "exact": layer.exact,
             }
-            for layer in plan.layers
+            for index, layer in enumerate(plan.layers)
         ],
         "exact_by_construction": plan.exact,
         "fidelity": report.to_dict() if report else None,

@@ -28,7 +28,9 @@ class LayerPlan:
     n_split: int
     """How many routed experts together hold the routed neurons once: 1 copy, E partition, G granular."""
     scale: float
-    """Factor on each routed expert's down_proj."""
+    """Factor on each routed expert's down_proj (analytic, or the user's number)."""
+    calibrate_scale: bool
+    """Refine ``scale`` by least squares against the dense FFN on calibration text (approximate layers)."""
     router_init: str
     exact: bool
     """Whether this layer reproduces the dense FFN exactly (up to fp round-off)."""
@@ -68,12 +70,17 @@ class ConversionPlan:
 
     @property
     def needs_activations(self) -> bool:
-        """Whether the conversion itself (not only the fidelity report) uses calibration activations."""
+        """Whether expert construction uses the dense FFN's neuron activations on calibration text."""
         moe = self.moe
-        return (
-            (moe.init == "partition" and moe.partition.method == "importance")
-            or (moe.shared.num_experts > 0 and moe.shared.selection == "importance")
-            or any(layer.router_init == "kmeans" for layer in self.moe_layers)
+        return (moe.init == "partition" and moe.partition.method == "importance") or (
+            moe.shared.num_experts > 0 and moe.shared.selection == "importance"
+        )
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the conversion itself (not only the fidelity report) runs the model on calibration text."""
+        return self.needs_activations or any(
+            layer.router_init == "kmeans" or layer.calibrate_scale for layer in self.moe_layers
         )
 
 
@@ -171,10 +178,11 @@ def _plan_layer(moe: MoESpec, layer: int, num_experts: int, intermediate: int) -
         router_init = "virtual_groups" if routing.router_init == "auto" else routing.router_init
         exact = normalized and router_init == "virtual_groups" and not perturbed
 
-    if moe.scale == "auto":
+    if isinstance(moe.scale, str):
         scale = float(n_split) if normalized else float(n_split) * num_experts / top_k
     else:
         scale, exact = float(moe.scale), False
+    calibrate_scale = moe.scale == "auto" and not exact
     return LayerPlan(
         layer=layer,
         num_experts=num_experts,
@@ -184,6 +192,7 @@ def _plan_layer(moe: MoESpec, layer: int, num_experts: int, intermediate: int) -
         num_shared_experts=shared.num_experts,
         n_split=n_split,
         scale=scale,
+        calibrate_scale=calibrate_scale,
         router_init=router_init,
         exact=exact,
     )
