@@ -341,6 +341,7 @@ class ShardedWriter:
         self._shard_of: dict[str, int] = {}
         self._total_size = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeforge-writer")
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeforge-sha256")
         self._pending: list[Future] = []
         self._digests: list[Future] = []
         self._inflight = 0
@@ -370,10 +371,8 @@ class ShardedWriter:
                 self._room.notify_all()
 
     def _raise_worker_error(self) -> None:
-        done = [future for future in self._pending if future.done()]
-        for future in done:
-            future.result()
-        self._pending = [future for future in self._pending if not future.done()]
+        while self._pending and self._pending[0].done():  # futures finish in submission order
+            self._pending.pop(0).result()
 
     def _next_shard(self) -> None:
         if self._shard is not None:
@@ -383,8 +382,10 @@ class ShardedWriter:
         self._shards.append(self._shard)
 
     def _finish(self, shard: _OpenShard) -> None:
-        self._pending.append(self._pool.submit(shard.close))
-        self._digests.append(self._pool.submit(shard.sha256))
+        """Close the shard on the writer thread, then checksum it on its own thread (overlapping later writes)."""
+        closed = self._pool.submit(shard.close)
+        self._pending.append(closed)
+        self._digests.append(self._hasher.submit(lambda: (closed.result(), shard.sha256())[1]))
 
     def close(self) -> list[Path]:
         """Finish the last shard, give shards their final names and write the index; return the shard paths."""
@@ -396,6 +397,7 @@ class ShardedWriter:
             future.result()
         digests = [future.result() for future in self._digests]
         self._pool.shutdown()
+        self._hasher.shutdown()
         n = len(self._shards)
         if n == 1:
             final = [self.directory / SAFE_SINGLE]
@@ -416,6 +418,7 @@ class ShardedWriter:
     def abort(self) -> None:
         """Stop writing and delete every partial shard."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._hasher.shutdown(wait=True, cancel_futures=True)
         for shard in self._shards:
             shard.handle.close()
             shard.path.unlink(missing_ok=True)
