@@ -110,7 +110,9 @@ def test_native_exports_generate_with_plain_transformers(tiny_sources, tmp_path,
     run_convert(source, tmp_path / "qwen", {"num_experts": 4, "top_k": 2, "shared": {"num_experts": 1}})
     dense = AutoModelForCausalLM.from_pretrained(source).eval()
     expected = dense.generate(input_ids[:1, :8], max_new_tokens=10, do_sample=False)
-    for name in ("mixtral", "qwen"):
+    for name, architecture in (("mixtral", "MixtralForCausalLM"), ("qwen", "Qwen2MoeForCausalLM")):
+        # serving engines dispatch on config.architectures
+        assert json.loads((tmp_path / name / "config.json").read_text())["architectures"] == [architecture]
         model = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()  # no moeforge import needed
         assert torch.equal(model.generate(input_ids[:1, :8], max_new_tokens=10, do_sample=False), expected)
 

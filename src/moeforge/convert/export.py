@@ -121,6 +121,7 @@ def build_config(target: str, plan: ConversionPlan, source: PretrainedConfig) ->
     if target == "mixtral":
         return MixtralConfig(
             **common,
+            architectures=["MixtralForCausalLM"],
             intermediate_size=first.expert_intermediate_size,
             num_local_experts=first.num_experts,
             num_experts_per_tok=first.top_k,
@@ -130,6 +131,7 @@ def build_config(target: str, plan: ConversionPlan, source: PretrainedConfig) ->
     if target == "qwen2_moe":
         return Qwen2MoeConfig(
             **common,
+            architectures=["Qwen2MoeForCausalLM"],
             intermediate_size=plan.intermediate_size,
             moe_intermediate_size=first.expert_intermediate_size,
             shared_expert_intermediate_size=first.shared_intermediate_size or 1,
@@ -144,6 +146,7 @@ def build_config(target: str, plan: ConversionPlan, source: PretrainedConfig) ->
     qkv_bias, _ = _attention_biases(source)
     return MoeforgeLlamaConfig(
         **common,
+        architectures=["MoeforgeLlamaForCausalLM"],
         intermediate_size=plan.intermediate_size,
         attention_bias=qkv_bias,
         mlp_bias=False,
