@@ -19,6 +19,17 @@ class LayerwiseModel:
             self.model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         self.model.eval()
         self.rotary = type(self.model.model.rotary_emb)(config=config)
+        window = getattr(config, "sliding_window", None)
+        self.sliding_window = window if config.model_type in ("mistral", "mixtral") else None
+
+    def _mask(self, length: int) -> torch.Tensor | None:
+        """None (SDPA's own causal mask) unless a sliding window is shorter than the sequence."""
+        if not self.sliding_window or length <= self.sliding_window:
+            return None
+        position = torch.arange(length)
+        distance = position[:, None] - position[None, :]
+        allowed = (distance >= 0) & (distance < self.sliding_window)
+        return torch.zeros(length, length).masked_fill(~allowed, float("-inf"))[None, None]
 
     @torch.no_grad()
     def run_layer(
@@ -44,7 +55,10 @@ class LayerwiseModel:
         try:
             positions = torch.arange(hidden.shape[1]).unsqueeze(0).expand(hidden.shape[0], -1)
             output = layer(
-                hidden, attention_mask=None, position_ids=positions, position_embeddings=self.rotary(hidden, positions)
+                hidden,
+                attention_mask=self._mask(hidden.shape[1]),
+                position_ids=positions,
+                position_embeddings=self.rotary(hidden, positions),
             )
         finally:
             if hook is not None:

@@ -288,7 +288,7 @@ def _provenance(
             None if layer is None else {
                 "num_experts": layer.num_experts, "top_k": layer.top_k,
                 "expert_intermediate_size": layer.expert_intermediate_size,
-                "shared_intermediate_size": layer.shared_intermediate_size,
+                "shared_intermediate_size": layer.shared_intermediate_size, "num_shared_experts": layer.num_shared_experts,
                 "scale": converter.scales.get(index, layer.scale), "scale_calibrated": index in converter.scales,
                 "router_init": layer.router_init, "exact": layer.exact,
             }
