@@ -393,3 +393,13 @@ def test_bf16_forward_runs_routing_in_fp32_and_matches_fp32() -> None:
     close = torch.isclose(got, ref, rtol=0.1, atol=0.1).float().mean()
     assert close > 0.9
     assert low.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+
+
+def test_experts_backend_does_not_depend_on_what_was_loaded_before() -> None:
+    """transformers caches "can this class set its experts implementation" per class; building a Llama first
+    must not leak Llama's cached False into moeforge_llama (which would silently force eager experts)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1))
+    assert build().config._experts_implementation not in (None, "eager")

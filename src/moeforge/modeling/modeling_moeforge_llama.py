@@ -103,6 +103,13 @@ class MoeforgeLlamaPreTrainedModel(LlamaPreTrainedModel):
     config: MoeforgeLlamaConfig
     config_class = MoeforgeLlamaConfig
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        """Our experts dispatch through ``@use_experts_implementation``. The base class finds that out by
+        reading the module source and caching the answer on the class, and a subclass of Llama can inherit
+        Llama's cached ``False`` (when a Llama was built first), silently forcing eager experts."""
+        return True
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
