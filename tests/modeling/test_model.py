@@ -397,9 +397,18 @@ def test_bf16_forward_runs_routing_in_fp32_and_matches_fp32() -> None:
 
 def test_experts_backend_does_not_depend_on_what_was_loaded_before() -> None:
     """transformers caches "can this class set its experts implementation" per class; building a Llama first
-    must not leak Llama's cached False into moeforge_llama (which would silently force eager experts)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    must not leak Llama's cached False into moeforge_llama (which would silently force eager experts).
+    A fresh interpreter, since the cache lives on the classes."""
+    import subprocess
+    import sys
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1))
-    assert build().config._experts_implementation not in (None, "eager")
+    code = (
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "from moeforge.modeling import MoeforgeLlamaConfig, MoeforgeLlamaForCausalLM, MoeLayerSpec\n"
+        "small = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)\n"
+        "LlamaForCausalLM(LlamaConfig(**small))\n"
+        "moe = MoeforgeLlamaForCausalLM(MoeforgeLlamaConfig(**small, moe_layers=[MoeLayerSpec(2, 1, 16).to_dict()]))\n"
+        "print(moe.config._experts_implementation)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert out not in ("None", "eager")
