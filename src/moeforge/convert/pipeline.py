@@ -85,6 +85,8 @@ def _ffn_activations(mlp_input: torch.Tensor, gate: torch.Tensor, up: torch.Tens
 
 
 class _Converter:
+    """One conversion: the resolved source, its plan and export target, and the streaming passes."""
+
     def __init__(self, recipe: ConvertRecipe, source_dir: Path, log: Callable[[str], None]) -> None:
         self.recipe = recipe
         self.log = log
@@ -317,6 +319,11 @@ def convert(recipe: ConvertRecipe, *, overwrite: bool = False, log: Callable[[st
         log(
             f"warning: expert intermediate size {odd[0]} is not a multiple of 8; transformers' default grouped_mm experts "
             "backend rejects such rows on CPU: load with experts_implementation='eager'"
+        )
+    if any(layer.top_k == 1 for layer in converter.plan.moe_layers) and converter.plan.moe_layers[0].spec(recipe.moe).normalize:
+        log(
+            "warning: top_k 1 with renormalised weights gives every token weight 1: the router gets no gradient "
+            "from the LM loss (only from auxiliary losses); routing.normalize: false is Switch-style top-1"
         )
     tmp = _prepare_output(recipe.output, overwrite)
     try:
