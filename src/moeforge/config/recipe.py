@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -182,14 +182,20 @@ def _describe(error: ValidationError) -> str:
     return f"{path}: {message}{shown}"
 
 
-def parse_recipe(data: dict[str, Any], *, origin: str = "recipe") -> ConvertRecipe:
+Recipe = TypeVar("Recipe", bound=BaseModel)
+
+
+def parse_recipe(data: dict[str, Any], *, origin: str = "recipe", model: type[Recipe] = ConvertRecipe) -> Recipe:
+    """Validate a mapping into ``model`` (a convert recipe by default); the first problem becomes a MoeforgeError."""
     try:
-        return ConvertRecipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         raise MoeforgeError(f"{origin}: {_describe(error)}") from None
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> ConvertRecipe:
+def load_recipe(
+    path: str | Path, overrides: dict[str, Any] | None = None, *, model: type[Recipe] = ConvertRecipe
+) -> Recipe:
     """Read a YAML recipe; ``overrides`` (dotted keys, e.g. from CLI flags) replace values in it."""
     path = Path(path)
     if not path.is_file():
@@ -204,7 +210,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raise MoeforgeError(f"recipe {path}: the top level must be a mapping of keys like 'source:' and 'moe:'")
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
-    return parse_recipe(data, origin=f"recipe {path}")
+    return parse_recipe(data, origin=f"recipe {path}", model=model)
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
