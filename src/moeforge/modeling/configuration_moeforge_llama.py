@@ -32,10 +32,20 @@ class MoeLayerSpec:
 @strict
 class MoeforgeLlamaConfig(LlamaConfig):
     r"""LlamaConfig with ``moe_layers``: one entry per decoder layer, ``None`` for a dense FFN or a dict of
-    :class:`MoeLayerSpec` fields for an MoE block. Everything else (attention, RoPE, norms) is Llama's."""
+    :class:`MoeLayerSpec` fields for an MoE block. Everything else (attention, RoPE, norms) is Llama's.
+
+    The router loss coefficients live here so a loaded model adds its router losses to ``loss`` in any
+    training loop (see :mod:`moeforge.routing.hooks`): ``router_aux_loss_coef`` weighs the per-layer switch
+    balance loss (the name Mixtral and TRL use), ``router_z_loss_coef`` the z-loss, ``router_mi_loss_coef`` the
+    mutual-information loss. ``router_aux_free`` records that the routers carry DeepSeek-V3's selection bias
+    (``expert_bias``, saved with the weights), so loading creates it before the weights are read."""
 
     model_type = "moeforge_llama"
     moe_layers: list | None = None
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    router_mi_loss_coef: float = 0.0
+    router_aux_free: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

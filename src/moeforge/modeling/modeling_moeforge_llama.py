@@ -18,7 +18,7 @@ from transformers.integrations import use_experts_implementation
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaMLP, LlamaModel, LlamaPreTrainedModel
 
 from moeforge.modeling.configuration_moeforge_llama import MoeforgeLlamaConfig, MoeLayerSpec
-from moeforge.modeling.routers import GMMRouter, LinearRouter, MLPRouter, build_router
+from moeforge.modeling.routers import GMMRouter, LinearRouter, MLPRouter, TopKRouter, build_router
 
 
 @use_experts_implementation
@@ -84,6 +84,8 @@ class MoeforgeSparseMoeBlock(nn.Module):
         super().__init__()
         self.spec = spec
         self.gate = build_router(config.hidden_size, spec, config.hidden_act)
+        if config.router_aux_free:
+            self.gate.enable_expert_bias()
         self.experts = MoeforgeExperts(config, spec.num_experts, spec.expert_intermediate_size)
         self.shared_expert = (
             MoeforgeSharedExperts(config, spec.shared_intermediate_size) if spec.shared_intermediate_size else None
@@ -124,6 +126,8 @@ class MoeforgeLlamaPreTrainedModel(LlamaPreTrainedModel):
             init.zeros_(module.log_scales)
         elif isinstance(module, MLPRouter):
             pass  # its nn.Linear children are initialised by the base class
+        if isinstance(module, TopKRouter) and module.expert_bias is not None:
+            init.zeros_(module.expert_bias)
 
 
 class MoeforgeLlamaModel(MoeforgeLlamaPreTrainedModel, LlamaModel):
@@ -137,9 +141,26 @@ class MoeforgeLlamaModel(MoeforgeLlamaPreTrainedModel, LlamaModel):
 
 
 class MoeforgeLlamaForCausalLM(MoeforgeLlamaPreTrainedModel, LlamaForCausalLM):
+    """Llama's causal LM over :class:`MoeforgeLlamaModel`, whose ``loss`` in training mode (labels given)
+    includes the router losses weighted by the config's ``router_*_loss_coef``: attached as hooks at
+    construction, so ``AutoModelForCausalLM.from_pretrained(dir)`` trains with them in any loop, with no
+    moeforge training code. ``moeforge.routing.attach_router_losses(model, ...)`` replaces them (e.g. with a
+    recipe's coefficients)."""
+
     def __init__(self, config: MoeforgeLlamaConfig) -> None:
+        from moeforge.routing.hooks import attach_router_losses  # moeforge.routing imports this package
+        from moeforge.routing.losses import RouterLossConfig
+
         MoeforgeLlamaPreTrainedModel.__init__(self, config)
         self.model = MoeforgeLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        attach_router_losses(
+            self,
+            RouterLossConfig(
+                balance_coef=config.router_aux_loss_coef,
+                z_coef=config.router_z_loss_coef,
+                mi_coef=config.router_mi_loss_coef,
+            ),
+        )

@@ -18,22 +18,39 @@ from moeforge.modeling.configuration_moeforge_llama import MoeLayerSpec
 
 
 def route(
-    logits: torch.Tensor, top_k: int, scoring: str, normalize: bool
+    logits: torch.Tensor,
+    top_k: int,
+    scoring: str,
+    normalize: bool,
+    selection_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(weights [T, k], indices [T, k])`` from router logits ``[T, E]``."""
+    """Return ``(weights [T, k], indices [T, k])`` from router logits ``[T, E]``.
+
+    ``selection_bias [E]`` (DeepSeek-V3's aux-loss-free balancing) is added to the logits to choose the
+    experts only; the weights are always the unbiased ones at the chosen experts. A zero bias chooses
+    bit-for-bit what no bias chooses (``x + 0 == x``, so the same top-k of the same values)."""
     logits = logits.float()
+    biased = logits if selection_bias is None else logits + selection_bias
     if scoring == "topk_then_softmax":
-        top_logits, indices = torch.topk(logits, top_k, dim=-1)
+        top_biased, indices = torch.topk(biased, top_k, dim=-1)
+        top_logits = top_biased if selection_bias is None else logits.gather(-1, indices)
         return F.softmax(top_logits, dim=-1), indices
     probs = F.softmax(logits, dim=-1)
-    weights, indices = torch.topk(probs, top_k, dim=-1)
+    selection = probs if selection_bias is None else F.softmax(biased, dim=-1)
+    top_selected, indices = torch.topk(selection, top_k, dim=-1)
+    weights = top_selected if selection_bias is None else probs.gather(-1, indices)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, indices
 
 
 class TopKRouter(nn.Module):
-    """Base class: subclasses define ``logits(x)``; routing is shared."""
+    """Base class: subclasses define ``logits(x)``; routing is shared.
+
+    ``expert_bias`` is ``None`` unless aux-loss-free balancing is enabled (:meth:`enable_expert_bias`): a
+    router without it has exactly the parameters, state dict and outputs it had before the bias existed."""
+
+    expert_bias: torch.Tensor | None
 
     def __init__(self, spec: MoeLayerSpec) -> None:
         super().__init__()
@@ -41,6 +58,16 @@ class TopKRouter(nn.Module):
         self.top_k = spec.top_k
         self.scoring = spec.scoring
         self.normalize = spec.normalize
+        self.register_buffer("expert_bias", None)
+
+    def enable_expert_bias(self) -> None:
+        """Add the per-expert selection bias ``expert_bias [E]`` (zeros: routing unchanged until it is moved).
+
+        A persistent buffer, so it is saved with the model; the model config's ``router_aux_free`` makes a
+        loaded model create it before its weights are read."""
+        if self.expert_bias is None:
+            device = next(self.parameters()).device
+            self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32, device=device))
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -48,7 +75,7 @@ class TopKRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``hidden_states [T, H]`` → ``(logits [T, E], weights [T, k] fp32, indices [T, k])``."""
         router_logits = self.logits(hidden_states)
-        weights, indices = route(router_logits, self.top_k, self.scoring, self.normalize)
+        weights, indices = route(router_logits, self.top_k, self.scoring, self.normalize, self.expert_bias)
         return router_logits, weights, indices
 
 

@@ -1,0 +1,56 @@
+"""``moeforge train RECIPE.yaml [flags]``: continued pretraining, SFT or DPO; flags override the recipe."""
+
+from __future__ import annotations
+
+import argparse
+
+FLAG_KEYS = {
+    "stage": "stage",
+    "model": "model",
+    "output": "output",
+    "max_steps": "training.max_steps",
+    "learning_rate": "training.learning_rate",
+    "batch_size": "training.per_device_train_batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "save_steps": "training.save_steps",
+    "seed": "training.seed",
+    "preset": "preset",
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a dense or MoE model: continued pretraining (pt), SFT or DPO",
+        description="Train with transformers' Trainer / TRL, with correct router losses, freezing, telemetry and "
+        "resumable checkpoints. Works under `accelerate launch` / `torchrun` unchanged.",
+    )
+    parser.add_argument("recipe", help="YAML training recipe (see recipes/train-*.yaml)")
+    parser.add_argument("--stage", choices=["pt", "sft", "dpo"])
+    parser.add_argument("--model", help="model to train (local dir, hub id, .gguf, 'default')")
+    parser.add_argument("--output", "-o")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--batch-size", type=int, help="per-device train batch size")
+    parser.add_argument("--gradient-accumulation-steps", type=int)
+    parser.add_argument("--save-steps", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--preset", choices=["router_only", "experts_only"])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run in the output directory")
+    group.add_argument("--overwrite", action="store_true", help="discard the run in the output directory")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moeforge.config.recipe import load_recipe
+    from moeforge.config.train_recipe import TrainRecipe
+    from moeforge.train import train
+
+    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    if args.resume:
+        overrides["resume"] = True
+    if args.overwrite:
+        overrides["overwrite"] = True
+    train(load_recipe(args.recipe, overrides, model=TrainRecipe))
+    return 0

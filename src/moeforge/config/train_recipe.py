@@ -1,0 +1,99 @@
+"""The training recipe (``moeforge train RECIPE.yaml``): stage, model, data, router losses, freezing, schedule.
+
+Names follow the tools moeforge replaces: Dense2MoE's ``stage: pt | sft`` (its ``aux_loss_type: mi |
+switch`` with ``aux_loss_weight`` become ``router_losses.mi_coef`` / ``balance_coef``), LLaMA-MoE v2's
+``freeze_gate``, transformers' TrainingArguments names under ``training``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from moeforge.data.spec import DataSpec
+from moeforge.routing.losses import RouterLossConfig
+
+FreezeGroup = Literal["router", "experts", "attention", "embeddings", "dense_layers", "all_but_new"]
+PRESETS: dict[str, tuple[FreezeGroup, ...]] = {
+    # train only the routers (MoICE-style, or to settle routing before touching experts)
+    "router_only": ("experts", "attention", "embeddings", "dense_layers"),
+    # train the experts (routed and shared), keep routers and everything else fixed
+    "experts_only": ("router", "attention", "embeddings", "dense_layers"),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Schedule(_Strict):
+    """Optimiser and loop settings, passed to transformers' TrainingArguments (same names)."""
+
+    learning_rate: Annotated[float, Field(gt=0)] = 2e-5
+    router_learning_rate: Annotated[float, Field(gt=0)] | None = None
+    """A separate learning rate for router parameters (None: same as learning_rate)."""
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    num_train_epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: Annotated[int, Field(ge=1)] = 4
+    per_device_eval_batch_size: Annotated[int, Field(ge=1)] = 4
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+    eval_steps: Annotated[int, Field(ge=1)] | None = None
+    save_steps: Annotated[int, Field(ge=1)] | None = None
+    save_total_limit: Annotated[int, Field(ge=1)] | None = 2
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    dataloader_num_workers: Annotated[int, Field(ge=0)] = 0
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    telemetry_steps: Annotated[int, Field(ge=1)] = 10
+    """How often per-layer expert load, router entropy, dead experts and balance loss are logged."""
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    """DPO temperature (TRL's beta)."""
+
+
+class TrainRecipe(_Strict):
+    stage: Literal["pt", "sft", "dpo"]
+    model: str
+    """Any model moeforge loads: local dir, hub id, .gguf, 'default', a dense or MoE checkpoint."""
+    gguf_file: str | None = None
+    output: Path
+    data: DataSpec
+    router_losses: RouterLossConfig = Field(default_factory=RouterLossConfig)
+    freeze: list[FreezeGroup] = Field(default_factory=list)
+    preset: Literal["router_only", "experts_only"] | None = None
+    freeze_gate: bool = False
+    """LLaMA-MoE v2's switch: keep the routers fixed (same as adding 'router' to freeze)."""
+    training: Schedule = Field(default_factory=Schedule)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    resume: bool = False
+    """Continue from the newest complete checkpoint in ``output`` (a killed run picks up where it stopped)."""
+    overwrite: bool = False
+    deepspeed: Path | None = None
+    """A DeepSpeed JSON config, passed through to transformers (MoE blocks become ZeRO-3 leaf modules)."""
+    ddp_backend: Literal["gloo", "nccl"] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainRecipe:
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run in output, overwrite starts afresh")
+        if self.stage == "dpo" and self.data.builtin not in (None, "dpo-demo"):
+            raise ValueError(f"data.builtin: {self.data.builtin} is not a preference dataset; stage dpo needs dpo-demo or files")
+        if self.training.router_learning_rate and self.deepspeed:
+            raise ValueError("training.router_learning_rate is not supported with deepspeed (DeepSpeed builds its own optimizer)")
+        return self
+
+    @property
+    def frozen_groups(self) -> tuple[FreezeGroup, ...]:
+        groups = list(self.freeze)
+        if self.preset:
+            groups += PRESETS[self.preset]
+        if self.freeze_gate:
+            groups.append("router")
+        return tuple(dict.fromkeys(groups))

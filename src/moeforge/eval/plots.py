@@ -1,0 +1,141 @@
+"""Training and routing plots written as PNG files (used by ``moeforge eval`` and by training).
+
+Figures are built with matplotlib's object API on the Agg canvas, never through ``pyplot``: no display
+is needed, no global backend is switched under a notebook that imported moeforge, and plotting from a
+training callback thread is safe. Each file is written atomically, so a dashboard polling the output
+directory never reads a half-written image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from numbers import Real
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from moeforge.eval.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from moeforge.routing import RoutingStats
+
+# log_history keys that are losses but not curves: the run's mean train loss in the final summary
+_SUMMARY_KEYS = {"loss", "eval_loss", "train_loss"}
+_MAX_TICKS = 12
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return Path(path)
+
+
+def _series(log_history: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    points = [(e["step"], e[key]) for e in log_history if "step" in e and _is_number(e.get(key))]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def plot_loss_curves(log_history: list[dict], path: Path) -> Path:
+    """Train ``loss`` and ``eval_loss`` against ``step`` (a transformers ``TrainerState.log_history``).
+
+    Router losses (any other numeric ``*_loss`` key, e.g. ``aux_loss``, ``balance_loss``) are on their
+    own scale, orders of magnitude below the LM loss, so they get a second panel below."""
+    router_keys = sorted(
+        {k for e in log_history for k, v in e.items() if k.endswith("_loss") and k not in _SUMMARY_KEYS and _is_number(v)}
+    )
+    fig = Figure(figsize=(8, 6 if router_keys else 4))
+    axes = fig.subplots(2 if router_keys else 1, 1, sharex=True, squeeze=False)[:, 0]
+    for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
+        steps, values = _series(log_history, key)
+        if steps:
+            axes[0].plot(steps, values, style, label=label, markersize=3)
+    axes[0].set_ylabel("loss")
+    axes[0].set_title("loss curves")
+    for key in router_keys:
+        axes[1].plot(*_series(log_history, key), "-", label=key)
+    if router_keys:
+        axes[1].set_ylabel("router loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    axes[-1].set_xlabel("step")
+    return _save(fig, path)
+
+
+def _fraction_grid(stats: RoutingStats) -> np.ndarray:
+    """``[layers, max experts]`` load fractions; layers with fewer experts are padded with NaN."""
+    fractions = [f.detach().float().cpu().numpy() for f in stats.load_fraction()]
+    if not fractions:
+        raise ValueError("the routing statistics hold no MoE layer (a dense model) - nothing to plot")
+    grid = np.full((len(fractions), max(len(f) for f in fractions)), np.nan)
+    for layer, fraction in enumerate(fractions):
+        grid[layer, : len(fraction)] = fraction
+    return grid
+
+
+def plot_expert_load(stats: RoutingStats, path: Path, title: str = "") -> Path:
+    """Heatmap of the share of top-k selections each expert received, one row per MoE layer.
+
+    Cells past a layer's own expert count (models with per-layer expert counts) are grey."""
+    grid = _fraction_grid(stats)
+    layers, experts = grid.shape
+    fig = Figure(figsize=(min(16, 3 + 0.4 * experts), min(14, 2 + 0.3 * layers)))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="share of routed tokens")
+    _layer_ticks(ax, stats.names, layers)
+    ax.set_xlabel("expert")
+    ax.set_title(title or f"expert load over {stats.tokens} tokens")
+    return _save(fig, path)
+
+
+def _layer_ticks(ax: Any, names: Sequence[str], layers: int) -> None:
+    """Label rows with the decoder layer each MoE layer sits in (they differ when some layers stay dense)."""
+    ax.set_yticks(range(layers), names if len(names) == layers else [str(i) for i in range(layers)])
+    ax.set_ylabel("layer")
+
+
+def _load_cv(stats: RoutingStats) -> np.ndarray:
+    """Per layer, the coefficient of variation (std / mean) of the expert load fractions; NaN for a
+    window without tokens (all loads zero)."""
+    grid = _fraction_grid(stats)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nanstd(grid, axis=1) / np.nanmean(grid, axis=1)
+
+
+def plot_load_over_time(history: list[tuple[int, RoutingStats]], path: Path) -> Path:
+    """Heatmap of load imbalance over training: one column per recorded step, one row per MoE layer,
+    colour = coefficient of variation of the expert load (0 = perfectly balanced; a layer whose load
+    collapses onto one of E experts reaches sqrt(E - 1)).
+
+    One number per layer and step keeps 30 layers x hundreds of steps readable, and is comparable
+    across layers with different expert counts, which per-expert curves would not be."""
+    if not history:
+        raise ValueError("no routing statistics recorded yet - nothing to plot")
+    steps = [step for step, _ in history]
+    columns = [_load_cv(stats) for _, stats in history]
+    grid = np.full((max(len(c) for c in columns), len(columns)), np.nan)
+    for t, column in enumerate(columns):
+        grid[: len(column), t] = column
+    fig = Figure(figsize=(min(16, 4 + 0.15 * len(steps)), min(14, 2 + 0.3 * grid.shape[0])))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["magma"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="load coefficient of variation (0 = balanced)")
+    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), _MAX_TICKS)).round().astype(int))
+    ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
+    _layer_ticks(ax, max((stats.names for _, stats in history), key=len), grid.shape[0])
+    ax.set_xlabel("step")
+    ax.set_title("expert load imbalance over training")
+    return _save(fig, path)

@@ -1,0 +1,226 @@
+"""Router losses inside the model's forward, so every training loop gets them: HF Trainer, TRL, or a user's own.
+
+:func:`attach_router_losses` puts forward hooks on the routers (collecting each call's logits and
+selections) and on the causal-LM module: a pre-hook reads the batch from the call's keyword arguments, and
+a post-hook computes ``aux = balance_coef·balance + z_coef·z + mi_coef·mi`` (per layer, padding masked, see
+:mod:`moeforge.routing.losses`) and, in training mode, adds it to ``output.loss`` when labels were given.
+``attention_mask``, ``labels``/``shift_labels`` and ``num_items_in_batch`` are read from keyword
+arguments, which is how Trainer, TRL and ``generate`` pass them. Router calls outside a forward of the
+model (gradient-checkpointing recomputation during backward) are ignored.
+
+Gradient accumulation and data parallelism: when transformers' Trainer passes ``num_items_in_batch``,
+the micro-batch's aux is scaled by ``label tokens / num_items_in_batch``, exactly as the LM loss of that
+micro-batch is ``sum / num_items_in_batch`` (see :meth:`BatchContext.loss_weight`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeforge.errors import MoeforgeError
+from moeforge.routing.accumulator import RoutingAccumulator
+from moeforge.routing.aux_free import AuxFreeBalancer
+from moeforge.routing.batch import BatchContext
+from moeforge.routing.detection import RouterRef, find_routers, split_router_output
+from moeforge.routing.losses import (
+    RouterLossConfig,
+    expert_counts,
+    layer_balance,
+    layer_entropy,
+    layer_mean,
+    layer_mi,
+    layer_z,
+    token_weights,
+)
+from moeforge.routing.stats import RoutingStats
+
+_HANDLE_ATTR = "_moeforge_router_losses"  # the loss handle attached to a model (at most one)
+
+__all__ = ["RouterLossHandle", "attach_router_losses", "find_routers", "observe_routers"]
+
+
+class RouterLossHandle:
+    """The hooks on one model. ``config=None`` observes only (statistics, no loss).
+
+    The aux loss is added in training mode only (``model.train()``): like dropout it is a training-time
+    regulariser, and an evaluation loss stays the plain LM loss, comparable across models and with
+    perplexity. After each forward, ``losses`` (also ``output.router_losses``) holds that forward's unscaled
+    ``balance``, ``z``, ``mi`` and ``aux`` (detached, for logging), and ``output.router_aux_loss`` the scaled
+    aux added to the LM loss, with its graph: a trainer that recomputes the LM loss itself, like TRL's
+    fused-head SFT path, adds this instead. The handle keeps no graph between forwards (the model stays
+    deep-copyable, e.g. for a DPO reference model)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        routers: list[RouterRef],
+        config: RouterLossConfig | None,
+        replaced: tuple[RouterLossHandle, ...] = (),
+    ) -> None:
+        self.model = model
+        self.routers = routers
+        self.config = config
+        self.losses: dict[str, torch.Tensor] = {}
+        self.balancer: AuxFreeBalancer | None = None
+        self._replaced = replaced  # loss handles this one displaced (already removed): re-attached on detach
+        self._batch: BatchContext | None = None  # set only while the model's forward runs
+        self._calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._accumulators: list[RoutingAccumulator] = []
+        self._stats = self.add_accumulator()
+        self._hooks = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, with_kwargs=True),
+        ] + [router.module.register_forward_hook(partial(self._after_router, i)) for i, router in enumerate(routers)]
+        model_config = getattr(model, "config", None)
+        self._native_router_logits = getattr(model_config, "output_router_logits", None) if config is not None else None
+        if self._native_router_logits is not None:
+            model_config.output_router_logits = False
+
+    def add_accumulator(self) -> RoutingAccumulator:
+        """A further, independent statistics window fed by every forward (its owner pops it)."""
+        accumulator = RoutingAccumulator([r.label for r in self.routers], [r.num_experts for r in self.routers])
+        self._accumulators.append(accumulator)
+        return accumulator
+
+    def pop_stats(self) -> RoutingStats:
+        """Routing statistics since the last call (or since attaching), then reset."""
+        return self._stats.pop()
+
+    def detach(self) -> None:
+        """Remove every hook and undo the config change; a loss handle that replaced another restores it."""
+        self._remove()
+        for old in self._replaced:
+            attach_router_losses(old.model, old.config)._replaced = old._replaced
+
+    def _remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._native_router_logits is not None:
+            self.model.config.output_router_logits = self._native_router_logits
+        if self.model.__dict__.get(_HANDLE_ATTR) is self:
+            del self.model.__dict__[_HANDLE_ATTR]
+
+    # ----------------------------------------------------------------------------------------- hooks
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self.config is not None and kwargs.get("output_router_logits"):
+            warnings.warn(
+                "output_router_logits=True: transformers adds its own (all-layer) balance loss to output.loss on top "
+                "of moeforge's router losses; leave it off (with TRL: router_aux_loss_coef=0.0)",
+                stacklevel=2,
+            )
+        self._batch = BatchContext.from_kwargs(kwargs)
+        self._calls = []
+
+    def _after_router(self, index: int, module: nn.Module, args: tuple, output: object) -> None:
+        # a bound method in a partial, not a closure: deepcopy of the model (a DPO reference model) then
+        # gives the copy's routers hooks into the copy's handle, where a closure would stay with the original
+        if self._batch is not None:
+            logits, indices = split_router_output(self.routers[index], output)
+            self._calls.append((index, logits, indices))
+
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        batch, calls = self._batch, self._calls
+        self._batch, self._calls = None, []
+        if batch is None or not calls:
+            return None
+        masks = [batch.token_mask(logits.shape[0]) for _, logits, _ in calls]
+        balances = [self._record(call, mask) for call, mask in zip(calls, masks, strict=True)]
+        if self.config is None:
+            return None
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and self.config.z_coef > 0):
+            z = layer_mean([layer_z(logits, mask) for (_, logits, _), mask in zip(calls, masks, strict=True)])
+        with torch.set_grad_enabled(grad and self.config.mi_coef > 0):
+            mi = layer_mean([layer_mi(logits, mask) for (_, logits, _), mask in zip(calls, masks, strict=True)])
+        balance = layer_mean(balances)
+        aux = self.config.balance_coef * balance + self.config.z_coef * z + self.config.mi_coef * mi
+        self.losses = {"balance": balance.detach(), "z": z.detach(), "mi": mi.detach(), "aux": aux.detach()}
+        weighted = aux * batch.loss_weight() if module.training else None
+        return _add_to_output(output, weighted, self.losses, has_labels=batch.label_tokens is not None)
+
+    def _record(self, call: tuple[int, torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        """Feed one router call's statistics to the accumulators; return its balance loss (with a graph
+        when a non-zero coefficient will use it)."""
+        index, logits, indices = call
+        router = self.routers[index]
+        needs_grad = self.config is not None and self.config.balance_coef > 0
+        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
+            balance = layer_balance(logits, router.top_k, mask, indices)
+        with torch.no_grad():
+            weights = token_weights(mask, logits)
+            counts, tokens = expert_counts(indices, router.num_experts, weights), weights.sum()
+            entropy = layer_entropy(logits, mask)
+        for accumulator in self._accumulators:
+            accumulator.add(index, counts, tokens, entropy, balance.detach())
+        return balance
+
+
+def _add_to_output(
+    output: Any, aux: torch.Tensor | None, losses: dict[str, torch.Tensor], has_labels: bool
+) -> Any:
+    """Attach the components to a ``ModelOutput`` and add ``aux`` (if any) to its LM loss, or to the loss
+    that a ``return_dict=False`` tuple holds first when labels were given."""
+    if hasattr(output, "loss"):
+        output.router_losses = losses
+        output.router_aux_loss = aux
+        if aux is not None and output.loss is not None:
+            output.loss = output.loss + aux.to(output.loss.device)
+        return None
+    if aux is not None and has_labels and isinstance(output, tuple) and output:
+        if isinstance(output[0], torch.Tensor) and output[0].ndim == 0:
+            return (output[0] + aux.to(output[0].device), *output[1:])
+    return None
+
+
+def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = None) -> RouterLossHandle:
+    """Add router losses to ``model``'s forward (a causal LM: its output's ``loss``), returning the handle.
+
+    Works on any model whose routers follow the ``(logits, weights, indices)`` contract: moeforge_llama,
+    transformers' Mixtral, Qwen2-MoE, Qwen3-MoE. For native models ``config.output_router_logits`` is set
+    to False (restored on detach) so transformers does not add its own balance loss, computed over all
+    layers at once, on top. A model holds one loss handle: attaching replaces any attached to the model or
+    inside it (moeforge_llama attaches its own at construction, and a PEFT or other wrapper holds it as a
+    submodule), and detaching the new one restores them.
+    With ``config.aux_free`` the handle gets ``handle.balancer``, an :class:`AuxFreeBalancer` to step after
+    each optimizer step."""
+    config = config or RouterLossConfig()
+    routers = find_routers(model)
+    constant = [r.label for r in routers if r.top_k == r.num_experts]
+    if constant and config.balance_coef > 0:
+        warnings.warn(
+            f"router layers {', '.join(constant)}: the balance loss is constant (= E) with zero gradient at "
+            "top_k = num_experts",
+            stacklevel=2,
+        )
+    replaced = tuple(m.__dict__[_HANDLE_ATTR] for m in model.modules() if _HANDLE_ATTR in m.__dict__)
+    for old in replaced:
+        old._remove()
+    handle = RouterLossHandle(model, routers, config, replaced)
+    model.__dict__[_HANDLE_ATTR] = handle
+    if config.aux_free:
+        try:
+            handle.balancer = AuxFreeBalancer(handle, config.aux_free_rate)
+        except MoeforgeError:
+            handle.detach()  # leave the model as it was
+            raise
+    return handle
+
+
+@contextmanager
+def observe_routers(model: nn.Module) -> Iterator[RouterLossHandle]:
+    """Routing statistics only (no loss, nothing changed on the model), e.g. for evaluation:
+    ``with observe_routers(model) as h: ...; stats = h.pop_stats()``. A dense model yields empty stats."""
+    handle = RouterLossHandle(model, find_routers(model), config=None)
+    try:
+        yield handle
+    finally:
+        handle.detach()

@@ -1,0 +1,73 @@
+"""Which parameters train: freeze groups by role (router, experts, attention, embeddings, dense layers).
+
+Roles come from the module tree, not from name patterns, so the same recipe works on moeforge_llama,
+Mixtral, Qwen2-MoE and Qwen3-MoE: a router is a module with ``top_k`` and ``num_experts`` (plus Qwen's
+``shared_expert_gate``), experts are ``experts`` / ``shared_expert`` modules, attention is ``self_attn``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from moeforge.errors import MoeforgeError
+
+ROLES = ("router", "experts", "attention", "embeddings", "dense_layers", "norms")
+
+
+def _role_of_module(name: str, module: nn.Module) -> str | None:
+    leaf = name.rsplit(".", 1)[-1]
+    if hasattr(module, "top_k") and hasattr(module, "num_experts") and any(True for _ in module.parameters(recurse=False)):
+        return "router"
+    if leaf == "shared_expert_gate":
+        return "router"
+    if leaf in ("experts", "shared_expert", "shared_experts"):
+        return "experts"
+    if leaf == "self_attn":
+        return "attention"
+    if leaf in ("embed_tokens", "lm_head"):
+        return "embeddings"
+    if leaf == "mlp" and hasattr(module, "gate_proj"):
+        return "dense_layers"
+    return None
+
+
+def parameter_roles(model: nn.Module) -> dict[str, str]:
+    """Map every parameter name to its role (``norms`` for what no rule claims: RMSNorm weights)."""
+    roles: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        role = _role_of_module(module_name, module)
+        if role is None:
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for param_name, _ in module.named_parameters():
+            roles.setdefault(prefix + param_name, role)
+    for name, _ in model.named_parameters():
+        roles.setdefault(name, "norms")
+    return roles
+
+
+def apply_freeze(model: nn.Module, groups: Iterable[str]) -> tuple[int, int]:
+    """Freeze the parameters of ``groups``. ``all_but_new`` freezes everything a dense source already had,
+    i.e. all but the routers (the only parameters an upcycling conversion creates; norms freeze too).
+    Returns ``(trainable, total)`` parameter counts."""
+    groups = set(groups)
+    roles = parameter_roles(model)
+    if "all_but_new" in groups:
+        if "router" in groups or "router" not in roles.values():
+            raise MoeforgeError("freeze: all_but_new trains only the routers, but they are frozen too or this model has none")
+        groups |= set(ROLES) - {"router"}
+    trainable = total = 0
+    for name, parameter in model.named_parameters():
+        frozen = roles[name] in groups
+        parameter.requires_grad_(not frozen)
+        total += parameter.numel()
+        trainable += 0 if frozen else parameter.numel()
+    if trainable == 0:
+        raise MoeforgeError(f"freeze: {sorted(groups)} leaves no trainable parameter in this model; freeze fewer groups")
+    return trainable, total
+
+
+def router_parameters(model: nn.Module) -> list[str]:
+    return [name for name, role in parameter_roles(model).items() if role == "router"]

@@ -1,0 +1,278 @@
+"""``train(recipe)``: one recipe → transformers' Trainer (pt) or TRL's SFTTrainer / DPOTrainer (sft / dpo).
+
+moeforge adds only what those trainers lack for MoE models: router losses in the model's forward
+(per layer, padding masked, weighted like the LM loss), freezing by role, a separate router learning
+rate, routing telemetry and plots, checkpoints that count only when complete, and a final checkpoint in
+the model's own (native where possible) architecture with its provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import Trainer, TrainingArguments, default_data_collator
+
+from moeforge import __version__
+from moeforge.config.train_recipe import TrainRecipe
+from moeforge.data import build_datasets, pack_texts
+from moeforge.errors import MoeforgeError
+from moeforge.models.loading import load_model, resolve_checkpoint
+from moeforge.routing.hooks import attach_router_losses, find_routers
+from moeforge.train.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
+from moeforge.train.freeze import apply_freeze, router_parameters
+from moeforge.train.telemetry import TelemetryCallback
+from moeforge.train.trl_trainers import RouterAwareDPOTrainer, RouterAwareSFTTrainer
+
+FINAL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output: Path
+    model_dir: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    trainable_parameters: int
+    total_parameters: int
+    plots: list[Path]
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _prepare_output(recipe: TrainRecipe) -> None:
+    output = recipe.output
+    if output.exists() and not output.is_dir():
+        raise MoeforgeError(f"output {output} exists and is not a directory")
+    if output.exists() and any(output.iterdir()) and not (recipe.resume or recipe.overwrite):
+        raise MoeforgeError(f"output {output} already holds a run: set resume: true to continue it or overwrite: true to start afresh")
+    if recipe.overwrite:
+        shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def _training_kwargs(recipe: TrainRecipe, has_eval: bool) -> dict:
+    t = recipe.training
+    kwargs = dict(
+        output_dir=str(recipe.output),
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        eval_strategy=("steps" if t.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=t.eval_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=t.bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        dataloader_num_workers=t.dataloader_num_workers,
+        report_to=list(t.report_to) or "none",
+        include_num_input_tokens_seen=True,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend=recipe.ddp_backend or (_default_ddp_backend() if _distributed() else None),
+        deepspeed=str(recipe.deepspeed) if recipe.deepspeed else None,
+    )
+    return kwargs
+
+
+def _distributed() -> bool:
+    """Launched by torchrun / accelerate launch with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _default_ddp_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer | None:
+    """AdamW with the routers in their own parameter group when a router learning rate is set."""
+    t = recipe.training
+    if t.router_learning_rate is None:
+        return None
+    routers = set(router_parameters(model))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if n not in routers], "lr": t.learning_rate},
+        {"params": [p for n, p in named if n in routers], "lr": t.router_learning_rate},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def _register_zero3_leaves(model: nn.Module) -> None:
+    """DeepSpeed ZeRO-3 hangs on MoE blocks unless they are leaf modules (experts that get no token skip
+    their parameters' all-gather on some ranks). Register every module that owns a router."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    routers = {id(module) for module in find_routers(model)}
+    blocks = {type(m) for m in model.modules() if any(id(child) in routers for child in m.children())}
+    if blocks:
+        set_z3_leaf_modules(model, list(blocks))
+
+
+def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trainer:
+    kwargs = _training_kwargs(recipe, data.eval is not None)
+    optimizers = (optimizer, None)
+    if recipe.stage == "pt":
+        train = pack_texts(data.train, tokenizer, recipe.data.max_length)
+        evaluation = pack_texts(data.eval, tokenizer, recipe.data.max_length) if data.eval is not None else None
+        return Trainer(
+            model=model, args=TrainingArguments(**kwargs), train_dataset=train, eval_dataset=evaluation,
+            data_collator=default_data_collator, processing_class=tokenizer, optimizers=optimizers, callbacks=callbacks,
+        )
+    # TRL's own MoE aux loss (transformers' all-layer version) off: moeforge's hooks supply the router losses
+    if recipe.stage == "sft":
+        from trl import SFTConfig
+
+        args = SFTConfig(
+            **kwargs, max_length=recipe.data.max_length, completion_only_loss=recipe.data.completion_only_loss,
+            packing=False, router_aux_loss_coef=0.0,
+        )
+        return RouterAwareSFTTrainer(
+            model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+            optimizers=optimizers, callbacks=callbacks,
+        )
+    from trl import DPOConfig
+
+    args = DPOConfig(**kwargs, max_length=recipe.data.max_length, beta=recipe.training.beta, router_aux_loss_coef=0.0)
+    return RouterAwareDPOTrainer(
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+        optimizers=optimizers, callbacks=callbacks,
+    )
+
+
+def _record_router_coefficients(config, recipe: TrainRecipe, native_coef: float | None) -> None:
+    """TRL writes its own aux coefficient (0: moeforge supplies the losses) into the model config. Put back
+    what the saved model should carry: moeforge_llama's forward uses the coefficients this run trained with;
+    a native model keeps its own (transformers uses it only when asked for router logits)."""
+    if config.model_type == "moeforge_llama":
+        config.router_aux_loss_coef = recipe.router_losses.balance_coef
+        config.router_z_loss_coef = recipe.router_losses.z_coef
+        config.router_mi_loss_coef = recipe.router_losses.mi_coef
+    elif native_coef is not None:
+        config.router_aux_loss_coef = native_coef
+
+
+def _source_provenance(model_source: str, gguf_file: str | None) -> dict:
+    path = resolve_checkpoint(model_source, gguf_file=gguf_file) / "moeforge.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_final(trainer: Trainer, tokenizer, recipe: TrainRecipe, training_entry: dict) -> Path:
+    """Write the trained model next to the checkpoints, atomically, with moeforge.json extended by this run."""
+    final = recipe.output / FINAL_DIR
+    tmp = recipe.output / f".{FINAL_DIR}.partial-{os.getpid()}"
+    trainer.save_model(str(tmp))
+    if not trainer.is_world_process_zero():
+        return final
+    tokenizer.save_pretrained(tmp)
+    provenance = _source_provenance(recipe.model, recipe.gguf_file)
+    provenance.setdefault("moeforge_version", __version__)
+    provenance["training"] = [*provenance.get("training", []), training_entry]
+    provenance["checksums"] = {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
+    (tmp / "moeforge.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _last(history: list[dict], key: str) -> float | None:
+    values = [entry[key] for entry in history if key in entry]
+    return float(values[-1]) if values else None
+
+
+def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainResult:
+    """Train as the recipe says; raises MoeforgeError on bad input before any step runs."""
+    start = time.perf_counter()
+    _prepare_output(recipe)
+    dtype = torch.bfloat16 if recipe.dtype == "bfloat16" else torch.float32
+    model, tokenizer = load_model(recipe.model, dtype=dtype, gguf_file=recipe.gguf_file)
+    if tokenizer is None:
+        raise MoeforgeError(f"model: {recipe.model} has no tokenizer files; training needs one to read the data")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = build_datasets(recipe.data, recipe.stage)
+    log(f"data: {len(data.train)} training rows" + (f", {len(data.eval)} eval rows" if data.eval is not None else ""))
+
+    trainable, total = apply_freeze(model, recipe.frozen_groups)
+    log(f"trainable parameters: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"
+        + (f", frozen: {', '.join(recipe.frozen_groups)}" if recipe.frozen_groups else ""))
+    model.train()
+
+    telemetry = TelemetryCallback(None, recipe.output, recipe.training.telemetry_steps)
+    native_coef = getattr(model.config, "router_aux_loss_coef", None)
+    trainer = _build_trainer(
+        recipe, model, tokenizer, data, _optimizer(model, recipe), [telemetry, CompleteCheckpointMarker()]
+    )
+    _record_router_coefficients(model.config, recipe, native_coef)
+    # attached after the trainer is built: DPO's reference model is a copy made there, and must not report
+    handle = attach_router_losses(trainer.model, recipe.router_losses) if find_routers(trainer.model) else None
+    telemetry.handle, telemetry.trainer = handle, trainer
+    if handle is not None and handle.balancer is not None:
+        handle.balancer.hook_optimizer(trainer.create_optimizer())
+    if recipe.deepspeed:
+        _register_zero3_leaves(trainer.model)
+
+    checkpoint = latest_complete_checkpoint(recipe.output) if recipe.resume else None
+    if recipe.resume:
+        log(f"resuming from {checkpoint}" if checkpoint else "resume: no complete checkpoint yet, starting from step 0")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    history = trainer.state.log_history
+    entry = {
+        "stage": recipe.stage,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe.model_dump(mode="json", by_alias=True),
+        "data": data.stats,
+        "steps": trainer.state.global_step,
+        "tokens": trainer.state.num_input_tokens_seen,
+        "train_loss": _last(history, "train_loss"),
+        "eval_loss": _last(history, "eval_loss"),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "runtime_seconds": round(time.perf_counter() - start, 1),
+        "versions": {"moeforge": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    final = _save_final(trainer, tokenizer, recipe, entry)
+    plots = telemetry.write_plots(history) if trainer.is_world_process_zero() else []
+    if handle is not None:
+        handle.detach()
+    log(f"saved {final}; plots: {', '.join(str(p) for p in plots)}")
+    return TrainResult(
+        output=recipe.output, model_dir=final, steps=trainer.state.global_step,
+        train_loss=entry["train_loss"], eval_loss=entry["eval_loss"],
+        trainable_parameters=trainable, total_parameters=total, plots=plots,
+    )

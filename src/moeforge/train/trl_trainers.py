@@ -1,0 +1,54 @@
+"""TRL's SFT and DPO trainers, with moeforge's router loss added to the loss they compute.
+
+Both compute their loss from the model's log-probs (SFT's fused LM head, DPO's preference loss) rather
+than from ``output.loss``, so the router aux loss that moeforge's hooks put on the output
+(``output.router_aux_loss``) would be dropped. TRL's own MoE aux (transformers' all-layer version) is
+switched off with ``router_aux_loss_coef=0.0`` in their configs; this mixin adds ours instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import DPOTrainer, SFTTrainer
+
+
+class RouterAuxLossMixin:
+    """Adds the router aux loss of every forward run inside ``compute_loss`` to the loss it returns.
+
+    Weighting follows the LM loss: when ``num_items_in_batch`` is known (SFT), it is passed to the model so
+    the hooks scale the aux by this micro-batch's share of the accumulated batch's label tokens, and, like
+    the LM loss, it is multiplied by the process count that DDP's gradient averaging divides out. Without
+    it (DPO, a per-micro-batch mean that Trainer divides by the accumulation steps), the plain aux is added."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        captured: list[torch.Tensor] = []
+
+        def capture(_module, _args, output):
+            aux = getattr(output, "router_aux_loss", None)
+            if aux is not None and aux.requires_grad:
+                captured.append(aux)
+
+        if num_items_in_batch is not None:
+            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
+        hook = self.model.register_forward_hook(capture)
+        try:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            hook.remove()
+        if not captured:
+            return result
+        aux = torch.stack([a.to(captured[0].device) for a in captured]).sum()
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            aux = aux * self.accelerator.num_processes
+        if return_outputs:
+            loss, outputs = result
+            return loss + aux.to(loss.device), outputs
+        return result + aux.to(result.device)
+
+
+class RouterAwareSFTTrainer(RouterAuxLossMixin, SFTTrainer):
+    pass
+
+
+class RouterAwareDPOTrainer(RouterAuxLossMixin, DPOTrainer):
+    pass

@@ -1,0 +1,132 @@
+"""``moeforge eval`` through the real command-line entry point."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from moeforge.cli import eval_cmd
+from moeforge.cli import main as cli_main
+from moeforge.cli.main import main
+from moeforge.eval.inputs import BUILTIN_DESCRIPTION
+from moeforge.eval.lm_eval import INSTALL_HINT
+from tests.eval.fake_harness import FakeHarness
+
+TEXT = "Mixture-of-Experts models route each token to a few experts.\n" * 6
+FAST = ["--max-length", "64", "--batch-size", "2"]
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "sample.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_eval_moe_writes_report_and_plot(
+    mixtral_dir: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "report"
+    assert main(["eval", str(mixtral_dir), "--text", str(text_file), "--output", str(out), *FAST]) == 0
+    stdout = capsys.readouterr().out
+    report = json.loads((out / "eval.json").read_text())
+    assert {"model", "data", "max_length", "nll", "perplexity", "tokens", "routing"} <= set(report)
+    assert report["data"] == str(text_file) and report["tokens"] > 0
+    assert len(report["routing"]["load"]) == 3
+    assert (out / "expert_load.png").read_bytes().startswith(b"\x89PNG")
+    assert f"perplexity {report['perplexity']:.4f}" in stdout
+    assert "top load %" in stdout  # the routing table
+    assert f"wrote {out / 'eval.json'}, {out / 'expert_load.png'}" in stdout
+
+
+def test_builtin_sample_and_default_output_dir(pmoe_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(pmoe_dir), "--max-batches", "1", *FAST]) == 0
+    assert f"evaluating on {BUILTIN_DESCRIPTION}" in capsys.readouterr().out
+    report = json.loads((pmoe_dir / "eval" / "eval.json").read_text())
+    assert [len(load) for load in report["routing"]["load"]] == [4, 8, 3]
+    assert report["tokens"] == 2 * 63
+    assert (pmoe_dir / "eval" / "expert_load.png").is_file()
+
+
+def test_compare_prints_both_models(
+    dense_dir: Path, mixtral_dir: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cmp"
+    args = ["eval", str(dense_dir), "--compare", str(mixtral_dir), "--text", str(text_file), "-o", str(out), *FAST]
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    report = json.loads((out / "eval.json").read_text())
+    base, other = report["perplexity"], report["compare"]["perplexity"]
+    assert f"{base:.4f}" in stdout and f"{other:.4f}" in stdout
+    assert f"{other - base:+.4f}" in stdout
+    assert "dense model: no routers" in stdout
+    assert report["compare"]["tokens"] == report["tokens"]
+    assert not (out / "expert_load.png").exists()  # the evaluated model is dense
+
+
+def test_sft_data_file(dense_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "chat.jsonl"
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(4)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "sft"
+    assert main(["eval", str(dense_dir), "--data", str(data), "--stage", "sft", "-o", str(out), *FAST]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["data"] == f"{data} (sft)"
+    assert 0 < report["tokens"] < 4 * 20  # the answers (and end-of-turn tokens) only
+
+
+def test_csv_data_with_columns(dense_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "notes.csv"
+    data.write_text('id,body\n1,"First note, with a comma."\n2,Second note.\n')
+    out = tmp_path / "csv"
+    assert main(["eval", str(dense_dir), "--data", str(data), "--columns", "text=body", "-o", str(out), *FAST]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["data"] == f"{data} (pt)"
+    assert report["tokens"] == len("First note, with a comma.") + 1 + len("Second note.") - 1  # chars, EOS, minus the first
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--data", "{tmp}/nope.jsonl"], "nope.jsonl"),
+        (["--text", "{tmp}/missing.txt"], "--text: {tmp}/missing.txt does not exist"),
+        (["--stage", "sft"], "--stage only applies to --data FILE"),
+        (["--columns", "text=body"], "--columns only applies to --data FILE"),
+        (["--limit", "5"], "--limit only applies to lm-eval; add --lm-eval TASKS"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    dense_dir: Path, tmp_path: Path, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(["eval", str(dense_dir), "-o", str(out), *(f.format(tmp=tmp_path) for f in flags)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moeforge eval: error: ") and message.format(tmp=tmp_path) in err
+    assert err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_lm_eval_without_the_package_exits_2(
+    mixtral_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    out = tmp_path / "none"
+    assert main(["eval", str(mixtral_dir), "--lm-eval", "hellaswag", "-o", str(out)]) == 2
+    assert capsys.readouterr().err == f"moeforge eval: error: {INSTALL_HINT}\n"
+    assert not out.exists()  # refused before any evaluation
+
+
+def test_lm_eval_results_join_the_report(
+    harness: FakeHarness, mixtral_dir: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench"
+    args = ["eval", str(mixtral_dir), "--text", str(text_file), "-o", str(out), "--lm-eval", "my_task", "--limit", "5", *FAST]
+    assert main(args) == 0
+    assert harness.calls["evaluate"]["tasks"] == ["my_task"] and harness.calls["evaluate"]["limit"] == 5
+    report = json.loads((out / "eval.json").read_text())
+    assert report["lm_eval"]["results"]["my_task"]["acc,none"] == pytest.approx(0.25)
+    assert (out / "lm_eval.json").is_file()
+    assert "my_task: acc,none 0.2500" in capsys.readouterr().out
