@@ -7,6 +7,7 @@ switch`` with ``aux_loss_weight`` become ``router_losses.mi_coef`` / ``balance_c
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,12 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from moeforge.data.spec import DataSpec
 from moeforge.routing.losses import RouterLossConfig
 
-FreezeGroup = Literal["router", "experts", "attention", "embeddings", "dense_layers", "all_but_new"]
+FreezeGroup = Literal["router", "experts", "attention", "embeddings", "dense_layers", "norms", "all_but_new"]
 PRESETS: dict[str, tuple[FreezeGroup, ...]] = {
     # train only the routers (MoICE-style, or to settle routing before touching experts)
-    "router_only": ("experts", "attention", "embeddings", "dense_layers"),
+    "router_only": ("experts", "attention", "embeddings", "dense_layers", "norms"),
     # train the experts (routed and shared), keep routers and everything else fixed
-    "experts_only": ("router", "attention", "embeddings", "dense_layers"),
+    "experts_only": ("router", "attention", "embeddings", "dense_layers", "norms"),
 }
 
 
@@ -70,6 +71,8 @@ class TrainRecipe(_Strict):
     preset: Literal["router_only", "experts_only"] | None = None
     freeze_gate: bool = False
     """LLaMA-MoE v2's switch: keep the routers fixed (same as adding 'router' to freeze)."""
+    freeze_layers: list[int] | str | None = None
+    """Decoder layers frozen whole: a list or ranges like "0-21" or "0-3,8" (train only the top of the model)."""
     training: Schedule = Field(default_factory=Schedule)
     dtype: Literal["float32", "bfloat16"] = "float32"
     resume: bool = False
@@ -85,9 +88,23 @@ class TrainRecipe(_Strict):
             raise ValueError("resume and overwrite exclude each other: resume continues the run in output, overwrite starts afresh")
         if self.stage == "dpo" and self.data.builtin not in (None, "dpo-demo"):
             raise ValueError(f"data.builtin: {self.data.builtin} is not a preference dataset; stage dpo needs dpo-demo or files")
+        if isinstance(self.freeze_layers, str) and not re.fullmatch(r"\s*\d+(-\d+)?(\s*,\s*\d+(-\d+)?)*\s*", self.freeze_layers):
+            raise ValueError(f"freeze_layers: {self.freeze_layers!r} must be layer indices or ranges like '0-21' or '0-3,8'")
         if self.training.router_learning_rate and self.deepspeed:
             raise ValueError("training.router_learning_rate is not supported with deepspeed (DeepSpeed builds its own optimizer)")
         return self
+
+    @property
+    def frozen_layers(self) -> set[int]:
+        if self.freeze_layers is None:
+            return set()
+        if isinstance(self.freeze_layers, list):
+            return set(self.freeze_layers)
+        layers: set[int] = set()
+        for part in self.freeze_layers.split(","):
+            start, _, end = part.strip().partition("-")
+            layers.update(range(int(start), int(end or start) + 1))
+        return layers
 
     @property
     def frozen_groups(self) -> tuple[FreezeGroup, ...]:

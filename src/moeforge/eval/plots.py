@@ -54,7 +54,7 @@ def plot_loss_curves(log_history: list[dict], path: Path) -> Path:
     )
     fig = Figure(figsize=(8, 6 if router_keys else 4))
     axes = fig.subplots(2 if router_keys else 1, 1, sharex=True, squeeze=False)[:, 0]
-    for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
+    for key, label, style in (("loss", "train loss", ".-"), ("eval_loss", "eval loss", "o-")):
         steps, values = _series(log_history, key)
         if steps:
             axes[0].plot(steps, values, style, label=label, markersize=3)

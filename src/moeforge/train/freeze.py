@@ -7,6 +7,7 @@ Mixtral, Qwen2-MoE and Qwen3-MoE: a router is a module with ``top_k`` and ``num_
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from torch import nn
@@ -48,11 +49,16 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
-def apply_freeze(model: nn.Module, groups: Iterable[str]) -> tuple[int, int]:
-    """Freeze the parameters of ``groups``. ``all_but_new`` freezes everything a dense source already had,
-    i.e. all but the routers (the only parameters an upcycling conversion creates; norms freeze too).
-    Returns ``(trainable, total)`` parameter counts."""
-    groups = set(groups)
+def _layer_of(name: str) -> int | None:
+    match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def apply_freeze(model: nn.Module, groups: Iterable[str], layers: Iterable[int] = ()) -> tuple[int, int]:
+    """Freeze the parameters of ``groups`` and every parameter of the decoder ``layers``. ``all_but_new``
+    freezes everything a dense source already had, i.e. all but the routers (the only parameters an
+    upcycling conversion creates; norms freeze too). Returns ``(trainable, total)`` parameter counts."""
+    groups, layers = set(groups), set(layers)
     roles = parameter_roles(model)
     if "all_but_new" in groups:
         if "router" in groups or "router" not in roles.values():
@@ -60,12 +66,12 @@ def apply_freeze(model: nn.Module, groups: Iterable[str]) -> tuple[int, int]:
         groups |= set(ROLES) - {"router"}
     trainable = total = 0
     for name, parameter in model.named_parameters():
-        frozen = roles[name] in groups
+        frozen = roles[name] in groups or _layer_of(name) in layers
         parameter.requires_grad_(not frozen)
         total += parameter.numel()
         trainable += 0 if frozen else parameter.numel()
     if trainable == 0:
-        raise MoeforgeError(f"freeze: {sorted(groups)} leaves no trainable parameter in this model; freeze fewer groups")
+        raise MoeforgeError(f"freeze: {sorted(groups)} (layers {sorted(layers)}) leaves no trainable parameter in this model; freeze less")
     return trainable, total
 
 

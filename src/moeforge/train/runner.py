@@ -8,6 +8,7 @@ the model's own (native where possible) architecture with its provenance.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from moeforge.routing.hooks import attach_router_losses, find_routers
 from moeforge.train.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
 from moeforge.train.freeze import apply_freeze, router_parameters
 from moeforge.train.telemetry import TelemetryCallback
-from moeforge.train.trl_trainers import RouterAwareDPOTrainer, RouterAwareSFTTrainer
+from moeforge.train.trl_trainers import MoeTrainer, RouterAwareDPOTrainer, RouterAwareSFTTrainer
 
 FINAL_DIR = "model"
 
@@ -85,6 +86,7 @@ def _training_kwargs(recipe: TrainRecipe, has_eval: bool) -> dict:
         save_total_limit=t.save_total_limit,
         eval_strategy=("steps" if t.eval_steps else "epoch") if has_eval else "no",
         eval_steps=t.eval_steps,
+        eval_on_start=has_eval,  # the "before" figure every run should report
         seed=t.seed,
         data_seed=t.seed,
         bf16=t.bf16,
@@ -139,7 +141,7 @@ def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trai
     if recipe.stage == "pt":
         train = pack_texts(data.train, tokenizer, recipe.data.max_length)
         evaluation = pack_texts(data.eval, tokenizer, recipe.data.max_length) if data.eval is not None else None
-        return Trainer(
+        return MoeTrainer(
             model=model, args=TrainingArguments(**kwargs), train_dataset=train, eval_dataset=evaluation,
             data_collator=default_data_collator, processing_class=tokenizer, optimizers=optimizers, callbacks=callbacks,
         )
@@ -158,8 +160,10 @@ def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trai
     from trl import DPOConfig
 
     args = DPOConfig(**kwargs, max_length=recipe.data.max_length, beta=recipe.training.beta, router_aux_loss_coef=0.0)
+    # TRL 1.16 would reload the reference from the policy's path (failing on moeforge_llama): hand it a copy
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
     return RouterAwareDPOTrainer(
-        model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+        model=model, ref_model=reference, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
         optimizers=optimizers, callbacks=callbacks,
     )
 
@@ -227,9 +231,10 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
     data = build_datasets(recipe.data, recipe.stage)
     log(f"data: {len(data.train)} training rows" + (f", {len(data.eval)} eval rows" if data.eval is not None else ""))
 
-    trainable, total = apply_freeze(model, recipe.frozen_groups)
+    trainable, total = apply_freeze(model, recipe.frozen_groups, recipe.frozen_layers)
+    frozen = [*recipe.frozen_groups, *([f"layers {recipe.freeze_layers}"] if recipe.frozen_layers else [])]
     log(f"trainable parameters: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"
-        + (f", frozen: {', '.join(recipe.frozen_groups)}" if recipe.frozen_groups else ""))
+        + (f", frozen: {', '.join(frozen)}" if frozen else ""))
     model.train()
 
     telemetry = TelemetryCallback(None, recipe.output, recipe.training.telemetry_steps)
@@ -238,7 +243,7 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
         recipe, model, tokenizer, data, _optimizer(model, recipe), [telemetry, CompleteCheckpointMarker()]
     )
     _record_router_coefficients(model.config, recipe, native_coef)
-    # attached after the trainer is built: DPO's reference model is a copy made there, and must not report
+    # attached after the trainer is built: DPO's reference model (a copy) must not report routing
     handle = attach_router_losses(trainer.model, recipe.router_losses) if find_routers(trainer.model) else None
     telemetry.handle, telemetry.trainer = handle, trainer
     if handle is not None and handle.balancer is not None:

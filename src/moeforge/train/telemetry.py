@@ -49,7 +49,10 @@ class TelemetryCallback(TrainerCallback):
                 with (self.output_dir / "routing.jsonl").open("a") as handle:
                     handle.write(json.dumps({"step": state.global_step, **stats.to_dict()}) + "\n")
         if self.trainer is not None:
+            # trainer.log() runs on_log, which clears control.should_log: the step's own loss log would be lost
+            should_log = control.should_log
             self.trainer.log(metrics)
+            control.should_log = should_log
         return control
 
     def write_plots(self, log_history: list[dict]) -> list[Path]:

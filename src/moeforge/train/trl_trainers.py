@@ -1,4 +1,5 @@
-"""TRL's SFT and DPO trainers, with moeforge's router loss added to the loss they compute.
+"""transformers' Trainer and TRL's SFT / DPO trainers, with exact resume and moeforge's router loss added to
+the loss TRL computes.
 
 Both compute their loss from the model's log-probs (SFT's fused LM head, DPO's preference loss) rather
 than from ``output.loss``, so the router aux loss that moeforge's hooks put on the output
@@ -9,6 +10,7 @@ switched off with ``router_aux_loss_coef=0.0`` in their configs; this mixin adds
 from __future__ import annotations
 
 import torch
+from transformers import Trainer
 from trl import DPOTrainer, SFTTrainer
 
 
@@ -46,9 +48,24 @@ class RouterAuxLossMixin:
         return result + aux.to(result.device)
 
 
-class RouterAwareSFTTrainer(RouterAuxLossMixin, SFTTrainer):
+class ExactResumeMixin:
+    """Resume loads the checkpoint through ``from_pretrained``. Native MoE checkpoints are written in the
+    per-expert layout (what engines read) while the live model holds fused experts; Trainer's own resume
+    loads the files with ``strict=False`` and silently keeps the old routers and experts."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = model or self.model
+        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+
+
+class MoeTrainer(ExactResumeMixin, Trainer):
     pass
 
 
-class RouterAwareDPOTrainer(RouterAuxLossMixin, DPOTrainer):
+class RouterAwareSFTTrainer(ExactResumeMixin, RouterAuxLossMixin, SFTTrainer):
+    pass
+
+
+class RouterAwareDPOTrainer(ExactResumeMixin, RouterAuxLossMixin, DPOTrainer):
     pass
