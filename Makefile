@@ -1,5 +1,6 @@
 # Two entry points that work on a fresh machine with only Python and pip.
-#   make demo  - upcycle the embedded SmolLM2-135M-Instruct into an 8-expert top-2 MoE, report fidelity, chat
+#   make demo  - upcycle the embedded SmolLM2-135M-Instruct into an 8-expert top-2 MoE (fidelity report),
+#                SFT it briefly on a built-in dataset (eval before/after, plots), compare, chat
 #   make test  - run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +23,9 @@ demo: $(STAMP)
 	rm -rf demo-out
 	$(VENV)/bin/moeforge convert recipes/demo.yaml
 	$(VENV)/bin/moeforge inspect demo-out/smollm2-moe-8x-top2
-	$(VENV)/bin/moeforge chat demo-out/smollm2-moe-8x-top2 --prompt "What is the capital of France?" --max-new-tokens 40
+	$(VENV)/bin/moeforge train recipes/demo-train.yaml
+	$(VENV)/bin/moeforge eval demo-out/sft/model --compare demo-out/smollm2-moe-8x-top2 --max-length 256 --max-batches 2
+	$(VENV)/bin/moeforge chat demo-out/sft/model --prompt "What is the capital of France?" --max-new-tokens 40
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -90,7 +90,6 @@ def _training_kwargs(recipe: TrainRecipe, has_eval: bool) -> dict:
         seed=t.seed,
         data_seed=t.seed,
         bf16=t.bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
         dataloader_num_workers=t.dataloader_num_workers,
         report_to=list(t.report_to) or "none",
         include_num_input_tokens_seen=True,
@@ -98,6 +97,8 @@ def _training_kwargs(recipe: TrainRecipe, has_eval: bool) -> dict:
         ddp_backend=recipe.ddp_backend or (_default_ddp_backend() if _distributed() else None),
         deepspeed=str(recipe.deepspeed) if recipe.deepspeed else None,
     )
+    if t.gradient_checkpointing:
+        kwargs["gradient_checkpointing"] = True
     return kwargs
 
 
