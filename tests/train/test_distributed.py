@@ -146,12 +146,6 @@ def test_only_rank_0_writes(pairs) -> None:
     assert len((ddp / "routing.jsonl").read_text().splitlines()) == 1  # one report, not one per rank
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="src bug: routing telemetry is not reduced across ranks: TelemetryCallback writes rank 0's "
-    "RoutingAccumulator, so routing.jsonl / router/* metrics under DDP cover 1/world_size of the tokens",
-)
 def test_routing_telemetry_covers_every_rank(pairs) -> None:
     single, ddp, _ = pairs("mixtral")
     (report_single,) = [json.loads(line) for line in (single / "routing.jsonl").read_text().splitlines()]
@@ -163,12 +157,6 @@ def test_routing_telemetry_covers_every_rank(pairs) -> None:
         assert sum(abs(x - y) for x, y in zip(load_ddp, load_single, strict=True)) <= 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="src bug: AuxFreeBalancer.step updates the expert bias from this rank's loads only (no all_reduce), "
-    "so under DDP the bias follows rank 0's share of the batch instead of the global batch's loads",
-)
 def test_aux_free_bias_follows_the_global_batch(pairs) -> None:
     single, ddp, _ = pairs("aux_free")
     a, b = state_dict(single / "model"), state_dict(ddp / "model")

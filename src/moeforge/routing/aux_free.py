@@ -44,8 +44,9 @@ class AuxFreeBalancer:
     @torch.no_grad()
     def step(self) -> None:
         """``bias_e += rate · sign(mean_load − load_e)`` per layer, from the loads since the last step.
-        A layer that saw no token keeps its bias (sign(0) = 0 for every expert)."""
-        stats = self._loads.pop()
+        A layer that saw no token keeps its bias (sign(0) = 0 for every expert). Under data parallelism the
+        loads of every rank are summed first, so all ranks apply the same update (the global batch's)."""
+        stats = self._loads.pop().all_reduce()
         for router, bias, load in zip(self.routers, self.bias, stats.load, strict=True):
             load = load.double().to(bias.device)
             bias += self.rate * torch.sign(load.mean() - load).float()

@@ -32,6 +32,33 @@ class RoutingStats:
         """Per layer, the experts whose load fraction is ``<= threshold`` (0: never selected)."""
         return [torch.nonzero(f <= threshold).flatten().tolist() for f in self.load_fraction()]
 
+    def all_reduce(self) -> RoutingStats:
+        """The statistics of every data-parallel rank together (identity outside torch.distributed): loads and
+        tokens summed, entropy and balance token-weighted. Every rank must call it at the same step."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or not self.load:
+            return self
+        sizes = [len(load) for load in self.load]
+        packed = torch.cat(
+            [torch.cat([load.double().cpu() for load in self.load]),
+             torch.tensor([float(self.tokens)], dtype=torch.float64),
+             torch.tensor(self.entropy, dtype=torch.float64) * self.tokens,
+             torch.tensor(self.balance, dtype=torch.float64) * self.tokens]
+        )
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
+        packed = packed.to(device)
+        torch.distributed.all_reduce(packed)
+        packed = packed.cpu()
+        loads, rest = packed[: sum(sizes)], packed[sum(sizes):]
+        tokens, layers = rest[0].item(), len(sizes)
+        denominator = max(tokens, 1.0)
+        return RoutingStats(
+            load=list(loads.split(sizes)),
+            tokens=int(tokens),
+            entropy=(rest[1 : 1 + layers] / denominator).tolist(),
+            balance=(rest[1 + layers :] / denominator).tolist(),
+            names=self.names,
+        )
+
     def merge(self, other: RoutingStats) -> RoutingStats:
         """The statistics of both windows together (same model: same layers and expert counts)."""
         if not self.tokens:

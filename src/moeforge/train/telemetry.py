@@ -32,7 +32,7 @@ class TelemetryCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every or self.handle is None:
             return control
-        stats = self.handle.pop_stats()
+        stats = self.handle.pop_stats().all_reduce()  # every rank's tokens, not rank 0's share
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         metrics = {"tokens_per_second": round((tokens - self._last_tokens) / max(now - self._last_time, 1e-9), 1)}
         self._last_time, self._last_tokens = now, tokens
