@@ -254,7 +254,7 @@ def _least_squares_scale(
 ) -> float:
     """The factor on the routed experts that brings the block's output closest (L2) to the dense FFN's
     on the same inputs: argmin_s ||dense - shared - s·routed||² = <dense - shared, routed> / ||routed||²."""
-    target = act(ffn_in @ dense["mlp.gate_proj.weight"].T) * (ffn_in @ dense["mlp.up_proj.weight"].T)
+    target = _ffn_activations(ffn_in, dense["mlp.gate_proj.weight"], dense["mlp.up_proj.weight"], act)
     target = target @ dense["mlp.down_proj.weight"].T
     total = block(ffn_in.unsqueeze(0)).squeeze(0)
     shared = block.shared_expert(ffn_in) if block.shared_expert is not None else torch.zeros_like(total)

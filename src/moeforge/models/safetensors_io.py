@@ -252,6 +252,15 @@ _DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
 _SMALL_SHARD_BYTES = 256 * 1024**2
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks (the checksums recorded in moeforge.json)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class _OpenShard:
     """One shard being written: tensor bytes go straight to disk after a reserved header region,
     whose JSON is written (space-padded, as the format allows) when the shard is closed. Bookkeeping
@@ -306,11 +315,7 @@ class _OpenShard:
         os.replace(compact, self.path)
 
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        with self.path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return sha256_file(self.path)
 
 
 class ShardedWriter:

@@ -29,6 +29,7 @@ from moeforge.config.train_recipe import TrainRecipe
 from moeforge.data import build_datasets, pack_texts
 from moeforge.errors import MoeforgeError
 from moeforge.models.loading import load_model, resolve_checkpoint
+from moeforge.models.safetensors_io import sha256_file
 from moeforge.routing.hooks import attach_router_losses, find_routers
 from moeforge.train.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
 from moeforge.train.freeze import apply_freeze, router_parameters
@@ -197,21 +198,11 @@ def _save_final(trainer: Trainer, tokenizer, recipe: TrainRecipe, training_entry
     provenance = _source_provenance(recipe.model, recipe.gguf_file)
     provenance.setdefault("moeforge_version", __version__)
     provenance["training"] = [*provenance.get("training", []), training_entry]
-    provenance["checksums"] = {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
+    provenance["checksums"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
     (tmp / "moeforge.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _last(history: list[dict], key: str) -> float | None:
