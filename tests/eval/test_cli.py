@@ -130,3 +130,70 @@ def test_lm_eval_results_join_the_report(
     assert report["lm_eval"]["results"]["my_task"]["acc,none"] == pytest.approx(0.25)
     assert (out / "lm_eval.json").is_file()
     assert "my_task: acc,none 0.2500" in capsys.readouterr().out
+
+
+PROBE = ["--probe", "kv", "--probe-pairs", "3", "--probe-samples", "2", "--max-batches", "1"]
+
+
+def test_kv_probe_on_two_models(dense_dir: Path, mixtral_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "probe"
+    assert main(["eval", str(dense_dir), "--compare", str(mixtral_dir), "-o", str(out), *PROBE, *FAST]) == 0
+    stdout = capsys.readouterr().out
+    report = json.loads((out / "eval.json").read_text())
+    assert "perplexity" in report and "perplexity" in report["compare"]  # probing keeps the perplexity run
+    probes = report["probes"]
+    assert list(probes) == [str(dense_dir), str(mixtral_dir)]
+    for result in probes.values():
+        assert result["probe"] == "kv" and result["slots"] == 3
+        assert [p["position"] for p in result["positions"]] == [0, 1, 2]
+        assert all(p["n"] == 2 and p["exact_match_ci"][0] <= p["exact_match"] for p in result["positions"])
+    assert probes[str(dense_dir)]["positions"][0]["logprobs"] != probes[str(mixtral_dir)]["positions"][0]["logprobs"]
+    assert (out / "position_curve.png").read_bytes().startswith(b"\x89PNG")
+    table = stdout[stdout.index("kv retrieval: 3 pairs, seed 0; n = 2 per position") :]
+    assert str(dense_dir) in table and str(mixtral_dir) in table and "gap (max-min)" in table
+    assert f"{out / 'position_curve.png'}" in stdout.splitlines()[-1]
+
+
+def test_mdqa_probe_with_chat_template(dense_dir: Path, tmp_path: Path) -> None:
+    docs = tmp_path / "docs.jsonl"
+    row = {"question": "Who?", "answer": "Ada", "gold": "Ada wrote it.", "distractors": ["Cats purr.", "Snow is cold."]}
+    docs.write_text(json.dumps(row) + "\n")
+    out = tmp_path / "mdqa"
+    args = ["eval", str(dense_dir), "-o", str(out), "--probe", "mdqa", "--probe-docs", str(docs), "--chat-template"]
+    assert main([*args, "--probe-positions", "0,2", "--max-batches", "1", *FAST]) == 0
+    result = json.loads((out / "eval.json").read_text())["probes"][str(dense_dir)]
+    assert result["spec"]["chat_template"] is True and result["slots"] == 3
+    assert [p["position"] for p in result["positions"]] == [0, 2]
+    assert (out / "position_curve.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--probe-docs", "{docs}"], "--probe-docs only applies to probes; add --probe kv or --probe mdqa"),
+        (["--chat-template"], "--chat-template only applies to probes"),
+        (["--probe", "kv", "--probe-docs", "{docs}"], "--probe-docs only applies to --probe mdqa"),
+        (["--probe", "mdqa", "--probe-docs", "{docs}", "--probe-seed", "1"], "--probe-seed only applies to --probe kv"),
+        (["--probe", "mdqa"], "--probe mdqa needs --probe-docs FILE"),
+        (["--probe", "kv", "--probe-pairs", "1"], "--probe-pairs 1 must be at least 2"),
+        (["--probe", "kv", "--probe-samples", "0"], "--probe-samples 0 must be at least 1"),
+        (["--probe", "kv", "--probe-pairs", "4", "--probe-positions", "0,4"], "--probe-positions 4 is out of range"),
+        (["--probe", "kv", "--probe-positions", "0,x"], "--probe-positions '0,x': give comma-separated integers"),
+        (["--probe", "mdqa", "--probe-docs", "{docs}", "--probe-positions", "3"], "3 documents are numbered 0..2"),
+        (["--probe", "mdqa", "--probe-docs", "{bad}"], "bad.jsonl:2: not valid JSON"),
+        (["--probe", "mdqa", "--probe-docs", "{tmp}/nope.jsonl"], "nope.jsonl does not exist"),
+    ],
+)
+def test_bad_probe_flags_exit_2_with_one_line(
+    dense_dir: Path, tmp_path: Path, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    row = {"question": "Who?", "answer": "Ada", "gold": "Ada wrote it.", "distractors": ["Cats purr.", "Snow."]}
+    (tmp_path / "docs.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(row) + "\n{oops\n")
+    paths = {"docs": tmp_path / "docs.jsonl", "bad": tmp_path / "bad.jsonl", "tmp": tmp_path}
+    out = tmp_path / "out"
+    assert main(["eval", str(dense_dir), "-o", str(out), *(f.format(**paths) for f in flags)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moeforge eval: error: ") and message in err
+    assert err.count("\n") == 1
+    assert not out.exists()  # refused before any model was loaded

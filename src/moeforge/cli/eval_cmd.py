@@ -1,8 +1,9 @@
-"""``moeforge eval MODEL``: perplexity and expert routing on text, optionally lm-eval benchmarks, and a
-side-by-side comparison with a second model (base vs upcycled vs trained).
+"""``moeforge eval MODEL``: perplexity and expert routing on text, optionally lm-eval benchmarks and a
+long-context position probe, and a side-by-side comparison with a second model (base vs upcycled vs
+trained, or base vs MoICE).
 
-Writes ``eval.json`` (every figure printed) and ``expert_load.png`` into ``--output`` (default
-``MODEL/eval`` for a local model, else ``./moeforge-eval``).
+Writes ``eval.json`` (every figure printed), ``expert_load.png`` and, with ``--probe``,
+``position_curve.png`` into ``--output`` (default ``MODEL/eval`` for a local model, else ``./moeforge-eval``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from moeforge.errors import MoeforgeError
 if TYPE_CHECKING:
     from moeforge.eval.inputs import EvalInputs
     from moeforge.eval.perplexity import PerplexityResult
+    from moeforge.eval.probes import ProbeResult, ProbeSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -58,6 +60,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=float, help="lm-eval: at most N examples per task (a fraction when < 1)")
     parser.add_argument("--compare", metavar="OTHER_MODEL", help="evaluate a second model on the same text, side by side")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    probes = parser.add_argument_group("position probes", "where in a long prompt a model finds a fact (docs/probes.md)")
+    probes.add_argument(
+        "--probe",
+        choices=["kv", "mdqa"],
+        help="kv: generated key-value retrieval; mdqa: multi-document QA over --probe-docs (also run on --compare)",
+    )
+    probes.add_argument("--probe-docs", type=Path, metavar="FILE", help="mdqa: JSONL rows {question, answer, gold, distractors}")
+    probes.add_argument("--probe-pairs", type=int, metavar="N", help="kv: key-value lines per prompt (default 24)")
+    probes.add_argument(
+        "--probe-positions", metavar="I,J,...", help="where the fact goes, 0-based (default 5 spread evenly, first and last)"
+    )
+    probes.add_argument(
+        "--probe-samples", type=int, metavar="N", help="prompts per position (default 50; mdqa: the first N rows)"
+    )
+    probes.add_argument(
+        "--probe-seed", type=int, metavar="S", help="kv: seed of the prompts (default 0; another seed = held-out prompts)"
+    )
+    probes.add_argument(
+        "--chat-template", action="store_true", help="ask the probe question as a user turn with the tokenizer's chat template"
+    )
     parser.set_defaults(func=run)
 
 
@@ -76,6 +98,55 @@ def _tasks(args: argparse.Namespace) -> list[str]:
     return [task.strip() for task in args.lm_eval.split(",") if task.strip()]
 
 
+def _positions(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise MoeforgeError(f"--probe-positions {text!r}: give comma-separated integers, e.g. 0,6,12") from None
+
+
+def _probe_spec(args: argparse.Namespace) -> ProbeSpec | None:
+    """The requested probe, with its prompts built once here so that a bad flag or a malformed
+    --probe-docs row fails before any model is loaded."""
+    from moeforge.eval.probes import KVProbe, MDQAProbe, ProbeValueError
+
+    given = {
+        "--probe-docs": args.probe_docs,
+        "--probe-pairs": args.probe_pairs,
+        "--probe-positions": args.probe_positions,
+        "--probe-samples": args.probe_samples,
+        "--probe-seed": args.probe_seed,
+        "--chat-template": args.chat_template or None,
+    }
+    for flag, value in given.items():
+        if value is not None and args.probe is None:
+            raise MoeforgeError(f"{flag} only applies to probes; add --probe kv or --probe mdqa")
+    if args.probe is None:
+        return None
+    only = {"--probe-docs": "mdqa", "--probe-pairs": "kv", "--probe-seed": "kv"}
+    for flag, probe in only.items():
+        if given[flag] is not None and args.probe != probe:
+            raise MoeforgeError(f"{flag} only applies to --probe {probe}")
+    if args.probe == "mdqa" and args.probe_docs is None:
+        raise MoeforgeError("--probe mdqa needs --probe-docs FILE (JSONL rows {question, answer, gold, distractors})")
+    chosen = {
+        "positions": _positions(args.probe_positions) if args.probe_positions is not None else None,
+        "samples": args.probe_samples,
+        "pairs": args.probe_pairs,
+        "seed": args.probe_seed,
+    }
+    settings = {field: value for field, value in chosen.items() if value is not None}  # the rest: the spec's defaults
+    if args.probe == "kv":
+        spec: ProbeSpec = KVProbe(chat_template=args.chat_template, **settings)
+    else:
+        spec = MDQAProbe(args.probe_docs, chat_template=args.chat_template, **settings)
+    try:
+        spec.prompts()
+    except ProbeValueError as err:
+        raise MoeforgeError(f"--probe-{err.field} {err.detail}") from None
+    return spec
+
+
 def _output_dir(args: argparse.Namespace) -> Path:
     if args.output is not None:
         return args.output
@@ -83,26 +154,34 @@ def _output_dir(args: argparse.Namespace) -> Path:
     return local / "eval" if local.is_dir() else Path("moeforge-eval")
 
 
-def _evaluate(source: str, args: argparse.Namespace, inputs: EvalInputs) -> PerplexityResult:
-    """Load ``source``, measure it, and free it before the next model is loaded."""
+def _evaluate(
+    source: str, args: argparse.Namespace, inputs: EvalInputs, probe: ProbeSpec | None
+) -> tuple[PerplexityResult, ProbeResult | None]:
+    """Load ``source``, measure it (and probe it), and free it before the next model is loaded."""
     from moeforge.eval.perplexity import perplexity
+    from moeforge.eval.probes import run_probe
     from moeforge.models.loading import load_model
 
     model, tokenizer = load_model(source, dtype=DTYPES[args.dtype], device=_device())
     if tokenizer is None:
         raise MoeforgeError(f"{source} has no tokenizer files; eval needs a checkpoint that ships its tokenizer")
+
+    def log(line: str) -> None:
+        print(f"{source}: {line}", flush=True)
+
     result = perplexity(
         model,
         tokenizer,
         max_length=args.max_length,
         batch_size=args.batch_size,
         max_batches=args.max_batches,
-        log=lambda line: print(f"{source}: {line}", flush=True),
+        log=log,
         **inputs.perplexity_kwargs(),
     )
+    probed = run_probe(model, tokenizer, probe, batch_size=args.batch_size, log=log) if probe is not None else None
     del model
     gc.collect()
-    return result
+    return result, probed
 
 
 def _lm_eval(args: argparse.Namespace, tasks: list[str], output: Path) -> dict[str, Any]:
@@ -129,25 +208,30 @@ def _lm_eval(args: argparse.Namespace, tasks: list[str], output: Path) -> dict[s
 def run(args: argparse.Namespace) -> int:
     from moeforge.eval.atomic import write_json
     from moeforge.eval.inputs import load_inputs
-    from moeforge.eval.plots import plot_expert_load
+    from moeforge.eval.plots import plot_expert_load, plot_position_curve
+    from moeforge.eval.probes import format_table
     from moeforge.eval.report import comparison_lines, has_routers, result_line, routing_text
 
     for flag, value in (("--stage", args.stage), ("--columns", args.columns)):
         if value is not None and args.data is None:
             raise MoeforgeError(f"{flag} only applies to --data FILE")
     tasks = _tasks(args)
+    probe = _probe_spec(args)
     output = _output_dir(args)
     inputs = load_inputs(args.text, args.data, args.stage or "pt", args.columns)
     print(f"evaluating on {inputs.description}")
-    result = _evaluate(args.model, args, inputs)
+    result, probed = _evaluate(args.model, args, inputs, probe)
     report: dict[str, Any] = {"model": args.model, "data": inputs.description, "max_length": args.max_length, **result.to_dict()}
+    probe_results = {args.model: probed} if probed is not None else {}
+    if probe_results:
+        report["probes"] = {name: r.to_dict() for name, r in probe_results.items()}
     print(f"{args.model}: {result_line(result)}")
     print(routing_text(result.routing))
     written = [write_json(output / "eval.json", report)]  # saved now: the steps below can take long
     if has_routers(result.routing):
         written.append(plot_expert_load(result.routing, output / "expert_load.png", title=f"{args.model}: expert load"))
     if args.compare:
-        other = _evaluate(args.compare, args, inputs)
+        other, other_probed = _evaluate(args.compare, args, inputs, probe)
         print(f"{args.compare}:")
         print(routing_text(other.routing))
         print("\n".join(comparison_lines(args.model, result, args.compare, other)))
@@ -155,6 +239,13 @@ def run(args: argparse.Namespace) -> int:
         if has_routers(other.routing):
             path = output / "expert_load_compare.png"
             written.append(plot_expert_load(other.routing, path, title=f"{args.compare}: expert load"))
+        if other_probed is not None:
+            # a model compared with itself (another --dtype, say) still gets its own column
+            probe_results[args.compare if args.compare != args.model else f"{args.compare} (--compare)"] = other_probed
+            report["probes"] = {name: r.to_dict() for name, r in probe_results.items()}
+    if probe_results:
+        print(format_table(probe_results))
+        written.append(plot_position_curve(probe_results, output / "position_curve.png"))
     if tasks:
         report["lm_eval"] = _lm_eval(args, tasks, output / "lm_eval.json")
         written.append(output / "lm_eval.json")

@@ -52,5 +52,17 @@ def run(args: argparse.Namespace) -> int:
         overrides["resume"] = True
     if args.overwrite:
         overrides["overwrite"] = True
-    train(load_recipe(args.recipe, overrides, model=TrainRecipe))
+    try:
+        train(load_recipe(args.recipe, overrides, model=TrainRecipe))
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun the trainer joined a process group; leaving it before exit lets gloo's threads stop
+    cleanly (otherwise a rank can abort at interpreter shutdown after a successful run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

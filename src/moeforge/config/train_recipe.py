@@ -14,15 +14,22 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moeforge.data.spec import DataSpec
+from moeforge.modeling.moice_config import MoiceSpec
 from moeforge.routing.losses import RouterLossConfig
 
-FreezeGroup = Literal["router", "experts", "attention", "embeddings", "dense_layers", "norms", "all_but_new"]
+FreezeGroup = Literal[
+    "router", "attention_router", "experts", "attention", "embeddings", "dense_layers", "norms", "all_but_new"
+]
 PRESETS: dict[str, tuple[FreezeGroup, ...]] = {
-    # train only the routers (MoICE-style, or to settle routing before touching experts)
+    # train only the routers, FFN and attention (MoICE) ones, e.g. to settle routing before touching experts
     "router_only": ("experts", "attention", "embeddings", "dense_layers", "norms"),
     # train the experts (routed and shared), keep routers and everything else fixed
-    "experts_only": ("router", "attention", "embeddings", "dense_layers", "norms"),
+    "experts_only": ("router", "attention_router", "attention", "embeddings", "dense_layers", "norms"),
+    # MoICE: only the attention (RoPE-base) routers train; FFN routers and experts stay as they are
+    "moice": ("router", "experts", "attention", "embeddings", "dense_layers", "norms"),
 }
+# the MoICE paper's released recipe: lr 1e-4, constant, a few steps
+MOICE_SCHEDULE = {"learning_rate": 1e-4, "lr_scheduler_type": "constant", "warmup_ratio": 0.0}
 
 
 class _Strict(BaseModel):
@@ -68,7 +75,9 @@ class TrainRecipe(_Strict):
     data: DataSpec
     router_losses: RouterLossConfig = Field(default_factory=RouterLossConfig)
     freeze: list[FreezeGroup] = Field(default_factory=list)
-    preset: Literal["router_only", "experts_only"] | None = None
+    preset: Literal["router_only", "experts_only", "moice"] | None = None
+    moice: MoiceSpec | None = None
+    """Give the model MoICE attention (new routers) before training; see :class:`MoiceSpec`."""
     freeze_gate: bool = False
     """LLaMA-MoE v2's switch: keep the routers fixed (same as adding 'router' to freeze)."""
     freeze_layers: list[int] | str | None = None
@@ -90,6 +99,9 @@ class TrainRecipe(_Strict):
             raise ValueError(f"data.builtin: {self.data.builtin} is not a preference dataset; stage dpo needs dpo-demo or files")
         if isinstance(self.freeze_layers, str) and not re.fullmatch(r"\s*\d+(-\d+)?(\s*,\s*\d+(-\d+)?)*\s*", self.freeze_layers):
             raise ValueError(f"freeze_layers: {self.freeze_layers!r} must be layer indices or ranges like '0-21' or '0-3,8'")
+        if self.preset == "moice":  # the paper's schedule where the recipe sets none of its own
+            defaults = {k: v for k, v in MOICE_SCHEDULE.items() if k not in self.training.model_fields_set}
+            object.__setattr__(self, "training", self.training.model_copy(update=defaults))
         if self.training.router_learning_rate and self.deepspeed:
             raise ValueError("training.router_learning_rate is not supported with deepspeed (DeepSpeed builds its own optimizer)")
         return self

@@ -8,7 +8,7 @@ directory never reads a half-written image.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from moeforge.eval.atomic import atomic_path
 
 if TYPE_CHECKING:
+    from moeforge.eval.probes import ProbeResult
     from moeforge.routing import RoutingStats
 
 # log_history keys that are losses but not curves: the run's mean train loss in the final summary
@@ -138,4 +139,31 @@ def plot_load_over_time(history: list[tuple[int, RoutingStats]], path: Path) -> 
     _layer_ticks(ax, max((stats.names for _, stats in history), key=len), grid.shape[0])
     ax.set_xlabel("step")
     ax.set_title("expert load imbalance over training")
+    return _save(fig, path)
+
+
+def plot_position_curve(results: Mapping[str, ProbeResult], path: Path, title: str = "") -> Path:
+    """A position probe's curves, one line per model so a base model and its MoICE version overlay:
+    mean answer log-prob against the fact's position (top) and exact match (bottom), each with its
+    bootstrap 95% interval as a shaded band. A flat curve means no "lost in the middle"."""
+    fig = Figure(figsize=(8, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for name, result in results.items():
+        positions = [p.position for p in result.positions]
+        for ax, mean, ci in (
+            (top, [p.logprob for p in result.positions], [p.logprob_ci for p in result.positions]),
+            (bottom, [p.exact_match for p in result.positions], [p.exact_match_ci for p in result.positions]),
+        ):
+            (line,) = ax.plot(positions, mean, "o-", label=name, markersize=4)
+            ax.fill_between(positions, [lo for lo, _ in ci], [hi for _, hi in ci], color=line.get_color(), alpha=0.2)
+    first = next(iter(results.values()))
+    top.set_ylabel("answer log-prob (nats)")
+    top.set_title(title or first.description)
+    bottom.set_ylabel("exact match")
+    bottom.set_ylim(-0.05, 1.05)
+    bottom.set_xlabel(first.position_label)
+    bottom.set_xticks([p.position for p in first.positions])
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend()
     return _save(fig, path)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from moeforge.errors import MoeforgeError
 from moeforge.models.safetensors_io import SAFE_INDEX, SAFE_SINGLE, CheckpointReader
@@ -218,6 +219,63 @@ def load_tokenizer(directory: Path, *, trust_remote_code: bool = False) -> PreTr
         ) from None
 
 
+def from_pretrained(
+    directory: Path,
+    *,
+    config: PretrainedConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    model_class: type = AutoModelForCausalLM,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """``model_class.from_pretrained`` on a validated directory, plus what moeforge adds on top of the
+    architecture: a checkpoint whose config carries ``moice`` gets its MoICE attention and router weights
+    back (transformers alone would build the plain attention and drop the routers)."""
+    reader = CheckpointReader(directory)  # validates every weight file before transformers opens it
+    config = config or read_config(directory, trust_remote_code=trust_remote_code)
+    moice = getattr(config, "moice", None)
+    verbosity = transformers_logging.get_verbosity()
+    if moice:  # the router weights are "unexpected" to the plain architecture; restore_moice loads them
+        transformers_logging.set_verbosity_error()
+    try:
+        model = model_class.from_pretrained(
+            directory,
+            config=config,
+            dtype=dtype,
+            use_safetensors=reader.format == "safetensors",
+            weights_only=True,
+            trust_remote_code=trust_remote_code,
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    if moice:
+        _restore_moice(model, moice, reader, directory)
+    return model
+
+
+def _restore_moice(model: PreTrainedModel, moice: object, reader: CheckpointReader, directory: Path) -> None:
+    from pydantic import ValidationError
+
+    from moeforge.modeling.moice import install_moice
+    from moeforge.modeling.moice_config import ResolvedMoice
+
+    try:
+        settings = ResolvedMoice.model_validate(moice)
+    except ValidationError as err:
+        raise MoeforgeError(f"{directory}/config.json: invalid 'moice' entry ({err.errors()[0]['msg']}); re-save the model") from None
+    names = install_moice(model, settings)
+    missing = [name for name in names if name not in reader]
+    if missing:
+        raise MoeforgeError(
+            f"{directory}: config.json has 'moice' but the weights lack {missing[0]}"
+            + (f" and {len(missing) - 1} more router tensors" if len(missing) > 1 else "")
+            + "; the checkpoint is incomplete: re-save it, or remove 'moice' from config.json for the plain model"
+        )
+    with torch.no_grad():
+        for name in names:
+            parameter = model.get_parameter(name)
+            parameter.copy_(reader.get(name).to(parameter.dtype))
+
+
 def load_model(
     source: str | Path,
     *,
@@ -229,15 +287,7 @@ def load_model(
     """Resolve, validate and load a supported causal LM (in eval mode) and its tokenizer."""
     directory = resolve_checkpoint(source, gguf_file=gguf_file)
     config = read_config(directory, trust_remote_code=trust_remote_code)
-    reader = CheckpointReader(directory)  # validates every weight file before transformers opens it
-    model = AutoModelForCausalLM.from_pretrained(
-        directory,
-        config=config,
-        dtype=dtype,
-        use_safetensors=reader.format == "safetensors",
-        weights_only=True,
-        trust_remote_code=trust_remote_code,
-    )
+    model = from_pretrained(directory, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.to(device)
     model.eval()
     return model, load_tokenizer(directory, trust_remote_code=trust_remote_code)

@@ -30,6 +30,10 @@ class RouterRef:
     module: nn.Module
     num_experts: int
     top_k: int
+    per_token: int = 1
+    """Routing decisions each token makes (MoICE: one per attention head); rows of a call = tokens · this."""
+    balance_coef: float | None = None
+    """A balance coefficient of the router's own (MoICE's 0.3) instead of the recipe's FFN one."""
 
 
 def _is_router_like(module: nn.Module) -> bool:
@@ -37,9 +41,12 @@ def _is_router_like(module: nn.Module) -> bool:
 
 
 def _label(name: str) -> str:
-    """``model.layers.12.mlp.gate`` -> ``12``: the decoder layer, which is what a reader looks for."""
+    """``model.layers.12.mlp.gate`` -> ``12``: the decoder layer, which is what a reader looks for;
+    ``12.attn`` for an attention (MoICE) router, which can share a layer with an FFN one."""
     match = re.search(r"layers\.(\d+)\.", name)
-    return match.group(1) if match else name
+    if not match:
+        return name
+    return f"{match.group(1)}.attn" if ".self_attn." in name else match.group(1)
 
 
 def find_routers(model: nn.Module) -> list[RouterRef]:
@@ -47,7 +54,10 @@ def find_routers(model: nn.Module) -> list[RouterRef]:
     candidates = [(name, module) for name, module in model.named_modules() if _is_router_like(module)]
     inner = {name for name, _ in candidates}
     return [
-        RouterRef(name, _label(name), module, module.num_experts, module.top_k)
+        RouterRef(
+            name, _label(name), module, module.num_experts, module.top_k,
+            getattr(module, "decisions_per_token", 1), getattr(module, "balance_coef", None),
+        )
         for name, module in candidates
         if not any(other.startswith(f"{name}.") for other in inner)
     ]

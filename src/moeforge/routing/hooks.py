@@ -69,6 +69,7 @@ class RouterLossHandle:
         self.config = config
         self.losses: dict[str, torch.Tensor] = {}
         self.balancer: AuxFreeBalancer | None = None
+        self.measure_grad_norm = False  # set for a forward to log the attention-router balance gradient norm
         self._replaced = replaced  # loss handles this one displaced (already removed): re-attached on detach
         self._batch: BatchContext | None = None  # set only while the model's forward runs
         self._calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -132,27 +133,58 @@ class RouterLossHandle:
         self._batch, self._calls = None, []
         if batch is None or not calls:
             return None
-        masks = [batch.token_mask(logits.shape[0]) for _, logits, _ in calls]
+        masks = [self._mask(batch, self.routers[index], logits) for index, logits, _ in calls]
         balances = [self._record(call, mask) for call, mask in zip(calls, masks, strict=True)]
         if self.config is None:
             return None
-        grad = torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad and self.config.z_coef > 0):
-            z = layer_mean([layer_z(logits, mask) for (_, logits, _), mask in zip(calls, masks, strict=True)])
-        with torch.set_grad_enabled(grad and self.config.mi_coef > 0):
-            mi = layer_mean([layer_mi(logits, mask) for (_, logits, _), mask in zip(calls, masks, strict=True)])
-        balance = layer_mean(balances)
-        aux = self.config.balance_coef * balance + self.config.z_coef * z + self.config.mi_coef * mi
-        self.losses = {"balance": balance.detach(), "z": z.detach(), "mi": mi.detach(), "aux": aux.detach()}
+        # FFN routers use the recipe's coefficients; a router with its own (MoICE attention) is averaged
+        # over its layers separately and weighted by that coefficient
+        ffn = [i for i, (index, _, _) in enumerate(calls) if self.routers[index].balance_coef is None]
+        own = [i for i in range(len(calls)) if i not in ffn]
+        zero = balances[0].new_zeros(())
+        aux, self.losses = zero, {}
+        if ffn:
+            grad = torch.is_grad_enabled()
+            with torch.set_grad_enabled(grad and self.config.z_coef > 0):
+                z = layer_mean([layer_z(calls[i][1], masks[i]) for i in ffn])
+            with torch.set_grad_enabled(grad and self.config.mi_coef > 0):
+                mi = layer_mean([layer_mi(calls[i][1], masks[i]) for i in ffn])
+            balance = layer_mean([balances[i] for i in ffn])
+            aux = self.config.balance_coef * balance + self.config.z_coef * z + self.config.mi_coef * mi
+            self.losses.update(balance=balance.detach(), z=z.detach(), mi=mi.detach())
+        if own:
+            coefs = [self.routers[calls[i][0]].balance_coef for i in own]
+            own_aux = layer_mean([c * balances[i] for c, i in zip(coefs, own, strict=True)])
+            aux = aux + own_aux
+            self.losses["attention_balance"] = layer_mean([balances[i] for i in own]).detach()
+            if self.measure_grad_norm and module.training:
+                self.losses["attention_balance_grad_norm"] = self._grad_norm(own_aux, [calls[i][0] for i in own])
+        self.losses["aux"] = aux.detach()
         weighted = aux * batch.loss_weight() if module.training else None
         return _add_to_output(output, weighted, self.losses, has_labels=batch.label_tokens is not None)
+
+    def _grad_norm(self, loss: torch.Tensor, routers: list[int]) -> torch.Tensor:
+        """Norm of ``loss``'s gradient on those routers' trainable weights (0 when it has none, as at
+        top_k = num_experts): shows whether the balance loss can move the routers at all."""
+        params = [p for i in dict.fromkeys(routers) for p in self.routers[i].module.parameters() if p.requires_grad]
+        if not params or not loss.requires_grad:
+            return loss.new_zeros(())
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) + loss.new_zeros(())).detach()
+
+    @staticmethod
+    def _mask(batch: BatchContext, router: RouterRef, logits: torch.Tensor) -> torch.Tensor | None:
+        """The call's ``[rows]`` padding mask: one entry per token, repeated for each decision it makes."""
+        mask = batch.token_mask(logits.shape[0] // router.per_token)
+        return mask if mask is None or router.per_token == 1 else mask.repeat_interleave(router.per_token)
 
     def _record(self, call: tuple[int, torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
         """Feed one router call's statistics to the accumulators; return its balance loss (with a graph
         when a non-zero coefficient will use it)."""
         index, logits, indices = call
         router = self.routers[index]
-        needs_grad = self.config is not None and self.config.balance_coef > 0
+        coef = router.balance_coef if router.balance_coef is not None else (self.config.balance_coef if self.config else 0)
+        needs_grad = self.config is not None and coef > 0
         with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
             balance = layer_balance(logits, router.top_k, mask, indices)
         with torch.no_grad():
@@ -194,11 +226,17 @@ def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = Non
     each optimizer step."""
     config = config or RouterLossConfig()
     routers = find_routers(model)
-    constant = [r.label for r in routers if r.top_k == r.num_experts]
-    if constant and config.balance_coef > 0:
+    constant = [
+        r for r in routers
+        if r.top_k == r.num_experts and (config.balance_coef if r.balance_coef is None else r.balance_coef) > 0
+    ]
+    if constant:
+        labels = [r.label for r in constant]
+        shown = ", ".join(labels) if len(labels) <= 6 else f"{', '.join(labels[:3])}, ... ({len(labels)} in all)"
+        moice = " (MoICE's released recipe: topk = len(base_set))" if any(r.per_token > 1 for r in constant) else ""
         warnings.warn(
-            f"router layers {', '.join(constant)}: the balance loss is constant (= E) with zero gradient at "
-            "top_k = num_experts",
+            f"router layers {shown}: the balance loss is constant (= E) with zero gradient at "
+            f"top_k = num_experts{moice}; lower top_k for it to balance",
             stacklevel=2,
         )
     replaced = tuple(m.__dict__[_HANDLE_ATTR] for m in model.modules() if _HANDLE_ATTR in m.__dict__)

@@ -2,7 +2,8 @@
 
 Roles come from the module tree, not from name patterns, so the same recipe works on moeforge_llama,
 Mixtral, Qwen2-MoE and Qwen3-MoE: a router is a module with ``top_k`` and ``num_experts`` (plus Qwen's
-``shared_expert_gate``), experts are ``experts`` / ``shared_expert`` modules, attention is ``self_attn``.
+``shared_expert_gate``), an ``attention_router`` one that also makes per-head decisions (MoICE),
+experts are ``experts`` / ``shared_expert`` modules, attention is ``self_attn``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from torch import nn
 
 from moeforge.errors import MoeforgeError
 
-ROLES = ("router", "experts", "attention", "embeddings", "dense_layers", "norms")
+ROLES = ("router", "attention_router", "experts", "attention", "embeddings", "dense_layers", "norms")
+NEW_ROLES = ("router", "attention_router")  # what conversion / MoICE create; all_but_new trains only these
 
 
 def _role_of_module(name: str, module: nn.Module) -> str | None:
     leaf = name.rsplit(".", 1)[-1]
     if hasattr(module, "top_k") and hasattr(module, "num_experts") and any(True for _ in module.parameters(recurse=False)):
-        return "router"
+        return "attention_router" if hasattr(module, "decisions_per_token") else "router"
     if leaf == "shared_expert_gate":
         return "router"
     if leaf in ("experts", "shared_expert", "shared_experts"):
@@ -35,9 +37,11 @@ def _role_of_module(name: str, module: nn.Module) -> str | None:
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
-    """Map every parameter name to its role (``norms`` for what no rule claims: RMSNorm weights)."""
+    """Map every parameter name to its role (``norms`` for what no rule claims: RMSNorm weights). The
+    innermost claiming module wins: a MoICE router inside ``self_attn`` is a router, not attention."""
     roles: dict[str, str] = {}
-    for module_name, module in model.named_modules():
+    modules = sorted(model.named_modules(), key=lambda item: -item[0].count(".") if item[0] else 1)
+    for module_name, module in modules:
         role = _role_of_module(module_name, module)
         if role is None:
             continue
@@ -57,13 +61,13 @@ def _layer_of(name: str) -> int | None:
 def apply_freeze(model: nn.Module, groups: Iterable[str], layers: Iterable[int] = ()) -> tuple[int, int]:
     """Freeze the parameters of ``groups`` and every parameter of the decoder ``layers``. ``all_but_new``
     freezes everything a dense source already had, i.e. all but the routers (the only parameters an
-    upcycling conversion creates; norms freeze too). Returns ``(trainable, total)`` parameter counts."""
+    upcycling conversion or MoICE creates; norms freeze too). Returns ``(trainable, total)`` parameter counts."""
     groups, layers = set(groups), set(layers)
     roles = parameter_roles(model)
     if "all_but_new" in groups:
-        if "router" in groups or "router" not in roles.values():
+        if not set(roles.values()) & (set(NEW_ROLES) - groups):
             raise MoeforgeError("freeze: all_but_new trains only the routers, but they are frozen too or this model has none")
-        groups |= set(ROLES) - {"router"}
+        groups |= set(ROLES) - set(NEW_ROLES)
     trainable = total = 0
     for name, parameter in model.named_parameters():
         frozen = roles[name] in groups or _layer_of(name) in layers
@@ -76,4 +80,4 @@ def apply_freeze(model: nn.Module, groups: Iterable[str], layers: Iterable[int] 
 
 
 def router_parameters(model: nn.Module) -> list[str]:
-    return [name for name, role in parameter_roles(model).items() if role == "router"]
+    return [name for name, role in parameter_roles(model).items() if role in NEW_ROLES]

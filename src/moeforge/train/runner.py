@@ -49,6 +49,8 @@ class TrainResult:
     trainable_parameters: int
     total_parameters: int
     plots: list[Path]
+    log_history: list[dict]
+    """Trainer's log: per-step loss, lr, eval loss, routing telemetry."""
 
 
 def _log(message: str) -> None:
@@ -205,6 +207,21 @@ def _save_final(trainer: Trainer, tokenizer, recipe: TrainRecipe, training_entry
     return final
 
 
+def _add_moice(model: nn.Module, recipe: TrainRecipe, log: Callable[[str], None]) -> None:
+    """Install MoICE attention when the recipe asks for it (new routers, listed), and check that the
+    ``moice`` preset has routers to train."""
+    from moeforge.modeling.moice import apply_moice, describe
+    from moeforge.modeling.moice_config import ResolvedMoice
+
+    if recipe.moice is not None:
+        names = apply_moice(model, recipe.moice, seed=recipe.training.seed)
+        count = sum(model.get_parameter(name).numel() for name in names)
+        log(f"{describe(ResolvedMoice(**model.config.moice))}; newly initialised: {len(names)} router tensors "
+            f"({count:,} parameters), e.g. {names[0]}")
+    elif recipe.preset == "moice" and not getattr(model.config, "moice", None):
+        raise MoeforgeError(f"preset: moice needs MoICE routers: add a 'moice:' section, or train a MoICE checkpoint ({recipe.model} has none)")
+
+
 def _last(history: list[dict], key: str) -> float | None:
     values = [entry[key] for entry in history if key in entry]
     return float(values[-1]) if values else None
@@ -220,6 +237,7 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
         raise MoeforgeError(f"model: {recipe.model} has no tokenizer files; training needs one to read the data")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _add_moice(model, recipe, log)
     data = build_datasets(recipe.data, recipe.stage)
     log(f"data: {len(data.train)} training rows" + (f", {len(data.eval)} eval rows" if data.eval is not None else ""))
 
@@ -271,5 +289,5 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
     return TrainResult(
         output=recipe.output, model_dir=final, steps=trainer.state.global_step,
         train_loss=entry["train_loss"], eval_loss=entry["eval_loss"],
-        trainable_parameters=trainable, total_parameters=total, plots=plots,
+        trainable_parameters=trainable, total_parameters=total, plots=plots, log_history=history,
     )

@@ -29,9 +29,15 @@ class TelemetryCallback(TrainerCallback):
         self._last_time = time.perf_counter()
         self._last_tokens = 0
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.handle is not None:  # the extra backward of the gradient norm only on reported steps
+            self.handle.measure_grad_norm = (state.global_step + 1) % self.every == 0
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every or self.handle is None:
             return control
+        self.handle.measure_grad_norm = False
         stats = self.handle.pop_stats().all_reduce()  # every rank's tokens, not rank 0's share
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         metrics = {"tokens_per_second": round((tokens - self._last_tokens) / max(now - self._last_time, 1e-9), 1)}
@@ -45,6 +51,9 @@ class TelemetryCallback(TrainerCallback):
                 "router/dead_experts": sum(len(dead) for dead in stats.dead_experts()),
                 "router/max_load": round(max(float(f.max()) for f in fractions), 4),
             }
+            for key in ("attention_balance", "attention_balance_grad_norm"):  # MoICE routers
+                if key in self.handle.losses:
+                    metrics[f"router/{key}"] = round(float(self.handle.losses[key]), 6)
             if state.is_world_process_zero:
                 with (self.output_dir / "routing.jsonl").open("a") as handle:
                     handle.write(json.dumps({"step": state.global_step, **stats.to_dict()}) + "\n")

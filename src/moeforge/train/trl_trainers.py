@@ -9,9 +9,13 @@ switched off with ``router_aux_loss_coef=0.0`` in their configs; this mixin adds
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import Trainer
 from trl import DPOTrainer, SFTTrainer
+
+from moeforge.models.loading import from_pretrained
 
 
 class RouterAuxLossMixin:
@@ -55,7 +59,9 @@ class ExactResumeMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = model or self.model
-        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        loaded = from_pretrained(
+            Path(resume_from_checkpoint), model_class=type(model), dtype=next(model.parameters()).dtype
+        )
         model.load_state_dict(loaded.state_dict(), strict=True)
 
 
