@@ -73,14 +73,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Rotate ``x [B, H, T, d]`` at ``positions [B, T]``; the same arithmetic as transformers' rotary
-    embedding + ``apply_rotary_pos_emb``, so base 0 reproduces the original model bit for bit."""
-    freqs = positions[..., None].float() * inv_freq.float()
+def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freqs: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Rotate ``x [B, H, T, d]`` at ``positions [B, T]`` with every base: ``[N, B, H, T, d]``. The same
+    elementwise arithmetic as transformers' rotary embedding + ``apply_rotary_pos_emb``, so base 0
+    reproduces the original model bit for bit."""
+    freqs = positions[None, ..., None].float() * inv_freqs.float()[:, None, None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos = (emb.cos() * scaling).to(x.dtype).unsqueeze(1)
-    sin = (emb.sin() * scaling).to(x.dtype).unsqueeze(1)
+    cos = (emb.cos() * scaling).to(x.dtype).unsqueeze(2)
+    sin = (emb.sin() * scaling).to(x.dtype).unsqueeze(2)
     return (x * cos) + (_rotate_half(x) * sin)
+
+
+def _heads_by_base(x: torch.Tensor) -> torch.Tensor:
+    """``[N, B, H, T, d] -> [B, N·H, T, d]``: one attention call over all bases. Heads are ordered (base,
+    head), so query head ``j·H + h`` meets key head ``j·H_kv + h // groups``: grouped-query attention pairs
+    them exactly as within one base."""
+    n, b, h, t, d = x.shape
+    return x.permute(1, 0, 2, 3, 4).reshape(b, n * h, t, d)
 
 
 class MoiceAttention(nn.Module):
@@ -156,28 +165,29 @@ class MoiceAttention(nn.Module):
         else:
             key_positions = positions
 
-        queries = [_rope(query, positions, inv_freq, self.rope_scaling) for inv_freq in self.inv_freqs]
-        router_query = queries[0] if self.router_input == "query_base0" else torch.stack(queries).mean(0)
+        queries = _rope(query, positions, self.inv_freqs, self.rope_scaling)  # [N, B, H, T, d]
+        router_query = queries[0] if self.router_input == "query_base0" else queries.mean(0)
         _, weights, indices = self.moice_router(router_query)
-        mix = torch.zeros(*indices.shape[:-1], len(queries), dtype=weights.dtype, device=weights.device)
+        bases = self.inv_freqs.shape[0]
+        mix = torch.zeros(*indices.shape[:-1], bases, dtype=weights.dtype, device=weights.device)
         mix = mix.scatter(-1, indices, weights)  # [B, T, H, N], zero outside the top-k
-        used = range(len(queries))
-        if self.moice_router.top_k < len(queries):  # a base no token chose needs no attention pass
-            used = torch.bincount(indices.reshape(-1), minlength=len(queries)).nonzero().flatten().tolist()
+        used = self.inv_freqs
+        if self.moice_router.top_k < bases:  # a base no token chose needs no attention
+            chosen = torch.bincount(indices.reshape(-1), minlength=bases).nonzero().flatten()
+            if len(chosen) < bases:
+                queries, used, mix = queries[chosen], used[chosen], mix[..., chosen]
+        keys = _rope(key, key_positions, used, self.rope_scaling)
 
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
         extra = {"sliding_window": self.sliding_window} if self.sliding_window is not None else {}
-        output = None
-        for j in used:
-            rotated_keys = _rope(key, key_positions, self.inv_freqs[j], self.rope_scaling)
-            out, _ = attention(
-                self, queries[j], rotated_keys, value, attention_mask,
-                dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
-            )
-            term = out * mix[..., j : j + 1].to(out.dtype)
-            output = term if output is None else output + term
-        output = output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(output), None
+        values = value.repeat(1, len(used), 1, 1) if len(used) > 1 else value
+        out, _ = attention(
+            self, _heads_by_base(queries), _heads_by_base(keys), values, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
+        )  # [B, T, n·H, d]
+        out = out.view(batch, length, len(used), self.num_heads, self.head_dim)
+        output = (out * mix.transpose(2, 3).unsqueeze(-1).to(out.dtype)).sum(2)
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
 
 
 def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
