@@ -14,7 +14,7 @@ Training prompts come from one seed, evaluation prompts from another (held out),
 max−min position gap, plain-text perplexity on the built-in text, and the cost of MoICE's forward and
 decode against the original model in the same run. Writes ``benchmarks/results/moice_retrieval.{json,md,png}``.
 
-    python benchmarks/moice_retrieval.py                      # defaults below (~20-30 min on 2 CPU cores)
+    python benchmarks/moice_retrieval.py                      # the README table (~45 min on 2 CPU cores)
     python benchmarks/moice_retrieval.py --steps 20 --samples 10  # a quick look
 """
 
@@ -196,7 +196,7 @@ def _markdown(results: dict[str, ProbeResult], report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150, help="training steps (router-only / adapter-only)")
+    parser.add_argument("--steps", type=int, default=60, help="training steps (router-only / adapter-only)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pairs", type=int, default=24)

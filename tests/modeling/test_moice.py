@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from moeforge.errors import MoeforgeError
-from moeforge.modeling.moice import MoiceAttention, MoiceRouter, apply_moice, router_parameter_count
+from moeforge.modeling.moice import MoiceAttention, MoiceRouter, apply_moice
 from moeforge.modeling.moice_config import MoiceSpec
 from moeforge.routing.hooks import attach_router_losses
 from moeforge.routing.losses import RouterLossConfig
@@ -180,8 +180,7 @@ def test_only_routers_get_gradients_when_the_rest_is_frozen(base_model):
 
     moice = _moice(base_model, topk=3)
     trainable, total = apply_freeze(moice, ["all_but_new"])
-    settings_count = router_parameter_count(MoiceSpec(topk=3).resolve(THETA, 3), head_dim=16, num_heads=4)
-    assert trainable == settings_count == 3 * (2 * 16 * 7 + 49)
+    assert trainable == 3 * (2 * 16 * 7 + 49)  # layers · (2·head_dim·N + N²)
     moice.train()
     tokens = _tokens()
     moice(tokens, labels=tokens).loss.backward()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from moeforge.errors import MoeforgeError
 from moeforge.modeling.moice_config import MoiceSpec, ResolvedMoice
@@ -178,7 +179,7 @@ class MoiceAttention(nn.Module):
                 queries, used, mix = queries[chosen], used[chosen], mix[..., chosen]
         keys = _rope(key, key_positions, used, self.rope_scaling)
 
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         extra = {"sliding_window": self.sliding_window} if self.sliding_window is not None else {}
         values = value.repeat(1, len(used), 1, 1) if len(used) > 1 else value
         out, _ = attention(
@@ -188,12 +189,6 @@ class MoiceAttention(nn.Module):
         out = out.view(batch, length, len(used), self.num_heads, self.head_dim)
         output = (out * mix.transpose(2, 3).unsqueeze(-1).to(out.dtype)).sum(2)
         return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
-
-
-def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -259,12 +254,6 @@ def apply_moice(model: nn.Module, spec: MoiceSpec, *, seed: int | None = None) -
                 for weight in (module.w1, module.w2, module.w3):
                     weight.copy_(torch.randn(weight.shape, generator=generator) * settings.router_init_std)
     return names
-
-
-def router_parameter_count(settings: ResolvedMoice, head_dim: int, num_heads: int) -> int:
-    """``layers · (2·d·N + N²)`` for layer_shared routers, times the heads for per_head ones."""
-    per_router = 2 * head_dim * settings.num_bases + settings.num_bases**2
-    return len(settings.layers) * per_router * (num_heads if settings.router_scope == "per_head" else 1)
 
 
 def describe(settings: ResolvedMoice) -> str:
