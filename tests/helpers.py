@@ -141,3 +141,15 @@ def save_tiny_llama_gguf(path: Path, config: LlamaConfig | None = None, seed: in
     writer.write_tensors_to_file()
     writer.close()
     return model
+
+
+def hand_switch_balance(router_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The router-loss tests' reference: per router call ``E · Σ_e f_e · P_e`` (``f_e``: share of decisions
+    with ``e`` among their top-k, ``P_e``: mean softmax probability), averaged over the calls (layers)."""
+    per_layer = []
+    for logits, _, indices in router_outputs:
+        experts = logits.shape[-1]
+        logits, indices = logits.reshape(-1, experts), indices.reshape(-1)
+        fraction = torch.zeros(experts).index_add_(0, indices, torch.ones(indices.numel())) / logits.shape[0]
+        per_layer.append(experts * (fraction * torch.softmax(logits, -1).mean(0)).sum())
+    return torch.stack(per_layer).mean()

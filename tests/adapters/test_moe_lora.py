@@ -11,7 +11,7 @@ import torch
 from moeforge.adapters.moe_lora import MoeLoraMLP
 from moeforge.routing.hooks import attach_router_losses
 from moeforge.routing.losses import RouterLossConfig
-from tests.helpers import build_tiny_llama, make_tiny_llama_config
+from tests.helpers import build_tiny_llama, hand_switch_balance, make_tiny_llama_config
 
 
 def _adapted(model, **kwargs):
@@ -99,11 +99,7 @@ def test_balance_loss_matches_a_hand_computation(base):
     adapted.train()
     tokens = _tokens()
     out = adapted(tokens, labels=tokens)
-    per_layer = []
-    for logits, _, indices in captured:
-        fraction = torch.zeros(4).index_add_(0, indices.reshape(-1), torch.ones(indices.numel())) / logits.shape[0]
-        per_layer.append(4 * (fraction * torch.softmax(logits, -1).mean(0)).sum())
-    expected = torch.stack(per_layer).mean()
+    expected = hand_switch_balance(captured)
     assert handle.losses["balance"].item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(out.router_aux_loss, 0.01 * expected)
     for hook in hooks:

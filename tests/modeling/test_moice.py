@@ -14,7 +14,7 @@ from moeforge.modeling.moice import MoiceAttention, MoiceRouter, apply_moice
 from moeforge.modeling.moice_config import MoiceSpec
 from moeforge.routing.hooks import attach_router_losses
 from moeforge.routing.losses import RouterLossConfig
-from tests.helpers import build_tiny_llama, make_tiny_llama_config
+from tests.helpers import build_tiny_llama, hand_switch_balance, make_tiny_llama_config
 
 THETA = 10000.0
 BASES = [THETA, 17500.0, 18000.0, 19000.0, 20000.0, 22500.0, 25000.0]
@@ -162,12 +162,7 @@ def test_balance_loss_constant_at_topk_n_and_hand_computed_below(base_model):
     handle = attach_router_losses(part, RouterLossConfig(balance_coef=0.0))
     part.train()
     out = part(tokens, labels=tokens)
-    per_layer = []
-    for logits, _, indices in captured:
-        logits, indices = logits.reshape(-1, 7), indices.reshape(-1, 2)
-        fraction = torch.zeros(7).index_add_(0, indices.reshape(-1), torch.ones(indices.numel())) / logits.shape[0]
-        per_layer.append(7 * (fraction * torch.softmax(logits, -1).mean(0)).sum())
-    expected = torch.stack(per_layer).mean()
+    expected = hand_switch_balance(captured)
     assert handle.losses["attention_balance"].item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(out.router_aux_loss, 0.3 * expected)
     for hook in hooks:
