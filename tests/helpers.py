@@ -153,3 +153,21 @@ def hand_switch_balance(router_outputs: list[tuple[torch.Tensor, torch.Tensor, t
         fraction = torch.zeros(experts).index_add_(0, indices, torch.ones(indices.numel())) / logits.shape[0]
         per_layer.append(experts * (fraction * torch.softmax(logits, -1).mean(0)).sum())
     return torch.stack(per_layer).mean()
+
+
+def forward_with_router_losses(model, routers, config, tokens: torch.Tensor):
+    """One training-mode forward of ``model`` on ``tokens`` (as labels too) with router losses attached:
+    ``(output, handle.losses, each router call's (logits, weights, indices))``; hooks and handle removed."""
+    from moeforge.routing.hooks import attach_router_losses
+
+    captured: list = []
+    hooks = [router.register_forward_hook(lambda _m, _a, out: captured.append(out)) for router in routers]
+    handle = attach_router_losses(model, config)
+    try:
+        model.train()
+        out = model(tokens, labels=tokens)
+        return out, handle.losses, captured
+    finally:
+        for hook in hooks:
+            hook.remove()
+        handle.detach()

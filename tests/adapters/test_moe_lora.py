@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from moeforge.adapters.moe_lora import MoeLoraMLP
-from moeforge.routing.hooks import attach_router_losses
 from moeforge.routing.losses import RouterLossConfig
-from tests.helpers import build_tiny_llama, hand_switch_balance, make_tiny_llama_config
+from tests.helpers import build_tiny_llama, forward_with_router_losses, hand_switch_balance, make_tiny_llama_config
 
 
 def _adapted(model, **kwargs):
@@ -93,18 +92,11 @@ def test_experts_and_router_are_registered_parameters(base):
 
 def test_balance_loss_matches_a_hand_computation(base):
     adapted = _adapted(base)
-    captured = []
-    hooks = [layer.mlp.router.register_forward_hook(lambda _m, _a, out: captured.append(out)) for layer in adapted.model.layers]
-    handle = attach_router_losses(adapted, RouterLossConfig(balance_coef=0.01))
-    adapted.train()
-    tokens = _tokens()
-    out = adapted(tokens, labels=tokens)
-    expected = hand_switch_balance(captured)
-    assert handle.losses["balance"].item() == pytest.approx(expected.item(), rel=1e-5)
+    routers = [layer.mlp.router for layer in adapted.model.layers]
+    out, losses, calls = forward_with_router_losses(adapted, routers, RouterLossConfig(balance_coef=0.01), _tokens())
+    expected = hand_switch_balance(calls)
+    assert losses["balance"].item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(out.router_aux_loss, 0.01 * expected)
-    for hook in hooks:
-        hook.remove()
-    handle.detach()
 
 
 def test_training_only_the_adapter_lowers_the_loss(base):

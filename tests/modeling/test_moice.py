@@ -14,7 +14,7 @@ from moeforge.modeling.moice import MoiceAttention, MoiceRouter, apply_moice
 from moeforge.modeling.moice_config import MoiceSpec
 from moeforge.routing.hooks import attach_router_losses
 from moeforge.routing.losses import RouterLossConfig
-from tests.helpers import build_tiny_llama, hand_switch_balance, make_tiny_llama_config
+from tests.helpers import build_tiny_llama, forward_with_router_losses, hand_switch_balance, make_tiny_llama_config
 
 THETA = 10000.0
 BASES = [THETA, 17500.0, 18000.0, 19000.0, 20000.0, 22500.0, 25000.0]
@@ -157,17 +157,11 @@ def test_balance_loss_constant_at_topk_n_and_hand_computed_below(base_model):
     handle.detach()
 
     part = _moice(base_model, topk=2)
-    captured = []
-    hooks = [m.register_forward_hook(lambda _m, _a, o: captured.append(o)) for m in part.modules() if isinstance(m, MoiceRouter)]
-    handle = attach_router_losses(part, RouterLossConfig(balance_coef=0.0))
-    part.train()
-    out = part(tokens, labels=tokens)
-    expected = hand_switch_balance(captured)
-    assert handle.losses["attention_balance"].item() == pytest.approx(expected.item(), rel=1e-5)
+    routers = [m for m in part.modules() if isinstance(m, MoiceRouter)]
+    out, losses, calls = forward_with_router_losses(part, routers, RouterLossConfig(balance_coef=0.0), tokens)
+    expected = hand_switch_balance(calls)
+    assert losses["attention_balance"].item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(out.router_aux_loss, 0.3 * expected)
-    for hook in hooks:
-        hook.remove()
-    handle.detach()
 
 
 def test_only_routers_get_gradients_when_the_rest_is_frozen(base_model):
