@@ -1,1 +1,14 @@
-"""MoE adapters: mixtures of small LoRA experts trained on a frozen base (see :mod:`moeforge.adapters.moe_lora`)."""
+"""MoE adapters: mixtures of small LoRA experts trained on a frozen base, saved as a PEFT method.
+
+Importing this package registers the ``MOE_LORA`` PEFT method (see :mod:`moeforge.adapters.peft_method`).
+"""
+
+import warnings
+
+from moeforge.adapters.peft_method import MoeLoraConfig, MoeLoraModel, register
+
+register()
+# PEFT 0.21 still calls this deprecated transformers 5 API on every adapter load / training start
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+__all__ = ["MoeLoraConfig", "MoeLoraModel", "register"]

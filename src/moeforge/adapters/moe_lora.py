@@ -1,17 +1,19 @@
-"""A mixture of LoRA experts on a frozen SwiGLU FFN (MixLoRA-style), the building block of MoE adapters.
+"""A mixture of small experts on a frozen SwiGLU FFN (MixLoRA-style), as a PEFT tuner layer.
 
-Expert ``e`` is the frozen FFN with its own low-rank deltas on gate/up/down:
+``moe_lora``: expert ``e`` is the frozen FFN with its own low-rank deltas on gate/up/down:
 ``FFN_e(x) = (W_d + s·B_d^e A_d^e) [act((W_g + s·B_g^e A_g^e) x) ⊙ (W_u + s·B_u^e A_u^e) x]``, and a token's
-output is ``Σ_e w_e FFN_e(x)`` over its top-k experts (softmax → top-k → renormalise, as Mixtral).
+output is ``Σ_e w_e FFN_e(x)`` over its top-k experts (softmax → top-k → renormalise, as Mixtral). An
+optional shared expert is one more delta that every token gets inside each of its experts, so it merges
+into every expert of a Mixtral export.
+
+``moe_bottleneck``: the frozen FFN plus a routed mixture of bottleneck adapters beside it,
+``FFN(x) + s·Σ_e w_e U_e SiLU(D_e x)`` (not mergeable into an FFN).
 
 Cost: the frozen matmuls run once for all experts, not once per expert: ``W_g x`` and ``W_u x`` are shared
 (MixLoRA's trick), and because ``W_d`` is linear, ``Σ_e w_e W_d h_e = W_d (Σ_e w_e h_e)``, so the down
 projection also runs once on the weighted sum. Only the rank-r deltas are per expert, computed on the
 tokens routed to that expert (token-expert pairs sorted by expert; the loop runs over experts, never
 over tokens).
-
-Because each expert is a full FFN with merged weights, a dense base with MoE-LoRA on its FFN is exactly a
-Mixtral-style MoE: :meth:`MoeLoraMLP.merged_expert` gives expert ``e``'s weights for that export.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from __future__ import annotations
 import math
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from moeforge.errors import MoeforgeError
 
 LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
@@ -36,12 +41,28 @@ class LoraExperts(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A.data[expert], a=math.sqrt(5))
 
     def delta(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        x = x.to(self.lora_A.dtype)
         return (x @ self.lora_A[expert].T) @ self.lora_B[expert].T
 
-    def merged(self, weight: torch.Tensor, expert: int, scaling: float) -> torch.Tensor:
-        """``W + s·B_e A_e`` in fp32, returned in ``weight``'s dtype."""
-        delta = self.lora_B[expert].float() @ self.lora_A[expert].float()
-        return (weight.float() + scaling * delta).to(weight.dtype)
+    def delta_weight(self, expert: int) -> torch.Tensor:
+        """``B_e A_e`` in fp32."""
+        return self.lora_B[expert].float() @ self.lora_A[expert].float()
+
+
+class BottleneckExperts(nn.Module):
+    """``num_experts`` bottleneck adapters ``U_e SiLU(D_e x)``: ``down [E, r, d]`` (Kaiming-uniform) and
+    ``up [E, d, r]`` (zero: a fresh adapter is the base model)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(num_experts, rank, hidden_size))
+        self.up = nn.Parameter(torch.zeros(num_experts, hidden_size, rank))
+        for expert in range(num_experts):
+            nn.init.kaiming_uniform_(self.down.data[expert], a=math.sqrt(5))
+
+    def delta(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        x = x.to(self.down.dtype)
+        return nn.functional.silu(x @ self.down[expert].T) @ self.up[expert].T
 
 
 class AdapterRouter(nn.Module):
@@ -61,77 +82,184 @@ class AdapterRouter(nn.Module):
         return logits, top / top.sum(-1, keepdim=True), indices
 
 
-class MoeLoraMLP(nn.Module):
-    """Takes over a SwiGLU MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``; same parameter names,
-    so the base weights keep their keys) and adds ``router`` and ``experts.<target>``."""
+class MoeLoraLayer(nn.Module, BaseTunerLayer):
+    """Wraps a SwiGLU MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``) as ``base_layer`` and adds,
+    per adapter name, a router, the experts and optionally a shared delta. One adapter is active at a time.
 
-    def __init__(
+    Every adapter tensor sits at ``moe_lora_<part>.<adapter>.<tensor>`` (one ModuleDict per part, keyed by
+    adapter name), the layout PEFT and transformers' PEFT integration both map to the adapter-free
+    checkpoint key ``moe_lora_<part>.<tensor>``."""
+
+    adapter_layer_names = (
+        "moe_lora_router",
+        *(f"moe_lora_{part}" for part in (*LORA_TARGETS, "ffn")),
+        *(f"moe_lora_shared_{part}" for part in (*LORA_TARGETS, "ffn")),
+    )
+    other_param_names = ("moe_lora_settings",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **settings) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ModuleDict())
+        self.moe_lora_dropout = nn.ModuleDict()
+        self.moe_lora_settings: dict[str, dict] = {}
+        self._active_adapter = adapter_name
+        self.merged_adapters: list[str] = []
+        self.update_layer(adapter_name, **settings)
+
+    def update_layer(
         self,
-        mlp: nn.Module,
+        adapter_name: str,
         *,
+        method: str,
         num_experts: int,
         top_k: int,
         rank: int,
         alpha: float,
-        dropout: float = 0.0,
-        targets: tuple[str, ...] = LORA_TARGETS,
-        router_init_std: float = 0.02,
+        dropout: float,
+        targets: tuple[str, ...],
+        shared_expert: bool,
+        router_init_std: float,
+        inference_mode: bool = False,
     ) -> None:
-        super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
-        self.num_experts, self.top_k, self.scaling = num_experts, top_k, alpha / rank
-        weight = self.gate_proj.weight
-        self.router = AdapterRouter(weight.shape[1], num_experts, top_k, router_init_std)
-        self.experts = nn.ModuleDict(
-            {
-                name: LoraExperts(num_experts, getattr(self, name).in_features, getattr(self, name).out_features, rank)
-                for name in targets
-            }
-        )
-        self.to(device=weight.device, dtype=weight.dtype)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # off in eval(): outputs are deterministic
+        base = self.base_layer
+        hidden = base.gate_proj.in_features
+        weight = base.gate_proj.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32  # a quantised base computes in float
+        parts: dict[str, nn.Module] = {"router": AdapterRouter(hidden, num_experts, top_k, router_init_std)}
+        if method == "moe_bottleneck":
+            parts["ffn"] = BottleneckExperts(num_experts, hidden, rank)
+            if shared_expert:
+                parts["shared_ffn"] = BottleneckExperts(1, hidden, rank)
+        else:
+            for name in targets:
+                projection = getattr(base, name)
+                parts[name] = LoraExperts(num_experts, projection.in_features, projection.out_features, rank)
+                if shared_expert:
+                    parts[f"shared_{name}"] = LoraExperts(1, projection.in_features, projection.out_features, rank)
+        for part, module in parts.items():
+            getattr(self, f"moe_lora_{part}")[adapter_name] = module.to(device=weight.device, dtype=dtype)
+        self.moe_lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # off in eval()
+        self.moe_lora_settings[adapter_name] = {"method": method, "scaling": alpha / rank, "top_k": top_k}
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _deltas(self, target: str, x: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
-        """``s·B_e A_e x`` for expert-sorted rows ``x``, expert by expert on its own rows (None: no LoRA here)."""
-        if target not in self.experts:
+    def _part(self, part: str, adapter: str) -> nn.Module | None:
+        parts = getattr(self, f"moe_lora_{part}")
+        return parts[adapter] if adapter in parts else None
+
+    def _adapter(self) -> str | None:
+        active = [name for name in self.active_adapters if name in self.moe_lora_router]
+        if self.disable_adapters or not active:
             return None
-        lora, x = self.experts[target], self.dropout(x)
-        parts = [lora.delta(rows, e) for e, rows in enumerate(x.split(counts)) if rows.shape[0]]
-        return torch.cat(parts) * self.scaling
+        if len(active) > 1:
+            raise MoeforgeError(f"MoE adapters run one at a time; {active} are active: call set_adapter with one name")
+        return active[0]
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter = self._adapter()
+        if adapter is None:
+            return self.base_layer(hidden_states, *args, **kwargs)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        _, weights, indices = self.router(x)
-        gate, up = self.gate_proj(x), self.up_proj(x)  # the frozen matmuls, once for every expert
-
+        _, weights, indices = self.moe_lora_router[adapter](x)
+        settings = self.moe_lora_settings[adapter]
         experts = indices.reshape(-1)
         order = experts.argsort(stable=True)
-        tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)[order]
-        pair_weights = weights.reshape(-1)[order].to(x.dtype)[:, None]
-        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
-
-        rows = x[tokens]
-        gate_rows, up_rows = gate[tokens], up[tokens]
-        if (delta := self._deltas("gate_proj", rows, counts)) is not None:
-            gate_rows = gate_rows + delta
-        if (delta := self._deltas("up_proj", rows, counts)) is not None:
-            up_rows = up_rows + delta
-        hidden = self.act_fn(gate_rows) * up_rows  # [pairs, ffn]
-
-        mixed = hidden.new_zeros(x.shape[0], hidden.shape[1]).index_add_(0, tokens, hidden * pair_weights)
-        out = self.down_proj(mixed)  # W_d Σ_e w_e h_e = Σ_e w_e W_d h_e
-        if (delta := self._deltas("down_proj", hidden, counts)) is not None:
-            out = out.index_add(0, tokens, delta * pair_weights)
+        routed = _Routed(
+            tokens=torch.arange(x.shape[0], device=x.device).repeat_interleave(settings["top_k"])[order],
+            weights=weights.reshape(-1)[order].to(x.dtype)[:, None],
+            counts=torch.bincount(experts, minlength=self.moe_lora_router[adapter].num_experts).tolist(),
+        )
+        if settings["method"] == "moe_bottleneck":
+            out = self._bottleneck(adapter, x, routed, settings["scaling"])
+        else:
+            out = self._moe_lora(adapter, x, routed, settings["scaling"])
         return out.reshape(shape)
 
-    def merged_expert(self, expert: int) -> dict[str, torch.Tensor]:
+    def _deltas(self, adapter: str, target: str, x: torch.Tensor, routed: _Routed, scaling: float) -> torch.Tensor | None:
+        """``s·B_e A_e x`` for expert-sorted rows ``x``, expert by expert on its own rows (None: no LoRA here)."""
+        experts = self._part(target, adapter)
+        if experts is None:
+            return None
+        rows = self.moe_lora_dropout[adapter](x)
+        parts = [experts.delta(chunk, e) for e, chunk in enumerate(rows.split(routed.counts)) if chunk.shape[0]]
+        return torch.cat(parts).to(x.dtype) * scaling
+
+    def _shared(self, adapter: str, target: str, x: torch.Tensor, scaling: float) -> torch.Tensor | None:
+        shared = self._part(f"shared_{target}", adapter)
+        if shared is None:
+            return None
+        return shared.delta(self.moe_lora_dropout[adapter](x), 0).to(x.dtype) * scaling
+
+    def _moe_lora(self, adapter: str, x: torch.Tensor, routed: _Routed, scaling: float) -> torch.Tensor:
+        base, tokens = self.base_layer, routed.tokens
+        gate, up = base.gate_proj(x), base.up_proj(x)  # the frozen matmuls, once for every expert
+        if (shared := self._shared(adapter, "gate_proj", x, scaling)) is not None:
+            gate = gate + shared
+        if (shared := self._shared(adapter, "up_proj", x, scaling)) is not None:
+            up = up + shared
+        rows, gate_rows, up_rows = x[tokens], gate[tokens], up[tokens]
+        if (delta := self._deltas(adapter, "gate_proj", rows, routed, scaling)) is not None:
+            gate_rows = gate_rows + delta
+        if (delta := self._deltas(adapter, "up_proj", rows, routed, scaling)) is not None:
+            up_rows = up_rows + delta
+        hidden = base.act_fn(gate_rows) * up_rows  # [pairs, ffn]
+
+        mixed = hidden.new_zeros(x.shape[0], hidden.shape[1]).index_add_(0, tokens, hidden * routed.weights)
+        out = base.down_proj(mixed)  # W_d Σ_e w_e h_e = Σ_e w_e W_d h_e
+        if (shared := self._shared(adapter, "down_proj", mixed, scaling)) is not None:
+            out = out + shared  # linear too: Σ_e w_e ΔW h_e = ΔW Σ_e w_e h_e
+        if (delta := self._deltas(adapter, "down_proj", hidden, routed, scaling)) is not None:
+            out = out.index_add(0, tokens, delta * routed.weights)
+        return out
+
+    def _bottleneck(self, adapter: str, x: torch.Tensor, routed: _Routed, scaling: float) -> torch.Tensor:
+        out = self.base_layer(x)
+        if (shared := self._shared(adapter, "ffn", x, scaling)) is not None:
+            out = out + shared
+        delta = self._deltas(adapter, "ffn", x[routed.tokens], routed, scaling)
+        return out.index_add(0, routed.tokens, delta * routed.weights)
+
+    def merged_expert(self, expert: int, adapter: str = "default") -> dict[str, torch.Tensor]:
         """Expert ``expert`` as plain FFN weights (``gate_proj``/``up_proj``/``down_proj`` ``[out, in]``): the
-        frozen weight plus that expert's scaled LoRA delta, for a Mixtral-style export."""
+        frozen weight plus that expert's (and the shared) scaled LoRA delta, for a Mixtral-style export."""
+        settings = self.moe_lora_settings[adapter]
+        if settings["method"] != "moe_lora":
+            raise MoeforgeError(f"a {settings['method']} adapter is not a set of FFNs and cannot be merged into experts; use method moe_lora")
+        merged = {}
         with torch.no_grad():
-            return {
-                name: self.experts[name].merged(getattr(self, name).weight, expert, self.scaling)
-                if name in self.experts
-                else getattr(self, name).weight.detach().clone()
-                for name in LORA_TARGETS
-            }
+            for name in LORA_TARGETS:
+                weight = getattr(self.base_layer, name).weight
+                total = weight.float().clone()
+                for part, index in ((name, expert), (f"shared_{name}", 0)):
+                    if (lora := self._part(part, adapter)) is not None:
+                        total += settings["scaling"] * lora.delta_weight(index)
+                merged[name] = total.to(weight.dtype)
+        return merged
+
+    def merged_expert_tensors(self, adapter: str = "default") -> dict[str, torch.Tensor]:
+        """This layer as an MoE block in moeforge's canonical layout (relative to ``mlp.``): ``gate.weight
+        [E, d]`` (the router), ``experts.gate_up_proj [E, 2f, d]``, ``experts.down_proj [E, d, f]``."""
+        router = self.moe_lora_router[adapter]
+        merged = [self.merged_expert(e, adapter) for e in range(router.num_experts)]
+        return {
+            "gate.weight": router.weight.detach().to(self.base_layer.gate_proj.weight.dtype).clone(),
+            "experts.gate_up_proj": torch.stack([torch.cat([m["gate_proj"], m["up_proj"]]) for m in merged]),
+            "experts.down_proj": torch.stack([m["down_proj"] for m in merged]),
+        }
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise MoeforgeError("a mixture of experts cannot be folded into one FFN: export it with `moeforge merge` (native Mixtral)")
+
+    def unmerge(self) -> None:
+        """Nothing is ever merged in place (see :meth:`merge`)."""
+
+
+class _Routed:
+    """Token-expert pairs sorted by expert: source token, routing weight, and pairs per expert."""
+
+    __slots__ = ("tokens", "weights", "counts")
+
+    def __init__(self, tokens: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> None:
+        self.tokens, self.weights, self.counts = tokens, weights, counts

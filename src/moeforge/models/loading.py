@@ -23,6 +23,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from moeforge.errors import MoeforgeError
+from moeforge.models.quantization import Bits, quantization_config
 from moeforge.models.safetensors_io import SAFE_INDEX, SAFE_SINGLE, CheckpointReader
 
 DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -226,13 +227,16 @@ def from_pretrained(
     dtype: torch.dtype = torch.float32,
     model_class: type = AutoModelForCausalLM,
     trust_remote_code: bool = False,
+    quantization: Bits | None = None,
 ) -> PreTrainedModel:
     """``model_class.from_pretrained`` on a validated directory, plus what moeforge adds on top of the
     architecture: a checkpoint whose config carries ``moice`` gets its MoICE attention and router weights
-    back (transformers alone would build the plain attention and drop the routers)."""
+    back (transformers alone would build the plain attention and drop the routers). ``quantization`` loads
+    the weights in 4/8 bit with bitsandbytes onto the first GPU (a frozen base for adapters)."""
     reader = CheckpointReader(directory)  # validates every weight file before transformers opens it
     config = config or read_config(directory, trust_remote_code=trust_remote_code)
     moice = getattr(config, "moice", None)
+    extra = {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": 0}} if quantization else {}
     verbosity = transformers_logging.get_verbosity()
     if moice:  # the router weights are "unexpected" to the plain architecture; restore_moice loads them
         transformers_logging.set_verbosity_error()
@@ -244,6 +248,7 @@ def from_pretrained(
             use_safetensors=reader.format == "safetensors",
             weights_only=True,
             trust_remote_code=trust_remote_code,
+            **extra,
         )
     finally:
         transformers_logging.set_verbosity(verbosity)
@@ -283,11 +288,29 @@ def load_model(
     device: str | torch.device = "cpu",
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
+    adapter: str | Path | None = None,
+    quantization: Bits | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """Resolve, validate and load a supported causal LM (in eval mode) and its tokenizer."""
+    """Resolve, validate and load a supported causal LM (in eval mode) and its tokenizer.
+
+    ``source`` may also be an adapter directory (``adapter_config.json``, e.g. what ``moeforge train`` wrote
+    for a recipe with ``adapter:``): its recorded base model is loaded and the adapter put on it, as with
+    ``adapter=``. The tokenizer then comes from the adapter directory when it has one."""
+    from moeforge.adapters.build import base_model_of, is_adapter_dir, load_adapter
+
+    tokenizer_dir = None
+    if adapter is None and is_adapter_dir(source):
+        adapter, tokenizer_dir = Path(source), Path(source)
+        source = base_model_of(source)
+        if not source:
+            raise MoeforgeError(f"adapter {adapter} records no base model (base_model_name_or_path): pass the base model and --adapter {adapter}")
     directory = resolve_checkpoint(source, gguf_file=gguf_file)
     config = read_config(directory, trust_remote_code=trust_remote_code)
-    model = from_pretrained(directory, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.to(device)
+    model = from_pretrained(directory, config=config, dtype=dtype, trust_remote_code=trust_remote_code, quantization=quantization)
+    if quantization is None:
+        model.to(device)
+    if adapter is not None:
+        model = load_adapter(model, adapter)
     model.eval()
-    return model, load_tokenizer(directory, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code) if tokenizer_dir else None
+    return model, tokenizer or load_tokenizer(directory, trust_remote_code=trust_remote_code)
