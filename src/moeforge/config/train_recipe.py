@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moeforge.config.adapter import AdapterSpec
 from moeforge.data.spec import DataSpec
 from moeforge.modeling.moice_config import MoiceSpec
 from moeforge.routing.losses import RouterLossConfig
@@ -78,6 +79,9 @@ class TrainRecipe(_Strict):
     preset: Literal["router_only", "experts_only", "moice"] | None = None
     moice: MoiceSpec | None = None
     """Give the model MoICE attention (new routers) before training; see :class:`MoiceSpec`."""
+    adapter: AdapterSpec | None = None
+    """Train adapters on the frozen model instead of the model (MoE-LoRA, LoRA, MoE bottleneck); the output
+    is a PEFT adapter directory. ``freeze`` / ``preset`` then only freeze parts of the adapter (e.g. its routers)."""
     freeze_gate: bool = False
     """LLaMA-MoE v2's switch: keep the routers fixed (same as adding 'router' to freeze)."""
     freeze_layers: list[int] | str | None = None
@@ -102,6 +106,10 @@ class TrainRecipe(_Strict):
         if self.preset == "moice":  # the paper's schedule where the recipe sets none of its own
             defaults = {k: v for k, v in MOICE_SCHEDULE.items() if k not in self.training.model_fields_set}
             object.__setattr__(self, "training", self.training.model_copy(update=defaults))
+        if self.adapter is not None and self.moice is not None:
+            raise ValueError("adapter and moice exclude each other in one run: train the MoICE routers first, then an adapter on that model")
+        if self.adapter is not None and self.freeze_layers is not None:
+            raise ValueError("freeze_layers has no effect with an adapter (the base is frozen): choose adapter.layers instead")
         if self.training.router_learning_rate and self.deepspeed:
             raise ValueError("training.router_learning_rate is not supported with deepspeed (DeepSpeed builds its own optimizer)")
         return self

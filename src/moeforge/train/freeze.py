@@ -3,7 +3,7 @@
 Roles come from the module tree, not from name patterns, so the same recipe works on moeforge_llama,
 Mixtral, Qwen2-MoE and Qwen3-MoE: a router is a module with ``top_k`` and ``num_experts`` (plus Qwen's
 ``shared_expert_gate``), an ``attention_router`` one that also makes per-head decisions (MoICE),
-experts are ``experts`` / ``shared_expert`` modules, attention is ``self_attn``.
+experts are ``experts`` / ``shared_expert`` modules (and a MoE adapter's expert deltas), attention is ``self_attn``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from torch import nn
 from moeforge.errors import MoeforgeError
 
 ROLES = ("router", "attention_router", "experts", "attention", "embeddings", "dense_layers", "norms")
-NEW_ROLES = ("router", "attention_router")  # what conversion / MoICE create; all_but_new trains only these
+NEW_ROLES = ("router", "attention_router")
+# a MoE adapter's expert deltas (moeforge.adapters): moe_lora_{gate,up,down}_proj, moe_lora_ffn, moe_lora_shared_*
+ADAPTER_EXPERT_PARTS = ("moe_lora_gate", "moe_lora_up", "moe_lora_down", "moe_lora_ffn", "moe_lora_shared")  # what conversion / MoICE create; all_but_new trains only these
 
 
 def _role_of_module(name: str, module: nn.Module) -> str | None:
@@ -25,7 +27,7 @@ def _role_of_module(name: str, module: nn.Module) -> str | None:
         return "attention_router" if hasattr(module, "decisions_per_token") else "router"
     if leaf == "shared_expert_gate":
         return "router"
-    if leaf in ("experts", "shared_expert", "shared_experts"):
+    if leaf in ("experts", "shared_expert", "shared_experts") or leaf.startswith(ADAPTER_EXPERT_PARTS):
         return "experts"
     if leaf == "self_attn":
         return "attention"
@@ -58,8 +60,9 @@ def _layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def apply_freeze(model: nn.Module, groups: Iterable[str], layers: Iterable[int] = ()) -> tuple[int, int]:
-    """Freeze the parameters of ``groups`` and every parameter of the decoder ``layers``. ``all_but_new``
+def apply_freeze(model: nn.Module, groups: Iterable[str], layers: Iterable[int] = (), *, keep_frozen: bool = False) -> tuple[int, int]:
+    """Freeze the parameters of ``groups`` and every parameter of the decoder ``layers``; with
+    ``keep_frozen`` a parameter already frozen stays frozen (an adapter model: only adapter parts train). ``all_but_new``
     freezes everything a dense source already had, i.e. all but the routers (the only parameters an
     upcycling conversion or MoICE creates; norms freeze too). Returns ``(trainable, total)`` parameter counts."""
     groups, layers = set(groups), set(layers)
@@ -70,7 +73,7 @@ def apply_freeze(model: nn.Module, groups: Iterable[str], layers: Iterable[int] 
         groups |= set(ROLES) - set(NEW_ROLES)
     trainable = total = 0
     for name, parameter in model.named_parameters():
-        frozen = roles[name] in groups or _layer_of(name) in layers
+        frozen = roles[name] in groups or _layer_of(name) in layers or (keep_frozen and not parameter.requires_grad)
         parameter.requires_grad_(not frozen)
         total += parameter.numel()
         trainable += 0 if frozen else parameter.numel()

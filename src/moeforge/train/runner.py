@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from peft import PeftModel
 from torch import nn
 from transformers import Trainer, TrainingArguments, default_data_collator
 
@@ -31,6 +32,7 @@ from moeforge.errors import MoeforgeError
 from moeforge.models.loading import load_model, resolve_checkpoint
 from moeforge.models.safetensors_io import sha256_file
 from moeforge.routing.hooks import attach_router_losses, find_routers
+from moeforge.routing.losses import RouterLossConfig
 from moeforge.train.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
 from moeforge.train.freeze import apply_freeze, router_parameters
 from moeforge.train.telemetry import TelemetryCallback
@@ -164,8 +166,9 @@ def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trai
     from trl import DPOConfig
 
     args = DPOConfig(**kwargs, max_length=recipe.data.max_length, beta=recipe.training.beta, router_aux_loss_coef=0.0)
-    # TRL 1.16 would reload the reference from the policy's path (failing on moeforge_llama): hand it a copy
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    # TRL 1.16 would reload the reference from the policy's path (failing on moeforge_llama): hand it a copy.
+    # An adapter model needs none: TRL runs the reference as the same model with the adapter disabled.
+    reference = None if isinstance(model, PeftModel) else copy.deepcopy(model).eval().requires_grad_(False)
     return RouterAwareDPOTrainer(
         model=model, ref_model=reference, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
         optimizers=optimizers, callbacks=callbacks,
@@ -222,6 +225,40 @@ def _add_moice(model: nn.Module, recipe: TrainRecipe, log: Callable[[str], None]
         raise MoeforgeError(f"preset: moice needs MoICE routers: add a 'moice:' section, or train a MoICE checkpoint ({recipe.model} has none)")
 
 
+def _add_adapter(model: nn.Module, recipe: TrainRecipe, log: Callable[[str], None]) -> nn.Module:
+    """Wrap the frozen model with the recipe's adapters; the saved adapter records the resolved base
+    directory, so ``moeforge chat OUTPUT/model`` and ``PeftModel.from_pretrained`` find the base again."""
+    from moeforge.adapters.build import apply_adapter
+
+    spec = recipe.adapter
+    model = apply_adapter(model, spec)
+    config = model.peft_config[model.active_adapter]
+    config.base_model_name_or_path = str(resolve_checkpoint(recipe.model, gguf_file=recipe.gguf_file))
+    if spec.method != "lora":  # the coefficients this run trains with travel with the adapter
+        losses = _router_losses(recipe)
+        config.router_aux_loss_coef, config.router_z_loss_coef = losses.balance_coef, losses.z_coef
+    routed = "" if spec.method == "lora" else f", {spec.num_experts} experts top-{spec.top_k}" + (" + shared" if spec.shared_expert else "")
+    log(f"adapter: {spec.method}{routed}, rank {spec.rank}, alpha {spec.alpha:g}, dropout {spec.dropout:g} on {len(config.target_modules or []) or len(config.target_parameters or [])} "
+        f"modules ({', '.join(spec.targets)})")
+    return model
+
+
+def _router_losses(recipe: TrainRecipe) -> RouterLossConfig:
+    """The adapter's saved balance / z coefficients, unless the recipe's ``router_losses`` sets them itself."""
+    losses = recipe.router_losses
+    if recipe.adapter is None or recipe.adapter.method == "lora":
+        return losses
+    own = {"balance_coef": recipe.adapter.balance_coef, "z_coef": recipe.adapter.z_coef}
+    return losses.model_copy(update={k: v for k, v in own.items() if k not in losses.model_fields_set})
+
+
+def _quantization(recipe: TrainRecipe) -> str | None:
+    spec = recipe.adapter
+    if spec is None:
+        return None
+    return "4bit" if spec.load_in_4bit else "8bit" if spec.load_in_8bit else None
+
+
 def _last(history: list[dict], key: str) -> float | None:
     values = [entry[key] for entry in history if key in entry]
     return float(values[-1]) if values else None
@@ -232,16 +269,18 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
     start = time.perf_counter()
     _prepare_output(recipe)
     dtype = torch.bfloat16 if recipe.dtype == "bfloat16" else torch.float32
-    model, tokenizer = load_model(recipe.model, dtype=dtype, gguf_file=recipe.gguf_file)
+    model, tokenizer = load_model(recipe.model, dtype=dtype, gguf_file=recipe.gguf_file, quantization=_quantization(recipe))
     if tokenizer is None:
         raise MoeforgeError(f"model: {recipe.model} has no tokenizer files; training needs one to read the data")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     _add_moice(model, recipe, log)
+    if recipe.adapter is not None:
+        model = _add_adapter(model, recipe, log)
     data = build_datasets(recipe.data, recipe.stage)
     log(f"data: {len(data.train)} training rows" + (f", {len(data.eval)} eval rows" if data.eval is not None else ""))
 
-    trainable, total = apply_freeze(model, recipe.frozen_groups, recipe.frozen_layers)
+    trainable, total = apply_freeze(model, recipe.frozen_groups, recipe.frozen_layers, keep_frozen=recipe.adapter is not None)
     frozen = [*recipe.frozen_groups, *([f"layers {recipe.freeze_layers}"] if recipe.frozen_layers else [])]
     log(f"trainable parameters: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"
         + (f", frozen: {', '.join(frozen)}" if frozen else ""))
@@ -254,7 +293,7 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
     )
     _record_router_coefficients(model.config, recipe, native_coef)
     # attached after the trainer is built: DPO's reference model (a copy) must not report routing
-    handle = attach_router_losses(trainer.model, recipe.router_losses) if find_routers(trainer.model) else None
+    handle = attach_router_losses(trainer.model, _router_losses(recipe)) if find_routers(trainer.model) else None
     telemetry.handle, telemetry.trainer = handle, trainer
     if handle is not None and handle.balancer is not None:
         handle.balancer.hook_optimizer(trainer.create_optimizer())
