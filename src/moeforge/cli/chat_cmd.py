@@ -39,6 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="random seed for sampling")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--gguf-file", help="GGUF file name inside PATH (a directory or hub id)")
+    parser.add_argument("--adapter", help="adapter directory to put on PATH (PATH may also be an adapter directory itself)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the checkpoint to run")
     parser.set_defaults(func=run)
 
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         if not prompt.strip():
             raise MoeforgeError("no prompt: pass --prompt TEXT, pipe text on stdin, or run on a terminal")
     model, tokenizer = load_model(
-        args.path, dtype=DTYPES[args.dtype], gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code
+        args.path, dtype=DTYPES[args.dtype], gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code, adapter=args.adapter
     )
     if tokenizer is None:
         raise MoeforgeError(f"{args.path} has no tokenizer files: chat needs a checkpoint that ships its tokenizer")

@@ -58,7 +58,7 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _prepare_output(output: Path, overwrite: bool) -> Path:
+def prepare_output(output: Path, overwrite: bool) -> Path:
     if output.exists() and not overwrite:
         raise MoeforgeError(f"output {output} already exists: choose another path or pass --overwrite")
     if output.exists() and not output.is_dir():
@@ -70,7 +70,7 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def _publish(tmp: Path, output: Path) -> None:
+def publish(tmp: Path, output: Path) -> None:
     """Swap the finished directory into place; an old output (with --overwrite) goes only once the new one is complete."""
     old = output.parent / f".{output.name}.old-{os.getpid()}"
     if output.exists():
@@ -325,7 +325,7 @@ def convert(recipe: ConvertRecipe, *, overwrite: bool = False, log: Callable[[st
             "warning: top_k 1 with renormalised weights gives every token weight 1: the router gets no gradient "
             "from the LM loss (only from auxiliary losses); routing.normalize: false is Switch-style top-1"
         )
-    tmp = _prepare_output(recipe.output, overwrite)
+    tmp = prepare_output(recipe.output, overwrite)
     try:
         report, new_params = converter.run(tmp)
         if report is not None:
@@ -340,7 +340,7 @@ def convert(recipe: ConvertRecipe, *, overwrite: bool = False, log: Callable[[st
         _copy_tokenizer(source_dir, tmp)
         provenance = _provenance(recipe, converter, report, new_params, tmp)
         (tmp / "moeforge.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        _publish(tmp, recipe.output)
+        publish(tmp, recipe.output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
