@@ -177,48 +177,49 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
             out = self._moe_lora(adapter, x, routed, settings["scaling"])
         return out.reshape(shape)
 
-    def _deltas(self, adapter: str, target: str, x: torch.Tensor, routed: _Routed, scaling: float) -> torch.Tensor | None:
-        """``s·B_e A_e x`` for expert-sorted rows ``x``, expert by expert on its own rows (None: no LoRA here)."""
+    def _deltas(self, adapter: str, target: str, rows: torch.Tensor, routed: _Routed, scaling: float) -> torch.Tensor | None:
+        """``s·B_e A_e x`` for expert-sorted (already dropped-out) rows, expert by expert on its own rows
+        (None: no LoRA on ``target``)."""
         experts = self._part(target, adapter)
         if experts is None:
             return None
-        rows = self.moe_lora_dropout[adapter](x)
         parts = [experts.delta(chunk, e) for e, chunk in enumerate(rows.split(routed.counts)) if chunk.shape[0]]
-        return torch.cat(parts).to(x.dtype) * scaling
+        return torch.cat(parts).to(rows.dtype) * scaling
 
     def _shared(self, adapter: str, target: str, x: torch.Tensor, scaling: float) -> torch.Tensor | None:
         shared = self._part(f"shared_{target}", adapter)
-        if shared is None:
-            return None
-        return shared.delta(self.moe_lora_dropout[adapter](x), 0).to(x.dtype) * scaling
+        return None if shared is None else shared.delta(x, 0).to(x.dtype) * scaling
 
     def _moe_lora(self, adapter: str, x: torch.Tensor, routed: _Routed, scaling: float) -> torch.Tensor:
-        base, tokens = self.base_layer, routed.tokens
+        base, tokens, dropout = self.base_layer, routed.tokens, self.moe_lora_dropout[adapter]
         gate, up = base.gate_proj(x), base.up_proj(x)  # the frozen matmuls, once for every expert
-        if (shared := self._shared(adapter, "gate_proj", x, scaling)) is not None:
+        dropped = dropout(x)  # once per token, shared by the gate and up deltas (not once per pair and target)
+        if (shared := self._shared(adapter, "gate_proj", dropped, scaling)) is not None:
             gate = gate + shared
-        if (shared := self._shared(adapter, "up_proj", x, scaling)) is not None:
+        if (shared := self._shared(adapter, "up_proj", dropped, scaling)) is not None:
             up = up + shared
-        rows, gate_rows, up_rows = x[tokens], gate[tokens], up[tokens]
+        rows = dropped[tokens]
+        gate_rows, up_rows = gate.index_select(0, tokens), up.index_select(0, tokens)
         if (delta := self._deltas(adapter, "gate_proj", rows, routed, scaling)) is not None:
-            gate_rows = gate_rows + delta
+            gate_rows.add_(delta)  # in place: the gather's backward does not need its output
         if (delta := self._deltas(adapter, "up_proj", rows, routed, scaling)) is not None:
-            up_rows = up_rows + delta
+            up_rows.add_(delta)
         hidden = base.act_fn(gate_rows) * up_rows  # [pairs, ffn]
 
         mixed = hidden.new_zeros(x.shape[0], hidden.shape[1]).index_add_(0, tokens, hidden * routed.weights)
         out = base.down_proj(mixed)  # W_d Σ_e w_e h_e = Σ_e w_e W_d h_e
-        if (shared := self._shared(adapter, "down_proj", mixed, scaling)) is not None:
-            out = out + shared  # linear too: Σ_e w_e ΔW h_e = ΔW Σ_e w_e h_e
-        if (delta := self._deltas(adapter, "down_proj", hidden, routed, scaling)) is not None:
+        if self._part("shared_down_proj", adapter) is not None:  # linear too: Σ_e w_e ΔW h_e = ΔW Σ_e w_e h_e
+            out = out + self._shared(adapter, "down_proj", dropout(mixed), scaling)
+        if (delta := self._deltas(adapter, "down_proj", dropout(hidden), routed, scaling)) is not None:
             out = out.index_add(0, tokens, delta * routed.weights)
         return out
 
     def _bottleneck(self, adapter: str, x: torch.Tensor, routed: _Routed, scaling: float) -> torch.Tensor:
         out = self.base_layer(x)
-        if (shared := self._shared(adapter, "ffn", x, scaling)) is not None:
+        dropped = self.moe_lora_dropout[adapter](x)
+        if (shared := self._shared(adapter, "ffn", dropped, scaling)) is not None:
             out = out + shared
-        delta = self._deltas(adapter, "ffn", x[routed.tokens], routed, scaling)
+        delta = self._deltas(adapter, "ffn", dropped[routed.tokens], routed, scaling)
         return out.index_add(0, routed.tokens, delta * routed.weights)
 
     def merged_expert(self, expert: int, adapter: str = "default") -> dict[str, torch.Tensor]:

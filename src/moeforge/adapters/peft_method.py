@@ -74,7 +74,7 @@ class MoeLoraModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: MoeLoraConfig, model_config: dict) -> MoeLoraConfig:
         if not peft_config.target_modules:
-            raise ValueError("MoeLoraConfig.target_modules is empty: build the config with moeforge.adapters.moe_lora_config(model, spec)")
+            raise ValueError("MoeLoraConfig.target_modules is empty: build it with moeforge.adapters.build.adapter_config(model, spec)")
         return peft_config
 
     def _create_and_replace(self, peft_config: MoeLoraConfig, adapter_name: str, target: nn.Module, target_name: str,
