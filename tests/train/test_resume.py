@@ -30,7 +30,12 @@ class KillAtStep(CompleteCheckpointMarker):
         return super().on_step_end(args, state, control, **kwargs)
 
 
+ADAPTER = {"num_experts": 4, "rank": 4, "dropout": 0.1}  # kind "adapter": MoE-LoRA on the dense model
+
+
 def _recipe(models, data_files, output: Path, kind: str = "moeforge", training: dict | None = None, **extra):
+    if kind == "adapter":
+        kind, extra = "dense", {**extra, "adapter": ADAPTER}
     return make_recipe(
         "pt", models[kind], output, {"train": [str(data_files["text"])], "max_length": 32},
         training={"max_steps": STEPS, "save_steps": SAVE_STEPS, "logging_steps": 1, "telemetry_steps": 100,
@@ -71,7 +76,7 @@ def resumed(models, data_files, tmp_path_factory):
     return run
 
 
-KINDS = ["dense", "moeforge", "mixtral"]
+KINDS = ["dense", "moeforge", "mixtral", "adapter"]
 
 
 def test_the_kill_left_only_the_step_2_checkpoint(resumed) -> None:

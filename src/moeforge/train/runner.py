@@ -228,9 +228,12 @@ def _add_moice(model: nn.Module, recipe: TrainRecipe, log: Callable[[str], None]
 def _add_adapter(model: nn.Module, recipe: TrainRecipe, log: Callable[[str], None]) -> nn.Module:
     """Wrap the frozen model with the recipe's adapters; the saved adapter records the resolved base
     directory, so ``moeforge chat OUTPUT/model`` and ``PeftModel.from_pretrained`` find the base again."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     from moeforge.adapters.build import apply_adapter
 
     spec = recipe.adapter
+    transformers.set_seed(recipe.training.seed)  # the adapter's init (router, A matrices) is part of the run
     model = apply_adapter(model, spec)
     config = model.peft_config[model.active_adapter]
     config.base_model_name_or_path = str(resolve_checkpoint(recipe.model, gguf_file=recipe.gguf_file))
@@ -238,7 +241,8 @@ def _add_adapter(model: nn.Module, recipe: TrainRecipe, log: Callable[[str], Non
         losses = _router_losses(recipe)
         config.router_aux_loss_coef, config.router_z_loss_coef = losses.balance_coef, losses.z_coef
     routed = "" if spec.method == "lora" else f", {spec.num_experts} experts top-{spec.top_k}" + (" + shared" if spec.shared_expert else "")
-    log(f"adapter: {spec.method}{routed}, rank {spec.rank}, alpha {spec.alpha:g}, dropout {spec.dropout:g} on {len(config.target_modules or []) or len(config.target_parameters or [])} "
+    wrapped = sum(isinstance(module, BaseTunerLayer) for module in model.modules())
+    log(f"adapter: {spec.method}{routed}, rank {spec.rank}, alpha {spec.alpha:g}, dropout {spec.dropout:g} on {wrapped} "
         f"modules ({', '.join(spec.targets)})")
     return model
 

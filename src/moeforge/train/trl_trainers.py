@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from transformers import Trainer
 from trl import DPOTrainer, SFTTrainer
 
@@ -55,10 +56,13 @@ class RouterAuxLossMixin:
 class ExactResumeMixin:
     """Resume loads the checkpoint through ``from_pretrained``. Native MoE checkpoints are written in the
     per-expert layout (what engines read) while the live model holds fused experts; Trainer's own resume
-    loads the files with ``strict=False`` and silently keeps the old routers and experts."""
+    loads the files with ``strict=False`` and silently keeps the old routers and experts. An adapter model's
+    checkpoint holds only the adapter, which Trainer's own resume loads through PEFT."""
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = model or self.model
+        if isinstance(model, PeftModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         loaded = from_pretrained(
             Path(resume_from_checkpoint), model_class=type(model), dtype=next(model.parameters()).dtype
         )
