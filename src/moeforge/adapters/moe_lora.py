@@ -40,9 +40,10 @@ class LoraExperts(nn.Module):
         for expert in range(num_experts):
             nn.init.kaiming_uniform_(self.lora_A.data[expert], a=math.sqrt(5))
 
-    def delta(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        x = x.to(self.lora_A.dtype)
-        return (x @ self.lora_A[expert].T) @ self.lora_B[expert].T
+    def delta(self, x: torch.Tensor, expert: int, scaling: float = 1.0) -> torch.Tensor:
+        """``scaling · B_e A_e x`` (scaled at rank r, the cheap end), in ``x``'s dtype."""
+        low = (x.to(self.lora_A.dtype) @ self.lora_A[expert].T) * scaling
+        return (low @ self.lora_B[expert].T).to(x.dtype)
 
     def delta_weight(self, expert: int) -> torch.Tensor:
         """``B_e A_e`` in fp32."""
@@ -60,9 +61,10 @@ class BottleneckExperts(nn.Module):
         for expert in range(num_experts):
             nn.init.kaiming_uniform_(self.down.data[expert], a=math.sqrt(5))
 
-    def delta(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        x = x.to(self.down.dtype)
-        return nn.functional.silu(x @ self.down[expert].T) @ self.up[expert].T
+    def delta(self, x: torch.Tensor, expert: int, scaling: float = 1.0) -> torch.Tensor:
+        """``scaling · U_e SiLU(D_e x)``, in ``x``'s dtype."""
+        low = nn.functional.silu(x.to(self.down.dtype) @ self.down[expert].T) * scaling
+        return (low @ self.up[expert].T).to(x.dtype)
 
 
 class AdapterRouter(nn.Module):
@@ -183,12 +185,12 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         experts = self._part(target, adapter)
         if experts is None:
             return None
-        parts = [experts.delta(chunk, e) for e, chunk in enumerate(rows.split(routed.counts)) if chunk.shape[0]]
-        return torch.cat(parts).to(rows.dtype) * scaling
+        parts = [experts.delta(chunk, e, scaling) for e, chunk in enumerate(rows.split(routed.counts)) if chunk.shape[0]]
+        return torch.cat(parts)
 
     def _shared(self, adapter: str, target: str, x: torch.Tensor, scaling: float) -> torch.Tensor | None:
         shared = self._part(f"shared_{target}", adapter)
-        return None if shared is None else shared.delta(x, 0).to(x.dtype) * scaling
+        return None if shared is None else shared.delta(x, 0, scaling)
 
     def _moe_lora(self, adapter: str, x: torch.Tensor, routed: _Routed, scaling: float) -> torch.Tensor:
         base, tokens, dropout = self.base_layer, routed.tokens, self.moe_lora_dropout[adapter]
