@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,17 @@ def _tokens() -> torch.Tensor:
     return torch.arange(4, 20).reshape(2, 8)
 
 
+@contextmanager
+def recording_base(adapter: Path, base: Path):
+    """The adapter records its base by path (as ``moeforge train`` writes it); put the test's base there."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    try:
+        yield
+    finally:
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+
 def test_directory_is_peft_format(saved) -> None:
     _, adapter, _ = saved
     assert sorted(p.name for p in adapter.iterdir() if p.suffix != ".md") == ["adapter_config.json", "adapter_model.safetensors"]
@@ -75,13 +87,8 @@ with torch.no_grad():
     assert torch.equal(one_liner(tokens).logits, expected)
 print("ok")
 """
-    # the adapter records its base by path; the one-liner reads it from there
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(dense)}))
-    try:
+    with recording_base(adapter, dense):  # the one-liner reads the base from there
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    finally:
-        (adapter / "adapter_config.json").write_text(json.dumps(config))
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 
@@ -104,3 +111,15 @@ def test_bad_adapter_directories_get_one_line(saved, tmp_path: Path) -> None:
         config = json.loads((adapter / "adapter_config.json").read_text())
         (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
         load_model(tmp_path)
+
+
+def test_chat_takes_an_adapter_flag_or_an_adapter_directory(saved, capsys) -> None:
+    from moeforge.cli.main import main
+
+    dense, adapter, _ = saved
+    replies = []
+    with recording_base(adapter, dense):
+        for argv in (["chat", str(dense), "--adapter", str(adapter)], ["chat", str(adapter)]):
+            assert main([*argv, "--prompt", "hi", "--max-new-tokens", "4"]) == 0
+            replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and replies[0].strip()

@@ -312,5 +312,6 @@ def load_model(
     if adapter is not None:
         model = load_adapter(model, adapter)
     model.eval()
-    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code) if tokenizer_dir else None
-    return model, tokenizer or load_tokenizer(directory, trust_remote_code=trust_remote_code)
+    if tokenizer_dir is None or not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer_dir = directory
+    return model, load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
