@@ -67,10 +67,10 @@ def test_router_losses_use_the_adapter_coefficient(models, tmp_path: Path) -> No
     assert _router_losses(explicit).balance_coef == 0.0
 
 
-@pytest.mark.parametrize("method", ["lora", "moe_lora"])
-def test_mixtral_base_gets_lora_on_its_fused_experts_with_the_router_frozen(models, tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(("kind", "method"), [("mixtral", "lora"), ("mixtral", "moe_lora"), ("qwen2_moe", "moe_lora"), ("moeforge", "moe_lora")])
+def test_moe_base_gets_lora_on_its_fused_experts_with_the_router_frozen(models, tmp_path: Path, kind: str, method: str) -> None:
     recipe = make_recipe(
-        "pt", models["mixtral"], tmp_path / "run", adapter={**ADAPTER, "method": method, "targets": ["experts"]},
+        "pt", models[kind], tmp_path / "run", adapter={**ADAPTER, "method": method, "targets": ["experts"]},
         training={"max_steps": 2, "learning_rate": 1e-2},
     )
     result = train(recipe, log=lambda _line: None)
@@ -78,7 +78,7 @@ def test_mixtral_base_gets_lora_on_its_fused_experts_with_the_router_frozen(mode
     assert saved and all(".mlp.experts." in name for name in saved)
     assert not any(".gate." in name for name in saved)  # the base router is not trained
     adapted, _ = load_model(result.model_dir)
-    base = AutoModelForCausalLM.from_pretrained(models["mixtral"]).eval()
+    base = AutoModelForCausalLM.from_pretrained(models[kind]).eval()
     with torch.no_grad():
         assert not torch.allclose(adapted(_tokens()).logits, base(_tokens()).logits)
 
