@@ -15,9 +15,9 @@ import torch
 from transformers import PreTrainedModel, TextStreamer
 from transformers.tokenization_utils_base import BatchEncoding, PreTrainedTokenizerBase
 
+from moeforge.cli.dtypes import DTYPES
 from moeforge.errors import MoeforgeError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 Message = dict[str, str]
 
 log = logging.getLogger("moeforge")

@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moeforge.cli.data_cmd import parse_columns
+from moeforge.cli.dtypes import DTYPES
 from moeforge.errors import MoeforgeError
 
 if TYPE_CHECKING:
     from moeforge.eval.inputs import EvalInputs
     from moeforge.eval.perplexity import PerplexityResult
     from moeforge.eval.probes import ProbeResult, ProbeSpec
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _device() -> str:

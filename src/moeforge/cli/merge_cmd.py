@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from moeforge.cli.dtypes import DTYPES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
