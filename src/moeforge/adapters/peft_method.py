@@ -40,7 +40,7 @@ class MoeLoraConfig(PeftConfig):
     top_k: int = 2
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
+    dropout: float = 0.05  # the same default as the recipe's AdapterSpec
     ffn_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     target_modules: list[str] | None = field(default=None, metadata={"help": "full names of the wrapped modules"})
     shared_expert: bool = False
