@@ -14,7 +14,7 @@ H = 32  # multiples of 8: CPU grouped_mm wants 16-byte aligned rows
 T = 11
 
 
-def _config(impl: str = "eager") -> MoeforgeLlamaConfig:
+def experts_config(impl: str = "eager") -> MoeforgeLlamaConfig:
     config = MoeforgeLlamaConfig(
         vocab_size=64, hidden_size=H, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2,
@@ -23,16 +23,16 @@ def _config(impl: str = "eager") -> MoeforgeLlamaConfig:
     return config
 
 
-def _experts(num_experts: int, intermediate: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+def make_experts(num_experts: int, intermediate: int, dtype: torch.dtype = torch.float32, seed: int = 0):
     torch.manual_seed(seed)
-    experts = MoeforgeExperts(_config(), num_experts, intermediate).to(dtype)
+    experts = MoeforgeExperts(experts_config(), num_experts, intermediate).to(dtype)
     with torch.no_grad():
         experts.gate_up_proj.normal_(std=0.3)
         experts.down_proj.normal_(std=0.3)
     return experts
 
 
-def _routing(num_experts: int, top_k: int, unused: tuple[int, ...] = (), seed: int = 1, dtype=torch.float32):
+def random_routing(num_experts: int, top_k: int, unused: tuple[int, ...] = (), seed: int = 1, dtype=torch.float32):
     """Random hidden states and a top-k routing of them; experts in ``unused`` receive no token."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=g).to(dtype)
@@ -43,7 +43,7 @@ def _routing(num_experts: int, top_k: int, unused: tuple[int, ...] = (), seed: i
     return x, indices, weights
 
 
-def _reference(x, indices, weights, gate_up_proj, down_proj, act=F.silu):
+def naive_experts(x, indices, weights, gate_up_proj, down_proj, act=F.silu):
     """Loop over tokens and their k experts: Σ_j w_j · down_e(act(gate_e x) · up_e x)."""
     intermediate = down_proj.shape[-1]
     rows = []
@@ -58,7 +58,7 @@ def _reference(x, indices, weights, gate_up_proj, down_proj, act=F.silu):
     return torch.stack(rows)
 
 
-def _grads(out, x, weights, experts, probe):
+def grads_of(out, x, weights, experts, probe):
     loss = (out * probe).sum()
     return torch.autograd.grad(loss, [x, weights, experts.gate_up_proj, experts.down_proj])
 
@@ -74,8 +74,8 @@ CASES = [  # (num_experts, top_k, experts receiving no token)
 
 @pytest.mark.parametrize(("num_experts", "top_k", "unused"), CASES)
 def test_eager_forward_and_backward_match_naive_reference(num_experts, top_k, unused) -> None:
-    experts = _experts(num_experts, 24, dtype=torch.float64)
-    x, indices, weights = _routing(num_experts, top_k, unused, dtype=torch.float64)
+    experts = make_experts(num_experts, 24, dtype=torch.float64)
+    x, indices, weights = random_routing(num_experts, top_k, unused, dtype=torch.float64)
     weights = weights.double()
     for e in unused:
         assert not (indices == e).any()
@@ -83,13 +83,13 @@ def test_eager_forward_and_backward_match_naive_reference(num_experts, top_k, un
     weights.requires_grad_(True)
 
     out = experts(x, indices, weights)
-    ref = _reference(x, indices, weights, experts.gate_up_proj, experts.down_proj)
+    ref = naive_experts(x, indices, weights, experts.gate_up_proj, experts.down_proj)
     assert out.shape == (T, H) and out.dtype == torch.float64
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
     probe = torch.randn_like(out)
-    got = _grads(out, x, weights, experts, probe)
-    want = _grads(ref, x, weights, experts, probe)
+    got = grads_of(out, x, weights, experts, probe)
+    want = grads_of(ref, x, weights, experts, probe)
     for name, g, w in zip(("x", "routing weights", "gate_up_proj", "down_proj"), got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"grad of {n}: {m}")
     for e in unused:  # an expert that saw no token gets exactly zero gradient
@@ -99,17 +99,17 @@ def test_eager_forward_and_backward_match_naive_reference(num_experts, top_k, un
 
 
 def test_eager_uses_the_configured_activation() -> None:
-    experts = _experts(4, 16, dtype=torch.float64)
+    experts = make_experts(4, 16, dtype=torch.float64)
     experts.act_fn = torch.nn.GELU()  # what ACT2FN["gelu"] would give for hidden_act="gelu"
-    x, indices, weights = _routing(4, 2, dtype=torch.float64)
-    ref = _reference(x, indices, weights.double(), experts.gate_up_proj, experts.down_proj, act=F.gelu)
+    x, indices, weights = random_routing(4, 2, dtype=torch.float64)
+    ref = naive_experts(x, indices, weights.double(), experts.gate_up_proj, experts.down_proj, act=F.gelu)
     torch.testing.assert_close(experts(x, indices, weights.double()), ref)
 
 
 def test_eager_bf16_states_with_fp32_routing_weights() -> None:
     """A bf16 model routes with fp32 weights; output stays bf16 and close to the fp32 computation."""
-    experts = _experts(4, 16)
-    x, indices, weights = _routing(4, 2)
+    experts = make_experts(4, 16)
+    x, indices, weights = random_routing(4, 2)
     ref = experts(x, indices, weights)
     low = experts.to(torch.bfloat16)(x.bfloat16(), indices, weights)
     assert low.dtype == torch.bfloat16
@@ -118,16 +118,16 @@ def test_eager_bf16_states_with_fp32_routing_weights() -> None:
 
 def test_duplicate_expert_in_a_token_row_counts_twice() -> None:
     """Routing indices need not be distinct: the same expert twice means its output twice (weighted)."""
-    experts = _experts(3, 16, dtype=torch.float64)
+    experts = make_experts(3, 16, dtype=torch.float64)
     x = torch.randn(4, H, dtype=torch.float64)
     indices = torch.tensor([[0, 0], [1, 2], [2, 2], [1, 0]])
     weights = torch.rand(4, 2, dtype=torch.float64)
-    ref = _reference(x, indices, weights, experts.gate_up_proj, experts.down_proj)
+    ref = naive_experts(x, indices, weights, experts.gate_up_proj, experts.down_proj)
     torch.testing.assert_close(experts(x, indices, weights), ref)
 
 
 def test_eager_handles_zero_tokens() -> None:
-    experts = _experts(4, 16)
+    experts = make_experts(4, 16)
     out = experts(torch.zeros(0, H), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
     assert out.shape == (0, H)
 
@@ -147,8 +147,8 @@ def test_transformers_backends_match_eager(monkeypatch, impl, num_experts, top_k
 
     monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._local_mapping, impl, spy)
 
-    experts = _experts(num_experts, 24)
-    x, indices, weights = _routing(num_experts, top_k, unused)
+    experts = make_experts(num_experts, 24)
+    x, indices, weights = random_routing(num_experts, top_k, unused)
     x.requires_grad_(True)
     weights.requires_grad_(True)
 
@@ -156,7 +156,7 @@ def test_transformers_backends_match_eager(monkeypatch, impl, num_experts, top_k
     eager = experts(x, indices, weights)
     assert calls == []
     probe = torch.randn_like(eager)
-    eager_grads = _grads(eager, x, weights, experts, probe)
+    eager_grads = grads_of(eager, x, weights, experts, probe)
 
     experts.config._experts_implementation = impl
     out = experts(x, indices, weights)
@@ -165,7 +165,7 @@ def test_transformers_backends_match_eager(monkeypatch, impl, num_experts, top_k
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for name, g, w in zip(
         ("x", "routing weights", "gate_up_proj", "down_proj"),
-        _grads(out, x, weights, experts, probe),
+        grads_of(out, x, weights, experts, probe),
         eager_grads,
         strict=True,
     ):
@@ -174,8 +174,8 @@ def test_transformers_backends_match_eager(monkeypatch, impl, num_experts, top_k
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 def test_transformers_backends_bf16_match_eager(impl) -> None:
-    experts = _experts(6, 24).to(torch.bfloat16)
-    x, indices, weights = _routing(6, 2, unused=(3,))
+    experts = make_experts(6, 24).to(torch.bfloat16)
+    x, indices, weights = random_routing(6, 2, unused=(3,))
     x = x.bfloat16()
     experts.config._experts_implementation = "eager"
     eager = experts(x, indices, weights)

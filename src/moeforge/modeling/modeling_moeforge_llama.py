@@ -105,6 +105,13 @@ class MoeforgeLlamaPreTrainedModel(LlamaPreTrainedModel):
     config: MoeforgeLlamaConfig
     config_class = MoeforgeLlamaConfig
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Unless told otherwise, run moeforge's ``auto`` experts backend (registered by ``import moeforge``),
+        not transformers' default ``grouped_mm``: it adds the few-token path and the fallbacks."""
+        from moeforge.experts import EXPERTS_BACKENDS, DEFAULT_BACKEND
+
+        return super().get_correct_experts_implementation(requested_experts or EXPERTS_BACKENDS[DEFAULT_BACKEND])
+
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
         """Our experts dispatch through ``@use_experts_implementation``. The base class finds that out by

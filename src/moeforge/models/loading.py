@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
+from moeforge.experts import DEFAULT_BACKEND, implementation_name
 from moeforge.errors import MoeforgeError
 from moeforge.models.quantization import Bits, quantization_config
 from moeforge.models.safetensors_io import SAFE_INDEX, SAFE_SINGLE, CheckpointReader
@@ -228,11 +229,14 @@ def from_pretrained(
     model_class: type = AutoModelForCausalLM,
     trust_remote_code: bool = False,
     quantization: Bits | None = None,
+    experts_backend: str = DEFAULT_BACKEND,
 ) -> PreTrainedModel:
     """``model_class.from_pretrained`` on a validated directory, plus what moeforge adds on top of the
     architecture: a checkpoint whose config carries ``moice`` gets its MoICE attention and router weights
     back (transformers alone would build the plain attention and drop the routers). ``quantization`` loads
-    the weights in 4/8 bit with bitsandbytes onto the first GPU (a frozen base for adapters)."""
+    the weights in 4/8 bit with bitsandbytes onto the first GPU (a frozen base for adapters).
+    ``experts_backend`` (:data:`moeforge.experts.EXPERTS_BACKENDS`) runs the experts of any MoE
+    architecture, native or moeforge's, and the MoE adapters put on a dense one."""
     reader = CheckpointReader(directory)  # validates every weight file before transformers opens it
     config = config or read_config(directory, trust_remote_code=trust_remote_code)
     moice = getattr(config, "moice", None)
@@ -248,6 +252,7 @@ def from_pretrained(
             use_safetensors=reader.format == "safetensors",
             weights_only=True,
             trust_remote_code=trust_remote_code,
+            experts_implementation=implementation_name(experts_backend),
             **extra,
         )
     finally:
@@ -290,6 +295,7 @@ def load_model(
     trust_remote_code: bool = False,
     adapter: str | Path | None = None,
     quantization: Bits | None = None,
+    experts_backend: str = DEFAULT_BACKEND,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Resolve, validate and load a supported causal LM (in eval mode) and its tokenizer.
 
@@ -306,7 +312,10 @@ def load_model(
             raise MoeforgeError(f"adapter {adapter} records no base model (base_model_name_or_path): pass the base model and --adapter {adapter}")
     directory = resolve_checkpoint(source, gguf_file=gguf_file)
     config = read_config(directory, trust_remote_code=trust_remote_code)
-    model = from_pretrained(directory, config=config, dtype=dtype, trust_remote_code=trust_remote_code, quantization=quantization)
+    model = from_pretrained(
+        directory, config=config, dtype=dtype, trust_remote_code=trust_remote_code, quantization=quantization,
+        experts_backend=experts_backend,
+    )
     if quantization is None:
         model.to(device)
     if adapter is not None:

@@ -1,0 +1,131 @@
+"""moeforge's experts backends, in transformers' experts-forward signature.
+
+Every function here is ``forward(experts, hidden_states [T, d], top_k_index [T, k], top_k_weights [T, k])
+-> [T, d]`` for an experts module holding ``gate_up_proj [E, 2f, d]`` and ``down_proj [E, d, f]`` (or the
+transposed layout), i.e. transformers' ``@use_experts_implementation`` contract. Registered in its
+``ExpertsInterface`` they serve moeforge_llama and every native export (Mixtral, Qwen2-MoE, ...) alike:
+``from_pretrained(..., experts_implementation="moeforge_auto")``.
+
+* ``grouped``: slots sorted by expert, one grouped GEMM per projection (``grouped_mm`` where it works, an
+  ``mm`` loop where it does not, see :mod:`.grouped_linear`), the routing weight applied to the
+  ``f``-wide activation before the down projection (the projection is linear, so this equals weighting its
+  output), and adjoint gathers instead of scatters (:mod:`.slots`).
+* ``per_token``: for a handful of token-expert pairs (decoding), each pair's expert applied directly: no
+  sort, no bookkeeping, no weights copied. Its cost is Python overhead per pair, so it loses past a few.
+* ``auto``: ``per_token`` for at most :data:`PER_TOKEN_MAX_SLOTS` pairs, else ``grouped``; on CUDA a fused
+  kernel (sonic-moe, through transformers) when it is installed and applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers.integrations.moe import grouped_mm_experts_forward
+
+from moeforge.experts.grouped_linear import grouped_linear
+from moeforge.experts.slots import combine, dispatch, plan_slots
+
+PER_TOKEN_MAX_SLOTS = 4
+"""``auto`` switches from ``per_token`` to ``grouped`` above this many token-expert pairs (measured on CPU
+by ``benchmarks/moe_layer.py``: per pair, ``per_token`` costs ~3 small ops; ``grouped`` has a fixed cost)."""
+
+
+def _weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gate_up [E, 2f, d]`` and ``down [E, d, f]`` in the ``nn.Linear`` layout, whatever the storage."""
+    if getattr(experts, "is_transposed", False):
+        return experts.gate_up_proj.transpose(-2, -1), experts.down_proj.transpose(-2, -1)
+    return experts.gate_up_proj, experts.down_proj
+
+
+def _gate(experts: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """``act(gate) * up`` the way the module defines it (``_apply_gate`` covers interleaved layouts)."""
+    apply_gate = getattr(experts, "_apply_gate", None)
+    if apply_gate is not None:
+        return apply_gate(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
+def _unsupported(experts: torch.nn.Module) -> bool:
+    """Biases, post-expert norms, ungated experts and expert parallelism (sentinel slots) are handled by
+    transformers' own grouped path, which knows them."""
+    return (
+        getattr(experts, "has_bias", False)
+        or getattr(experts, "has_post_expert_norm", False)
+        or not getattr(experts, "has_gate", True)
+        or getattr(experts, "_is_expert_parallel", False)
+    )
+
+
+def grouped_experts_forward(
+    experts: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    use_grouped_mm: bool | None = None,
+) -> torch.Tensor:
+    """Sort-by-expert + grouped GEMM (``use_grouped_mm`` forces an implementation; None: per call)."""
+    if _unsupported(experts):
+        return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+    gate_up, down = _weights(experts)
+    plan = plan_slots(top_k_index, experts.num_experts)
+    counts = None if hidden_states.device.type == "cuda" else plan.counts  # no host sync on GPU
+    rows = dispatch(hidden_states, plan)
+    hidden = _gate(experts, grouped_linear(rows, gate_up, plan.offsets, counts, use_grouped_mm=use_grouped_mm))
+    weights = top_k_weights.reshape(-1)[plan.order, None].to(hidden.dtype)
+    weigh_hidden = hidden.shape[-1] <= down.shape[-2]  # the narrower side: f (before down_proj) or d (after)
+    if weigh_hidden:
+        hidden = hidden * weights
+    out = grouped_linear(hidden, down, plan.offsets, counts, use_grouped_mm=use_grouped_mm)
+    if not weigh_hidden:
+        out = out * weights
+    return combine(out, plan).to(hidden_states.dtype)
+
+
+def per_token_experts_forward(
+    experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Each token-expert pair through its expert, no sorting: for decoding's one token and k experts."""
+    if _unsupported(experts):
+        return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+    gate_up, down = _weights(experts)
+    gate_up, down = gate_up.unbind(0), down.unbind(0)  # one view op for autograd, not E indexing ops
+    linear = torch.nn.functional.linear
+    rows = []
+    for token, (choices, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights.unbind(0), strict=True)):
+        x = hidden_states[token : token + 1]
+        total = None
+        for j, e in enumerate(choices):
+            hidden = _gate(experts, linear(x, gate_up[e].to(x.dtype))) * weights[j].to(x.dtype)
+            out = linear(hidden, down[e].to(x.dtype))
+            total = out if total is None else total + out
+        rows.append(total)
+    if not rows:
+        return hidden_states.new_zeros(hidden_states.shape)
+    return torch.cat(rows)
+
+
+def _gpu_kernel(experts: torch.nn.Module, hidden_states: torch.Tensor) -> Callable | None:
+    """transformers' fused sonic-moe kernel when it applies (CUDA, Hopper+, 16-bit, gated, installed)."""
+    if hidden_states.device.type != "cuda" or hidden_states.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if _unsupported(experts):
+        return None
+    from moeforge.experts.gpu import sonicmoe_forward
+
+    return sonicmoe_forward()
+
+
+def auto_experts_forward(
+    experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Pick by device, dtype and work: a fused GPU kernel when one applies, ``per_token`` for a few pairs
+    (decoding), else ``grouped`` (which itself picks ``grouped_mm`` or its fallback per call)."""
+    kernel = _gpu_kernel(experts, hidden_states)
+    if kernel is not None:
+        return kernel(experts, hidden_states, top_k_index, top_k_weights)
+    if top_k_index.numel() <= PER_TOKEN_MAX_SLOTS and hidden_states.device.type == "cpu":
+        return per_token_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+    return grouped_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
