@@ -12,8 +12,9 @@ into every expert of a Mixtral export.
 Cost: the frozen matmuls run once for all experts, not once per expert: ``W_g x`` and ``W_u x`` are shared
 (MixLoRA's trick), and because ``W_d`` is linear, ``Σ_e w_e W_d h_e = W_d (Σ_e w_e h_e)``, so the down
 projection also runs once on the weighted sum. Only the rank-r deltas are per expert, computed on the
-tokens routed to that expert (token-expert pairs sorted by expert; the loop runs over experts, never
-over tokens).
+tokens routed to that expert: token-expert pairs sorted by expert, one grouped GEMM per delta matrix
+(:mod:`moeforge.experts`, the primitive moeforge's MoE layers use; ``experts_backend: eager`` makes it an
+explicit loop over experts).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from moeforge.errors import MoeforgeError
+from moeforge.experts import SlotPlan, combine, dispatch, grouped_linear, plan_slots
 
 LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
@@ -41,9 +43,14 @@ class LoraExperts(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A.data[expert], a=math.sqrt(5))
 
     def delta(self, x: torch.Tensor, expert: int, scaling: float = 1.0) -> torch.Tensor:
-        """``scaling · B_e A_e x`` (scaled at rank r, the cheap end), in ``x``'s dtype."""
+        """``scaling · B_e A_e x`` for one expert (scaled at rank r, the cheap end), in ``x``'s dtype."""
         low = (x.to(self.lora_A.dtype) @ self.lora_A[expert].T) * scaling
         return (low @ self.lora_B[expert].T).to(x.dtype)
+
+    def grouped_delta(self, rows: torch.Tensor, plan: SlotPlan, scaling: float, grouped_mm: bool | None) -> torch.Tensor:
+        """``scaling · B_e A_e x`` for expert-sorted rows, each through its own expert."""
+        low = _grouped(rows.to(self.lora_A.dtype), self.lora_A, plan, grouped_mm) * scaling
+        return _grouped(low, self.lora_B, plan, grouped_mm).to(rows.dtype)
 
     def delta_weight(self, expert: int) -> torch.Tensor:
         """``B_e A_e`` in fp32."""
@@ -62,9 +69,19 @@ class BottleneckExperts(nn.Module):
             nn.init.kaiming_uniform_(self.down.data[expert], a=math.sqrt(5))
 
     def delta(self, x: torch.Tensor, expert: int, scaling: float = 1.0) -> torch.Tensor:
-        """``scaling · U_e SiLU(D_e x)``, in ``x``'s dtype."""
+        """``scaling · U_e SiLU(D_e x)`` for one expert, in ``x``'s dtype."""
         low = nn.functional.silu(x.to(self.down.dtype) @ self.down[expert].T) * scaling
         return (low @ self.up[expert].T).to(x.dtype)
+
+    def grouped_delta(self, rows: torch.Tensor, plan: SlotPlan, scaling: float, grouped_mm: bool | None) -> torch.Tensor:
+        """``scaling · U_e SiLU(D_e x)`` for expert-sorted rows, each through its own expert."""
+        low = nn.functional.silu(_grouped(rows.to(self.down.dtype), self.down, plan, grouped_mm)) * scaling
+        return _grouped(low, self.up, plan, grouped_mm).to(rows.dtype)
+
+
+def _grouped(rows: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, grouped_mm: bool | None) -> torch.Tensor:
+    counts = None if rows.device.type == "cuda" else plan.counts
+    return grouped_linear(rows, weight, plan.offsets, counts, use_grouped_mm=grouped_mm)
 
 
 class AdapterRouter(nn.Module):
@@ -166,54 +183,52 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         x = hidden_states.reshape(-1, shape[-1])
         _, weights, indices = self.moe_lora_router[adapter](x)
         settings = self.moe_lora_settings[adapter]
-        experts = indices.reshape(-1)
-        order = experts.argsort(stable=True)
-        routed = _Routed(
-            tokens=torch.arange(x.shape[0], device=x.device).repeat_interleave(settings["top_k"])[order],
-            weights=weights.reshape(-1)[order].to(x.dtype)[:, None],
-            counts=torch.bincount(experts, minlength=self.moe_lora_router[adapter].num_experts).tolist(),
-        )
+        plan = plan_slots(indices, self.moe_lora_router[adapter].num_experts)
+        routed = _Routed(plan, weights.reshape(-1)[plan.order].to(x.dtype)[:, None], self._grouped_mm())
         if settings["method"] == "moe_bottleneck":
             out = self._bottleneck(adapter, x, routed, settings["scaling"])
         else:
             out = self._moe_lora(adapter, x, routed, settings["scaling"])
         return out.reshape(shape)
 
+    def _grouped_mm(self) -> bool | None:
+        """The experts backend of the model this FFN belongs to: ``eager`` loops over experts; anything else
+        lets the grouped primitive pick (``grouped_mm`` where it works)."""
+        backend = getattr(getattr(self.base_layer, "config", None), "_experts_implementation", None)
+        return False if backend == "eager" else None
+
     def _deltas(self, adapter: str, target: str, rows: torch.Tensor, routed: _Routed, scaling: float) -> torch.Tensor | None:
-        """``s·B_e A_e x`` for expert-sorted (already dropped-out) rows, expert by expert on its own rows
+        """``s·B_e A_e x`` for expert-sorted (already dropped-out) rows, each row through its expert
         (None: no LoRA on ``target``)."""
         experts = self._part(target, adapter)
-        if experts is None:
-            return None
-        parts = [experts.delta(chunk, e, scaling) for e, chunk in enumerate(rows.split(routed.counts)) if chunk.shape[0]]
-        return torch.cat(parts)
+        return None if experts is None else experts.grouped_delta(rows, routed.plan, scaling, routed.grouped_mm)
 
     def _shared(self, adapter: str, target: str, x: torch.Tensor, scaling: float) -> torch.Tensor | None:
         shared = self._part(f"shared_{target}", adapter)
         return None if shared is None else shared.delta(x, 0, scaling)
 
     def _moe_lora(self, adapter: str, x: torch.Tensor, routed: _Routed, scaling: float) -> torch.Tensor:
-        base, tokens, dropout = self.base_layer, routed.tokens, self.moe_lora_dropout[adapter]
+        base, plan, dropout = self.base_layer, routed.plan, self.moe_lora_dropout[adapter]
         gate, up = base.gate_proj(x), base.up_proj(x)  # the frozen matmuls, once for every expert
         dropped = dropout(x)  # once per token, shared by the gate and up deltas (not once per pair and target)
         if (shared := self._shared(adapter, "gate_proj", dropped, scaling)) is not None:
             gate = gate + shared
         if (shared := self._shared(adapter, "up_proj", dropped, scaling)) is not None:
             up = up + shared
-        rows = dropped[tokens]
-        gate_rows, up_rows = gate.index_select(0, tokens), up.index_select(0, tokens)
+        rows = dispatch(dropped, plan)
+        gate_rows, up_rows = dispatch(gate, plan), dispatch(up, plan)
         if (delta := self._deltas(adapter, "gate_proj", rows, routed, scaling)) is not None:
-            gate_rows.add_(delta)  # in place: the gather's backward does not need its output
+            gate_rows = gate_rows + delta
         if (delta := self._deltas(adapter, "up_proj", rows, routed, scaling)) is not None:
-            up_rows.add_(delta)
+            up_rows = up_rows + delta
         hidden = base.act_fn(gate_rows) * up_rows  # [pairs, ffn]
 
-        mixed = hidden.new_zeros(x.shape[0], hidden.shape[1]).index_add_(0, tokens, hidden * routed.weights)
+        mixed = combine(hidden * routed.weights, plan)  # Σ_e w_e h_e per token
         out = base.down_proj(mixed)  # W_d Σ_e w_e h_e = Σ_e w_e W_d h_e
         if self._part("shared_down_proj", adapter) is not None:  # linear too: Σ_e w_e ΔW h_e = ΔW Σ_e w_e h_e
             out = out + self._shared(adapter, "down_proj", dropout(mixed), scaling)
         if (delta := self._deltas(adapter, "down_proj", dropout(hidden), routed, scaling)) is not None:
-            out = out.index_add(0, tokens, delta * routed.weights)
+            out = out + combine(delta * routed.weights, plan)
         return out
 
     def _bottleneck(self, adapter: str, x: torch.Tensor, routed: _Routed, scaling: float) -> torch.Tensor:
@@ -221,8 +236,8 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         dropped = self.moe_lora_dropout[adapter](x)
         if (shared := self._shared(adapter, "ffn", dropped, scaling)) is not None:
             out = out + shared
-        delta = self._deltas(adapter, "ffn", dropped[routed.tokens], routed, scaling)
-        return out.index_add(0, routed.tokens, delta * routed.weights)
+        delta = self._deltas(adapter, "ffn", dispatch(dropped, routed.plan), routed, scaling)
+        return out + combine(delta * routed.weights, routed.plan)
 
     def merged_expert(self, expert: int, adapter: str = "default") -> dict[str, torch.Tensor]:
         """Expert ``expert`` as plain FFN weights (``gate_proj``/``up_proj``/``down_proj`` ``[out, in]``): the
@@ -260,9 +275,10 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
 
 
 class _Routed:
-    """Token-expert pairs sorted by expert: source token, routing weight, and pairs per expert."""
+    """Token-expert pairs sorted by expert (the plan), their routing weights in that order, and the
+    grouped-GEMM choice (None: per call)."""
 
-    __slots__ = ("tokens", "weights", "counts")
+    __slots__ = ("plan", "weights", "grouped_mm")
 
-    def __init__(self, tokens: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> None:
-        self.tokens, self.weights, self.counts = tokens, weights, counts
+    def __init__(self, plan: SlotPlan, weights: torch.Tensor, grouped_mm: bool | None) -> None:
+        self.plan, self.weights, self.grouped_mm = plan, weights, grouped_mm

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, TextStreamer
 from transformers.tokenization_utils_base import BatchEncoding, PreTrainedTokenizerBase
 
 from moeforge.cli.dtypes import DTYPES
+from moeforge.cli.experts_option import add_experts_backend
 from moeforge.errors import MoeforgeError
 
 Message = dict[str, str]
@@ -41,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gguf-file", help="GGUF file name inside PATH (a directory or hub id)")
     parser.add_argument("--adapter", help="adapter directory to put on PATH (PATH may also be an adapter directory itself)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the checkpoint to run")
+    add_experts_backend(parser)
     parser.set_defaults(func=run)
 
 
@@ -117,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         if not prompt.strip():
             raise MoeforgeError("no prompt: pass --prompt TEXT, pipe text on stdin, or run on a terminal")
     model, tokenizer = load_model(
-        args.path, dtype=DTYPES[args.dtype], gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code, adapter=args.adapter
+        args.path, dtype=DTYPES[args.dtype], gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code, adapter=args.adapter,
+        experts_backend=args.experts_backend,
     )
     if tokenizer is None:
         raise MoeforgeError(f"{args.path} has no tokenizer files: chat needs a checkpoint that ships its tokenizer")

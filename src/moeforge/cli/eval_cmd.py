@@ -17,6 +17,7 @@ import torch
 
 from moeforge.cli.data_cmd import parse_columns
 from moeforge.cli.dtypes import DTYPES
+from moeforge.cli.experts_option import add_experts_backend
 from moeforge.errors import MoeforgeError
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-length", type=int, default=512, help="window length in tokens (default 512)")
     parser.add_argument("--batch-size", type=int, default=4)
+    add_experts_backend(parser)
     parser.add_argument("--max-batches", type=int, help="evaluate at most this many batches")
     parser.add_argument("--output", "-o", type=Path, metavar="DIR", help="where eval.json and expert_load.png go")
     parser.add_argument(
@@ -161,7 +163,7 @@ def _evaluate(
     from moeforge.eval.probes import run_probe
     from moeforge.models.loading import load_model
 
-    model, tokenizer = load_model(source, dtype=DTYPES[args.dtype], device=_device())
+    model, tokenizer = load_model(source, dtype=DTYPES[args.dtype], device=_device(), experts_backend=args.experts_backend)
     if tokenizer is None:
         raise MoeforgeError(f"{source} has no tokenizer files; eval needs a checkpoint that ships its tokenizer")
 

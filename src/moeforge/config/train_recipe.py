@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moeforge.config.adapter import AdapterSpec
+from moeforge.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS
 from moeforge.data.spec import DataSpec
 from moeforge.modeling.moice_config import MoiceSpec
 from moeforge.routing.losses import RouterLossConfig
@@ -88,12 +89,22 @@ class TrainRecipe(_Strict):
     """Decoder layers frozen whole: a list or ranges like "0-21" or "0-3,8" (train only the top of the model)."""
     training: Schedule = Field(default_factory=Schedule)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    experts_backend: str = DEFAULT_BACKEND
+    """How MoE layers run their experts (``auto`` picks per call; see docs/performance.md). Also runs the
+    per-expert deltas of MoE adapters."""
     resume: bool = False
     """Continue from the newest complete checkpoint in ``output`` (a killed run picks up where it stopped)."""
     overwrite: bool = False
     deepspeed: Path | None = None
     """A DeepSpeed JSON config, passed through to transformers (MoE blocks become ZeRO-3 leaf modules)."""
     ddp_backend: Literal["gloo", "nccl"] | None = None
+
+    @field_validator("experts_backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in EXPERTS_BACKENDS:
+            raise ValueError(f"{value!r} is unknown: use one of {', '.join(EXPERTS_BACKENDS)}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> TrainRecipe:

@@ -273,7 +273,10 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
     start = time.perf_counter()
     _prepare_output(recipe)
     dtype = torch.bfloat16 if recipe.dtype == "bfloat16" else torch.float32
-    model, tokenizer = load_model(recipe.model, dtype=dtype, gguf_file=recipe.gguf_file, quantization=_quantization(recipe))
+    model, tokenizer = load_model(
+        recipe.model, dtype=dtype, gguf_file=recipe.gguf_file, quantization=_quantization(recipe),
+        experts_backend=recipe.experts_backend,
+    )
     if tokenizer is None:
         raise MoeforgeError(f"model: {recipe.model} has no tokenizer files; training needs one to read the data")
     if tokenizer.pad_token is None:
