@@ -33,7 +33,7 @@ SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 
 DEFAULT_MODEL_ALIASES = ("default", "smollm2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_META_PATTERNS = [
     "config.json",
     "generation_config.json",
@@ -169,7 +169,7 @@ def resolve_checkpoint(
         return path
     if path.exists():
         raise MoeforgeError(f"{path} is neither a model directory nor a .gguf file")
-    if _HUB_ID.match(text):
+    if HUB_ID.match(text):
         directory = _download(text, revision, cache_dir, gguf_file)
         return _convert_gguf(directory / gguf_file, cache_dir) if gguf_file else directory
     raise MoeforgeError(f"{text} does not exist: pass a model directory, a .gguf file or a Hugging Face id (org/name)")

@@ -1,0 +1,145 @@
+"""``moeforge plan MODEL_OR_RECIPE [--gpu-memory 24GB]``: will this conversion + training run fit, before it starts?"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, get_args
+
+from rich.console import Console
+from rich.table import Table
+
+from moeforge.errors import MoeforgeError
+from moeforge.planning.memory import DTYPE_BYTES, Optimizer, TrainingSetup
+
+if TYPE_CHECKING:  # the planner imports torch and transformers; the parser must stay light
+    from moeforge.planning.report import Plan
+
+SETUP_FLAGS = {"batch_size": "batch size", "seq_len": "sequence length"}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="estimate the GPU memory of training a model or recipe (from configs only) and whether it fits",
+        description="Count parameters on the meta device and estimate weights, gradients, optimizer states and "
+        "activations of a training run, for a model, a convert recipe (the MoE it would write) or a train recipe. "
+        "No weights are loaded. Formulas and assumptions: docs/plan.md.",
+    )
+    parser.add_argument("target", metavar="MODEL_OR_RECIPE", help="model dir, hub id, .gguf, 'default', or a convert/train recipe YAML")
+    parser.add_argument("--gpu-memory", help="memory of one GPU, e.g. 24GB, 80GiB, 24000MB (without it: just report)")
+    parser.add_argument("--batch-size", type=int, help="per-device train batch size (overrides the recipe)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (overrides data.max_length)")
+    parser.add_argument("--dtype", metavar="{float32,bfloat16,float16}", help="dtype the weights are trained in")
+    parser.add_argument("--optimizer", metavar="{adamw,adamw8bit,sgd}", help="optimizer (default adamw)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--model", help="train recipe only: plan with this model instead (a model or a convert recipe)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(func=run)
+
+
+def setup_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that change the training setup, validated into one-line errors."""
+    overrides: dict[str, Any] = {}
+    for flag in SETUP_FLAGS:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise MoeforgeError(f"--{flag.replace('_', '-')} {value}: the {SETUP_FLAGS[flag]} must be at least 1")
+        if value is not None:
+            overrides[flag] = value
+    if args.dtype is not None:
+        if args.dtype not in DTYPE_BYTES:
+            raise MoeforgeError(f"--dtype {args.dtype!r} is unknown: use {', '.join(DTYPE_BYTES)}")
+        overrides["dtype"] = args.dtype
+        overrides["mixed_precision"] = False  # the flag states the training precision outright
+    if args.optimizer is not None:
+        if args.optimizer not in get_args(Optimizer):
+            raise MoeforgeError(f"--optimizer {args.optimizer!r} is unknown: use {', '.join(get_args(Optimizer))}")
+        overrides["optimizer"] = args.optimizer
+    if args.gradient_checkpointing is not None:
+        overrides["gradient_checkpointing"] = args.gradient_checkpointing
+    return overrides
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def describe_setup(setup: TrainingSetup) -> str:
+    precision = "bf16 autocast on fp32 weights" if setup.mixed_precision else f"{setup.dtype} weights"
+    parts = [
+        f"{setup.stage}, batch {setup.batch_size} x {setup.seq_len} tokens",
+        precision,
+        setup.optimizer,
+        "gradient checkpointing" if setup.gradient_checkpointing else "no gradient checkpointing",
+    ]
+    if setup.quantization:
+        parts.append(f"{setup.quantization} base")
+    return ", ".join(parts)
+
+
+def to_json(plan: Plan, verdicts: dict[int, str]) -> dict[str, Any]:
+    from moeforge.planning.report import assumptions
+
+    rows = []
+    for index, row in enumerate(plan.rows):
+        memory = asdict(row.memory) | {"total": row.memory.total}
+        rows.append({
+            "name": row.scenario.name,
+            "primary": row.scenario.primary,
+            "setup": asdict(row.scenario.setup),
+            "parameters": {"total": row.counts.total, "trainable": row.counts.trainable, "active_per_token": row.counts.active},
+            "memory_bytes": memory,
+            "sources": {
+                "parameters": f"counted on the meta device from {row.scenario.origin}",
+                "weights_gradients_optimizer": "parameter counts x bytes per parameter (docs/plan.md)",
+                "activations": "formula per decoder layer (docs/plan.md)",
+            },
+            "fits": None if plan.gpu_bytes is None else row.memory.total <= plan.gpu_bytes,
+            "verdict": verdicts.get(index),
+        })
+    return {"target": plan.target, "gpu_memory_bytes": plan.gpu_bytes, "scenarios": rows, "assumptions": assumptions(plan)}
+
+
+def render(plan: Plan, verdicts: dict[int, str], console: Console) -> None:
+    from moeforge.planning.report import assumptions, gb
+
+    table = Table(title=f"memory plan: {plan.target}", title_justify="left")
+    for column in ("scenario", "total params", "trainable", "active/token", "weights", "gradients", "optimizer", "activations", "total"):
+        table.add_column(column, justify="left" if column == "scenario" else "right")
+    for row in plan.rows:
+        m = row.memory
+        name = ("* " if row.scenario.primary and len(plan.rows) > 1 else "") + row.scenario.name
+        table.add_row(
+            name, _count(row.counts.total), _count(row.counts.trainable), _count(row.counts.active),
+            gb(m.weights), gb(m.gradients), gb(m.optimizer), gb(m.activations), gb(m.total),
+        )
+    console.print(table)
+    setups = {describe_setup(row.scenario.setup): row.scenario.name for row in plan.rows}
+    for text, name in setups.items():
+        console.print(f"setup{'' if len(setups) == 1 else f' ({name})'}: {text}")
+    for origin in dict.fromkeys(row.scenario.origin for row in plan.rows):
+        console.print(f"source: parameters counted on the meta device (no weights read) from {origin}")
+    console.print("source: weights, gradients, optimizer = counts x bytes per parameter; activations = per-layer formula (docs/plan.md)")
+    for line in assumptions(plan):
+        console.print(f"assumes: {line}")
+    for index, text in verdicts.items():
+        console.print(("" if len(plan.rows) == 1 else f"{plan.rows[index].scenario.name}: ") + text, style="bold")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moeforge.planning.report import plan_scenarios, parse_gpu_memory, verdict
+    from moeforge.planning.sources import scenarios
+
+    gpu_bytes = parse_gpu_memory(args.gpu_memory) if args.gpu_memory is not None else None
+    plan = plan_scenarios(args.target, scenarios(args.target, setup_overrides(args), args.model), gpu_bytes)
+    verdicts = {} if gpu_bytes is None else {plan.rows.index(plan.primary): verdict(plan.primary, gpu_bytes)}
+    if args.json:
+        print(json.dumps(to_json(plan, verdicts), indent=2))
+    else:
+        render(plan, verdicts, Console(highlight=False, width=160))
+    return 0

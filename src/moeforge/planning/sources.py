@@ -1,0 +1,198 @@
+"""What the user typed → the scenarios to plan: a config per model and the training setup around it.
+
+Only configs are read. A model directory gives its ``config.json``; a ``.gguf`` file its metadata; a hub
+id just its ``config.json``; a convert recipe the config of the MoE it would write (the same plan and
+export code ``moeforge convert`` runs, so the planned model is the converted one); a train recipe its
+model plus its stage, adapter, freezing, quantisation, batch, length and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+from transformers import AutoConfig, PretrainedConfig
+
+from moeforge.config.recipe import ConvertRecipe, load_recipe
+from moeforge.config.train_recipe import Schedule, TrainRecipe
+from moeforge.convert.export import build_config, resolve_export
+from moeforge.convert.plan import build_plan
+from moeforge.data.spec import DataSpec
+from moeforge.errors import MoeforgeError
+from moeforge.models.loading import HUB_ID, DENSE_MODEL_TYPES, check_supported, read_config, resolve_checkpoint
+from moeforge.planning.counting import ModelSpec
+from moeforge.planning.memory import TrainingSetup
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    config: PretrainedConfig
+    origin: str
+    """Where the config came from, in words (shown as the figures' source)."""
+    directory: Path | None = None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    model: ModelSpec
+    setup: TrainingSetup
+    origin: str
+    primary: bool = False
+    """The run the verdict is about (the MoE of a convert recipe, a train recipe's own setup)."""
+
+
+def default_setup() -> TrainingSetup:
+    """A plain ``moeforge train`` run: the train recipe's own defaults (batch, length, dtype), full fine-tuning."""
+    return TrainingSetup(
+        batch_size=Schedule.model_fields["per_device_train_batch_size"].default,
+        seq_len=DataSpec.model_fields["max_length"].default,
+        dtype=TrainRecipe.model_fields["dtype"].default,
+        mixed_precision=Schedule.model_fields["bf16"].default,
+        gradient_checkpointing=Schedule.model_fields["gradient_checkpointing"].default,
+    )
+
+
+def _gguf_config(path: Path) -> ModelConfig:
+    """A GGUF's config from its metadata alone (converting it to safetensors would read every weight)."""
+    if not path.is_file():
+        raise MoeforgeError(f"{path} does not exist: pass an existing .gguf file")
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError, TypeError) as err:
+        raise MoeforgeError(f"could not read the metadata of GGUF file {path} ({type(err).__name__}): check that it is a complete GGUF") from None
+    check_supported(config)
+    return ModelConfig(config, f"GGUF metadata of {path}")
+
+
+def _hub_config(repo_id: str) -> ModelConfig:
+    """Only ``config.json`` of a hub model (resolve_checkpoint would download the weights too)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        directory = Path(hf_hub_download(repo_id, "config.json")).parent
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise MoeforgeError(
+            f"{repo_id} is no local path and its config.json could not be fetched from the Hugging Face Hub "
+            f"({type(err).__name__}): check the path or the hub id"
+        ) from None
+    return ModelConfig(read_config(directory), f"config.json of {repo_id} (hub)", directory)
+
+
+def model_config(source: str, gguf_file: str | None = None) -> ModelConfig:
+    """The config of what a recipe's ``source`` / ``model`` names (a convert recipe: the MoE it would write)."""
+    path = Path(source).expanduser()
+    if path.suffix in RECIPE_SUFFIXES:
+        return converted_config(load_recipe(path), str(path))[1]
+    if path.suffix == ".gguf" or (gguf_file and path.is_dir()):
+        return _gguf_config(path / gguf_file if gguf_file else path)
+    if not path.exists() and HUB_ID.match(source) and not gguf_file:
+        return _hub_config(source)
+    directory = resolve_checkpoint(source, gguf_file=gguf_file)
+    return ModelConfig(read_config(directory), f"config.json of {directory}", directory)
+
+
+def converted_config(recipe: ConvertRecipe, origin: str) -> tuple[ModelConfig, ModelConfig]:
+    """``(dense source, planned MoE)`` configs of a convert recipe, from moeforge's own conversion plan."""
+    source = model_config(recipe.source, recipe.gguf_file)
+    if source.config.model_type not in DENSE_MODEL_TYPES:
+        raise MoeforgeError(f"source: {recipe.source} is a {source.config.model_type} model; a convert recipe takes a dense model")
+    plan = build_plan(recipe, source.config)
+    target = resolve_export(recipe.export, plan, source.config)
+    moe = build_config(target, plan, source.config)
+    return source, ModelConfig(moe, f"convert plan of {origin} ({target}) over {source.origin}")
+
+
+def _provenance_source(directory: Path | None) -> ModelConfig | None:
+    """The dense model a moeforge-converted checkpoint came from, if its provenance names one still on disk."""
+    record = directory / "moeforge.json" if directory else None
+    if record is None or not record.is_file():
+        return None
+    try:
+        resolved = Path(json.loads(record.read_text())["source"]["resolved"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ModelConfig(read_config(resolved), f"config.json of {resolved} (source in moeforge.json)") if (resolved / "config.json").is_file() else None
+
+
+def _recipe_type(path: Path) -> type[ConvertRecipe] | type[TrainRecipe]:
+    """Train recipes have a ``stage``; anything else is read as a convert recipe (whose loader reports errors)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return ConvertRecipe
+    return TrainRecipe if isinstance(data, dict) and "stage" in data else ConvertRecipe
+
+
+def _train_setup(recipe: TrainRecipe) -> TrainingSetup:
+    adapter = recipe.adapter
+    return TrainingSetup(
+        stage=recipe.stage,
+        batch_size=recipe.training.per_device_train_batch_size,
+        seq_len=recipe.data.max_length,
+        dtype=recipe.dtype,
+        mixed_precision=recipe.training.bf16,
+        gradient_checkpointing=recipe.training.gradient_checkpointing,
+        quantization="4bit" if adapter and adapter.load_in_4bit else "8bit" if adapter and adapter.load_in_8bit else None,
+        adapter=adapter is not None,
+    )
+
+
+def _train_name(recipe: TrainRecipe) -> str:
+    parts = [recipe.stage]
+    if recipe.adapter is not None:
+        spec = recipe.adapter
+        routed = "" if spec.method == "lora" else f" {spec.num_experts}x top-{spec.top_k}"
+        parts.append(f"adapter {spec.method}{routed} r{spec.rank}")
+    if recipe.moice is not None:
+        parts.append("MoICE routers")
+    frozen = [*recipe.frozen_groups, *([f"layers {recipe.freeze_layers}"] if recipe.frozen_layers else [])]
+    parts.append(f"frozen {', '.join(frozen)}" if frozen else "" if recipe.adapter else "full")
+    return ", ".join(part for part in parts if part)
+
+
+def _train_scenarios(recipe: TrainRecipe, model: ModelConfig, setup: TrainingSetup) -> list[Scenario]:
+    """The recipe's own run, after a plain full fine-tune of the same model when the recipe trains less."""
+    own = ModelSpec(
+        model.config, setup.dtype, recipe.adapter, recipe.moice, recipe.frozen_groups, frozenset(recipe.frozen_layers)
+    )
+    primary = Scenario(f"recipe: {_train_name(recipe)}", own, setup, model.origin, primary=True)
+    if recipe.adapter is None and recipe.moice is None and not recipe.frozen_groups and not recipe.frozen_layers:
+        return [primary]
+    reference = replace(setup, quantization=None, adapter=False)
+    return [Scenario("full fine-tune (for comparison)", ModelSpec(model.config, setup.dtype), reference, model.origin), primary]
+
+
+def scenarios(target: str, setup_overrides: dict, model_override: str | None = None) -> list[Scenario]:
+    """Every scenario worth a row for ``target`` (a model or a recipe), with the CLI's overrides applied."""
+    path = Path(target).expanduser()
+    if path.suffix in RECIPE_SUFFIXES:
+        kind = _recipe_type(path)
+        recipe = load_recipe(path, model=kind)
+        if isinstance(recipe, TrainRecipe):
+            try:
+                model = model_config(model_override or recipe.model, None if model_override else recipe.gguf_file)
+            except MoeforgeError as err:
+                raise MoeforgeError(f"model: {err}; if a convert recipe writes this model, plan with --model THAT_RECIPE.yaml") from None
+            setup = replace(_train_setup(recipe), **setup_overrides)
+            return _train_scenarios(recipe, model, setup)
+        if model_override:
+            raise MoeforgeError(f"--model applies to train recipes; {path} is a convert recipe (its source is the model)")
+        dense, moe = converted_config(recipe, str(path))
+        setup = replace(default_setup(), **setup_overrides)
+        return [
+            Scenario("dense base", ModelSpec(dense.config, setup.dtype), setup, dense.origin),
+            Scenario(f"MoE ({moe.config.model_type})", ModelSpec(moe.config, setup.dtype), setup, moe.origin, primary=True),
+        ]
+    if model_override:
+        raise MoeforgeError(f"--model applies to train recipes; {target} is a model (plan it directly)")
+    model = model_config(target)
+    setup = replace(default_setup(), **setup_overrides)
+    own = Scenario(f"{model.config.model_type}, full fine-tune", ModelSpec(model.config, setup.dtype), setup, model.origin, primary=True)
+    base = _provenance_source(model.directory)
+    return [Scenario("dense base", ModelSpec(base.config, setup.dtype), setup, base.origin), own] if base else [own]
