@@ -122,16 +122,23 @@ def test_zero_tokens(backend) -> None:
     assert out.shape == (0, H)
 
 
-def test_auto_takes_per_token_for_a_few_pairs_and_grouped_beyond(monkeypatch) -> None:
+def test_auto_picks_by_work(monkeypatch) -> None:
+    """A few pairs: the per-pair loop; many: grouped; a cheap weight gather (small experts, few tokens):
+    the gathered batched products. Each choice still equals the reference."""
     calls: list[str] = []
-    monkeypatch.setattr(backends, "per_token_experts_forward", lambda *a: calls.append("per_token") or per_token_experts_forward(*a))
-    monkeypatch.setattr(backends, "grouped_experts_forward", lambda *a: calls.append("grouped") or grouped_experts_forward(*a))
+    for name in ("per_token_experts_forward", "grouped_experts_forward", "_gathered_pairs"):
+        original = getattr(backends, name)
+        monkeypatch.setattr(backends, name, lambda *a, _n=name, _f=original: calls.append(_n) or _f(*a))
     experts = make_experts(6, 24)
     x, indices, weights = random_routing(6, 2)
     pairs = backends.PER_TOKEN_MAX_SLOTS // 2
-    auto_experts_forward(experts, x[:pairs], indices[:pairs], weights[:pairs])
-    auto_experts_forward(experts, x, indices, weights)
-    assert calls == ["per_token", "grouped"]
+    monkeypatch.setattr(backends, "GATHER_BYTES_PER_EXPERT", 0)
+    with torch.no_grad():
+        auto_experts_forward(experts, x[:pairs], indices[:pairs], weights[:pairs])
+        auto_experts_forward(experts, x, indices, weights)
+    monkeypatch.setattr(backends, "GATHER_BYTES_PER_EXPERT", 2**40)
+    _check_against_reference(auto_experts_forward, experts, x, indices, weights, rtol=1e-5, atol=1e-5)
+    assert calls == ["per_token_experts_forward", "grouped_experts_forward", "_gathered_pairs"]
 
 
 def test_compiled_fp32_falls_back_and_matches() -> None:
@@ -150,3 +157,13 @@ def test_backends_are_registered_with_transformers() -> None:
     assert implementation_name("moeforge_auto") == "moeforge_auto"
     with pytest.raises(MoeforgeError, match="experts_backend 'fast' is unknown: use one of auto, eager"):
         implementation_name("fast")
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["gathered", "unbound"])
+def test_per_token_with_gradients_both_ways(monkeypatch, gather) -> None:
+    """Training through ``per_token`` either gathers the pairs' weights or unbinds them (chosen by bytes);
+    both give the reference outputs and gradients."""
+    monkeypatch.setattr(backends, "GATHER_BYTES_PER_EXPERT", 2**40 if gather else 0)
+    experts = make_experts(6, 24)
+    x, indices, weights = random_routing(6, 2, (3,))
+    _check_against_reference(per_token_experts_forward, experts, x[:2], indices[:2], weights[:2], rtol=1e-5, atol=1e-5)

@@ -12,8 +12,9 @@ transposed layout), i.e. transformers' ``@use_experts_implementation`` contract.
   output), and adjoint gathers instead of scatters (:mod:`.slots`).
 * ``per_token``: for a handful of token-expert pairs (decoding), each pair's expert applied directly: no
   sort, no bookkeeping, no weights copied. Its cost is Python overhead per pair, so it loses past a few.
-* ``auto``: ``per_token`` for at most :data:`PER_TOKEN_MAX_SLOTS` pairs, else ``grouped``; on CUDA a fused
-  kernel (sonic-moe, through transformers) when it is installed and applies.
+* ``auto``: on CUDA a fused kernel (sonic-moe, through transformers) when it is installed and applies;
+  on CPU the pairs' weights gathered into two batched products when that copies little (few tokens, many
+  small experts), ``per_token`` for at most :data:`PER_TOKEN_MAX_SLOTS` pairs, else ``grouped``.
 """
 
 from __future__ import annotations
@@ -91,7 +92,11 @@ def per_token_experts_forward(
     if _unsupported(experts):
         return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
     gate_up, down = _weights(experts)
-    gate_up, down = gate_up.unbind(0), down.unbind(0)  # one view op for autograd, not E indexing ops
+    training = torch.is_grad_enabled() and (gate_up.requires_grad or down.requires_grad)
+    if training and _gather_is_cheaper(gate_up, down, top_k_index.numel()):
+        return _gathered_pairs(experts, hidden_states, top_k_index, top_k_weights, gate_up, down)
+    if training:  # one view op for autograd: indexing would zero-fill a full [E, ...] gradient per pair
+        gate_up, down = gate_up.unbind(0), down.unbind(0)
     linear = torch.nn.functional.linear
     rows = []
     for token, (choices, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights.unbind(0), strict=True)):
@@ -105,6 +110,30 @@ def per_token_experts_forward(
     if not rows:
         return hidden_states.new_zeros(hidden_states.shape)
     return torch.cat(rows)
+
+
+GATHER_BYTES_PER_EXPERT = 64 * 1024
+"""Gathering the pairs' expert weights (a copy per pair; scattered back in backward) beats both a loop over
+experts (fixed cost per expert) and unbinding them for autograd (a view per expert each way) when it
+copies less than ~64 KB per expert of the layer (CPU, hidden 512: E=128 x f=64 at 1-16 tokens gathers,
+E<=32 does not)."""
+
+
+def _gather_is_cheaper(gate_up: torch.Tensor, down: torch.Tensor, pairs: int) -> bool:
+    per_expert = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+    return pairs * per_expert < GATHER_BYTES_PER_EXPERT * gate_up.shape[0]
+
+
+def _gathered_pairs(experts, hidden_states, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    """The pairs' expert weights gathered, then two batched matrix-vector products (weights on the left:
+    the layout bmm runs fastest on CPU, bf16 included)."""
+    num_tokens, top_k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    rows = hidden_states.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # [pairs, d, 1]
+    hidden = torch.bmm(gate_up.index_select(0, flat).to(rows.dtype), rows).squeeze(-1)
+    hidden = _gate(experts, hidden) * top_k_weights.reshape(-1, 1).to(rows.dtype)
+    out = torch.bmm(down.index_select(0, flat).to(rows.dtype), hidden.unsqueeze(-1)).squeeze(-1)
+    return out.view(num_tokens, top_k, out.shape[-1]).sum(1)
 
 
 def _gpu_kernel(experts: torch.nn.Module, hidden_states: torch.Tensor) -> Callable | None:
@@ -121,11 +150,20 @@ def _gpu_kernel(experts: torch.nn.Module, hidden_states: torch.Tensor) -> Callab
 def auto_experts_forward(
     experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Pick by device, dtype and work: a fused GPU kernel when one applies, ``per_token`` for a few pairs
-    (decoding), else ``grouped`` (which itself picks ``grouped_mm`` or its fallback per call)."""
+    """Pick by device, dtype and work (thresholds measured on CPU, ``benchmarks/moe_layer.py``): a fused GPU
+    kernel when one applies; on CPU, the pairs' weights gathered into two batched products when that copies
+    little (many small experts, few tokens) unless a fp32 decoding step can index them directly, the
+    per-pair loop for a few pairs, else ``grouped`` (which picks ``grouped_mm`` or its fallback per call)."""
     kernel = _gpu_kernel(experts, hidden_states)
     if kernel is not None:
         return kernel(experts, hidden_states, top_k_index, top_k_weights)
-    if top_k_index.numel() <= PER_TOKEN_MAX_SLOTS and hidden_states.device.type == "cpu":
-        return per_token_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+    if hidden_states.device.type == "cpu" and not _unsupported(experts):
+        pairs = top_k_index.numel()
+        gate_up, down = _weights(experts)
+        training = torch.is_grad_enabled() and (gate_up.requires_grad or down.requires_grad)
+        few = pairs <= PER_TOKEN_MAX_SLOTS
+        if _gather_is_cheaper(gate_up, down, pairs) and (training or not few or hidden_states.dtype != torch.float32):
+            return _gathered_pairs(experts, hidden_states, top_k_index, top_k_weights, gate_up, down)
+        if few:
+            return per_token_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
     return grouped_experts_forward(experts, hidden_states, top_k_index, top_k_weights)

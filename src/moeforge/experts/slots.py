@@ -27,25 +27,19 @@ class SlotPlan:
     order: torch.Tensor
     inverse: torch.Tensor
     tokens: torch.Tensor
-    expert_ids: torch.Tensor
-    num_experts: int
+    rows_per_expert: torch.Tensor
     num_tokens: int
     top_k: int
 
     @cached_property
     def counts(self) -> list[int]:
-        """Rows per expert (a host list: on CUDA this syncs once, so GPU paths use :attr:`offsets`)."""
-        return torch.bincount(self.expert_ids, minlength=self.num_experts).tolist()
+        """Rows per expert as a host list (on CUDA this syncs once, so GPU paths use :attr:`offsets`)."""
+        return self.rows_per_expert.tolist()
 
     @cached_property
     def offsets(self) -> torch.Tensor:
         """Cumulative rows per expert, int32 (what ``grouped_mm`` takes)."""
-        counts = torch.bincount(self.expert_ids, minlength=self.num_experts)
-        return torch.cumsum(counts, dim=0, dtype=torch.int32)
-
-    @property
-    def num_slots(self) -> int:
-        return self.order.shape[0]
+        return torch.cumsum(self.rows_per_expert, dim=0, dtype=torch.int32)
 
 
 def plan_slots(top_k_index: torch.Tensor, num_experts: int) -> SlotPlan:
@@ -57,8 +51,8 @@ def plan_slots(top_k_index: torch.Tensor, num_experts: int) -> SlotPlan:
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.shape[0], device=order.device)
     return SlotPlan(
-        order=order, inverse=inverse, tokens=order // top_k, expert_ids=flat[order],
-        num_experts=num_experts, num_tokens=num_tokens, top_k=top_k,
+        order=order, inverse=inverse, tokens=order // top_k,
+        rows_per_expert=torch.bincount(flat, minlength=num_experts), num_tokens=num_tokens, top_k=top_k,
     )
 
 
