@@ -9,7 +9,7 @@ Cases, in one run:
   (a) dense      the embedded SmolLM2-135M-Instruct (FFN 1536).
   (b) moe/<b>    SmolLM2 copy-upcycled to 8 experts top-2 (exact conversion, exported as Mixtral and run by
                  transformers), moeforge router losses attached (balance 0.01), for each experts backend
-                 <b> transformers registers (set via model.set_experts_implementation). Each backend is
+                 <b> registered with transformers, moeforge's included (set via model.set_experts_implementation). Each backend is
                  first probed on a tiny random Mixtral (forward + backward, loss compared with eager); one
                  that errors is skipped with its error recorded. batched_mm gathers one copy of the expert
                  weights per (token, expert) pair and keeps it for backward; it is skipped, with the
@@ -89,13 +89,15 @@ def _build(case: dict):
     from moeforge.routing import RouterLossConfig, attach_router_losses
     from moeforge.train.freeze import apply_freeze
 
+    dtype = getattr(torch, case.get("dtype", "float32"))
     if case["kind"] == "dense_ffn":
         config = AutoConfig.from_pretrained(case["source"])
         config.intermediate_size = case["intermediate_size"]
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config).float()
+        model = LlamaForCausalLM(config).to(dtype)
     else:
-        model, _ = load_model(case["source"], dtype=torch.float32)
+        model, _ = load_model(case["source"], dtype=dtype)
+    model.to(case.get("device", "cpu"))
     if case["kind"] == "moe":
         model.set_experts_implementation(case["backend"])
         attach_router_losses(model, RouterLossConfig())
@@ -125,7 +127,8 @@ def _trim_heap() -> None:
 def run_case(case: dict) -> dict:
     if case.get("threads"):
         torch.set_num_threads(case["threads"])
-    blocks = torch.load(case["tokens"])
+    device = torch.device(case.get("device", "cpu"))
+    blocks = torch.load(case["tokens"]).to(device)
     model = _build(case)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -151,10 +154,12 @@ def run_case(case: dict) -> dict:
     losses, seconds = [], []
     for i in range(case["warmup"] + case["steps"]):
         start = time.perf_counter()
-        losses.append(step(i))
+        losses.append(step(i))  # .item() waits for the device
         if i >= case["warmup"]:
             seconds.append(time.perf_counter() - start)
+    gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {
+        "gpu_peak_allocated_bytes": gpu_peak,
         "step_seconds": [round(s, 3) for s in seconds],
         "losses": [round(v, 4) for v in losses],
         "rss_before_bytes": rss_before,
@@ -187,6 +192,8 @@ def probe_backends() -> dict[str, dict]:
     forward + backward, loss compared with eager's on the same weights and tokens."""
     from transformers import MixtralConfig, MixtralForCausalLM
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    import moeforge  # noqa: F401  (registers moeforge's experts backends)
 
     config = MixtralConfig(
         vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -270,6 +277,9 @@ def main() -> None:
     parser.add_argument("--moe-dir", type=Path, help="reuse an fp32 8x top-2 Mixtral upcycled from the source (skips converting)")
     parser.add_argument("--no-router-only", action="store_true", help="skip case (d)")
     parser.add_argument("--system-malloc", action="store_true", help="children use glibc malloc's defaults (see above)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU runs: see benchmarks/README.md)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute dtype")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense peak for --dtype (H100 SXM bf16: 989): adds MFU")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -302,7 +312,10 @@ def main() -> None:
             convert_seconds = convert_moe(source, moe_dir)
             print(f"converted SmolLM2 -> Mixtral 8x top-2 (fp32) in {convert_seconds:.0f}s", flush=True)
 
-        common = {"tokens": str(blocks_file), "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "threads": args.threads}
+        common = {
+            "tokens": str(blocks_file), "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+            "device": args.device, "dtype": args.dtype,
+        }
         ffn = dense_config.intermediate_size
         moe_bytes = sum(f.stat().st_size for f in Path(moe_dir).glob("*.safetensors"))  # fp32 weights
         cases: list[tuple[str, str, dict | None, str | None]] = [  # (name, role, case, skip reason)
@@ -315,6 +328,8 @@ def main() -> None:
                 cases.append((name, "moe", None, "not a registered experts backend"))
             elif not probe["ok"]:
                 cases.append((name, "moe", None, f"probe failed: {probe['error']}"))
+            elif backend == "moeforge_per_token":
+                cases.append((name, "moe", None, "a per-pair loop for decoding a few tokens, not for training batches"))
             elif backend == "batched_mm" and (
                 gathered := batched_mm_bytes(dense_config.num_hidden_layers, tokens, dense_config.hidden_size, ffn)
             ) + 4 * moe_bytes > available_bytes():
@@ -366,6 +381,9 @@ def main() -> None:
             row["vs_flop_matched_dense"] = round(row["tokens_per_second"] / matched_rate, 3) if matched_rate else None
             row["vs_dense"] = round(row["tokens_per_second"] / dense_rate, 3) if dense_rate else None
             row["peak_rss_delta_bytes"] = row["peak_rss_bytes"] - row["rss_before_bytes"] if row["peak_reset"] else None
+            if args.peak_tflops:  # PaLM's count: 6 x active parameters + 12 x layers x hidden x seq-len per token
+                flops = 6 * row["parameters"]["active_per_token"] + 12 * dense_config.num_hidden_layers * dense_config.hidden_size * args.seq_len
+                row["mfu"] = round(row["tokens_per_second"] * flops / (args.peak_tflops * 1e12), 4)
 
     result = {
         "machine": f"{os.cpu_count()} CPU cores",
@@ -374,7 +392,8 @@ def main() -> None:
         "model": str(args.source) if args.source else "SmolLM2-135M-Instruct (fp32)",
         "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": tokens,
         "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "step": "forward + backward + clip_grad_norm(1.0) + AdamW(lr 1e-5) + zero_grad, fp32",
+        "step": f"forward + backward + clip_grad_norm(1.0) + AdamW(lr 1e-5) + zero_grad, {args.dtype}",
+        "device": args.device, "peak_tflops": args.peak_tflops,
         "malloc": "glibc defaults" if args.system_malloc else TUNED_MALLOC,
         "convert_seconds": round(convert_seconds, 1) if convert_seconds else None,
         "backend_probes": probes,
@@ -413,6 +432,10 @@ def main() -> None:
             f"{r['tokens_per_second']:.0f} | {fmt_ratio(r['vs_flop_matched_dense'])} | {fmt_ratio(r['vs_dense'])} | "
             f"{_mb(r['rss_before_bytes'])} ({_mb(r['rss_file_before_bytes'])}) | {_mb(r['peak_rss_delta_bytes'])} |"
         )
+    gpu = [r for r in rows if r.get("gpu_peak_allocated_bytes")]
+    if gpu:
+        lines += ["", "| case | GPU peak allocated (MiB) | MFU |", "|---|---|---|"]
+        lines += [f"| {r['case']} | {_mb(r['gpu_peak_allocated_bytes'])} | {r.get('mfu', '-')} |" for r in gpu]
     failed = [f"{b} ({p['error']})" for b, p in probes.items() if not p["ok"]]
     ok = [f"{b} (|Δloss| vs eager {p['loss_diff_vs_eager']:.1e})" for b, p in probes.items() if p["ok"] and b != "eager"]
     lines += [
@@ -425,7 +448,8 @@ def main() -> None:
         + "".join(f" {flag} {value}" for flag, value, default in (
             ("--batch", args.batch, 4), ("--seq-len", args.seq_len, 256), ("--warmup", args.warmup, 1),
             ("--steps", args.steps, 5), ("--threads", args.threads, None), ("--backends", args.backends, "all"),
-            ("--source", args.source, None))
+            ("--source", args.source, None), ("--device", args.device, "cpu"), ("--dtype", args.dtype, "float32"),
+            ("--peak-tflops", args.peak_tflops, None))
             if value != default)
         + (" --system-malloc" if args.system_malloc else "")
         + "`" + f" (this run: {result['wall_seconds']:.0f} s wall)",
