@@ -79,7 +79,7 @@ def grouped_linear(
         use_grouped_mm = grouped_mm_supported(x, weight_t)
     if use_grouped_mm:
         out = torch.nn.functional.grouped_mm(x, weight_t, offs=offsets)
-        return _ContiguousGrad.apply(out)
+        return _ContiguousGrad.apply(out) if out.requires_grad else out
     if counts is None:
         counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
     return _looped(x, weight, counts)

@@ -89,12 +89,21 @@ class _Combine(torch.autograd.Function):
         return _gather(grad.contiguous(), tokens), None, None, None, None
 
 
+def _tracked(t: torch.Tensor) -> bool:
+    """Whether autograd records this op (else the plain op runs: no Function overhead when decoding)."""
+    return torch.is_grad_enabled() and t.requires_grad
+
+
 def dispatch(x: torch.Tensor, plan: SlotPlan) -> torch.Tensor:
     """``[T, d]`` token rows -> ``[T·k, d]`` rows in expert order (row ``i`` is token ``plan.tokens[i]``)."""
+    if not _tracked(x):
+        return _gather(x, plan.tokens)
     return _Dispatch.apply(x, plan.tokens, plan.inverse, plan.top_k)
 
 
 def combine(rows: torch.Tensor, plan: SlotPlan) -> torch.Tensor:
     """``[T·k, d]`` expert-ordered slot rows -> ``[T, d]``: each token's ``k`` rows summed (a reshape-sum, not an
     ``index_add``: deterministic on every device, and bf16 sums accumulate in fp32 inside the reduction)."""
+    if not _tracked(rows):
+        return _sum_slots(rows, plan.inverse, plan.num_tokens, plan.top_k)
     return _Combine.apply(rows, plan.tokens, plan.inverse, plan.num_tokens, plan.top_k)
