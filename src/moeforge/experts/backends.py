@@ -7,9 +7,9 @@ transposed layout), i.e. transformers' ``@use_experts_implementation`` contract.
 ``from_pretrained(..., experts_implementation="moeforge_auto")``.
 
 * ``grouped``: slots sorted by expert, one grouped GEMM per projection (``grouped_mm`` where it works, an
-  ``mm`` loop where it does not, see :mod:`.grouped_linear`), the routing weight applied to the
-  ``f``-wide activation before the down projection (the projection is linear, so this equals weighting its
-  output), and adjoint gathers instead of scatters (:mod:`.slots`).
+  ``mm`` loop where it does not, see :mod:`.grouped_linear`), the routing weight applied on the narrower
+  side of the down projection (``f``-wide before it or ``d``-wide after: it is linear, so both are equal),
+  and adjoint gathers instead of scatters (:mod:`.slots`).
 * ``per_token``: for a handful of token-expert pairs (decoding), each pair's expert applied directly: no
   sort, no bookkeeping, no weights copied. Its cost is Python overhead per pair, so it loses past a few.
 * ``auto``: on CUDA a fused kernel (sonic-moe, through transformers) when it is installed and applies;
