@@ -10,6 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from moeforge.cli.formatting import human_count
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -20,13 +22,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("path", help="local HF dir, hub id, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     parser.set_defaults(func=run)
-
-
-def _count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
 
 
 def _bytes(n: int) -> str:
@@ -71,8 +66,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         ("layers", f"{report['num_layers']} ({report['num_moe_layers']} MoE)"),
         ("attention heads", f"{report['num_attention_heads']} (kv {report['num_key_value_heads']})"),
         ("vocab", f"{report['vocab_size']}" + (" (tied embeddings)" if report["tie_word_embeddings"] else "")),
-        ("total parameters", _count(report["total_parameters"])),
-        ("active parameters / token", f"{_count(report['active_parameters'])} ({active_share:.0%})"),
+        ("total parameters", human_count(report["total_parameters"])),
+        ("active parameters / token", f"{human_count(report['active_parameters'])} ({active_share:.0%})"),
         ("size on disk", f"{_bytes(report['size_on_disk_bytes'])} ({report['weights_format']})"),
     ]
     for key, value in rows:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from rich.console import Console
 from rich.table import Table
 
+from moeforge.cli.formatting import human_count
 from moeforge.errors import MoeforgeError
 from moeforge.planning.memory import DTYPE_BYTES, Optimizer, TrainingSetup
 
@@ -62,13 +63,6 @@ def setup_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
 def describe_setup(setup: TrainingSetup) -> str:
     precision = "bf16 autocast on fp32 weights" if setup.mixed_precision else f"{setup.dtype} weights"
     parts = [
@@ -115,7 +109,7 @@ def render(plan: Plan, verdicts: dict[int, str], console: Console) -> None:
         m = row.memory
         name = ("* " if row.scenario.primary and len(plan.rows) > 1 else "") + row.scenario.name
         table.add_row(
-            name, _count(row.counts.total), _count(row.counts.trainable), _count(row.counts.active),
+            name, human_count(row.counts.total), human_count(row.counts.trainable), human_count(row.counts.active),
             gb(m.weights), gb(m.gradients), gb(m.optimizer), gb(m.activations), gb(m.total),
         )
     console.print(table)
