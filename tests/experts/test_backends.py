@@ -146,6 +146,10 @@ def test_compiled_fp32_falls_back_and_matches() -> None:
     takes its loop (aot_eager traces the same Python path inductor would, in a fraction of the time)."""
     experts = make_experts(4, 24)
     x, indices, weights = random_routing(4, 2)
+    weight_t = experts.gate_up_proj.transpose(-2, -1)
+    assert grouped_mm_supported(x, weight_t)  # eager: grouped_mm
+    choice = torch.compile(lambda t: t * (2.0 if grouped_mm_supported(t, weight_t) else 3.0), backend="aot_eager")
+    torch.testing.assert_close(choice(x), 3.0 * x)  # compiled fp32: the loop
     compiled = torch.compile(lambda *a: grouped_experts_forward(experts, *a), backend="aot_eager", fullgraph=False)
     torch.testing.assert_close(compiled(x, indices, weights), grouped_experts_forward(experts, x, indices, weights), rtol=1e-5, atol=1e-5)
 

@@ -11,7 +11,8 @@ transposed layout), i.e. transformers' ``@use_experts_implementation`` contract.
   side of the down projection (``f``-wide before it or ``d``-wide after: it is linear, so both are equal),
   and adjoint gathers instead of scatters (:mod:`.slots`).
 * ``per_token``: for a handful of token-expert pairs (decoding), each pair's expert applied directly: no
-  sort, no bookkeeping, no weights copied. Its cost is Python overhead per pair, so it loses past a few.
+  sort, no bookkeeping (with gradients, small experts' weights are gathered instead, see
+  :data:`GATHER_BYTES_PER_EXPERT`). Its cost is Python overhead per pair, so it loses past a few.
 * ``auto``: on CUDA a fused kernel (sonic-moe, through transformers) when it is installed and applies;
   on CPU the pairs' weights gathered into two batched products when that copies little (few tokens, many
   small experts), ``per_token`` for at most :data:`PER_TOKEN_MAX_SLOTS` pairs, else ``grouped``.
