@@ -14,7 +14,7 @@ load), fp32 and bf16, forward and forward+backward.
 
 Backends, all on the same weights in the same run:
   moeforge  auto, grouped (grouped_mm where it works, else its mm loop), per_token (up to 256 tokens: it
-            is a per-pair loop meant for decoding), eager (moeforge_llama's expert loop).
+            is a per-pair loop meant for decoding), eager (moeforge's own expert loop).
   hf        transformers 5's eager (MixtralExperts' own loop), grouped_mm, batched_mm (skipped where the
             weights it gathers per token-expert pair would exceed --max-gather-gb).
   floor     the expert GEMMs and activation alone, on rows already sorted by expert (no dispatch,
@@ -46,7 +46,8 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import moeforge  # noqa: F401  (registers moeforge's experts backends)
 from moeforge.experts import grouped_linear, plan_slots
-from moeforge.modeling import MoeforgeExperts, MoeforgeLlamaConfig
+from moeforge.modeling import MoeforgeExperts, moeforge_config
+from transformers import LlamaConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HIDDEN, TOP_K, EXPERT_PARAMS = 512, 2, 8192
@@ -69,7 +70,7 @@ def build_layers(experts: int, dtype: torch.dtype) -> dict[str, torch.nn.Module]
     """The dense baseline and one experts module per family, sharing the expert weights."""
     f = EXPERT_PARAMS // experts
     torch.manual_seed(0)
-    config = MoeforgeLlamaConfig(hidden_size=HIDDEN, intermediate_size=TOP_K * f, num_attention_heads=8, num_key_value_heads=8)
+    config = moeforge_config(LlamaConfig(hidden_size=HIDDEN, intermediate_size=TOP_K * f, num_attention_heads=8, num_key_value_heads=8))
     ours = MoeforgeExperts(config, experts, f)
     with torch.no_grad():
         ours.gate_up_proj.normal_(std=0.02)

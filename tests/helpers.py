@@ -171,3 +171,12 @@ def forward_with_router_losses(model, routers, config, tokens: torch.Tensor):
         for hook in hooks:
             hook.remove()
         handle.detach()
+
+
+def moeforge_llama_config(moe_layers: list | None = None, **fields: Any):
+    """moeforge's architecture over a Llama config of ``fields`` (router-loss settings such as
+    ``router_aux_loss_coef`` are passed through to the moeforge config)."""
+    from moeforge.modeling import moeforge_config
+
+    settings = {key: fields.pop(key) for key in list(fields) if key.startswith("router_")}
+    return moeforge_config(LlamaConfig(**fields), moe_layers, **settings)

@@ -1,6 +1,6 @@
 """moeforge: dense LLaMA-family models into Mixture-of-Experts models.
 
-Importing moeforge registers its architecture (``moeforge_llama``) with transformers' Auto classes, so
+Importing moeforge registers its architecture (``model_type: moeforge``, over any supported family) with transformers' Auto classes, so
 ``import moeforge; AutoModelForCausalLM.from_pretrained(path)`` loads any checkpoint moeforge wrote,
 without ``trust_remote_code``. It also registers the ``MOE_LORA`` PEFT method, so
 ``import moeforge; PeftModel.from_pretrained(base, adapter_dir)`` loads a MoE adapter. And it adds its experts

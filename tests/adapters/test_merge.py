@@ -1,5 +1,5 @@
 """``moeforge merge``: a dense base + MoE-LoRA becomes a native MoE checkpoint (Mixtral, or Qwen2-MoE /
-moeforge_llama when some layers stay dense or expert counts differ) that computes the adapter model's
+moeforge's architecture when some layers stay dense or expert counts differ) that computes the adapter model's
 function; plain LoRA parts fold in; what cannot be merged is refused by name; bad input leaves nothing."""
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from moeforge.config.adapter import AdapterSpec
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.experts import EXPERTS_BACKENDS
 from moeforge.models.loading import load_model
-from moeforge.modeling import MoeforgeLlamaConfig, MoeforgeLlamaForCausalLM
-from moeforge.modeling.configuration_moeforge_llama import MoeLayerSpec
+from moeforge.modeling import MoeforgeForCausalLM, MoeLayerSpec
+from tests.helpers import moeforge_llama_config
 from tests.adapters.test_moe_lora import randomise_adapter
 from tests.helpers import build_tiny_llama, make_tiny_llama_config
 
@@ -36,14 +36,14 @@ def _mixtral() -> MixtralForCausalLM:
     return MixtralForCausalLM(config)
 
 
-def _moeforge_llama() -> MoeforgeLlamaForCausalLM:
+def _moeforge_llama():
     torch.manual_seed(0)
     spec = MoeLayerSpec(6, 2, 24, shared_intermediate_size=16).to_dict()
-    config = MoeforgeLlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, moe_layers=[spec, spec],
+    config = moeforge_llama_config(
+        [spec, spec], vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
     )
-    return MoeforgeLlamaForCausalLM(config)
+    return MoeforgeForCausalLM(config)
 
 
 def _loss_and_grads(model, backend: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""Fused experts of ``moeforge_llama``: the eager path against a naive per-token reference, forward and
+"""Fused experts of moeforge's architecture: the eager path against a naive per-token reference, forward and
 backward, and transformers' ``grouped_mm`` / ``batched_mm`` backends against the eager path."""
 
 from __future__ import annotations
@@ -7,15 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeforge.modeling import MoeforgeExperts, MoeforgeLlamaConfig
+from moeforge.modeling import MoeforgeExperts
+from tests.helpers import moeforge_llama_config
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 H = 32  # multiples of 8: CPU grouped_mm wants 16-byte aligned rows
 T = 11
 
 
-def experts_config(impl: str = "eager") -> MoeforgeLlamaConfig:
-    config = MoeforgeLlamaConfig(
+def experts_config(impl: str = "eager"):
+    config = moeforge_llama_config(None,
         vocab_size=64, hidden_size=H, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2,
     )

@@ -1,4 +1,4 @@
-"""The ``moeforge_llama`` model: structure, initialisation, save/load through the Auto classes, generation,
+"""moeforge's architecture over Llama: structure, initialisation, save/load through the Auto classes, generation,
 the upcycling identity (identical experts == the dense model), experts backends, and training gradients."""
 
 from __future__ import annotations
@@ -12,16 +12,20 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-import moeforge  # noqa: F401  (registers moeforge_llama with the Auto classes)
+import moeforge  # noqa: F401  (registers moeforge's architecture with the Auto classes)
 from moeforge.modeling import (
     GMMRouter,
     LinearRouter,
-    MoeforgeLlamaConfig,
-    MoeforgeLlamaForCausalLM,
+    MoeforgeForCausalLM,
+    MoeforgeSharedExperts,
     MoeforgeSparseMoeBlock,
     MoeLayerSpec,
+    architecture,
+    moeforge_config,
 )
-from moeforge.modeling.modeling_moeforge_llama import MoeforgeSharedExperts
+from tests.helpers import moeforge_llama_config
+
+LLAMA = architecture("llama")
 
 BASE: dict[str, Any] = dict(
     vocab_size=128,
@@ -41,15 +45,15 @@ SPEC2 = MoeLayerSpec(6, 1, 32, shared_intermediate_size=16, gate_type="gmm")
 MOE_LAYERS = [None, SPEC1.to_dict(), SPEC2.to_dict()]
 
 
-def make_config(**overrides: Any) -> MoeforgeLlamaConfig:
+def make_config(**overrides: Any):
     values = {**BASE, "moe_layers": MOE_LAYERS}
     values.update(overrides)
-    return MoeforgeLlamaConfig(**values)
+    return moeforge_llama_config(values.pop("moe_layers"), **values)
 
 
-def build(config: MoeforgeLlamaConfig | None = None, seed: int = 0) -> MoeforgeLlamaForCausalLM:
+def build(config=None, seed: int = 0):
     torch.manual_seed(seed)
-    return MoeforgeLlamaForCausalLM(config or make_config()).eval()
+    return MoeforgeForCausalLM(config or make_config()).eval()
 
 
 def sharpen(model: torch.nn.Module, seed: int = 1) -> None:
@@ -115,7 +119,7 @@ def test_parameter_names_and_shapes() -> None:
 
 
 def test_config_without_moe_layers_is_plain_llama() -> None:
-    config = MoeforgeLlamaConfig(**BASE)
+    config = moeforge_llama_config(**BASE)
     assert config.moe_layers == [None, None, None]
     model = build(config)
     assert all(type(layer.mlp) is LlamaMLP for layer in model.model.layers)
@@ -156,7 +160,9 @@ def test_all_parameters_are_initialised(gate1: str) -> None:
 
 def test_from_config_gives_the_moeforge_class() -> None:
     model = AutoModelForCausalLM.from_config(make_config())
-    assert type(model) is MoeforgeLlamaForCausalLM
+    assert type(model) is LLAMA.causal_lm_class
+    assert type(model).__name__ == "MoeforgeLlamaForCausalLM"
+    assert isinstance(model, LlamaForCausalLM)
     assert isinstance(model.model.layers[1].mlp, MoeforgeSparseMoeBlock)
 
 
@@ -165,13 +171,13 @@ def test_from_config_gives_the_moeforge_class() -> None:
 
 def test_config_round_trip_keeps_moe_layers(tmp_path: Path) -> None:
     config = make_config()
-    assert MoeforgeLlamaConfig.from_dict(config.to_dict()).moe_layers == MOE_LAYERS
+    assert LLAMA.config_class.from_dict(config.to_dict()).moe_layers == MOE_LAYERS
     config.save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
-    assert raw["model_type"] == "moeforge_llama"
+    assert (raw["model_type"], raw["base_model_type"]) == ("moeforge", "llama")
     assert raw["moe_layers"] == MOE_LAYERS
     loaded = AutoConfig.from_pretrained(tmp_path)
-    assert type(loaded) is MoeforgeLlamaConfig
+    assert type(loaded) is LLAMA.config_class and isinstance(loaded, LlamaConfig)
     assert loaded.moe_layers == MOE_LAYERS
     assert [loaded.layer_spec(i) for i in range(3)] == [None, SPEC1, SPEC2]
 
@@ -185,7 +191,7 @@ def test_save_pretrained_then_auto_from_pretrained_is_identical(tmp_path: Path) 
     model.save_pretrained(tmp_path, safe_serialization=True)
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(loaded) is MoeforgeLlamaForCausalLM
+    assert type(loaded) is LLAMA.causal_lm_class
     assert loaded.config.moe_layers == MOE_LAYERS
     state, loaded_state = model.state_dict(), loaded.state_dict()
     assert state.keys() == loaded_state.keys()
@@ -221,11 +227,11 @@ def test_generate_with_cache_equals_greedy_without_cache() -> None:
 # --------------------------------------------------------------------------------------------- upcycling identity
 
 
-def _upcycle_from(dense: LlamaForCausalLM, moe_layers: list, shared: int = 0) -> MoeforgeLlamaForCausalLM:
+def _upcycle_from(dense: LlamaForCausalLM, moe_layers: list, shared: int = 0):
     """A moeforge model holding ``dense``'s weights, each MoE layer's dense FFN split into a shared expert (its
     first ``shared`` intermediate units) and identical routed experts (the remaining units). Routers stay
     random."""
-    config = MoeforgeLlamaConfig(**{**dense.config.to_dict(), "moe_layers": moe_layers})
+    config = moeforge_config(dense.config, moe_layers)
     moe = build(config, seed=7)
     sharpen(moe, seed=8)  # random routers, and no weight that the copy below misses can pass unnoticed
     missing, unexpected = moe.load_state_dict(dense.state_dict(), strict=False)
@@ -397,17 +403,17 @@ def test_bf16_forward_runs_routing_in_fp32_and_matches_fp32() -> None:
 
 def test_experts_backend_does_not_depend_on_what_was_loaded_before() -> None:
     """transformers caches "can this class set its experts implementation" per class; building a Llama first
-    must not leak Llama's cached False into moeforge_llama (which would silently force eager experts).
+    must not leak Llama's cached False into moeforge's Llama (which would silently force eager experts).
     A fresh interpreter, since the cache lives on the classes."""
     import subprocess
     import sys
 
     code = (
         "from transformers import LlamaConfig, LlamaForCausalLM\n"
-        "from moeforge.modeling import MoeforgeLlamaConfig, MoeforgeLlamaForCausalLM, MoeLayerSpec\n"
+        "from moeforge.modeling import MoeforgeForCausalLM, MoeLayerSpec, moeforge_config\n"
         "small = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)\n"
         "LlamaForCausalLM(LlamaConfig(**small))\n"
-        "moe = MoeforgeLlamaForCausalLM(MoeforgeLlamaConfig(**small, moe_layers=[MoeLayerSpec(2, 1, 16).to_dict()]))\n"
+        "moe = MoeforgeForCausalLM(moeforge_config(LlamaConfig(**small), [MoeLayerSpec(2, 1, 16).to_dict()]))\n"
         "print(moe.config._experts_implementation)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]

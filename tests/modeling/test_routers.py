@@ -1,4 +1,4 @@
-"""Routers of ``moeforge_llama``: the shared top-k rule :func:`route` and the three gates' logits."""
+"""Routers of moeforge's architecture: the shared top-k rule :func:`route` and the three gates' logits."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeforge.modeling.configuration_moeforge_llama import MoeLayerSpec
+from moeforge.modeling import MoeLayerSpec
 from moeforge.modeling.routers import GMMRouter, LinearRouter, MLPRouter, TopKRouter, build_router, route
 
 T, E, H = 16, 8, 24

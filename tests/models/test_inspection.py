@@ -100,17 +100,18 @@ def test_qwen3_moe(tmp_path: Path) -> None:
 
 
 def test_moeforge_llama_with_fidelity(tmp_path: Path) -> None:
-    from moeforge.modeling import MoeforgeLlamaConfig, MoeforgeLlamaForCausalLM
+    from moeforge.modeling import MoeforgeForCausalLM
+    from tests.helpers import moeforge_llama_config
 
     spec = {"num_experts": 4, "top_k": 1, "expert_intermediate_size": 24, "shared_intermediate_size": 16,
             "gate_type": "mlp", "scoring": "softmax_then_topk"}
-    config = MoeforgeLlamaConfig(**SMALL, intermediate_size=48, num_hidden_layers=3, moe_layers=[None, spec, spec])
+    config = moeforge_llama_config([None, spec, spec], **SMALL, intermediate_size=48, num_hidden_layers=3)
     torch.manual_seed(0)
-    model = MoeforgeLlamaForCausalLM(config)
+    model = MoeforgeForCausalLM(config)
     _save(model, tmp_path)
     (tmp_path / "moeforge.json").write_text(json.dumps({"fidelity": {"max_abs_logit_diff": 0.0}, "other": 1}))
     report = inspect_checkpoint(tmp_path)
-    assert report["model_type"] == "moeforge_llama"
+    assert report["model_type"] == "moeforge"
     assert [row["kind"] for row in report["layers"]] == ["dense", "moe", "moe"]
     assert report["layers"][2]["gate_type"] == "mlp" and report["layers"][2]["shared_intermediate_size"] == 16
     assert report["total_parameters"] == sum(p.numel() for p in model.parameters())

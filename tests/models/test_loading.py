@@ -53,13 +53,13 @@ def test_legacy_bin_loads_and_bfloat16(tmp_path: Path) -> None:
 def test_gpt2_is_refused_with_the_supported_list(tmp_path: Path) -> None:
     config = GPT2Config(n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"])
     config.save_pretrained(tmp_path)
-    expected = (
-        "model_type 'gpt2' (GPT2LMHeadModel) is not supported; moeforge supports: "
-        "llama, mistral, qwen2, mixtral, qwen2_moe, qwen3_moe, moeforge_llama"
-    )
     with pytest.raises(MoeforgeError) as err:
         load_model(tmp_path)
-    assert str(err.value) == expected
+    message = str(err.value)
+    assert message.startswith("model_type 'gpt2' (GPT2LMHeadModel) is not supported; moeforge supports: llama, mistral, qwen2, qwen3")
+    assert "\n" not in message
+    for family in ("gemma3_text", "granite", "smollm3", "olmo2", "phi3", "mixtral", "qwen3_moe", "granitemoeshared", "moeforge"):
+        assert family in message
     with pytest.raises(MoeforgeError, match="model_type 'gpt2'"):
         check_supported(config)
     check_supported(make_tiny_llama_config())

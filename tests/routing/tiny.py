@@ -1,4 +1,4 @@
-"""Tiny MoE models for the routing tests (moeforge_llama, Mixtral, Qwen2-MoE) and an independent capture of
+"""Tiny MoE models for the routing tests (moeforge over Llama, Mixtral, Qwen2-MoE) and an independent capture of
 router outputs, so the hooks under test are checked against logits read by other means."""
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-import moeforge  # noqa: F401  (registers moeforge_llama)
-from moeforge.modeling import MoeforgeLlamaConfig, MoeforgeLlamaForCausalLM, MoeLayerSpec
+import moeforge  # noqa: F401  (registers moeforge's architecture)
+from moeforge.modeling import MoeforgeForCausalLM, MoeLayerSpec
+from tests.helpers import moeforge_llama_config
 
 VOCAB = 96
 COMMON: dict[str, Any] = dict(
@@ -50,7 +51,7 @@ def sharpen(model: nn.Module, seed: int = 1) -> nn.Module:
     return model
 
 
-def moeforge_config(**overrides: Any) -> MoeforgeLlamaConfig:
+def moeforge_config(**overrides: Any):
     """Layer 0 dense, layer 1: 4 experts top-2 (linear gate), layer 2: 3 experts top-1 (mlp gate)."""
     values = dict(
         COMMON,
@@ -63,12 +64,12 @@ def moeforge_config(**overrides: Any) -> MoeforgeLlamaConfig:
         ],
     )
     values.update(overrides)
-    return MoeforgeLlamaConfig(**values)
+    return moeforge_llama_config(**values)
 
 
-def moeforge_model(seed: int = 0, **overrides: Any) -> MoeforgeLlamaForCausalLM:
+def moeforge_model(seed: int = 0, **overrides: Any):
     torch.manual_seed(seed)
-    return sharpen(MoeforgeLlamaForCausalLM(moeforge_config(**overrides)), seed + 1)
+    return sharpen(MoeforgeForCausalLM(moeforge_config(**overrides)), seed + 1)
 
 
 def mixtral_model(seed: int = 0) -> MixtralForCausalLM:

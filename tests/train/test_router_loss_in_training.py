@@ -67,7 +67,7 @@ def test_moeforge_config_records_the_coefficients_it_trained_with(runs, models) 
     assert runs["sft", "huge"]["config"]["router_aux_loss_coef"] == COEF
     assert runs["sft", "default"]["config"]["router_aux_loss_coef"] == 0.01
     for run in (runs["sft", "zero"], runs["sft", "huge"], runs["sft", "default"]):
-        assert run["config"]["model_type"] == "moeforge_llama"
+        assert run["config"]["model_type"] == "moeforge"
         assert run["config"]["router_z_loss_coef"] == 0.0
         assert run["config"]["router_mi_loss_coef"] == 0.0
 

@@ -4,14 +4,16 @@ Plain LoRA parts (attention, an MoE base's experts, PEFT's own LoRA) fold into t
 A mixture of LoRA experts on a dense FFN *is* an MoE layer: expert ``e`` is the FFN with its LoRA deltas
 (and the shared delta) merged, the router is the adapter's router, and the routing (softmax → top-k →
 renormalise) is Mixtral's. So a dense base with ``moe_lora`` becomes a native MoE checkpoint, chosen the
-way ``moeforge convert`` chooses (Mixtral when every layer is MoE and attention has no biases, else
-Qwen2-MoE, else moeforge_llama) — the same export code, fed a copy-upcycling plan of the adapted layers.
+way ``moeforge convert`` chooses (the base family's native MoE sibling when it holds the layout, else
+moeforge's own architecture) — the same export code, fed a copy-upcycling plan of the adapted layers, and
+the merged model is read back from the checkpoint written, so what is checked is what is shipped.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +21,19 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.initialization import no_init_weights
 
 from moeforge.adapters.lora_layers import FusedExpertsLora, LoraLinear
 from moeforge.adapters.moe_lora import MoeLoraLayer
 from moeforge.adapters.peft_method import layer_index
 from moeforge.config.recipe import ConvertRecipe, MoESpec, Placement
-from moeforge.convert.export import build_config, resolve_export, to_target_layout
+from moeforge.config.recipe import parse_size
+from moeforge.convert.export import build_config, layer_tensors, outer_tensors, resolve_export
 from moeforge.convert.fidelity import FidelityReport
+from moeforge.convert.layerwise import LAYERS_PREFIX
 from moeforge.convert.plan import build_plan
 from moeforge.errors import MoeforgeError
-from moeforge.models.loading import DENSE_MODEL_TYPES
+from moeforge.families import dense_family
+from moeforge.models.safetensors_io import ShardedWriter
 
 
 def _mixture_layers(model: PeftModel) -> dict[int, tuple[str, MoeLoraLayer]]:
@@ -38,57 +42,70 @@ def _mixture_layers(model: PeftModel) -> dict[int, tuple[str, MoeLoraLayer]]:
     }
 
 
-def merge_adapter(model: PeftModel) -> PreTrainedModel:
-    """The adapter model as a plain transformers model computing the same function (up to fp round-off).
-    Consumes ``model`` (its base weights are modified in place)."""
+def merge_adapter(model: PeftModel, directory: Path | None = None) -> PreTrainedModel:
+    """The adapter model as a plain transformers model computing the same function (up to fp round-off),
+    written to ``directory`` (a temporary one when None) and read back. Consumes ``model`` (its base weights
+    are modified in place)."""
     adapter = model.active_adapter
     mixtures = _mixture_layers(model)
     for module in model.modules():
         if isinstance(module, (LoraLinear, FusedExpertsLora)):
             module.merge(adapter_names=[adapter])
     if not mixtures:
-        return model.merge_and_unload()
+        merged = model.merge_and_unload()
+        if directory is not None:
+            merged.save_pretrained(directory)
+        return merged
     base_config = model.base_model.model.config
-    if base_config.model_type not in DENSE_MODEL_TYPES:
+    if dense_family(base_config.model_type) is None:
         raise MoeforgeError(
             f"merge: MoE-LoRA on the dense layers of a {base_config.model_type} model cannot be exported yet; "
             "serve it with the adapter (PeftModel / moeforge chat --adapter)"
         )
-    experts = {index: (name, module.merged_expert_tensors(adapter)) for index, (name, module) in mixtures.items()}
+    experts = {index: module.merged_expert_tensors(adapter) for index, (_, module) in mixtures.items()}
     top_k = {module.moe_lora_settings[adapter]["top_k"] for _, module in mixtures.values()}
     base = model.unload()
-    return _to_moe(base, experts, top_k.pop())
+    if directory is not None:
+        return _write_moe(base, experts, top_k.pop(), directory)
+    with tempfile.TemporaryDirectory(prefix="moeforge-merge-") as tmp:
+        return _write_moe(base, experts, top_k.pop(), Path(tmp))
 
 
-def _to_moe(base: PreTrainedModel, experts: dict[int, tuple[str, dict[str, torch.Tensor]]], top_k: int) -> PreTrainedModel:
-    """Build the MoE model whose adapted layers hold ``experts`` (canonical ``mlp.*`` tensors) and whose
-    other tensors are ``base``'s."""
+def _write_moe(base: PreTrainedModel, experts: dict[int, dict[str, torch.Tensor]], top_k: int, directory: Path) -> PreTrainedModel:
+    """Write the MoE checkpoint whose adapted layers hold ``experts`` (canonical tensors) and whose other
+    tensors are ``base``'s, then load it (weights in memory)."""
     source = base.config
+    family = dense_family(source.model_type)
     layers = sorted(experts)
     recipe = ConvertRecipe(
         source=str(getattr(source, "_name_or_path", "") or "base"), output="unused",
-        moe=MoESpec(num_experts=[experts[i][1]["gate.weight"].shape[0] for i in layers], top_k=top_k, scale=1.0,
+        moe=MoESpec(num_experts=[experts[i]["gate.weight"].shape[0] for i in layers], top_k=top_k, scale=1.0,
                     placement=Placement(layers=layers)),
     )
-    plan = build_plan(recipe, source)
+    state = {name: tensor.detach() for name, tensor in base.state_dict().items()}
+    if source.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    prefix = LAYERS_PREFIX
+    sizes = [family.ffn.intermediate_size(lambda name, i=i: state[f"{prefix}{i}.{name}"].shape) for i in range(source.num_hidden_layers)]
+    plan = build_plan(recipe, source, sizes)
     target = resolve_export("auto", plan, source)
     config = build_config(target, plan, source)
-    state = base.state_dict()
-    for index, (name, mlp) in experts.items():
-        prefix = name.removeprefix("base_model.model.")
-        for key in ("gate_proj", "up_proj", "down_proj"):
-            state.pop(f"{prefix}.{key}.weight")
-        state.update({f"{prefix}.{key}": tensor for key, tensor in to_target_layout(target, mlp, source.hidden_size).items()})
+    ffn_names = set(family.ffn.weight_names())
+    with ShardedWriter(directory, parse_size("2GB")) as writer:
+        for name, tensor in outer_tensors(target, {k: v for k, v in state.items() if not k.startswith(prefix)}, config).items():
+            writer.add(name, tensor)
+        for index in range(source.num_hidden_layers):
+            layer_prefix = f"{prefix}{index}."
+            layer = {k[len(layer_prefix):]: v for k, v in state.items() if k.startswith(layer_prefix)}
+            if index in experts:
+                layer = {k: v for k, v in layer.items() if k not in ffn_names}
+            for name, tensor in layer_tensors(target, layer_prefix, layer, experts.get(index), family.ffn.module).items():
+                writer.add(name, tensor)
+    config.save_pretrained(directory)
+    if base.generation_config is not None:
+        base.generation_config.save_pretrained(directory)
     dtype = next(iter(state.values())).dtype
-    with no_init_weights():  # every tensor is assigned below; buffers (RoPE) are built as usual
-        merged = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = merged.load_state_dict(state, strict=False, assign=True)
-    missing = [key for key in missing if key != "lm_head.weight" or not config.tie_word_embeddings]
-    if missing or unexpected:
-        raise MoeforgeError(f"merge: the {target} model does not match the merged tensors (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    merged.tie_weights()
-    merged.generation_config = base.generation_config
-    return merged.eval()
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
 
 
 @dataclass(frozen=True)
@@ -134,7 +151,7 @@ def _merge_into(tmp: Path, adapter_dir: Path, base: str | None, dtype: torch.dty
     ids, _ = calibration_ids(Calibration(num_sequences=2, sequence_length=64), tokenizer, config.vocab_size, torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(ids).logits.float()
-        merged = merge_adapter(model)
+        merged = merge_adapter(model, tmp)
         logits = merged(ids).logits.float()
     tolerance = default_tolerance(reference, config.num_hidden_layers) * (1 if dtype == torch.float32 else 1e3)
     check = compare(reference, logits, ids, exact_expected=True, tolerance=tolerance)
@@ -143,7 +160,6 @@ def _merge_into(tmp: Path, adapter_dir: Path, base: str | None, dtype: torch.dty
         f"(tolerance {tolerance:.2e}), top-1 agreement {check.top1_agreement * 100:.2f}% on {check.tokens} tokens")
     if not check.passed:
         raise MoeforgeError(f"merge: the merged model differs from the adapter model (max |Δlogit| {check.max_abs_logit_diff:.3e}); nothing was written")
-    merged.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     record = {"merged_from": {"adapter": str(adapter_dir.resolve()), "base": base or "recorded in the adapter"}, "check": check.to_dict()}

@@ -1,196 +1,186 @@
-"""Target architectures: which can hold a plan exactly, their config, and their tensor names.
+"""Export targets: which architecture can hold a plan exactly, its config, and its checkpoint names.
 
-``auto`` picks the most portable architecture that holds every option exactly: Mixtral (every layer
-MoE, routed experts only), then Qwen2-MoE (shared experts, dense layers), else moeforge's own
-``moeforge_llama``. Native checkpoints are written in the per-expert layout that transformers 5's own
-``save_pretrained`` writes (and vLLM / llama.cpp read); ``moeforge_llama`` keeps the fused layout.
+``auto`` picks the source family's first native sibling that holds every option of the recipe exactly
+(:mod:`moeforge.families`: Mixtral for Llama with routed experts only, Qwen3-MoE for Qwen3, ...), else
+moeforge's own architecture, which holds any plan on any family. Native checkpoints use the names the
+architecture's own ``save_pretrained`` writes (what vLLM and llama.cpp's converter read), with expert FFNs
+padded with zero neurons to a multiple of 8 (exact, and the row alignment transformers' default
+``grouped_mm`` experts backend needs); moeforge checkpoints keep moeforge's fused layout.
 
-Canonical MoE tensor names (relative to ``model.layers.{i}.mlp.``) are moeforge's: ``gate.<router
-params>``, ``experts.gate_up_proj``, ``experts.down_proj``, ``shared_expert.{gate,up,down}_proj.weight``.
+Canonical MoE tensors (names relative to the layer's FFN module) are moeforge's: ``gate.<router params>``,
+``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``,
+``shared_expert.{gate,up,down}_proj.weight``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
-from transformers import MixtralConfig, PretrainedConfig, Qwen2MoeConfig
+import transformers
+from transformers import PretrainedConfig
 
 from moeforge.convert.plan import ConversionPlan
 from moeforge.errors import MoeforgeError
-from moeforge.modeling import MoeforgeLlamaConfig
+from moeforge.families import NativeMoe, Sibling, dense_family, native_moe
+from moeforge.modeling import moeforge_config
 
-EXPORT_ORDER = ("mixtral", "qwen2_moe", "moeforge")
-
-
-def _attention_biases(config: PretrainedConfig) -> tuple[bool, bool]:
-    """(q/k/v have a bias, o_proj has a bias) for llama / mistral / qwen2 configs."""
-    if config.model_type == "qwen2":
-        return True, False
-    bias = bool(getattr(config, "attention_bias", False))
-    return bias, bias
+MOEFORGE = "moeforge"
+EXPERT_ROW_ALIGNMENT = 8
+"""Expert FFN sizes of native exports are padded to a multiple of this (16 bytes in 16-bit dtypes)."""
 
 
-def _sliding_window(config: PretrainedConfig) -> int | None:
-    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
-        return None
-    return getattr(config, "sliding_window", None)
+def _sibling(target: str, source: PretrainedConfig) -> Sibling | None:
+    return next((s for s in dense_family(source.model_type).siblings if s.target == target), None)
 
 
 def _uniform(plan: ConversionPlan) -> list[str]:
-    layers = plan.moe_layers
     problems = []
-    for field_name in ("num_experts", "expert_intermediate_size", "shared_intermediate_size"):
-        if len({getattr(layer, field_name) for layer in layers}) > 1:
-            problems.append(f"{field_name} differs between layers (one value per model)")
+    for name in ("num_experts", "top_k", "expert_intermediate_size", "shared_intermediate_size"):
+        if len({getattr(layer, name) for layer in plan.moe_layers}) > 1:
+            problems.append(f"{name} differs between layers (one value per model there)")
     return problems
 
 
 def export_problems(target: str, plan: ConversionPlan, source: PretrainedConfig) -> list[str]:
-    """Why ``target`` cannot hold this conversion exactly (empty: it can)."""
+    """Why ``target`` cannot hold this conversion of ``source`` exactly (empty: it can)."""
+    if target == MOEFORGE:
+        return []
+    native, sibling = native_moe(target), _sibling(target, source)
+    family = dense_family(source.model_type)
+    if native is None or sibling is None:
+        what = native.title if native else repr(target)
+        return [f"{what} has no decoder like {family.title}'s (docs/families.md lists what each family exports to)"]
     routing = plan.moe.routing
-    qkv_bias, o_bias = _attention_biases(source)
-    problems: list[str] = []
-    if target == "moeforge":
-        if _sliding_window(source):
-            problems.append("the source uses sliding-window attention, which moeforge_llama (Llama attention) lacks")
-        return problems
-    problems += _uniform(plan)
+    problems = sibling.problems(source) + _uniform(plan)
     if routing.gate_type != "linear":
         problems.append(f"gate_type {routing.gate_type} (only a linear router)")
-    if routing.scoring == "softmax_then_topk" and not routing.normalize and target == "mixtral":
-        problems.append("normalize: false (Mixtral always renormalises the top-k weights)")
-    if o_bias:
-        problems.append("an o_proj bias in attention")
-    if target == "mixtral":
-        if any(layer is None for layer in plan.layers):
-            problems.append("dense layers (Mixtral has an MoE block in every layer)")
-        if plan.moe.shared.num_experts:
-            problems.append("shared experts")
-        if qkv_bias:
-            problems.append("q/k/v biases in attention")
-    elif target == "qwen2_moe":
-        if _sliding_window(source):
-            problems.append("the source's sliding-window attention (Qwen2-MoE windows layers differently)")
+    if routing.scoring == "softmax_then_topk" and not routing.normalize and native.norm_flag is None:
+        problems.append("normalize: false (it always renormalises the top-k weights)")
+    if any(layer is None for layer in plan.layers) and not native.dense_layers:
+        problems.append("dense layers (every layer is an MoE block there)")
+    if plan.moe.shared.num_experts and native.shared == "none":
+        problems.append("shared experts")
     return problems
+
+
+def export_choices(source: PretrainedConfig) -> list[str]:
+    """The targets a source of this family can be exported to, most portable first (moeforge last)."""
+    return [sibling.target for sibling in dense_family(source.model_type).siblings] + [MOEFORGE]
 
 
 def resolve_export(requested: str, plan: ConversionPlan, source: PretrainedConfig) -> str:
     if requested != "auto":
         problems = export_problems(requested, plan, source)
         if problems:
+            choices = ", ".join(export_choices(source))
             raise MoeforgeError(
                 f"export: {requested} cannot hold this conversion exactly: {'; '.join(problems)}. "
-                "Use export: auto (picks an architecture that can) or change those options"
+                f"Use export: auto (picks an architecture that can; for this source: {choices}) or change those options"
             )
         return requested
-    for target in EXPORT_ORDER:
-        if not export_problems(target, plan, source):
-            return target
-    raise MoeforgeError(f"no architecture can hold this conversion: {'; '.join(export_problems('moeforge', plan, source))}")
+    return next(target for target in export_choices(source) if not export_problems(target, plan, source))
 
 
-def _common_config(source: PretrainedConfig) -> dict[str, Any]:
-    head_dim = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
-    return {
-        "vocab_size": source.vocab_size,
-        "hidden_size": source.hidden_size,
-        "num_hidden_layers": source.num_hidden_layers,
-        "num_attention_heads": source.num_attention_heads,
-        "num_key_value_heads": source.num_key_value_heads or source.num_attention_heads,
-        "head_dim": head_dim,
-        "hidden_act": source.hidden_act,
-        "max_position_embeddings": source.max_position_embeddings,
-        "initializer_range": source.initializer_range,
-        "rms_norm_eps": source.rms_norm_eps,
-        "use_cache": True,
-        "pad_token_id": source.pad_token_id,
-        "bos_token_id": source.bos_token_id,
-        "eos_token_id": source.eos_token_id,
-        "tie_word_embeddings": bool(getattr(source, "tie_word_embeddings", False)),
-        "rope_parameters": dict(source.rope_parameters) if getattr(source, "rope_parameters", None) else None,
-        "attention_dropout": getattr(source, "attention_dropout", 0.0) or 0.0,
+def padded(size: int) -> int:
+    return -(-size // EXPERT_ROW_ALIGNMENT) * EXPERT_ROW_ALIGNMENT
+
+
+def _native_config(native: NativeMoe, plan: ConversionPlan, source: PretrainedConfig) -> PretrainedConfig:
+    """The target config: every field the target shares with the source by name, the source's head size, what
+    the family pairing adds (:attr:`Sibling.carry`), the target's constants, then the MoE shape."""
+    config_class = getattr(transformers, native.config_class)
+    own = {f.name for f in dataclasses.fields(config_class)} - {f.name for f in dataclasses.fields(PretrainedConfig)}
+    source_values = source.to_dict()
+    values: dict[str, Any] = {name: source_values[name] for name in own if name in source_values}
+    values["head_dim"] = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
+    values.update(_sibling(native.model_type, source).carry(source))
+    values.update(native.constants)
+    first = plan.moe_layers[0]
+    routing = plan.moe.routing
+    shape = {
+        "num_experts": first.num_experts,
+        "top_k": first.top_k,
+        "expert_size": padded(first.expert_intermediate_size),
+        "shared_size": first.shared_intermediate_size or (1 if native.shared_always else 0),
+        "dense_size": plan.intermediate_size,
     }
+    values.update({native.fields[role]: value for role, value in shape.items() if role in native.fields})
+    if native.dense_layers:
+        values["mlp_only_layers"] = [i for i, layer in enumerate(plan.layers) if layer is None]
+    if native.norm_flag:
+        values[native.norm_flag] = routing.normalize or routing.scoring == "topk_then_softmax"
+    values["architectures"] = [native.architecture]
+    return config_class(**values)
 
 
 def build_config(target: str, plan: ConversionPlan, source: PretrainedConfig) -> PretrainedConfig:
-    common = _common_config(source)
-    first = plan.moe_layers[0]
-    routing = plan.moe.routing
-    normalized = routing.normalize or routing.scoring == "topk_then_softmax"
-    if target == "mixtral":
-        return MixtralConfig(
-            **common,
-            architectures=["MixtralForCausalLM"],
-            intermediate_size=first.expert_intermediate_size,
-            num_local_experts=first.num_experts,
-            num_experts_per_tok=first.top_k,
-            sliding_window=_sliding_window(source),
-            router_jitter_noise=0.0,
-        )
-    if target == "qwen2_moe":
-        return Qwen2MoeConfig(
-            **common,
-            architectures=["Qwen2MoeForCausalLM"],
-            intermediate_size=plan.intermediate_size,
-            moe_intermediate_size=first.expert_intermediate_size,
-            shared_expert_intermediate_size=first.shared_intermediate_size or 1,
-            num_experts=first.num_experts,
-            num_experts_per_tok=first.top_k,
-            norm_topk_prob=normalized,
-            decoder_sparse_step=1,
-            mlp_only_layers=[i for i, layer in enumerate(plan.layers) if layer is None],
-            qkv_bias=_attention_biases(source)[0],
-            use_sliding_window=False,
-        )
-    qkv_bias, _ = _attention_biases(source)
-    return MoeforgeLlamaConfig(
-        **common,
-        architectures=["MoeforgeLlamaForCausalLM"],
-        intermediate_size=plan.intermediate_size,
-        attention_bias=qkv_bias,
-        mlp_bias=False,
-        moe_layers=[None if layer is None else layer.spec(plan.moe).to_dict() for layer in plan.layers],
-    )
+    if target == MOEFORGE:
+        return moeforge_config(source, [None if layer is None else layer.spec(plan.moe).to_dict() for layer in plan.layers])
+    return _native_config(native_moe(target), plan, source)
 
 
-def to_target_layout(target: str, mlp: dict[str, torch.Tensor], hidden_size: int) -> dict[str, torch.Tensor]:
-    """Canonical MoE tensors → the target model's in-memory ``mlp.*`` parameters (same function)."""
-    if target != "qwen2_moe":
-        return dict(mlp)
-    out = dict(mlp)
-    if "shared_expert.down_proj.weight" not in out:
-        # Qwen2-MoE always has a shared expert: a one-neuron all-zero MLP adds exactly 0
-        for name, shape in (("gate_proj", (1, hidden_size)), ("up_proj", (1, hidden_size)), ("down_proj", (hidden_size, 1))):
-            out[f"shared_expert.{name}.weight"] = torch.zeros(shape)
-    else:
-        # its shared expert is scaled by sigmoid(gate·x); a zero gate gives exactly 0.5, undone by 2 (exact in fp)
-        out["shared_expert.down_proj.weight"] = out["shared_expert.down_proj.weight"] * 2.0
-    out["shared_expert_gate.weight"] = torch.zeros(1, hidden_size)
-    return out
-
-
-def to_disk_layout(target: str, prefix: str, mlp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Target in-memory ``mlp.*`` tensors → checkpoint keys (``prefix`` = ``model.layers.{i}.``)."""
-    if target == "moeforge":
-        return {f"{prefix}mlp.{name}": tensor for name, tensor in mlp.items()}
-    gate_up, down = mlp["experts.gate_up_proj"], mlp["experts.down_proj"]
+def _pad_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero neurons up to the aligned size: zero gate and up rows give act(0)·0 = 0, whatever down holds."""
     size = gate_up.shape[1] // 2
-    out: dict[str, torch.Tensor] = {}
-    if target == "mixtral":
-        block = f"{prefix}block_sparse_moe."
-        out[f"{block}gate.weight"] = mlp["gate.weight"]
+    extra = padded(size) - size
+    if not extra:
+        return gate_up, down
+    experts, hidden = gate_up.shape[0], gate_up.shape[2]
+    rows = gate_up.new_zeros(experts, extra, hidden)
+    gate_up = torch.cat([gate_up[:, :size], rows, gate_up[:, size:], rows], dim=1)
+    return gate_up, torch.cat([down, down.new_zeros(experts, hidden, extra)], dim=2)
+
+
+def _matrices(names: tuple[str, ...], gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One FFN's matrices under ``names``: (gate, up, down) or (gate_up stacked, down)."""
+    if len(names) == 3:
+        return dict(zip(names, (gate, up, down), strict=True))
+    return {names[0]: torch.cat([gate, up], dim=-2), names[1]: down}
+
+
+def _native_moe_tensors(native: NativeMoe, mlp: dict[str, torch.Tensor], hidden: int) -> dict[str, torch.Tensor]:
+    keys = native.keys
+    gate_up, down = _pad_experts(mlp["experts.gate_up_proj"], mlp["experts.down_proj"])
+    size = gate_up.shape[1] // 2
+    out = {keys.router: mlp["gate.weight"]}
+    if "{e}" in keys.experts[0]:
         for e in range(gate_up.shape[0]):
-            out[f"{block}experts.{e}.w1.weight"] = gate_up[e, :size]
-            out[f"{block}experts.{e}.w3.weight"] = gate_up[e, size:]
-            out[f"{block}experts.{e}.w2.weight"] = down[e]
-        return out
-    block = f"{prefix}mlp."
-    for name, tensor in mlp.items():
-        if not name.startswith("experts."):
-            out[f"{block}{name}"] = tensor
-    for e in range(gate_up.shape[0]):
-        out[f"{block}experts.{e}.gate_proj.weight"] = gate_up[e, :size]
-        out[f"{block}experts.{e}.up_proj.weight"] = gate_up[e, size:]
-        out[f"{block}experts.{e}.down_proj.weight"] = down[e]
+            out.update(_matrices(tuple(name.format(e=e) for name in keys.experts), gate_up[e, :size], gate_up[e, size:], down[e]))
+    else:
+        out.update(_matrices(keys.experts, gate_up[:, :size], gate_up[:, size:], down))
+    shared = [mlp.get(f"shared_expert.{name}_proj.weight") for name in ("gate", "up", "down")]
+    if shared[0] is None and native.shared_always:  # a single zero neuron adds exactly 0
+        zeros = gate_up.new_zeros
+        shared = [zeros(1, hidden), zeros(1, hidden), zeros(hidden, 1)]
+    if shared[0] is not None:
+        if native.shared == "gated":
+            # the shared expert is scaled by sigmoid(gate·x); a zero gate gives exactly 0.5, undone by 2 (exact in fp)
+            shared[2] = shared[2] * 2.0
+            out[keys.shared_gate] = gate_up.new_zeros(1, hidden)
+        out.update(_matrices(keys.shared, *shared))
+    if keys.score_bias:
+        out[keys.score_bias] = gate_up.new_zeros(1, gate_up.shape[0])
     return out
+
+
+def layer_tensors(
+    target: str, prefix: str, layer: dict[str, torch.Tensor], mlp: dict[str, torch.Tensor] | None, ffn_module: str = "mlp"
+) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors of one decoder layer (``prefix`` = ``model.layers.{i}.``): its non-FFN tensors as
+    they were (``layer``, names relative to the layer), plus the MoE block built from canonical ``mlp``
+    tensors, or the dense FFN as it was when ``mlp`` is None (``layer`` then holds it)."""
+    out = dict(layer)
+    if mlp is not None:
+        if target == MOEFORGE:
+            out.update({f"{ffn_module}.{name}": tensor for name, tensor in mlp.items()})
+        else:
+            hidden = mlp["experts.gate_up_proj"].shape[2]
+            out.update(_native_moe_tensors(native_moe(target), mlp, hidden))
+    return {prefix + name: tensor for name, tensor in out.items()}
+
+
+def outer_tensors(target: str, tensors: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers (embeddings, final norm, head), as the target stores them."""
+    return dict(tensors)

@@ -1,78 +1,184 @@
 """Run a causal LM one decoder layer at a time, with weights handed in per layer.
 
-The model skeleton lives on the meta device; a layer is materialised from the tensors given, run on
-the whole calibration batch, and released. Memory is one layer plus the activations, whatever the
-model size: this is what lets conversion calibrate and check fidelity while streaming shard by shard.
-A layer's FFN can be swapped for another module (the converted MoE block) for one call.
+The model skeleton has its parameters on the meta device (buffers such as RoPE frequencies are real);
+a layer is materialised from the tensors given, run on the whole calibration batch, and released.
+Memory is one layer plus the activations, whatever the model size: this is what lets conversion
+calibrate and check fidelity while streaming shard by shard. A layer's FFN can be swapped for another
+module (the converted MoE block) for one call.
+
+What a decoder layer receives besides its hidden states (causal / sliding / linear-attention masks, the
+RoPE of its layer type, per-layer inputs, a shared-KV store) is computed by the family's own forward:
+:meth:`LayerwiseModel.layer_inputs` runs it with the layers replaced by recorders and keeps what each was
+called with, and :meth:`LayerwiseModel.logits` runs it again with the layers replaying given hidden
+states, so embedding scales, final norms, logit multipliers and soft-capping are the family's own too.
+Nothing family-specific is written here.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from moeforge.errors import MoeforgeError
+
+LAYERS_PREFIX = "model.layers."
+
+
+class _Recorded(Exception):
+    """Raised by the last recorder: everything the layers are called with is known, stop the forward there."""
+
+
+@dataclass
+class LayerInputs:
+    """One stream through the decoder: its current hidden states and what each layer is called with
+    (positional arguments after the hidden states, keyword arguments)."""
+
+    hidden: torch.Tensor
+    calls: list[tuple[tuple, dict]]
+
+    def fork(self) -> LayerInputs:
+        """An independent stream: containers a layer may write into (a shared-KV store) are copied once and
+        stay shared between the layers of this stream, exactly as in one forward."""
+        memo: dict[int, object] = {}
+
+        def own(value: object) -> object:
+            if isinstance(value, (dict, list)) and not isinstance(value, torch.Tensor):
+                return memo.setdefault(id(value), copy.copy(value))
+            return value
+
+        calls = [(tuple(own(a) for a in args), {k: own(v) for k, v in kwargs.items()}) for args, kwargs in self.calls]
+        return LayerInputs(self.hidden.clone(), calls)
+
+
+def _set_parameters(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[leaf] = tensor
+
+
+def _release(module: nn.Module) -> None:
+    """Drop a module's parameters back to the meta device (buffers stay: they are small and not re-read)."""
+    for sub in module.modules():
+        for leaf, parameter in sub._parameters.items():
+            if parameter is not None and parameter.device.type != "meta":
+                sub._parameters[leaf] = nn.Parameter(torch.empty_like(parameter, device="meta"), requires_grad=False)
+
 
 class LayerwiseModel:
-    def __init__(self, config: PretrainedConfig) -> None:
-        with torch.device("meta"):
+    def __init__(self, config: PretrainedConfig, ffn_module: str = "mlp") -> None:
+        with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         self.model.eval()
-        self.rotary = type(self.model.model.rotary_emb)(config=config)
-        window = getattr(config, "sliding_window", None)
-        self.sliding_window = window if config.model_type in ("mistral", "mixtral") else None
+        self.layers: nn.ModuleList = self.model.model.layers
+        self.ffn_module = ffn_module
+        self.outer_names = [name for name in self.model.state_dict() if not name.startswith(LAYERS_PREFIX)]
 
-    def _mask(self, length: int) -> torch.Tensor | None:
-        """None (SDPA's own causal mask) unless a sliding window is shorter than the sequence."""
-        if not self.sliding_window or length <= self.sliding_window:
-            return None
-        position = torch.arange(length)
-        distance = position[:, None] - position[None, :]
-        allowed = (distance >= 0) & (distance < self.sliding_window)
-        return torch.zeros(length, length).masked_fill(~allowed, float("-inf"))[None, None]
+    @contextmanager
+    def _outer(self, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Materialise everything outside the decoder layers (embeddings, final norm, head, per-layer input
+        projections) for one forward. A tied head reuses the embedding."""
+        tensors = dict(tensors)
+        if "lm_head.weight" in self.outer_names and "lm_head.weight" not in tensors:
+            tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
+        missing = [name for name in self.outer_names if tensors.get(name) is None]
+        if missing:
+            raise MoeforgeError(f"the checkpoint lacks {missing[0]}, which its config.json requires; re-download or re-save it")
+        _set_parameters(self.model, {name: tensors[name].float() for name in self.outer_names})
+        try:
+            yield
+        finally:
+            _release(self.model)
+
+    @contextmanager
+    def _layers_replaced(self, forward: Callable[[int, tuple, dict], torch.Tensor]) -> Iterator[None]:
+        """Each decoder layer's forward becomes ``forward(index, args, kwargs)`` for the duration."""
+        for index, layer in enumerate(self.layers):
+            layer.forward = lambda *args, _i=index, **kwargs: forward(_i, args, kwargs)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                del layer.forward
+
+    @torch.no_grad()
+    def layer_inputs(self, ids: torch.Tensor, outer: dict[str, torch.Tensor]) -> LayerInputs:
+        """The first layer's hidden states for ``ids`` and what every layer is called with."""
+        calls: list[tuple[tuple, dict]] = []
+        first: list[torch.Tensor] = []
+
+        def record(index: int, args: tuple, kwargs: dict) -> torch.Tensor:
+            hidden, *rest = args if args else (kwargs.pop("hidden_states"),)
+            if index == 0:
+                first.append(hidden)
+            calls.append((tuple(rest), kwargs))
+            if index == len(self.layers) - 1:
+                raise _Recorded
+            return hidden
+
+        with self._outer(outer), self._layers_replaced(record):
+            try:
+                self.model(input_ids=ids, use_cache=False)
+            except _Recorded:
+                pass
+        return LayerInputs(first[0], calls)
 
     @torch.no_grad()
     def run_layer(
         self,
         index: int,
         tensors: dict[str, torch.Tensor],
-        hidden: torch.Tensor,
+        stream: LayerInputs,
         *,
         mlp: nn.Module | None = None,
         capture_mlp_input: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run decoder layer ``index`` with ``tensors`` (names relative to ``model.layers.{index}.``; without
-        ``mlp.*`` when ``mlp`` replaces the FFN). Returns the new hidden states and, if asked, the FFN input
-        (the post-attention norm output)."""
-        layer = self.model.model.layers[index]
-        original_mlp = layer.mlp
+        """Run decoder layer ``index`` with ``tensors`` (names relative to ``model.layers.{index}.``; without the
+        FFN's when ``mlp`` replaces it) on the stream's hidden states. Returns the new hidden states and, if
+        asked, the FFN's input. The stream itself is not advanced (the caller decides)."""
+        layer = self.layers[index]
+        original_mlp = getattr(layer, self.ffn_module)
         if mlp is not None:
-            layer.mlp = mlp
-            tensors = tensors | {f"mlp.{name}": value for name, value in mlp.state_dict().items()}
-        layer.load_state_dict(tensors, strict=True, assign=True)
+            setattr(layer, self.ffn_module, mlp)
+            tensors = tensors | {f"{self.ffn_module}.{name}": value for name, value in mlp.state_dict().items()}
+        expected = set(layer.state_dict())
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            what = f"lacks {LAYERS_PREFIX}{index}.{missing[0]}" if missing else f"has an unexpected {LAYERS_PREFIX}{index}.{extra[0]}"
+            raise MoeforgeError(f"the checkpoint {what} (its config.json says otherwise); re-download or re-save it")
+        _set_parameters(layer, tensors)
         captured: list[torch.Tensor] = []
-        hook = layer.mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0])) if capture_mlp_input else None
+        ffn = getattr(layer, self.ffn_module)
+        hook = ffn.register_forward_pre_hook(lambda _m, args: captured.append(args[0])) if capture_mlp_input else None
+        args, kwargs = stream.calls[index]
         try:
-            positions = torch.arange(hidden.shape[1]).unsqueeze(0).expand(hidden.shape[0], -1)
-            output = layer(
-                hidden,
-                attention_mask=self._mask(hidden.shape[1]),
-                position_ids=positions,
-                position_embeddings=self.rotary(hidden, positions),
-            )
+            output = layer(stream.hidden, *args, **kwargs)
         finally:
             if hook is not None:
                 hook.remove()
-            layer.mlp = original_mlp
-            layer.to("meta")
+            setattr(layer, self.ffn_module, original_mlp)
+            _release(layer)
         output = output[0] if isinstance(output, tuple) else output
         return output, (captured[0] if captured else None)
 
     @torch.no_grad()
-    def logits(self, hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
-        norm = self.model.model.norm
-        norm.load_state_dict({"weight": norm_weight}, assign=True)
-        try:
-            return torch.nn.functional.linear(norm(hidden), lm_head)
-        finally:
-            norm.to("meta")
+    def logits(self, ids: torch.Tensor, final_hidden: torch.Tensor, outer: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's logits when its last decoder layer outputs ``final_hidden`` for ``ids``: the family's
+        own final norm, head and logit transforms (multipliers, soft-capping)."""
+
+        def replay(index: int, args: tuple, kwargs: dict) -> torch.Tensor:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return final_hidden if index == len(self.layers) - 1 else hidden
+
+        with self._outer(outer), self._layers_replaced(replay):
+            return self.model(input_ids=ids, use_cache=False).logits.float()

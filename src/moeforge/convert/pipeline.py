@@ -20,21 +20,22 @@ from pathlib import Path
 
 import safetensors
 import torch
-import torch.nn.functional as F
 import transformers
+from transformers.activations import ACT2FN
 
 from moeforge import __version__
 from moeforge.config.recipe import ConvertRecipe
 from moeforge.convert.calibration import calibration_ids
 from moeforge.convert.experts import build_experts
-from moeforge.convert.export import build_config, resolve_export, to_disk_layout, to_target_layout
+from moeforge.convert.export import build_config, layer_tensors, outer_tensors, resolve_export
 from moeforge.convert.fidelity import FidelityReport, compare, default_tolerance
-from moeforge.convert.layerwise import LayerwiseModel
+from moeforge.convert.layerwise import LAYERS_PREFIX, LayerInputs, LayerwiseModel
 from moeforge.convert.plan import ConversionPlan, LayerPlan, build_plan
 from moeforge.convert.router_init import init_router
 from moeforge.errors import FidelityError, MoeforgeError
-from moeforge.modeling import MoeforgeLlamaConfig, MoeforgeSparseMoeBlock
-from moeforge.models.loading import DENSE_MODEL_TYPES, load_tokenizer, read_config, resolve_checkpoint
+from moeforge.families import source_family
+from moeforge.modeling import MoeforgeSparseMoeBlock, moeforge_config
+from moeforge.models.loading import load_tokenizer, read_config, resolve_checkpoint
 from moeforge.models.safetensors_io import CheckpointReader, ShardedWriter
 
 TOKENIZER_FILES = (
@@ -85,26 +86,22 @@ def _ffn_activations(mlp_input: torch.Tensor, gate: torch.Tensor, up: torch.Tens
 
 
 class _Converter:
-    """One conversion: the resolved source, its plan and export target, and the streaming passes."""
+    """One conversion: the resolved source, its family, plan and export target, and the streaming passes."""
 
     def __init__(self, recipe: ConvertRecipe, source_dir: Path, log: Callable[[str], None]) -> None:
         self.recipe = recipe
         self.log = log
         self.source_dir = source_dir
         self.source_config = read_config(source_dir)
-        if self.source_config.model_type not in DENSE_MODEL_TYPES:
-            raise MoeforgeError(
-                f"source: {recipe.source} is a {self.source_config.model_type} model; convert takes a dense model "
-                f"({', '.join(DENSE_MODEL_TYPES)})"
-            )
-        self.plan = build_plan(recipe, self.source_config)
+        self.family = source_family(self.source_config, recipe.source)
+        self.ffn = self.family.ffn
+        self.reader = CheckpointReader(source_dir)
+        self.plan = build_plan(recipe, self.source_config, self._ffn_sizes())
         self.target = resolve_export(recipe.export, self.plan, self.source_config)
         self.target_config = build_config(self.target, self.plan, self.source_config)
-        self.reader = CheckpointReader(source_dir)
         self.generator = torch.Generator().manual_seed(recipe.seed)
-        first = "model.embed_tokens.weight"
-        self.out_dtype = DTYPES.get(recipe.dtype) or self.reader.dtype_of(first)
-        self.act = transformers.activations.ACT2FN[self.source_config.hidden_act]
+        self.out_dtype = DTYPES.get(recipe.dtype) or self.reader.dtype_of(self._layer_names(0)[0])
+        self.act = ACT2FN[self.family.activation(self.source_config)]
         self.checksums: dict[str, str] = {}
         self.scales: dict[int, float] = {}  # least-squares calibrated down_proj factors, by layer
         # Calibration sequences used to fit (importance, k-means routers, scales); the fidelity report uses the
@@ -113,129 +110,134 @@ class _Converter:
         if self.plan.needs_calibration and sequences < 2:
             raise MoeforgeError("calibration.num_sequences: this recipe fits to calibration text and needs at least 2 sequences (half fit, half report)")
         self.fit_sequences = sequences // 2 if self.plan.needs_calibration else 0
-        # config of the canonical MoE block that runs the MoE stream (eager experts: bf16 weights, fp32 compute)
-        self.block_config = MoeforgeLlamaConfig(
-            hidden_size=self.source_config.hidden_size, hidden_act=self.source_config.hidden_act, num_hidden_layers=1,
-            num_attention_heads=1, num_key_value_heads=1,
-        )
+        # config of the canonical MoE block that runs the MoE stream (eager experts: stored-dtype weights, fp32 compute)
+        self.block_config = moeforge_config(self.source_config)
         self.block_config._experts_implementation = "eager"
+
+    def _ffn_sizes(self) -> list[int]:
+        """Each layer's FFN neuron count, read from the checkpoint's headers (families may vary it by layer)."""
+        sizes = []
+        for index in range(self.source_config.num_hidden_layers):
+            prefix = f"{LAYERS_PREFIX}{index}."
+            missing = [name for name in self.ffn.weight_names() if prefix + name not in self.reader]
+            if missing:
+                raise MoeforgeError(
+                    f"source: {self.recipe.source} lacks {prefix}{missing[0]}: its layer {index} has no {self.family.title} FFN "
+                    "where config.json says; re-download it or check that it is a plain dense checkpoint"
+                )
+            sizes.append(self.ffn.intermediate_size(lambda name, p=prefix: self.reader.shape_of(p + name)))
+        biases = [name for name in self.reader.keys() if name.startswith(LAYERS_PREFIX) and f".{self.ffn.module}." in name and name.endswith(".bias")]
+        if biases:
+            raise MoeforgeError(f"source: {self.recipe.source} has FFN biases ({biases[0]}); moeforge converts bias-free gated FFNs only")
+        return sizes
 
     def _read(self, name: str) -> torch.Tensor:
         """A source tensor in the output dtype: the dense reference is the model as it will be stored."""
         return self.reader.get(name).to(self.out_dtype)
 
     def _layer_names(self, index: int) -> list[str]:
-        prefix = f"model.layers.{index}."
+        prefix = f"{LAYERS_PREFIX}{index}."
         return [name for name in self.reader.keys() if name.startswith(prefix)]
+
+    def _outer_names(self) -> list[str]:
+        return [name for name in self.reader.keys() if not name.startswith(LAYERS_PREFIX)]
 
     def run(self, tmp: Path) -> tuple[FidelityReport | None, list[str]]:
         recipe, plan, config = self.recipe, self.plan, self.source_config
         tokenizer = load_tokenizer(self.source_dir)
         ids, origin = calibration_ids(recipe.calibration, tokenizer, config.vocab_size, self.generator)
         self.log(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens from {origin}")
-        runner = LayerwiseModel(config)
+        runner = LayerwiseModel(config, self.ffn.module)
+        # Without a fidelity check and with nothing calibrated, conversion is a pure streaming rewrite.
+        streams = recipe.fidelity.check or plan.needs_calibration
         new_params: list[str] = []
         with ShardedWriter(tmp, recipe.max_shard_bytes) as writer:
-            dense_h, moe_h, norm, lm_head = self._stream_layers(ids, runner, writer, new_params)
+            outer = {name: self._read(name) for name in self._outer_names()}
+            for name, tensor in outer_tensors(self.target, outer, self.target_config).items():
+                writer.add(name, tensor)
+            dense = runner.layer_inputs(ids, outer) if streams else None
+            del outer
+            moe = dense.fork() if dense is not None else None
+            for index in range(plan.num_layers):
+                new_params += self._stream_layer(index, runner, writer, dense, moe)
         self.checksums = writer.checksums
         report = None
         if recipe.fidelity.check:
             held_out = slice(self.fit_sequences, None)  # sequences nothing was fitted on
-            dense_logits = runner.logits(dense_h[held_out], norm.float(), lm_head.float())
-            moe_logits = runner.logits(moe_h[held_out], norm.float(), lm_head.float())
+            outer = {name: self._read(name) for name in self._outer_names()}
+            dense_logits = runner.logits(ids[held_out], dense.hidden[held_out], outer)
+            moe_logits = runner.logits(ids[held_out], moe.hidden[held_out], outer)
+            del outer
             tolerance = recipe.fidelity.tolerance or default_tolerance(dense_logits, plan.num_layers)
             report = compare(dense_logits, moe_logits, ids[held_out], exact_expected=plan.exact, tolerance=tolerance)
         return report, new_params
 
-    def _stream_layers(
-        self, ids: torch.Tensor, runner: LayerwiseModel, writer: ShardedWriter, new_params: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write every tensor of the converted model while advancing the dense and MoE streams."""
-        plan, config = self.plan, self.source_config
-        embed = self._read("model.embed_tokens.weight")
-        writer.add("model.embed_tokens.weight", embed)
-        dense_h = F.embedding(ids, embed.float())
-        moe_h = dense_h.clone()
-        del embed
-        # Without a fidelity check and with nothing calibrated, conversion is a pure streaming rewrite.
-        streams = self.recipe.fidelity.check or plan.needs_calibration
-        for index in range(plan.num_layers):
-            prefix = f"model.layers.{index}."
-            stored = {name[len(prefix):]: self._read(name) for name in self._layer_names(index)}
-            dense = {name: tensor.float() for name, tensor in stored.items()} if streams else {}
-            dense_ffn_in = None
-            if streams:
-                dense_h, dense_ffn_in = runner.run_layer(index, dense, dense_h, capture_mlp_input=True)
-            layer_plan = plan.layers[index]
-            if layer_plan is None:
-                if streams:
-                    moe_h, _ = runner.run_layer(index, dense, moe_h)
-                disk = {prefix + name: tensor for name, tensor in stored.items()}
-            else:
-                block, disk, created = self._convert_layer(index, layer_plan, stored, dense, dense_ffn_in, moe_h, runner)
-                if streams:
-                    attention = {name: tensor for name, tensor in dense.items() if not name.startswith("mlp.")}
-                    moe_h, _ = runner.run_layer(index, attention, moe_h, mlp=block)
-                new_params += created
-            del stored, dense
-            for name, tensor in disk.items():
-                writer.add(name, tensor)
-            self.log(f"  layer {index + 1}/{plan.num_layers} {'moe' if layer_plan else 'dense'}")
-        norm = self._read("model.norm.weight")
-        writer.add("model.norm.weight", norm)
-        tied = bool(getattr(config, "tie_word_embeddings", False))
-        head_name = "model.embed_tokens.weight" if tied or "lm_head.weight" not in self.reader else "lm_head.weight"
-        lm_head = self._read(head_name)
-        if not tied:
-            writer.add("lm_head.weight", lm_head)
-        return dense_h, moe_h, norm, lm_head
+    def _stream_layer(
+        self, index: int, runner: LayerwiseModel, writer: ShardedWriter, dense: LayerInputs | None, moe: LayerInputs | None
+    ) -> list[str]:
+        """Write layer ``index`` of the converted model while advancing the dense and MoE streams (when running)."""
+        plan = self.plan
+        prefix = f"{LAYERS_PREFIX}{index}."
+        stored = {name[len(prefix):]: self._read(name) for name in self._layer_names(index)}
+        weights = {name: tensor.float() for name, tensor in stored.items()} if dense is not None else {}
+        dense_ffn_in = None
+        if dense is not None:
+            dense.hidden, dense_ffn_in = runner.run_layer(index, weights, dense, capture_mlp_input=True)
+        layer_plan = plan.layers[index]
+        created: list[str] = []
+        if layer_plan is None:
+            if moe is not None:
+                moe.hidden, _ = runner.run_layer(index, weights, moe)
+            disk = layer_tensors(self.target, prefix, stored, None)
+        else:
+            block, mlp = self._convert_layer(index, layer_plan, stored, weights, dense_ffn_in, moe, runner)
+            if moe is not None:
+                ffn_names = set(self.ffn.weight_names())
+                attention = {name: tensor for name, tensor in weights.items() if name not in ffn_names}
+                moe.hidden, _ = runner.run_layer(index, attention, moe, mlp=block)
+            layer = {name: tensor for name, tensor in stored.items() if name not in set(self.ffn.weight_names())}
+            disk = layer_tensors(self.target, prefix, layer, mlp)
+            created = sorted(name for name in disk if _is_router_param(name))
+        for name, tensor in disk.items():
+            writer.add(name, tensor)
+        self.log(f"  layer {index + 1}/{plan.num_layers} {'moe' if layer_plan else 'dense'}")
+        return created
 
     def _convert_layer(
         self,
         index: int,
         layer_plan: LayerPlan,
         stored: dict[str, torch.Tensor],
-        dense: dict[str, torch.Tensor],
+        weights: dict[str, torch.Tensor],
         dense_ffn_in: torch.Tensor | None,
-        moe_h: torch.Tensor,
+        moe: LayerInputs | None,
         runner: LayerwiseModel,
-    ) -> tuple[MoeforgeSparseMoeBlock, dict[str, torch.Tensor], list[str]]:
+    ) -> tuple[MoeforgeSparseMoeBlock, dict[str, torch.Tensor]]:
         """Build layer ``index``'s MoE block. Returns the block for the MoE stream (experts kept in the
-        output dtype, upcast per expert as they run), the checkpoint tensors, and the new router names."""
-        moe, config = self.recipe.moe, self.source_config
+        output dtype, upcast per expert as they run) and its canonical tensors (moeforge's names)."""
+        moe_spec, config = self.recipe.moe, self.source_config
         activations = None
         if self.plan.needs_activations:
-            fit_in = dense_ffn_in[: self.fit_sequences]
-            activations = _ffn_activations(fit_in, dense["mlp.gate_proj.weight"], dense["mlp.up_proj.weight"], self.act)
+            gate, up, _ = self.ffn.split(weights)
+            activations = _ffn_activations(dense_ffn_in[: self.fit_sequences], gate, up, self.act)
         moe_ffn_in = None
         if layer_plan.router_init == "kmeans" or layer_plan.calibrate_scale:
             # the router's real input: this layer's FFN input on the MoE stream (attention is unchanged)
-            _, moe_ffn_in = runner.run_layer(index, dense, moe_h, capture_mlp_input=True)
+            _, moe_ffn_in = runner.run_layer(index, weights, moe, capture_mlp_input=True)
             moe_ffn_in = moe_ffn_in[: self.fit_sequences].reshape(-1, moe_ffn_in.shape[-1])
         router_inputs = moe_ffn_in if layer_plan.router_init == "kmeans" else None
-        mlp = build_experts(
-            layer_plan, moe, stored["mlp.gate_proj.weight"], stored["mlp.up_proj.weight"], stored["mlp.down_proj.weight"],
-            activations, self.generator,
-        )
+        mlp = build_experts(layer_plan, moe_spec, *self.ffn.split(stored), activations, self.generator)
         router = init_router(
-            layer_plan, moe.routing.gate_type, moe.routing.gate_hidden_size, config.hidden_size,
-            moe.routing.router_init_std, router_inputs, self.generator,
+            layer_plan, moe_spec.routing.gate_type, moe_spec.routing.gate_hidden_size, config.hidden_size,
+            moe_spec.routing.router_init_std, router_inputs, self.generator,
         )
         mlp.update({f"gate.{name}": tensor.to(self.out_dtype) for name, tensor in router.items()})
         block = self._block(layer_plan, mlp)
         if layer_plan.calibrate_scale:
-            factor = _least_squares_scale(block, dense, moe_ffn_in, self.act)
+            factor = _least_squares_scale(block, self.ffn.split(weights), moe_ffn_in, self.act)
             mlp["experts.down_proj"].mul_(factor)  # the block shares this storage (assign=True)
             self.scales[index] = layer_plan.scale * factor
-
-        prefix = f"model.layers.{index}."
-        layer = {name: tensor for name, tensor in stored.items() if not name.startswith("mlp.")}
-        if self.target == "moeforge" and "self_attn.q_proj.bias" in layer and "self_attn.o_proj.bias" not in layer:
-            layer["self_attn.o_proj.bias"] = torch.zeros(config.hidden_size, dtype=self.out_dtype)  # Llama biases all four
-        disk = {prefix + name: tensor for name, tensor in layer.items()}
-        disk.update(to_disk_layout(self.target, prefix, to_target_layout(self.target, mlp, config.hidden_size)))
-        created = sorted(name for name in disk if _is_router_param(name))
-        return block, disk, created
+        return block, mlp
 
     def _block(self, layer_plan: LayerPlan, mlp: dict[str, torch.Tensor]) -> MoeforgeSparseMoeBlock:
         """The canonical MoE block over these tensors: experts stay in the output dtype, the rest runs in fp32."""
@@ -250,12 +252,13 @@ class _Converter:
 
 @torch.no_grad()
 def _least_squares_scale(
-    block: MoeforgeSparseMoeBlock, dense: dict[str, torch.Tensor], ffn_in: torch.Tensor, act: Callable
+    block: MoeforgeSparseMoeBlock, ffn: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ffn_in: torch.Tensor, act: Callable
 ) -> float:
     """The factor on the routed experts that brings the block's output closest (L2) to the dense FFN's
-    on the same inputs: argmin_s ||dense - shared - s·routed||² = <dense - shared, routed> / ||routed||²."""
-    target = _ffn_activations(ffn_in, dense["mlp.gate_proj.weight"], dense["mlp.up_proj.weight"], act)
-    target = target @ dense["mlp.down_proj.weight"].T
+    (``ffn`` = gate, up, down) on the same inputs: argmin_s ||dense - shared - s·routed||² = <dense - shared,
+    routed> / ||routed||²."""
+    gate, up, down = ffn
+    target = _ffn_activations(ffn_in, gate, up, act) @ down.T
     total = block(ffn_in.unsqueeze(0)).squeeze(0)
     shared = block.shared_expert(ffn_in) if block.shared_expert is not None else torch.zeros_like(total)
     routed = total - shared

@@ -53,8 +53,15 @@ class LayerPlan:
 class ConversionPlan:
     recipe: ConvertRecipe
     num_layers: int
-    intermediate_size: int
+    ffn_sizes: list[int]
+    """Each source layer's FFN neuron count (most families use one size; Gemma 4 doubles some layers')."""
     layers: list[LayerPlan | None] = field(default_factory=list)
+
+    @property
+    def intermediate_size(self) -> int:
+        """The dense FFN size of the layers that stay dense (the first layer's when none does)."""
+        dense = [size for size, layer in zip(self.ffn_sizes, self.layers) if layer is None]
+        return (dense or self.ffn_sizes)[0]
 
     @property
     def moe(self) -> MoESpec:
@@ -198,14 +205,12 @@ def _plan_layer(moe: MoESpec, layer: int, num_experts: int, intermediate: int) -
     )
 
 
-def build_plan(recipe: ConvertRecipe, source_config: PretrainedConfig) -> ConversionPlan:
+def build_plan(recipe: ConvertRecipe, source_config: PretrainedConfig, ffn_sizes: list[int]) -> ConversionPlan:
+    """The plan for a source whose layers have ``ffn_sizes`` FFN neurons (read from the checkpoint's headers)."""
     num_layers = source_config.num_hidden_layers
-    intermediate = source_config.intermediate_size
-    if getattr(source_config, "mlp_bias", False):
-        raise MoeforgeError("the source model has mlp_bias=True; moeforge converts bias-free (SwiGLU) FFNs only")
     moe_layer_ids = select_moe_layers(recipe.moe, num_layers)
     counts = experts_per_layer(recipe.moe, moe_layer_ids)
     layers: list[LayerPlan | None] = [None] * num_layers
     for layer in moe_layer_ids:
-        layers[layer] = _plan_layer(recipe.moe, layer, counts[layer], intermediate)
-    return ConversionPlan(recipe=recipe, num_layers=num_layers, intermediate_size=intermediate, layers=layers)
+        layers[layer] = _plan_layer(recipe.moe, layer, counts[layer], ffn_sizes[layer])
+    return ConversionPlan(recipe=recipe, num_layers=num_layers, ffn_sizes=list(ffn_sizes), layers=layers)

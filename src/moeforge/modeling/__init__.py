@@ -1,36 +1,49 @@
-"""moeforge's own architecture (``moeforge_llama``): Llama with per-layer MoE blocks.
+"""moeforge's own architecture (``model_type: moeforge``): any supported dense family with MoE blocks.
 
-Used only when no native transformers architecture can hold a conversion exactly (per-layer expert
-counts, mlp/gmm gates, unnormalised top-k, ...). Importing this package registers it with the Auto
-classes, so no ``trust_remote_code`` is ever needed.
+Used when no native transformers architecture can hold a conversion exactly (a family without a native
+MoE sibling, per-layer expert counts, mlp/gmm gates, unnormalised top-k, ...). Importing this package
+registers its config with ``AutoConfig``; each family's model classes are built and registered with
+``AutoModel`` / ``AutoModelForCausalLM`` the first time a config of that family is read, so no
+``trust_remote_code`` is ever needed.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig
 
-from moeforge.modeling.configuration_moeforge_llama import MoeLayerSpec, MoeforgeLlamaConfig
-from moeforge.modeling.modeling_moeforge_llama import (
-    MoeforgeExperts,
-    MoeforgeLlamaForCausalLM,
-    MoeforgeLlamaModel,
-    MoeforgeSparseMoeBlock,
+from moeforge.modeling.configuration import (
+    LEGACY_MODEL_TYPES,
+    MODEL_TYPE,
+    LegacyMoeforgeLlamaConfig,
+    MoeforgeConfig,
+    MoeLayerSpec,
+    is_moeforge_config,
+    moeforge_config,
 )
+from moeforge.modeling.modeling import Architecture, MoeforgeForCausalLM, architecture, causal_lm_class, install_moe_blocks
+from moeforge.modeling.moe_block import MoeforgeExperts, MoeforgeSharedExperts, MoeforgeSparseMoeBlock
 from moeforge.modeling.routers import GMMRouter, LinearRouter, MLPRouter, TopKRouter, build_router, route
 
-AutoConfig.register(MoeforgeLlamaConfig.model_type, MoeforgeLlamaConfig, exist_ok=True)
-AutoModel.register(MoeforgeLlamaConfig, MoeforgeLlamaModel, exist_ok=True)
-AutoModelForCausalLM.register(MoeforgeLlamaConfig, MoeforgeLlamaForCausalLM, exist_ok=True)
+AutoConfig.register(MoeforgeConfig.model_type, MoeforgeConfig, exist_ok=True)
+AutoConfig.register(LegacyMoeforgeLlamaConfig.model_type, LegacyMoeforgeLlamaConfig, exist_ok=True)
 
 __all__ = [
+    "LEGACY_MODEL_TYPES",
+    "MODEL_TYPE",
+    "Architecture",
     "GMMRouter",
     "LinearRouter",
     "MLPRouter",
     "MoeLayerSpec",
+    "MoeforgeConfig",
     "MoeforgeExperts",
-    "MoeforgeLlamaConfig",
-    "MoeforgeLlamaForCausalLM",
-    "MoeforgeLlamaModel",
+    "MoeforgeForCausalLM",
+    "MoeforgeSharedExperts",
     "MoeforgeSparseMoeBlock",
     "TopKRouter",
+    "architecture",
     "build_router",
+    "causal_lm_class",
+    "install_moe_blocks",
+    "is_moeforge_config",
+    "moeforge_config",
     "route",
 ]

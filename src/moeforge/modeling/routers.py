@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from moeforge.modeling.configuration_moeforge_llama import MoeLayerSpec
+from moeforge.modeling.configuration import MoeLayerSpec
 
 
 def route(

@@ -17,6 +17,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from moeforge.errors import MoeforgeError
+from moeforge.families import LEGACY_MODEL_TYPES, MOEFORGE_MODEL_TYPE, NativeMoe, native_moe
 from moeforge.models.loading import read_config, resolve_checkpoint
 from moeforge.models.safetensors_io import CheckpointReader
 
@@ -71,7 +72,7 @@ def _moe(
 
 
 def _moeforge_rows(config: PretrainedConfig) -> list[dict[str, Any]]:
-    """moeforge_llama states its plan directly: ``moe_layers[i]`` is None (dense) or the layer's MoE spec."""
+    """moeforge's architecture states its plan directly: ``moe_layers[i]`` is None (dense) or the layer's MoE spec."""
     n = config.num_hidden_layers
     specs = list(getattr(config, "moe_layers", None) or [None] * n)
     if len(specs) != n:
@@ -98,28 +99,31 @@ def _moeforge_rows(config: PretrainedConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def _native_rows(config: PretrainedConfig, native: NativeMoe) -> list[dict[str, Any]]:
+    """A native MoE's layers from its config fields (:attr:`NativeMoe.fields`); dense layers where it has them."""
+
+    def field(role: str) -> Any:
+        return getattr(config, native.fields[role], None) if role in native.fields else None
+
+    dense = set(getattr(config, "mlp_only_layers", None) or [])
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    size = field("dense_size") or getattr(config, "intermediate_size", None)
+    return [
+        _moe(i, field("num_experts"), field("top_k"), field("expert_size"), field("shared_size"), "linear", "softmax_then_topk")
+        if i not in dense and (i + 1) % step == 0
+        else _dense(i, size)
+        for i in range(config.num_hidden_layers)
+    ]
+
+
 def layer_plan(config: PretrainedConfig) -> list[dict[str, Any]]:
     """One row per decoder layer saying whether it is dense or MoE, and how its experts are shaped."""
-    n = config.num_hidden_layers
-    kind = config.model_type
-    if kind == "mixtral":
-        experts, top_k, size = config.num_local_experts, config.num_experts_per_tok, config.intermediate_size
-        return [_moe(i, experts, top_k, size, None, "linear", "topk_then_softmax") for i in range(n)]
-    if kind in ("qwen2_moe", "qwen3_moe"):
-        experts = _attr(config, "num_experts", "num_local_experts") or 0
-        step = getattr(config, "decoder_sparse_step", 1) or 1
-        dense_only = set(getattr(config, "mlp_only_layers", None) or [])
-        shared = getattr(config, "shared_expert_intermediate_size", None) if kind == "qwen2_moe" else None
-        top_k, size = config.num_experts_per_tok, config.moe_intermediate_size
-        return [
-            _moe(i, experts, top_k, size, shared, "linear", "softmax_then_topk")
-            if i not in dense_only and experts > 0 and (i + 1) % step == 0
-            else _dense(i, config.intermediate_size)
-            for i in range(n)
-        ]
-    if kind == "moeforge_llama":
+    if config.model_type in (MOEFORGE_MODEL_TYPE, *LEGACY_MODEL_TYPES):
         return _moeforge_rows(config)
-    return [_dense(i, config.intermediate_size) for i in range(n)]
+    native = native_moe(config.model_type)
+    if native is not None:
+        return _native_rows(config, native)
+    return [_dense(i, config.intermediate_size) for i in range(config.num_hidden_layers)]
 
 
 def _inactive_parameters(reader: CheckpointReader, layers: list[dict[str, Any]], hidden_size: int) -> int:

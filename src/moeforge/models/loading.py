@@ -1,4 +1,4 @@
-"""Load any supported LLaMA-family causal LM from a directory, a hub id or a GGUF file.
+"""Load any supported causal LM (a family of :mod:`moeforge.families`, dense or MoE) from a directory, a hub id or a GGUF file.
 
 Everything funnels into a local Hugging Face directory first (:func:`resolve_checkpoint`), so the rest
 of moeforge only ever deals with ``config.json`` + safetensors. Weight files are validated with
@@ -24,11 +24,11 @@ from transformers.utils import logging as transformers_logging
 
 from moeforge.experts import DEFAULT_BACKEND, implementation_name
 from moeforge.errors import MoeforgeError
+from moeforge.families import DENSE_MODEL_TYPES, LEGACY_MODEL_TYPES, MOEFORGE_MODEL_TYPE, NATIVE_MODEL_TYPES
 from moeforge.models.quantization import Bits, quantization_config
 from moeforge.models.safetensors_io import SAFE_INDEX, SAFE_SINGLE, CheckpointReader
 
-DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2")
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "moeforge_llama")
+MOE_MODEL_TYPES = (*NATIVE_MODEL_TYPES, MOEFORGE_MODEL_TYPE, *LEGACY_MODEL_TYPES)
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 
 DEFAULT_MODEL_ALIASES = ("default", "smollm2")
@@ -84,7 +84,7 @@ def gguf_to_safetensors(gguf_path: Path, target: Path) -> Path:
         except (ValueError, KeyError, IndexError, OSError, TypeError, struct.error) as err:
             raise MoeforgeError(
                 f"could not read GGUF file {gguf_path} ({_first_line(err)}): "
-                "check that it is a complete GGUF of a LLaMA-family model"
+                "check that it is a complete GGUF of a model family moeforge supports"
             ) from None
         # The weights are now plain fp32 tensors: drop the GGUF quantizer so this saves (and later
         # loads) as an ordinary safetensors checkpoint.
@@ -177,7 +177,7 @@ def resolve_checkpoint(
 
 def read_config(directory: Path, *, trust_remote_code: bool = False) -> PretrainedConfig:
     """Read ``config.json``, refusing unsupported model types before transformers tries to build them."""
-    import moeforge.modeling  # noqa: F401  (registers moeforge_llama with the Auto classes)
+    import moeforge.modeling  # noqa: F401  (registers moeforge's architecture with the Auto classes)
 
     config_path = Path(directory) / "config.json"
     try:

@@ -21,7 +21,8 @@ from moeforge.convert.export import build_config, resolve_export
 from moeforge.convert.plan import build_plan
 from moeforge.data.spec import DataSpec
 from moeforge.errors import MoeforgeError
-from moeforge.models.loading import HUB_ID, DENSE_MODEL_TYPES, check_supported, read_config, resolve_checkpoint
+from moeforge.families import source_family
+from moeforge.models.loading import HUB_ID, check_supported, read_config, resolve_checkpoint
 from moeforge.planning.counting import ModelSpec
 from moeforge.planning.memory import TrainingSetup
 
@@ -100,9 +101,8 @@ def model_config(source: str, gguf_file: str | None = None) -> ModelConfig:
 def converted_config(recipe: ConvertRecipe, origin: str) -> tuple[ModelConfig, ModelConfig]:
     """``(dense source, planned MoE)`` configs of a convert recipe, from moeforge's own conversion plan."""
     source = model_config(recipe.source, recipe.gguf_file)
-    if source.config.model_type not in DENSE_MODEL_TYPES:
-        raise MoeforgeError(f"source: {recipe.source} is a {source.config.model_type} model; a convert recipe takes a dense model")
-    plan = build_plan(recipe, source.config)
+    source_family(source.config, recipe.source)
+    plan = build_plan(recipe, source.config, [source.config.intermediate_size] * source.config.num_hidden_layers)
     target = resolve_export(recipe.export, plan, source.config)
     moe = build_config(target, plan, source.config)
     return source, ModelConfig(moe, f"convert plan of {origin} ({target}) over {source.origin}")

@@ -30,6 +30,7 @@ from moeforge.config.train_recipe import TrainRecipe
 from moeforge.data import build_datasets, pack_texts
 from moeforge.errors import MoeforgeError
 from moeforge.models.loading import load_model, resolve_checkpoint
+from moeforge.modeling import is_moeforge_config
 from moeforge.models.safetensors_io import sha256_file
 from moeforge.routing.hooks import attach_router_losses, find_routers
 from moeforge.routing.losses import RouterLossConfig
@@ -166,7 +167,7 @@ def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trai
     from trl import DPOConfig
 
     args = DPOConfig(**kwargs, max_length=recipe.data.max_length, beta=recipe.training.beta, router_aux_loss_coef=0.0)
-    # TRL 1.16 would reload the reference from the policy's path (failing on moeforge_llama): hand it a copy.
+    # TRL 1.16 would reload the reference from the policy's path (failing on moeforge models): hand it a copy.
     # An adapter model needs none: TRL runs the reference as the same model with the adapter disabled.
     reference = None if isinstance(model, PeftModel) else copy.deepcopy(model).eval().requires_grad_(False)
     return RouterAwareDPOTrainer(
@@ -177,9 +178,9 @@ def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trai
 
 def _record_router_coefficients(config, recipe: TrainRecipe, native_coef: float | None) -> None:
     """TRL writes its own aux coefficient (0: moeforge supplies the losses) into the model config. Put back
-    what the saved model should carry: moeforge_llama's forward uses the coefficients this run trained with;
+    what the saved model should carry: a moeforge model's forward uses the coefficients this run trained with;
     a native model keeps its own (transformers uses it only when asked for router logits)."""
-    if config.model_type == "moeforge_llama":
+    if is_moeforge_config(config):
         config.router_aux_loss_coef = recipe.router_losses.balance_coef
         config.router_z_loss_coef = recipe.router_losses.z_coef
         config.router_mi_loss_coef = recipe.router_losses.mi_coef

@@ -1,0 +1,57 @@
+"""Per-family facts, declared once: which dense decoders convert and which native MoE architectures hold them."""
+
+from __future__ import annotations
+
+from moeforge.errors import MoeforgeError
+from moeforge.families.dense import DENSE_FAMILIES
+from moeforge.families.natives import NATIVE_MODEL_TYPES, NATIVE_MOES, MoeKeys, NativeMoe, native_moe
+from moeforge.families.spec import DenseFamily, Ffn, Sibling
+
+MOEFORGE_MODEL_TYPE = "moeforge"
+"""moeforge's own architecture: any family above with MoE blocks (:mod:`moeforge.modeling`)."""
+LEGACY_MODEL_TYPES = {"moeforge_llama": "llama"}
+"""Model types earlier moeforge versions wrote, and the family they meant."""
+
+_BY_TYPE = {family.model_type: family for family in DENSE_FAMILIES}
+DENSE_MODEL_TYPES: tuple[str, ...] = tuple(_BY_TYPE)
+
+
+def dense_family(model_type: str) -> DenseFamily | None:
+    """The description of dense family ``model_type``, or None when moeforge does not know it."""
+    return _BY_TYPE.get(model_type)
+
+
+__all__ = [
+    "DENSE_FAMILIES",
+    "DENSE_MODEL_TYPES",
+    "LEGACY_MODEL_TYPES",
+    "MOEFORGE_MODEL_TYPE",
+    "NATIVE_MODEL_TYPES",
+    "NATIVE_MOES",
+    "DenseFamily",
+    "Ffn",
+    "MoeKeys",
+    "NativeMoe",
+    "Sibling",
+    "dense_family",
+    "native_moe",
+    "source_family",
+]
+
+
+def source_family(config, source: str) -> DenseFamily:
+    """The dense family of a conversion source's ``config``; a one-line error naming the families moeforge
+    converts otherwise (and the text family, for a multimodal checkpoint of a known one)."""
+    family = dense_family(config.model_type)
+    if family is not None:
+        return family
+    text = getattr(config, "text_config", None)
+    if text is not None and dense_family(getattr(text, "model_type", None)) is not None:
+        raise MoeforgeError(
+            f"source: {source} is a multimodal {config.model_type} model; moeforge converts text decoders: "
+            f"use a {text.model_type} checkpoint (the language model alone)"
+        )
+    raise MoeforgeError(
+        f"source: {source} is a {config.model_type} model; convert takes a dense decoder of one of these families: "
+        f"{', '.join(DENSE_MODEL_TYPES)}"
+    )

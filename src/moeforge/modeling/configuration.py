@@ -1,0 +1,140 @@
+"""Configuration of moeforge's own architecture: any dense family's config plus one MoE spec per layer.
+
+A moeforge checkpoint's ``config.json`` is the source family's config, flat, with ``model_type:
+"moeforge"``, ``base_model_type`` (the family, e.g. ``gemma3_text``) and ``moe_layers``. Loading builds,
+once per family, a subclass of the family's own config class (:func:`config_class`), so the family's
+modeling code reads every field it knows exactly as it would from a dense checkpoint. The class
+registered with ``AutoConfig`` (:class:`MoeforgeConfig`) only dispatches on ``base_model_type``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from moeforge.errors import MoeforgeError
+from moeforge.families import LEGACY_MODEL_TYPES, MOEFORGE_MODEL_TYPE, dense_family
+
+GateType = Literal["linear", "mlp", "gmm"]
+Scoring = Literal["softmax_then_topk", "topk_then_softmax"]
+MODEL_TYPE = MOEFORGE_MODEL_TYPE
+
+
+@dataclass(frozen=True)
+class MoeLayerSpec:
+    """The MoE block of one decoder layer, as stored in ``config.moe_layers[i]``."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    shared_intermediate_size: int = 0
+    gate_type: GateType = "linear"
+    gate_hidden_size: int = 256
+    scoring: Scoring = "softmax_then_topk"
+    normalize: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MoeforgeConfigMixin:
+    r"""What a moeforge config adds to its family's: ``moe_layers`` (one entry per decoder layer, ``None``
+    for the family's dense FFN or a dict of :class:`MoeLayerSpec` fields) and the router loss settings.
+
+    The loss coefficients live here so a loaded model adds its router losses to ``loss`` in any training
+    loop (see :mod:`moeforge.routing.hooks`): ``router_aux_loss_coef`` weighs the per-layer switch balance
+    loss (the name Mixtral and TRL use), ``router_z_loss_coef`` the z-loss, ``router_mi_loss_coef`` the
+    mutual-information loss. ``router_aux_free`` records that the routers carry DeepSeek-V3's selection bias
+    (``expert_bias``, saved with the weights), so loading creates it before the weights are read."""
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.moe_layers is None:
+            self.moe_layers = [None] * self.num_hidden_layers
+        if len(self.moe_layers) != self.num_hidden_layers:
+            raise ValueError(f"moe_layers has {len(self.moe_layers)} entries but num_hidden_layers is {self.num_hidden_layers}")
+
+    def layer_spec(self, layer_idx: int) -> MoeLayerSpec | None:
+        entry = self.moe_layers[layer_idx]
+        return None if entry is None else MoeLayerSpec(**entry)
+
+    @property
+    def ffn_activation(self) -> str:
+        """The activation of the family's FFN (and so of every expert): ``hidden_act`` or the family's name for it."""
+        return dense_family(self.base_model_type).activation(self)
+
+
+_FIELDS: dict[str, tuple[Any, Any]] = {
+    "moe_layers": (list | None, None),
+    "router_aux_loss_coef": (float, 0.01),
+    "router_z_loss_coef": (float, 0.0),
+    "router_mi_loss_coef": (float, 0.0),
+    "router_aux_free": (bool, False),
+}
+
+
+@functools.cache
+def config_class(base_model_type: str) -> type[PretrainedConfig]:
+    """The moeforge config class over family ``base_model_type`` (built once, then cached)."""
+    family = dense_family(base_model_type)
+    if family is None:
+        raise MoeforgeError(f"moeforge has no description of model family {base_model_type!r}")
+    base = CONFIG_MAPPING[base_model_type]
+    namespace: dict[str, Any] = {
+        "__module__": __name__,
+        "__doc__": f"moeforge MoE over {family.title}: {base.__name__} plus ``moe_layers`` and router-loss settings.",
+        "model_type": MODEL_TYPE,
+        "__annotations__": {"base_model_type": str, **{name: kind for name, (kind, _) in _FIELDS.items()}},
+        "base_model_type": base_model_type,
+        **{name: default for name, (_, default) in _FIELDS.items()},
+    }
+    return strict(type(f"Moeforge{base.__name__}", (MoeforgeConfigMixin, base), namespace))
+
+
+def _registered(base_model_type: str) -> type[PretrainedConfig]:
+    """:func:`config_class`, with the model classes over the family registered with the Auto classes too."""
+    from moeforge.modeling.modeling import architecture  # the modeling module imports this one
+
+    return architecture(base_model_type).config_class
+
+
+class MoeforgeConfig(PretrainedConfig):
+    """Registered with ``AutoConfig`` for ``model_type: moeforge``; it is never instantiated itself: reading
+    a config dict returns an instance of :func:`config_class` for the dict's ``base_model_type``."""
+
+    model_type = MODEL_TYPE
+    default_base = None
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
+        base = config_dict.get("base_model_type", cls.default_base)
+        if not isinstance(base, str) or dense_family(base) is None:
+            raise ValueError(f"moeforge config: base_model_type {base!r} is not a model family moeforge knows")
+        return _registered(base).from_dict({**config_dict, "model_type": MODEL_TYPE, "base_model_type": base}, **kwargs)
+
+
+class LegacyMoeforgeLlamaConfig(MoeforgeConfig):
+    """``model_type: moeforge_llama`` (moeforge 0.1): a moeforge model over Llama."""
+
+    model_type = "moeforge_llama"
+    default_base = LEGACY_MODEL_TYPES[model_type]
+
+
+def moeforge_config(base: PretrainedConfig, moe_layers: list | None = None, **settings: Any) -> PretrainedConfig:
+    """A moeforge config over the dense ``base`` config: the same fields, plus ``moe_layers`` (default: all
+    dense) and any router-loss ``settings`` (:data:`_FIELDS`)."""
+    from moeforge.modeling.modeling import architecture  # the modeling module imports this one
+
+    arch = architecture(base.model_type)
+    values = {key: value for key, value in base.to_dict().items() if key not in ("model_type", "transformers_version")}
+    values["architectures"] = [arch.causal_lm_class.__name__]
+    return arch.config_class.from_dict({**values, "moe_layers": moe_layers, **settings})
+
+
+def is_moeforge_config(config: PretrainedConfig) -> bool:
+    return isinstance(config, MoeforgeConfigMixin)

@@ -1,0 +1,142 @@
+"""moeforge's own architecture: a dense family's own decoder with MoE blocks in chosen layers.
+
+Nothing of the family is re-implemented: for family ``F`` (Llama, Gemma 3, SmolLM3, ...) the model is a
+subclass of transformers' ``F`` causal LM whose configured layers get a :class:`MoeforgeSparseMoeBlock` in
+place of their FFN. Attention, RoPE variants, norms (sandwich, post, q/k), multipliers, soft-capping,
+linear-attention layers, caching and generation are ``F``'s own code, so a moeforge model whose experts
+copy the dense FFN computes exactly what the dense model does.
+
+The classes are built once per family (:func:`architecture`) and registered with transformers' Auto
+classes, so ``import moeforge; AutoModelForCausalLM.from_pretrained(dir)`` loads any moeforge checkpoint,
+never with ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+from moeforge.families import dense_family
+from moeforge.modeling.configuration import config_class
+from moeforge.modeling.moe_block import MoeforgeExperts, MoeforgeSparseMoeBlock
+from moeforge.modeling.routers import GMMRouter, LinearRouter, MLPRouter, TopKRouter
+
+
+def install_moe_blocks(decoder: nn.Module, config: PretrainedConfig) -> None:
+    """Replace the FFN of every layer of ``decoder`` (the module holding ``layers``) that ``config.moe_layers`` makes MoE."""
+    module = dense_family(config.base_model_type).ffn.module
+    for index, layer in enumerate(decoder.layers):
+        spec = config.layer_spec(index)
+        if spec is not None:
+            setattr(layer, module, MoeforgeSparseMoeBlock(config, spec))
+
+
+class _MoeforgePreTrained:
+    """What every moeforge model class adds to its family's classes (placed first in the MRO)."""
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Unless told otherwise, run moeforge's ``auto`` experts backend (registered by ``import moeforge``),
+        not transformers' default ``grouped_mm``: it adds the few-token path and the fallbacks."""
+        from moeforge.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS
+
+        return super().get_correct_experts_implementation(requested_experts or EXPERTS_BACKENDS[DEFAULT_BACKEND])
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        """Our experts dispatch through ``@use_experts_implementation``. The base class finds that out by
+        reading the module source of the family and caching the answer on the class; the family's dense
+        code has no experts, so it would answer ``False`` and silently force eager experts."""
+        return True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, MoeforgeExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, LinearRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, GMMRouter):
+            init.normal_(module.means, mean=0.0, std=1.0)
+            init.zeros_(module.log_scales)
+        elif isinstance(module, MLPRouter):
+            pass  # its nn.Linear children are initialised by the base class
+        if isinstance(module, TopKRouter) and module.expert_bias is not None:
+            init.zeros_(module.expert_bias)
+
+
+class _MoeforgeModel(_MoeforgePreTrained):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)  # the family's decoder, dense FFNs everywhere
+        install_moe_blocks(self, config)
+        self.post_init()
+
+
+class _MoeforgeForCausalLM(_MoeforgePreTrained):
+    """The family's causal LM with MoE blocks. Its ``loss`` in training mode (labels given) includes the router
+    losses weighted by the config's ``router_*_loss_coef``: attached as hooks at construction, so
+    ``AutoModelForCausalLM.from_pretrained(dir)`` trains with them in any loop, with no moeforge training code
+    (the hooks' contract: :mod:`moeforge.routing.hooks`). ``moeforge.routing.attach_router_losses(model, ...)``
+    replaces them (e.g. with a recipe's coefficients)."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        from moeforge.routing.hooks import attach_router_losses  # moeforge.routing imports this package
+        from moeforge.routing.losses import RouterLossConfig
+
+        super().__init__(config)
+        # The family's causal LM built its decoder as the family's class; make it moeforge's subclass of that
+        # class (same state, plus the weight init that knows experts and routers, which transformers runs per
+        # sub-model), then give it its MoE blocks.
+        self.model.__class__ = architecture(config.base_model_type).model_class
+        install_moe_blocks(self.model, config)
+        self.post_init()
+        attach_router_losses(
+            self,
+            RouterLossConfig(
+                balance_coef=config.router_aux_loss_coef, z_coef=config.router_z_loss_coef, mi_coef=config.router_mi_loss_coef
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """moeforge's classes over one family, registered with ``AutoConfig``-produced configs of that family."""
+
+    config_class: type[PretrainedConfig]
+    model_class: type[PreTrainedModel]
+    causal_lm_class: type[PreTrainedModel]
+
+
+@functools.cache
+def architecture(base_model_type: str) -> Architecture:
+    """Build (once) and register moeforge's config and model classes over family ``base_model_type``."""
+    config = config_class(base_model_type)
+    family_config = CONFIG_MAPPING[base_model_type]
+    classes = []
+    for mixin, mapping in ((_MoeforgeModel, MODEL_MAPPING), (_MoeforgeForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING)):
+        base = mapping[family_config]
+        namespace = {"__module__": __name__, "__doc__": mixin.__doc__ or base.__doc__, "config_class": config}
+        classes.append(type(f"Moeforge{base.__name__}", (mixin, base), namespace))
+    AutoModel.register(config, classes[0], exist_ok=True)
+    AutoModelForCausalLM.register(config, classes[1], exist_ok=True)
+    return Architecture(config, *classes)
+
+
+def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+    """moeforge's causal-LM class for a moeforge ``config`` (any family)."""
+    return architecture(config.base_model_type).causal_lm_class
+
+
+class MoeforgeForCausalLM:
+    """``MoeforgeForCausalLM(config)`` builds the moeforge causal LM of ``config``'s family (as the Auto classes do)."""
+
+    def __new__(cls, config: PretrainedConfig) -> PreTrainedModel:
+        return causal_lm_class(config)(config)
