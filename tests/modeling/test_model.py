@@ -418,3 +418,26 @@ def test_experts_backend_does_not_depend_on_what_was_loaded_before() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]
     assert out not in ("None", "eager")
+
+
+def test_checkpoints_of_moeforge_0_1_still_load(tmp_path: Path) -> None:
+    """moeforge 0.1 wrote ``model_type: moeforge_llama``: such a checkpoint loads as moeforge's Llama, unchanged."""
+    model = build()
+    sharpen(model)
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("base_model_type")
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "model_type": "moeforge_llama"}))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is LLAMA.causal_lm_class and loaded.config.base_model_type == "llama"
+    ids = input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_config_of_an_unknown_family_is_refused(tmp_path: Path) -> None:
+    make_config().save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "base_model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="base_model_type 'gpt2' is not a model family moeforge knows"):
+        AutoConfig.from_pretrained(tmp_path)

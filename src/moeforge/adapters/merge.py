@@ -27,7 +27,7 @@ from moeforge.adapters.moe_lora import MoeLoraLayer
 from moeforge.adapters.peft_method import layer_index
 from moeforge.config.recipe import ConvertRecipe, MoESpec, Placement
 from moeforge.config.recipe import parse_size
-from moeforge.convert.export import build_config, layer_tensors, outer_tensors, resolve_export
+from moeforge.convert.export import build_config, layer_tensors, outer_tensors, resolve_export, save_config
 from moeforge.convert.fidelity import FidelityReport
 from moeforge.convert.layerwise import LAYERS_PREFIX
 from moeforge.convert.plan import build_plan
@@ -92,7 +92,7 @@ def _write_moe(base: PreTrainedModel, experts: dict[int, dict[str, torch.Tensor]
     config = build_config(target, plan, source)
     ffn_names = set(family.ffn.weight_names())
     with ShardedWriter(directory, parse_size("2GB")) as writer:
-        for name, tensor in outer_tensors(target, {k: v for k, v in state.items() if not k.startswith(prefix)}, config).items():
+        for name, tensor in outer_tensors(target, {k: v for k, v in state.items() if not k.startswith(prefix)}).items():
             writer.add(name, tensor)
         for index in range(source.num_hidden_layers):
             layer_prefix = f"{prefix}{index}."
@@ -101,7 +101,7 @@ def _write_moe(base: PreTrainedModel, experts: dict[int, dict[str, torch.Tensor]
                 layer = {k: v for k, v in layer.items() if k not in ffn_names}
             for name, tensor in layer_tensors(target, layer_prefix, layer, experts.get(index), family.ffn.module).items():
                 writer.add(name, tensor)
-    config.save_pretrained(directory)
+    save_config(config, directory)
     if base.generation_config is not None:
         base.generation_config.save_pretrained(directory)
     dtype = next(iter(state.values())).dtype

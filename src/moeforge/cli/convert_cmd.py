@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, get_args
 
-from moeforge.config.recipe import load_recipe, parse_recipe, set_dotted
+from moeforge.config.recipe import ConvertRecipe, MoESpec, PartitionInit, Routing, load_recipe, parse_recipe, set_dotted
 
 # flag → dotted recipe key; each flag overrides the recipe (or builds one when no recipe is given)
 FLAG_KEYS = {
@@ -30,25 +30,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="upcycle a dense model into a Mixture-of-Experts checkpoint",
-        description="Convert a dense LLaMA-family model into an MoE model, check its fidelity, and write it.",
+        description="Convert a dense decoder (Llama, Qwen, Gemma, Granite, SmolLM3, OLMo, GLM, Phi, ERNIE, EXAONE families) "
+        "into an MoE model, check its fidelity, and write it.",
     )
     parser.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/); flags below override its values")
     parser.add_argument("--source", help="local HF dir, hub id, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--output", "-o", help="output directory")
     parser.add_argument("--num-experts", type=int)
     parser.add_argument("--top-k", type=int)
-    parser.add_argument("--init", choices=["copy", "partition", "granular"])
-    parser.add_argument("--partition-method", choices=["random", "kmeans", "importance"])
+    parser.add_argument("--init", choices=_choices(MoESpec, "init"))
+    parser.add_argument("--partition-method", choices=_choices(PartitionInit, "method"))
     parser.add_argument("--granularity", type=int)
     parser.add_argument("--shared-experts", type=int, help="number of always-on shared experts carved from the FFN")
-    parser.add_argument("--gate-type", choices=["linear", "mlp", "gmm"])
-    parser.add_argument("--router-init", choices=["auto", "random", "kmeans", "virtual_groups", "zeros"])
-    parser.add_argument("--export", choices=["auto", "mixtral", "qwen2_moe", "moeforge"])
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--gate-type", choices=_choices(Routing, "gate_type"))
+    parser.add_argument("--router-init", choices=_choices(Routing, "router_init"))
+    parser.add_argument("--export", choices=_choices(ConvertRecipe, "export"), help="target architecture (auto: the most portable that holds the conversion exactly)")
+    parser.add_argument("--dtype", choices=_choices(ConvertRecipe, "dtype"))
     parser.add_argument("--calibration-file", help="plain-text file for calibration (default: built-in sample)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.set_defaults(func=run)
+
+
+def _choices(model: type, field: str) -> list[str]:
+    """The values a recipe field's Literal type allows: the CLI offers exactly what recipes accept."""
+    return list(get_args(model.model_fields[field].annotation))
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,8 +16,11 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeforge.errors import MoeforgeError
+from moeforge.families import MOEFORGE_MODEL_TYPE, NATIVE_MODEL_TYPES
 
 ExpertCount = int | list[int] | dict[str, int]
+ExportTarget = Literal[("auto", *NATIVE_MODEL_TYPES, MOEFORGE_MODEL_TYPE)]
+"""``auto``, a native transformers MoE architecture (:mod:`moeforge.families.natives`) or moeforge's own."""
 
 
 class _Strict(BaseModel):
@@ -138,7 +141,7 @@ class ConvertRecipe(_Strict):
     """Local HF directory, hub id, path to a .gguf file, or "default" (the embedded SmolLM2-135M-Instruct)."""
     gguf_file: str | None = None
     output: Path
-    export: Literal["auto", "mixtral", "qwen2_moe", "moeforge"] = "auto"
+    export: ExportTarget = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_shard_size: str = "2GB"
     seed: int = 0

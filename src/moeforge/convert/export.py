@@ -15,6 +15,8 @@ Canonical MoE tensors (names relative to the layer's FFN module) are moeforge's:
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,10 +25,10 @@ from transformers import PretrainedConfig
 
 from moeforge.convert.plan import ConversionPlan
 from moeforge.errors import MoeforgeError
-from moeforge.families import NativeMoe, Sibling, dense_family, native_moe
+from moeforge.families import MOEFORGE_MODEL_TYPE, NativeMoe, Sibling, dense_family, native_moe
 from moeforge.modeling import moeforge_config
 
-MOEFORGE = "moeforge"
+MOEFORGE = MOEFORGE_MODEL_TYPE
 EXPERT_ROW_ALIGNMENT = 8
 """Expert FFN sizes of native exports are padded to a multiple of this (16 bytes in 16-bit dtypes)."""
 
@@ -111,6 +113,8 @@ def _native_config(native: NativeMoe, plan: ConversionPlan, source: PretrainedCo
         values["mlp_only_layers"] = [i for i, layer in enumerate(plan.layers) if layer is None]
     if native.norm_flag:
         values[native.norm_flag] = routing.normalize or routing.scoring == "topk_then_softmax"
+    if native.untied_head:
+        values["tie_word_embeddings"] = False
     values["architectures"] = [native.architecture]
     return config_class(**values)
 
@@ -140,6 +144,16 @@ def _matrices(names: tuple[str, ...], gate: torch.Tensor, up: torch.Tensor, down
     return {names[0]: torch.cat([gate, up], dim=-2), names[1]: down}
 
 
+def _half_gate(hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """A shared-expert gate ``g`` with sigmoid(g·x) = 0.5 for every x: rows of ±ε, so g·x is a tiny non-zero
+    number (sigmoid rounds it to exactly 0.5 in the compute dtype). Not g = 0: llama.cpp computes this sigmoid
+    as silu(z)/z, which is 0/0 at z = 0."""
+    epsilon = 2.0**-24 if dtype == torch.float16 else 1e-30  # representable, and 0.5 ± ε·|x|/4 rounds to 0.5
+    signs = torch.ones(hidden)
+    signs[1::2] = -1.0
+    return (epsilon * signs).to(dtype)[None]
+
+
 def _native_moe_tensors(native: NativeMoe, mlp: dict[str, torch.Tensor], hidden: int) -> dict[str, torch.Tensor]:
     keys = native.keys
     gate_up, down = _pad_experts(mlp["experts.gate_up_proj"], mlp["experts.down_proj"])
@@ -156,9 +170,8 @@ def _native_moe_tensors(native: NativeMoe, mlp: dict[str, torch.Tensor], hidden:
         shared = [zeros(1, hidden), zeros(1, hidden), zeros(hidden, 1)]
     if shared[0] is not None:
         if native.shared == "gated":
-            # the shared expert is scaled by sigmoid(gate·x); a zero gate gives exactly 0.5, undone by 2 (exact in fp)
-            shared[2] = shared[2] * 2.0
-            out[keys.shared_gate] = gate_up.new_zeros(1, hidden)
+            shared[2] = shared[2] * 2.0  # undoes the gate's constant 0.5 (exact in fp)
+            out[keys.shared_gate] = _half_gate(hidden, gate_up.dtype)
         out.update(_matrices(keys.shared, *shared))
     if keys.score_bias:
         out[keys.score_bias] = gate_up.new_zeros(1, gate_up.shape[0])
@@ -181,6 +194,21 @@ def layer_tensors(
     return {prefix + name: tensor for name, tensor in out.items()}
 
 
-def outer_tensors(target: str, tensors: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
+def outer_tensors(target: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors outside the decoder layers (embeddings, final norm, head), as the target stores them."""
-    return dict(tensors)
+    native = native_moe(target)
+    out = dict(tensors)
+    if native is not None and native.untied_head and "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def save_config(config: PretrainedConfig, directory: Path) -> None:
+    """``config.json``, plus the top-level ``rope_theta`` that transformers 4.5x reads (it ignores
+    ``rope_parameters`` and would fall back to its class default) when the model has one RoPE base."""
+    config.save_pretrained(directory)
+    path = Path(directory) / "config.json"
+    raw = json.loads(path.read_text())
+    rope = raw.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("rope_theta"), (int, float)) and "rope_theta" not in raw:
+        path.write_text(json.dumps({**raw, "rope_theta": rope["rope_theta"]}, indent=2, sort_keys=True) + "\n")

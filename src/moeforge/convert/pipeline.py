@@ -27,7 +27,7 @@ from moeforge import __version__
 from moeforge.config.recipe import ConvertRecipe
 from moeforge.convert.calibration import calibration_ids
 from moeforge.convert.experts import build_experts
-from moeforge.convert.export import build_config, layer_tensors, outer_tensors, resolve_export
+from moeforge.convert.export import MOEFORGE, build_config, layer_tensors, outer_tensors, padded, resolve_export, save_config
 from moeforge.convert.fidelity import FidelityReport, compare, default_tolerance
 from moeforge.convert.layerwise import LAYERS_PREFIX, LayerInputs, LayerwiseModel
 from moeforge.convert.plan import ConversionPlan, LayerPlan, build_plan
@@ -35,14 +35,9 @@ from moeforge.convert.router_init import init_router
 from moeforge.errors import FidelityError, MoeforgeError
 from moeforge.families import source_family
 from moeforge.modeling import MoeforgeSparseMoeBlock, moeforge_config
-from moeforge.models.loading import load_tokenizer, read_config, resolve_checkpoint
+from moeforge.models.loading import copy_tokenizer_files, load_tokenizer, read_config, resolve_checkpoint
 from moeforge.models.safetensors_io import CheckpointReader, ShardedWriter
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "chat_template.jinja", "chat_template.json", "generation_config.json", "added_tokens.json",
-    "vocab.json", "merges.txt",
-)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -153,7 +148,7 @@ class _Converter:
         new_params: list[str] = []
         with ShardedWriter(tmp, recipe.max_shard_bytes) as writer:
             outer = {name: self._read(name) for name in self._outer_names()}
-            for name, tensor in outer_tensors(self.target, outer, self.target_config).items():
+            for name, tensor in outer_tensors(self.target, outer).items():
                 writer.add(name, tensor)
             dense = runner.layer_inputs(ids, outer) if streams else None
             del outer
@@ -271,12 +266,6 @@ def _is_router_param(name: str) -> bool:
     return ".gate." in name or name.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
 
 
-def _copy_tokenizer(source_dir: Path, tmp: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (source_dir / name).is_file():
-            shutil.copy2(source_dir / name, tmp / name)
-
-
 def _provenance(
     recipe: ConvertRecipe, converter: _Converter, report: FidelityReport | None, new_params: list[str], tmp: Path
 ) -> dict:
@@ -317,12 +306,9 @@ def convert(recipe: ConvertRecipe, *, overwrite: bool = False, log: Callable[[st
         f"converting {recipe.source} ({converter.source_config.model_type}, {converter.plan.num_layers} layers) -> "
         f"{converter.target}: {moe_count} MoE layers, init {recipe.moe.init}, dtype {str(converter.out_dtype).removeprefix('torch.')}"
     )
-    odd = sorted({layer.expert_intermediate_size for layer in converter.plan.moe_layers if layer.expert_intermediate_size % 8})
-    if odd:
-        log(
-            f"warning: expert intermediate size {odd[0]} is not a multiple of 8; transformers' default grouped_mm experts "
-            "backend rejects such rows on CPU: load with experts_implementation='eager'"
-        )
+    size = converter.plan.moe_layers[0].expert_intermediate_size
+    if converter.target != MOEFORGE and padded(size) != size:
+        log(f"note: expert FFNs padded from {size} to {padded(size)} zero neurons (exact; the row alignment experts kernels need)")
     if any(layer.top_k == 1 for layer in converter.plan.moe_layers) and converter.plan.moe_layers[0].spec(recipe.moe).normalize:
         log(
             "warning: top_k 1 with renormalised weights gives every token weight 1: the router gets no gradient "
@@ -339,8 +325,8 @@ def convert(recipe: ConvertRecipe, *, overwrite: bool = False, log: Callable[[st
                     f"the conversion should reproduce the dense model exactly but max |Δlogit| is {report.max_abs_logit_diff:.3e} "
                     f"(tolerance {report.tolerance:.2e}); nothing was written. Please report this with your recipe"
                 )
-        converter.target_config.save_pretrained(tmp)
-        _copy_tokenizer(source_dir, tmp)
+        save_config(converter.target_config, tmp)
+        copy_tokenizer_files(source_dir, tmp)
         provenance = _provenance(recipe, converter, report, new_params, tmp)
         (tmp / "moeforge.json").write_text(json.dumps(provenance, indent=2) + "\n")
         publish(tmp, recipe.output)

@@ -160,7 +160,8 @@ def _plan_layer(moe: MoESpec, layer: int, num_experts: int, intermediate: int) -
     if moe.init == "copy":
         n_split, expert_size = 1, pool
         router_init = "random" if routing.router_init == "auto" else routing.router_init
-        exact = normalized and not perturbed
+        # identical experts: any weights summing to 1 reproduce the FFN; so do k equal weights 1/E scaled by E/k
+        exact = (normalized or router_init == "zeros") and not perturbed
     elif moe.init == "partition":
         if pool % num_experts:
             raise MoeforgeError(f"moe.num_experts: the {pool} routed neurons of {where} do not split evenly into {num_experts} experts; pick a divisor of {pool}")

@@ -41,16 +41,10 @@ __all__ = [
 
 def source_family(config, source: str) -> DenseFamily:
     """The dense family of a conversion source's ``config``; a one-line error naming the families moeforge
-    converts otherwise (and the text family, for a multimodal checkpoint of a known one)."""
+    converts otherwise."""
     family = dense_family(config.model_type)
     if family is not None:
         return family
-    text = getattr(config, "text_config", None)
-    if text is not None and dense_family(getattr(text, "model_type", None)) is not None:
-        raise MoeforgeError(
-            f"source: {source} is a multimodal {config.model_type} model; moeforge converts text decoders: "
-            f"use a {text.model_type} checkpoint (the language model alone)"
-        )
     raise MoeforgeError(
         f"source: {source} is a {config.model_type} model; convert takes a dense decoder of one of these families: "
         f"{', '.join(DENSE_MODEL_TYPES)}"

@@ -41,11 +41,11 @@ def _granite_as_llama(config) -> dict:
 
 
 _FUSED = Ffn(fused_gate_up=True)
-_LLAMA_SIBLINGS = (
+_LLAMA_SIBLINGS = (  # llama.cpp runs the first three as exported; Qwen2-MoE only with dense layers, which llama.cpp cannot
     Sibling("mixtral", _no_attention_bias),
-    Sibling("qwen2_moe", _no_attention_bias, lambda _config: {"qkv_bias": False}),
     Sibling("granitemoe", carry=_granite_as_llama),
     Sibling("granitemoeshared", carry=_granite_as_llama),
+    Sibling("qwen2_moe", _no_attention_bias, lambda _config: {"qkv_bias": False}),
 )
 
 DENSE_FAMILIES: tuple[DenseFamily, ...] = (

@@ -56,6 +56,9 @@ class NativeMoe:
     """Config field switching the top-k renormalisation; without one the architecture always renormalises."""
     constants: dict[str, Any] = field(default_factory=dict)
     """Config values every export sets."""
+    untied_head: bool = False
+    """Always write ``lm_head.weight`` (a copy of the embedding for a tied source): llama.cpp's loader for
+    this architecture requires it."""
     engines: str = ""
     """What serves it besides transformers (docs)."""
 
@@ -77,7 +80,7 @@ NATIVE_MOES: tuple[NativeMoe, ...] = (
     NativeMoe(
         "qwen2_moe", "Qwen2-MoE", "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
         fields=dict(_QWEN, shared_size="shared_expert_intermediate_size", dense_size="intermediate_size"),
-        shared="gated", shared_always=True, dense_layers=True, norm_flag="norm_topk_prob",
+        shared="gated", shared_always=True, dense_layers=True, norm_flag="norm_topk_prob", untied_head=True,
         constants={"decoder_sparse_step": 1, "use_sliding_window": False},
     ),
     NativeMoe(

@@ -32,7 +32,15 @@ MOE_MODEL_TYPES = (*NATIVE_MODEL_TYPES, MOEFORGE_MODEL_TYPE, *LEGACY_MODEL_TYPES
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 
 DEFAULT_MODEL_ALIASES = ("default", "smollm2")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json", "generation_config.json", "added_tokens.json",
+    "vocab.json", "merges.txt",
+)
+"""What travels with a checkpoint besides its config and weights."""
+_TOKENIZER_PRESENT = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+"""transformers 5's class name for a plain tokenizer.json tokenizer, and the name transformers 4.5x reads too."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_META_PATTERNS = [
     "config.json",
@@ -186,17 +194,23 @@ def read_config(directory: Path, *, trust_remote_code: bool = False) -> Pretrain
         raise MoeforgeError(f"{config_path} is not readable JSON ({type(err).__name__}); fix or re-download it") from None
     if not isinstance(raw, dict):
         raise MoeforgeError(f"{config_path} is not a JSON object; fix or re-download it")
-    _refuse_unsupported(raw.get("model_type"), raw.get("architectures"))
+    text = raw.get("text_config")
+    _refuse_unsupported(raw.get("model_type"), raw.get("architectures"), text.get("model_type") if isinstance(text, dict) else None)
     try:
         return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, TypeError, OSError) as err:
         raise MoeforgeError(f"{config_path} is not a valid config ({_first_line(err)}); fix or re-download it") from None
 
 
-def _refuse_unsupported(model_type: object, architectures: object) -> None:
+def _refuse_unsupported(model_type: object, architectures: object, text_model_type: object = None) -> None:
     if model_type in SUPPORTED_MODEL_TYPES:
         return
     arch = f" ({', '.join(architectures)})" if isinstance(architectures, list) and architectures else ""
+    if text_model_type in SUPPORTED_MODEL_TYPES:
+        raise MoeforgeError(
+            f"model_type {model_type!r}{arch} is a multimodal model; moeforge works on text decoders: "
+            f"use a {text_model_type} checkpoint (its language model alone)"
+        )
     raise MoeforgeError(
         f"model_type {model_type!r}{arch} is not supported; moeforge supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
     )
@@ -207,10 +221,32 @@ def check_supported(config: PretrainedConfig) -> None:
     _refuse_unsupported(config.model_type, getattr(config, "architectures", None))
 
 
+def has_tokenizer(directory: Path) -> bool:
+    return any((Path(directory) / name).is_file() for name in _TOKENIZER_PRESENT)
+
+
+def copy_tokenizer_files(source: Path, target: Path) -> None:
+    """Copy ``source``'s tokenizer files into ``target``. A ``tokenizer_config.json`` written by transformers 5
+    names its tokenizer class ``TokenizersBackend``, which transformers 4.5x (and tools pinned to it, like
+    llama.cpp's converter) cannot load; the copy names the equivalent class both versions read."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+    config = target / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            raw = json.loads(config.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return  # copied as it was: loading it reports the problem
+        portable = _PORTABLE_TOKENIZER_CLASS.get(raw.get("tokenizer_class")) if isinstance(raw, dict) else None
+        if portable:
+            config.write_text(json.dumps({**raw, "tokenizer_class": portable}, indent=2, ensure_ascii=False) + "\n")
+
+
 def load_tokenizer(directory: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase | None:
     """The checkpoint's tokenizer, or None (with a note) when the directory ships none."""
     directory = Path(directory)
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(directory):
         log.warning("note: %s has no tokenizer files; continuing without a tokenizer", directory)
         return None
     try:
@@ -321,6 +357,6 @@ def load_model(
     if adapter is not None:
         model = load_adapter(model, adapter)
     model.eval()
-    if tokenizer_dir is None or not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
+    if tokenizer_dir is None or not has_tokenizer(tokenizer_dir):
         tokenizer_dir = directory
     return model, load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
