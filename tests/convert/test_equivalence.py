@@ -22,8 +22,8 @@ EXACT_CASES = {
     "partition_k_eq_e": ({"num_experts": 4, "top_k": 4, "init": "partition"}, {}, "mixtral"),
     "partition_kmeans_k_eq_e": ({"num_experts": 4, "top_k": 4, "init": "partition", "partition": {"method": "kmeans"}}, {}, "mixtral"),
     "granular": ({"num_experts": 8, "top_k": 4, "init": "granular", "granularity": 2}, {}, "mixtral"),
-    "shared_residual_top1": ({"num_experts": 3, "top_k": 1, "shared": {"num_experts": 1}}, {}, "qwen2_moe"),
-    "two_shared_importance": ({"num_experts": 4, "top_k": 2, "shared": {"num_experts": 2, "intermediate_size": 24}}, {}, "qwen2_moe"),
+    "shared_residual_top1": ({"num_experts": 3, "top_k": 1, "shared": {"num_experts": 1}}, {}, "granitemoeshared"),
+    "two_shared_importance": ({"num_experts": 4, "top_k": 2, "shared": {"num_experts": 2, "intermediate_size": 24}}, {}, "granitemoeshared"),
     "dense2moe_placement": ({"num_experts": 4, "top_k": 2, "placement": {"moe_start_layer": 1, "moe_layer_freq": 2}}, {}, "qwen2_moe"),
     "keep_first_last_dense": ({"num_experts": 4, "top_k": 2, "placement": {"keep_first_dense": 1, "keep_last_dense": 1}}, {}, "qwen2_moe"),
     "explicit_layers_qwen_export": ({"num_experts": 4, "top_k": 2, "placement": {"layers": [0, 2]}}, {"export": "qwen2_moe"}, "qwen2_moe"),
@@ -107,10 +107,11 @@ def test_auto_scale_fits_approximate_layers_and_beats_analytic(tiny_sources, tmp
 def test_native_exports_generate_with_plain_transformers(tiny_sources, tmp_path, input_ids):
     source = tiny_sources["gqa"]
     run_convert(source, tmp_path / "mixtral", {"num_experts": 4, "top_k": 2})
-    run_convert(source, tmp_path / "qwen", {"num_experts": 4, "top_k": 2, "shared": {"num_experts": 1}})
+    run_convert(source, tmp_path / "granite", {"num_experts": 4, "top_k": 2, "shared": {"num_experts": 1}})
+    run_convert(source, tmp_path / "qwen", {"num_experts": 4, "top_k": 2, "placement": {"layers": [1]}})
     dense = AutoModelForCausalLM.from_pretrained(source).eval()
     expected = dense.generate(input_ids[:1, :8], max_new_tokens=10, do_sample=False)
-    for name, architecture in (("mixtral", "MixtralForCausalLM"), ("qwen", "Qwen2MoeForCausalLM")):
+    for name, architecture in (("mixtral", "MixtralForCausalLM"), ("granite", "GraniteMoeSharedForCausalLM"), ("qwen", "Qwen2MoeForCausalLM")):
         # serving engines dispatch on config.architectures
         assert json.loads((tmp_path / name / "config.json").read_text())["architectures"] == [architecture]
         model = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()  # no moeforge import needed
