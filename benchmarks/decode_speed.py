@@ -27,7 +27,7 @@ import transformers
 import moeforge  # noqa: F401  (registers moeforge's experts backends)
 from moeforge.config.recipe import parse_recipe
 from moeforge.convert import convert
-from moeforge.models.default_model import default_model_dir
+from moeforge.models.embedded import default_model_dir
 from moeforge.models.loading import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"

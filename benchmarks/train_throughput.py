@@ -288,7 +288,7 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from moeforge.models.default_model import default_model_dir
+    from moeforge.models.embedded import default_model_dir
 
     wall_start = time.perf_counter()
     source = args.source or default_model_dir()

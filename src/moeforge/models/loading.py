@@ -31,7 +31,6 @@ from moeforge.models.safetensors_io import SAFE_INDEX, SAFE_SINGLE, CheckpointRe
 MOE_MODEL_TYPES = (*NATIVE_MODEL_TYPES, MOEFORGE_MODEL_TYPE, *LEGACY_MODEL_TYPES)
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 
-DEFAULT_MODEL_ALIASES = ("default", "smollm2")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "chat_template.jinja", "chat_template.json", "generation_config.json", "added_tokens.json",
@@ -156,16 +155,16 @@ def resolve_checkpoint(
 ) -> Path:
     """Turn what the user typed into a local directory holding ``config.json`` and weights.
 
-    ``source`` is ``"default"``/``"smollm2"`` (the embedded model), a local directory, a ``.gguf`` file
+    ``source`` is an embedded model's name (``"default"``/``"smollm2"``, ``"gemma3"``), a local directory, a ``.gguf`` file
     (or a directory / hub id plus ``gguf_file``), or a hub id ``org/name``. GGUF files are converted once
     into ``cache_dir`` (default :func:`cache_root`); hub downloads go to ``cache_dir`` too when given,
     else to the usual Hugging Face cache.
     """
     text = str(source)
-    if text in DEFAULT_MODEL_ALIASES and not Path(text).exists():
-        from moeforge.models.default_model import default_model_dir  # lazy: default_model imports us
+    from moeforge.models.embedded import EMBEDDED_ALIASES, embedded_model_dir  # lazy: embedded imports us
 
-        return default_model_dir(cache_dir)
+    if text in EMBEDDED_ALIASES and not Path(text).exists():
+        return embedded_model_dir(text, cache_dir)
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _convert_gguf(path, cache_dir)
