@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -14,7 +16,10 @@ import moeforge  # noqa: F401  (registers moeforge's architecture)
 from moeforge.config.recipe import parse_recipe
 from moeforge.convert import ConversionResult, convert
 from moeforge.errors import MoeforgeError
-from tests.families.tiny import FAMILY_CONFIGS, save_family, token_ids
+from moeforge.families import dense_family
+from moeforge.modeling.moice import apply_moice
+from moeforge.modeling.moice_config import MoiceSpec
+from tests.families.tiny import FAMILY_CONFIGS, build_family, save_family, token_ids
 
 AUTO_TARGET = {
     "llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe", "qwen3_5_text": "qwen3_5_moe_text",
@@ -91,3 +96,29 @@ def test_multimodal_checkpoint_is_refused_with_its_text_family(tmp_path):
     Gemma3Config(text_config=FAMILY_CONFIGS["gemma3_text"] | {"hidden_size": 64}, architectures=["Gemma3ForConditionalGeneration"]).save_pretrained(tmp_path / "mm")
     with pytest.raises(MoeforgeError, match=r"'gemma3' \(Gemma3ForConditionalGeneration\) is a multimodal model; moeforge works on text decoders: use a gemma3_text checkpoint"):
         convert_tiny(tmp_path / "mm", tmp_path / "out", {"num_experts": 4})
+
+
+MOICE_FAMILIES = [family for family in FAMILY_CONFIGS if dense_family(family).moice]
+
+
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_moice_where_the_attention_allows_it(family):
+    """Identical RoPE bases give the original model for any router, where MoICE applies; elsewhere a clear refusal."""
+    model = build_family(family)
+    if family not in MOICE_FAMILIES:
+        with pytest.raises(MoeforgeError, match=f"moice: {family} attention is not Llama-style"):
+            apply_moice(model, MoiceSpec())
+        return
+    spec = MoiceSpec(base_set=[_theta(model.config)] * 3, topk=2)
+    mixed = copy.deepcopy(model)
+    apply_moice(mixed, spec, seed=0)
+    with torch.no_grad():
+        for name, parameter in mixed.named_parameters():
+            if "moice_router" in name:
+                parameter.normal_(0, 3.0)
+        ids = token_ids()
+        torch.testing.assert_close(mixed.eval()(ids).logits, model(ids).logits, atol=2e-5, rtol=0)
+
+
+def _theta(config) -> float:
+    return float(config.rope_parameters["rope_theta"])

@@ -57,7 +57,10 @@ ZERO_CENTRED_NORMS = ("gemma3_text", "qwen3_5_text")
 
 
 def family_config(model_type: str, **overrides: Any):
-    return AutoConfig.for_model(model_type, **{**COMMON, **FAMILY_CONFIGS[model_type], **overrides})
+    values = {**COMMON, **FAMILY_CONFIGS[model_type], **overrides}
+    if "vocab_size_per_layer_input" in values and "vocab_size_per_layer_input" not in overrides:
+        values["vocab_size_per_layer_input"] = values["vocab_size"]  # Gemma 4's per-layer embeddings share the vocabulary
+    return AutoConfig.for_model(model_type, **values)
 
 
 def build_family(model_type: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:

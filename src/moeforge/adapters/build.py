@@ -42,6 +42,11 @@ def _targets(model: nn.Module, spec: AdapterSpec) -> tuple[list[str], list[str],
     for index in chosen:
         prefix, layer = layers[index]
         mlp = getattr(layer, "mlp", None)
+        if mlp is not None and isinstance(getattr(mlp, "gate_up_proj", None), nn.Linear) and spec.ffn_targets:
+            raise MoeforgeError(
+                f"adapter.targets: {prefix}.mlp stores gate and up as one gate_up_proj (Phi-3, GLM-4); MoE adapters and "
+                "FFN LoRA need separate gate/up/down projections: keep only attention targets (q_proj, ...) for this model"
+            )
         if mlp is not None and is_swiglu_mlp(mlp) and spec.ffn_targets:
             if spec.method == "lora":
                 linear += [f"{prefix}.mlp.{t}" for t in spec.ffn_targets]

@@ -85,6 +85,29 @@ def resolve_export(requested: str, plan: ConversionPlan, source: PretrainedConfi
     return next(target for target in export_choices(source) if not export_problems(target, plan, source))
 
 
+def llama_cpp_caveats(target: str, plan: ConversionPlan, source: PretrainedConfig) -> list[str]:
+    """Why llama.cpp will not compute this export the way transformers does (empty: it will)."""
+    native = native_moe(target)
+    if native is None:
+        return ["it has no moeforge architecture"]
+    engine, routing = native.llama_cpp, plan.moe.routing
+    if not engine.runs:
+        return [f"it has no {native.title} architecture"]
+    caveats = []
+    normalized = routing.normalize or routing.scoring == "topk_then_softmax"
+    if normalized != engine.renormalizes and any(layer.top_k < layer.num_experts for layer in plan.moe_layers):
+        done = "never renormalises" if normalized else "always renormalises"
+        caveats.append(f"it {done} {native.title}'s top-k weights (for llama.cpp: routing.normalize: {str(not normalized).lower()})")
+    if any(layer is None for layer in plan.layers) and not engine.dense_layers:
+        caveats.append(f"its converter cannot map {native.title} layers that stay dense")
+    if not engine.sliding_window and getattr(source, "sliding_window", None):
+        caveats.append(f"it ignores {native.title}'s sliding window (exact only up to {source.sliding_window} tokens)")
+    head_dim = getattr(source, "head_dim", None)
+    if not engine.head_dim_free and head_dim and head_dim * source.num_attention_heads != source.hidden_size:
+        caveats.append(f"its {native.title} converter drops head_dim ({head_dim} != hidden / heads)")
+    return caveats
+
+
 def padded(size: int) -> int:
     return -(-size // EXPERT_ROW_ALIGNMENT) * EXPERT_ROW_ALIGNMENT
 
@@ -204,11 +227,16 @@ def outer_tensors(target: str, tensors: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def save_config(config: PretrainedConfig, directory: Path) -> None:
-    """``config.json``, plus the top-level ``rope_theta`` that transformers 4.5x reads (it ignores
-    ``rope_parameters`` and would fall back to its class default) when the model has one RoPE base."""
+    """``config.json``, plus what transformers 4.5x reads where transformers 5 writes something else: the
+    top-level ``rope_theta`` (4.5x ignores ``rope_parameters`` and would fall back to its class default) when
+    the model has one RoPE base, and every field under both names a config class aliases (transformers 5
+    writes Qwen3-MoE's expert count as ``num_local_experts``; 4.5x reads ``num_experts``)."""
     config.save_pretrained(directory)
     path = Path(directory) / "config.json"
     raw = json.loads(path.read_text())
+    legacy = {alias: raw[name] for alias, name in type(config).attribute_map.items() if name in raw and alias not in raw}
     rope = raw.get("rope_parameters")
     if isinstance(rope, dict) and isinstance(rope.get("rope_theta"), (int, float)) and "rope_theta" not in raw:
-        path.write_text(json.dumps({**raw, "rope_theta": rope["rope_theta"]}, indent=2, sort_keys=True) + "\n")
+        legacy["rope_theta"] = rope["rope_theta"]
+    if legacy:
+        path.write_text(json.dumps({**raw, **legacy}, indent=2, sort_keys=True) + "\n")

@@ -27,7 +27,16 @@ from moeforge import __version__
 from moeforge.config.recipe import ConvertRecipe
 from moeforge.convert.calibration import calibration_ids
 from moeforge.convert.experts import build_experts
-from moeforge.convert.export import MOEFORGE, build_config, layer_tensors, outer_tensors, padded, resolve_export, save_config
+from moeforge.convert.export import (
+    MOEFORGE,
+    build_config,
+    layer_tensors,
+    llama_cpp_caveats,
+    outer_tensors,
+    padded,
+    resolve_export,
+    save_config,
+)
 from moeforge.convert.fidelity import FidelityReport, compare, default_tolerance
 from moeforge.convert.layerwise import LAYERS_PREFIX, LayerInputs, LayerwiseModel
 from moeforge.convert.plan import ConversionPlan, LayerPlan, build_plan
@@ -306,6 +315,9 @@ def convert(recipe: ConvertRecipe, *, overwrite: bool = False, log: Callable[[st
         f"converting {recipe.source} ({converter.source_config.model_type}, {converter.plan.num_layers} layers) -> "
         f"{converter.target}: {moe_count} MoE layers, init {recipe.moe.init}, dtype {str(converter.out_dtype).removeprefix('torch.')}"
     )
+    caveats = llama_cpp_caveats(converter.target, converter.plan, converter.source_config)
+    if caveats and converter.target != MOEFORGE:
+        log(f"note: llama.cpp will not run this {converter.target} export as transformers does: {'; '.join(caveats)}")
     size = converter.plan.moe_layers[0].expert_intermediate_size
     if converter.target != MOEFORGE and padded(size) != size:
         log(f"note: expert FFNs padded from {size} to {padded(size)} zero neurons (exact; the row alignment experts kernels need)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moeforge.errors import MoeforgeError
 from moeforge.families.dense import DENSE_FAMILIES
-from moeforge.families.natives import NATIVE_MODEL_TYPES, NATIVE_MOES, MoeKeys, NativeMoe, native_moe
+from moeforge.families.natives import NATIVE_MODEL_TYPES, NATIVE_MOES, LlamaCpp, MoeKeys, NativeMoe, native_moe
 from moeforge.families.spec import DenseFamily, Ffn, Sibling
 
 MOEFORGE_MODEL_TYPE = "moeforge"
@@ -30,13 +30,23 @@ __all__ = [
     "NATIVE_MOES",
     "DenseFamily",
     "Ffn",
+    "LlamaCpp",
     "MoeKeys",
     "NativeMoe",
     "Sibling",
     "dense_family",
     "native_moe",
     "source_family",
+    "supports_moice",
 ]
+
+
+def supports_moice(config) -> bool:
+    """Whether MoICE's attention fits a model of this config: its family's (moeforge's architecture: its base
+    family's) attention is Llama-style with one RoPE."""
+    family = dense_family(getattr(config, "base_model_type", None) or config.model_type)
+    native = native_moe(config.model_type)
+    return bool((family and family.moice) or (native and native.moice))
 
 
 def source_family(config, source: str) -> DenseFamily:

@@ -36,6 +36,22 @@ class MoeKeys:
 
 
 @dataclass(frozen=True)
+class LlamaCpp:
+    """How llama.cpp (its ``convert_hf_to_gguf.py`` and runtime) treats an architecture: measured by
+    ``benchmarks/engine_check.py``; its source says why."""
+
+    runs: bool = True
+    renormalizes: bool = True
+    """Whether it renormalises the top-k weights (whatever the config says)."""
+    dense_layers: bool = False
+    """Whether its converter maps layers that keep a dense FFN."""
+    sliding_window: bool = True
+    """Whether it applies the config's sliding window."""
+    head_dim_free: bool = True
+    """Whether a head size other than hidden / heads survives conversion."""
+
+
+@dataclass(frozen=True)
 class NativeMoe:
     model_type: str
     title: str
@@ -59,6 +75,9 @@ class NativeMoe:
     untied_head: bool = False
     """Always write ``lm_head.weight`` (a copy of the embedding for a tied source): llama.cpp's loader for
     this architecture requires it."""
+    llama_cpp: LlamaCpp = LlamaCpp()
+    moice: bool = False
+    """Whether MoICE's attention fits its attention (Llama-style, one RoPE)."""
     engines: str = ""
     """What serves it besides transformers (docs)."""
 
@@ -75,18 +94,19 @@ NATIVE_MOES: tuple[NativeMoe, ...] = (
         "mixtral", "Mixtral", "MixtralConfig", "MixtralForCausalLM",
         fields=dict(num_experts="num_local_experts", top_k="num_experts_per_tok", expert_size="intermediate_size"),
         keys=MoeKeys(router="block_sparse_moe.gate.weight", experts=_per_expert("block_sparse_moe", ("w1", "w3", "w2"))),
-        constants={"router_jitter_noise": 0.0},
+        constants={"router_jitter_noise": 0.0}, llama_cpp=LlamaCpp(sliding_window=False), moice=True,
     ),
     NativeMoe(
         "qwen2_moe", "Qwen2-MoE", "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
         fields=dict(_QWEN, shared_size="shared_expert_intermediate_size", dense_size="intermediate_size"),
         shared="gated", shared_always=True, dense_layers=True, norm_flag="norm_topk_prob", untied_head=True,
+        llama_cpp=LlamaCpp(renormalizes=False), moice=True,
         constants={"decoder_sparse_step": 1, "use_sliding_window": False},
     ),
     NativeMoe(
         "qwen3_moe", "Qwen3-MoE", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
         fields=dict(_QWEN, dense_size="intermediate_size"), dense_layers=True, norm_flag="norm_topk_prob",
-        constants={"decoder_sparse_step": 1},
+        constants={"decoder_sparse_step": 1}, moice=True,
     ),
     NativeMoe(
         "qwen3_5_moe_text", "Qwen3.5-MoE (text)", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
@@ -95,7 +115,7 @@ NATIVE_MOES: tuple[NativeMoe, ...] = (
     NativeMoe(
         "granitemoe", "Granite-MoE", "GraniteMoeConfig", "GraniteMoeForCausalLM",
         fields=dict(num_experts="num_local_experts", top_k="num_experts_per_tok", expert_size="intermediate_size"),
-        keys=_GRANITE,
+        keys=_GRANITE, llama_cpp=LlamaCpp(head_dim_free=False), moice=True,
     ),
     NativeMoe(
         "granitemoeshared", "Granite-MoE with shared experts", "GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM",
@@ -103,12 +123,12 @@ NATIVE_MOES: tuple[NativeMoe, ...] = (
             num_experts="num_local_experts", top_k="num_experts_per_tok", expert_size="intermediate_size",
             shared_size="shared_intermediate_size",
         ),
-        shared="plain", keys=_GRANITE,
+        shared="plain", keys=_GRANITE, llama_cpp=LlamaCpp(head_dim_free=False), moice=True,
     ),
     NativeMoe(
         "flex_olmo", "FlexOlmo", "FlexOlmoConfig", "FlexOlmoForCausalLM",
         fields=dict(num_experts="num_experts", top_k="num_experts_per_tok", expert_size="intermediate_size"),
-        norm_flag="norm_topk_prob",
+        norm_flag="norm_topk_prob", llama_cpp=LlamaCpp(runs=False),
     ),
     NativeMoe(
         "ernie4_5_moe", "ERNIE 4.5 MoE", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",

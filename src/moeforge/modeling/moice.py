@@ -30,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from moeforge.errors import MoeforgeError
+from moeforge.families import supports_moice
 from moeforge.modeling.moice_config import MoiceSpec, ResolvedMoice
 
 ROUTER_NAME = "moice_router"
@@ -244,6 +245,12 @@ def apply_moice(model: nn.Module, spec: MoiceSpec, *, seed: int | None = None) -
     parameter names, for the load report."""
     if getattr(model.config, "moice", None):
         raise MoeforgeError("this model already has MoICE attention; drop the moice: section to keep training its routers")
+    if not supports_moice(model.config):
+        kind = getattr(model.config, "base_model_type", None) or model.config.model_type
+        raise MoeforgeError(
+            f"moice: {kind} attention is not Llama-style with one RoPE; MoICE works on llama, mistral, qwen2, qwen3 and "
+            "granite models, dense or MoE (docs/families.md)"
+        )
     decoder = _decoder(model)
     settings = spec.resolve(_native_theta(model.config), len(decoder.layers))
     names = install_moice(model, settings)

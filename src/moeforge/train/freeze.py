@@ -33,7 +33,7 @@ def _role_of_module(name: str, module: nn.Module) -> str | None:
         return "attention"
     if leaf in ("embed_tokens", "lm_head"):
         return "embeddings"
-    if leaf == "mlp" and hasattr(module, "gate_proj"):
+    if leaf == "mlp" and (hasattr(module, "gate_proj") or hasattr(module, "gate_up_proj")):  # a dense FFN (fused: Phi-3, GLM-4)
         return "dense_layers"
     return None
 

@@ -1,0 +1,63 @@
+"""Training, adapters and merging on families other than Llama: moeforge's architecture over Gemma 3 and a
+native Qwen3-MoE train and keep their class; MoE-LoRA on Qwen3 and Gemma 3 merges into the family's MoE form."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moeforge.adapters.build import apply_adapter
+from moeforge.adapters.merge import merge_to_directory
+from moeforge.config.adapter import AdapterSpec
+from moeforge.errors import MoeforgeError
+from moeforge.train.runner import train
+from tests.families.test_conversion import convert_tiny
+from tests.families.tiny import build_family
+from tests.train.conftest import logged_losses, make_recipe
+
+ADAPTER = {"num_experts": 4, "top_k": 2, "rank": 4, "alpha": 8, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("family", "export", "stage"), [("gemma3_text", "moeforge", "pt"), ("qwen3", "qwen3_moe", "sft")])
+def test_converted_family_trains_and_keeps_its_architecture(family_sources, tmp_path, family, export, stage):
+    convert_tiny(family_sources[family], tmp_path / "moe", {"num_experts": 4, "top_k": 2})
+    recipe = make_recipe(stage, tmp_path / "moe", tmp_path / "run", training={"max_steps": 6, "learning_rate": 3e-3})
+    result = train(recipe, log=lambda _line: None)
+    losses = logged_losses(result.log_history)
+    assert losses[max(losses)] < losses[min(losses)] - 0.1
+    assert any("router/balance" in entry for entry in result.log_history)  # router losses and telemetry ran
+    saved = json.loads((result.model_dir / "config.json").read_text())
+    assert saved["model_type"] == export and saved["architectures"] == json.loads((tmp_path / "moe" / "config.json").read_text())["architectures"]
+    if export == "moeforge":
+        assert saved["base_model_type"] == family
+    loaded = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    assert type(loaded).__name__ == saved["architectures"][0]
+
+
+@pytest.mark.parametrize(("family", "architecture"), [("qwen3", "Qwen3MoeForCausalLM"), ("gemma3_text", "MoeforgeGemma3ForCausalLM")])
+def test_moe_lora_merges_into_the_family_moe(family_sources, tmp_path, family, architecture):
+    recipe = make_recipe(
+        "sft", family_sources[family], tmp_path / "run", adapter=ADAPTER, training={"max_steps": 3, "learning_rate": 1e-2},
+    )
+    result = train(recipe, log=lambda _line: None)
+    merged = merge_to_directory(result.model_dir, tmp_path / "merged", log=lambda _line: None)
+    assert merged.architecture == architecture and merged.check.passed  # equal to the adapter model, or nothing written
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["architectures"] == [architecture]
+
+
+def test_fused_ffn_families_say_moe_adapters_need_separate_projections():
+    model = build_family("phi3")
+    with pytest.raises(MoeforgeError, match="stores gate and up as one gate_up_proj"):
+        apply_adapter(model, AdapterSpec(**ADAPTER))
