@@ -173,3 +173,31 @@ def test_bad_gguf_is_a_moeforge_error(monkeypatch: pytest.MonkeyPatch, tmp_path:
             resolve_checkpoint(bad)
     with pytest.raises(MoeforgeError, match="missing.gguf does not exist"):
         resolve_checkpoint(tmp_path, gguf_file="missing.gguf")
+
+
+def test_saved_configs_carry_what_transformers_4_reads(tmp_path: Path) -> None:
+    from transformers import Gemma3TextConfig, Olmo3Config, Qwen3MoeConfig
+
+    from moeforge.models.loading import save_config
+
+    cases = {
+        "qwen3_moe": (Qwen3MoeConfig(num_experts=4, hidden_size=64, num_attention_heads=4), {"num_experts": 4, "rope_theta": 10000.0}),
+        "olmo3": (Olmo3Config(hidden_size=64, num_attention_heads=4), {"rope_theta": 500000.0}),  # one base for both layer types
+        "gemma3": (Gemma3TextConfig(hidden_size=64, num_attention_heads=4), {}),  # two bases: no single rope_theta is true
+    }
+    for name, (config, expected) in cases.items():
+        save_config(config, tmp_path / name)
+        raw = json.loads((tmp_path / name / "config.json").read_text())
+        assert {key: raw.get(key) for key in expected} == expected, name
+        assert name != "gemma3" or "rope_theta" not in raw
+
+
+def test_tokenizer_config_is_made_portable(tmp_path: Path) -> None:
+    from moeforge.models.loading import portable_tokenizer_config
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TokenizersBackend", "eos_token": "é"}))
+    portable_tokenizer_config(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "é"}
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    portable_tokenizer_config(tmp_path)  # left for the tokenizer loader to report
+    portable_tokenizer_config(tmp_path / "missing")

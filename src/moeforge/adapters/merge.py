@@ -27,12 +27,13 @@ from moeforge.adapters.moe_lora import MoeLoraLayer
 from moeforge.adapters.peft_method import layer_index
 from moeforge.config.recipe import ConvertRecipe, MoESpec, Placement
 from moeforge.config.recipe import parse_size
-from moeforge.convert.export import build_config, layer_tensors, outer_tensors, resolve_export, save_config
+from moeforge.convert.export import build_config, layer_tensors, outer_tensors, resolve_export
 from moeforge.convert.fidelity import FidelityReport
 from moeforge.convert.layerwise import LAYERS_PREFIX
 from moeforge.convert.plan import build_plan
 from moeforge.errors import MoeforgeError
 from moeforge.families import dense_family
+from moeforge.models.loading import save_config
 from moeforge.models.safetensors_io import ShardedWriter
 
 

@@ -1,5 +1,5 @@
 """The ``--dtype`` choices the commands that load a model share."""
 
-import torch
+from moeforge.models.loading import TORCH_DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: TORCH_DTYPES[name] for name in ("float32", "bfloat16")}

@@ -15,8 +15,6 @@ Canonical MoE tensors (names relative to the layer's FFN module) are moeforge's:
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -224,19 +222,3 @@ def outer_tensors(target: str, tensors: dict[str, torch.Tensor]) -> dict[str, to
     if native is not None and native.untied_head and "lm_head.weight" not in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
-
-
-def save_config(config: PretrainedConfig, directory: Path) -> None:
-    """``config.json``, plus what transformers 4.5x reads where transformers 5 writes something else: the
-    top-level ``rope_theta`` (4.5x ignores ``rope_parameters`` and would fall back to its class default) when
-    the model has one RoPE base, and every field under both names a config class aliases (transformers 5
-    writes Qwen3-MoE's expert count as ``num_local_experts``; 4.5x reads ``num_experts``)."""
-    config.save_pretrained(directory)
-    path = Path(directory) / "config.json"
-    raw = json.loads(path.read_text())
-    legacy = {alias: raw[name] for alias, name in type(config).attribute_map.items() if name in raw and alias not in raw}
-    rope = raw.get("rope_parameters")
-    if isinstance(rope, dict) and isinstance(rope.get("rope_theta"), (int, float)) and "rope_theta" not in raw:
-        legacy["rope_theta"] = rope["rope_theta"]
-    if legacy:
-        path.write_text(json.dumps({**raw, **legacy}, indent=2, sort_keys=True) + "\n")

@@ -35,7 +35,6 @@ from moeforge.convert.export import (
     outer_tensors,
     padded,
     resolve_export,
-    save_config,
 )
 from moeforge.convert.fidelity import FidelityReport, compare, default_tolerance
 from moeforge.convert.layerwise import LAYERS_PREFIX, LayerInputs, LayerwiseModel
@@ -44,10 +43,9 @@ from moeforge.convert.router_init import init_router
 from moeforge.errors import FidelityError, MoeforgeError
 from moeforge.families import source_family
 from moeforge.modeling import MoeforgeSparseMoeBlock, moeforge_config
-from moeforge.models.loading import copy_tokenizer_files, load_tokenizer, read_config, resolve_checkpoint
+from moeforge.models.loading import TORCH_DTYPES, copy_tokenizer_files, load_tokenizer, read_config, resolve_checkpoint, save_config
 from moeforge.models.safetensors_io import CheckpointReader, ShardedWriter
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,7 @@ class _Converter:
         self.target = resolve_export(recipe.export, self.plan, self.source_config)
         self.target_config = build_config(self.target, self.plan, self.source_config)
         self.generator = torch.Generator().manual_seed(recipe.seed)
-        self.out_dtype = DTYPES.get(recipe.dtype) or self.reader.dtype_of(self._layer_names(0)[0])
+        self.out_dtype = TORCH_DTYPES.get(recipe.dtype) or self.reader.dtype_of(self._layer_names(0)[0])
         self.act = ACT2FN[self.family.activation(self.source_config)]
         self.checksums: dict[str, str] = {}
         self.scales: dict[int, float] = {}  # least-squares calibrated down_proj factors, by layer

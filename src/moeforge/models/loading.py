@@ -28,6 +28,8 @@ from moeforge.families import DENSE_MODEL_TYPES, LEGACY_MODEL_TYPES, MOEFORGE_MO
 from moeforge.models.quantization import Bits, quantization_config
 from moeforge.models.safetensors_io import SAFE_INDEX, SAFE_SINGLE, CheckpointReader
 
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""dtype names recipes and flags use -> torch dtypes."""
 MOE_MODEL_TYPES = (*NATIVE_MODEL_TYPES, MOEFORGE_MODEL_TYPE, *LEGACY_MODEL_TYPES)
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 
@@ -99,7 +101,9 @@ def gguf_to_safetensors(gguf_path: Path, target: Path) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
+        save_config(model.config, tmp)
         tokenizer.save_pretrained(tmp)
+        portable_tokenizer_config(tmp)
         try:
             os.replace(tmp, target)
         except OSError:
@@ -108,6 +112,24 @@ def gguf_to_safetensors(gguf_path: Path, target: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def save_config(config: PretrainedConfig, directory: Path) -> None:
+    """``config.json``, plus what transformers 4.5x reads where transformers 5 writes something else: the
+    top-level ``rope_theta`` (4.5x ignores ``rope_parameters`` and would fall back to its class default) when
+    every layer type has the same RoPE base, and every field under both names a config class aliases (transformers 5
+    writes Qwen3-MoE's expert count as ``num_local_experts``; 4.5x reads ``num_experts``)."""
+    config.save_pretrained(directory)
+    path = Path(directory) / "config.json"
+    raw = json.loads(path.read_text())
+    legacy = {alias: raw[name] for alias, name in type(config).attribute_map.items() if name in raw and alias not in raw}
+    rope = raw.get("rope_parameters")
+    per_type = list(rope.values()) if isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    thetas = {entry.get("rope_theta") for entry in per_type if isinstance(entry, dict)}
+    if len(thetas) == 1 and isinstance(theta := thetas.pop(), (int, float)) and "rope_theta" not in raw:
+        legacy["rope_theta"] = theta  # one base for every layer type: what 4.5x's single field can say
+    if legacy:
+        path.write_text(json.dumps({**raw, **legacy}, indent=2, sort_keys=True) + "\n")
 
 
 def _gguf_cache_dir(gguf_path: Path, cache_dir: Path | None) -> Path:
@@ -225,21 +247,25 @@ def has_tokenizer(directory: Path) -> bool:
 
 
 def copy_tokenizer_files(source: Path, target: Path) -> None:
-    """Copy ``source``'s tokenizer files into ``target``. A ``tokenizer_config.json`` written by transformers 5
-    names its tokenizer class ``TokenizersBackend``, which transformers 4.5x (and tools pinned to it, like
-    llama.cpp's converter) cannot load; the copy names the equivalent class both versions read."""
+    """Copy ``source``'s tokenizer files into ``target``, readable by transformers 4.5x too (:func:`portable_tokenizer_config`)."""
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)
-    config = target / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            raw = json.loads(config.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return  # copied as it was: loading it reports the problem
-        portable = _PORTABLE_TOKENIZER_CLASS.get(raw.get("tokenizer_class")) if isinstance(raw, dict) else None
-        if portable:
-            config.write_text(json.dumps({**raw, "tokenizer_class": portable}, indent=2, ensure_ascii=False) + "\n")
+    portable_tokenizer_config(target)
+
+
+def portable_tokenizer_config(directory: Path) -> None:
+    """A ``tokenizer_config.json`` written by transformers 5 names its tokenizer class ``TokenizersBackend``,
+    which transformers 4.5x (and tools pinned to it, like llama.cpp's converter) cannot load: name the
+    equivalent class both versions read."""
+    config = Path(directory) / "tokenizer_config.json"
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # none, or unreadable: loading the tokenizer reports that
+    portable = _PORTABLE_TOKENIZER_CLASS.get(raw.get("tokenizer_class")) if isinstance(raw, dict) else None
+    if portable:
+        config.write_text(json.dumps({**raw, "tokenizer_class": portable}, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_tokenizer(directory: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase | None:

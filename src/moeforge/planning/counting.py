@@ -24,11 +24,11 @@ from moeforge.adapters.peft_method import layer_index
 from moeforge.config.adapter import AdapterSpec
 from moeforge.modeling.moice_config import MoiceSpec
 from moeforge.models.inspection import layer_plan
+from moeforge.models.loading import TORCH_DTYPES
 from moeforge.planning.memory import AdapterPart, FfnShape, ModelShape, ParameterCounts
 from moeforge.routing.detection import find_routers
 from moeforge.train.freeze import apply_freeze
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MOE_BLOCK = re.compile(r"^(.*(?:^|\.)layers\.\d+\.mlp)\.")
 
 
@@ -71,7 +71,7 @@ def build_meta_model(config: PretrainedConfig, dtype: str = "float32") -> nn.Mod
     from moeforge.modeling.moice_config import ResolvedMoice
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=_TORCH_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[dtype])
         moice = getattr(config, "moice", None)
         if moice:
             install_moice(model, ResolvedMoice.model_validate(moice))
