@@ -9,12 +9,14 @@ backends to transformers' experts interface (``experts_implementation="moeforge_
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 from moeforge import adapters as _adapters  # noqa: F401  (registers the MOE_LORA PEFT method)
 from moeforge import experts as _experts
 from moeforge import modeling as _modeling  # noqa: F401  (registers the Auto classes)
 from moeforge.errors import MoeforgeError
 
-__version__ = "0.1.0"
+__version__ = version("moeforge")
 
 _experts.register()
 

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +24,6 @@ import torch
 import transformers
 from transformers.activations import ACT2FN
 
-from moeforge import __version__
 from moeforge.config.recipe import ConvertRecipe
 from moeforge.convert.calibration import calibration_ids
 from moeforge.convert.experts import build_experts
@@ -278,7 +278,7 @@ def _provenance(
 ) -> dict:
     plan = converter.plan
     return {
-        "moeforge_version": __version__,
+        "moeforge_version": version("moeforge"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": {"spec": recipe.source, "resolved": str(converter.source_dir), "model_type": converter.source_config.model_type},
         "export": converter.target,

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +26,6 @@ from peft import PeftModel
 from torch import nn
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from moeforge import __version__
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.data import build_datasets, pack_texts
 from moeforge.errors import MoeforgeError
@@ -202,7 +202,7 @@ def _save_final(trainer: Trainer, tokenizer, recipe: TrainRecipe, training_entry
         return final
     tokenizer.save_pretrained(tmp)
     provenance = _source_provenance(recipe.model, recipe.gguf_file)
-    provenance.setdefault("moeforge_version", __version__)
+    provenance.setdefault("moeforge_version", version("moeforge"))
     provenance["training"] = [*provenance.get("training", []), training_entry]
     provenance["checksums"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
     (tmp / "moeforge.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
@@ -326,7 +326,7 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
         "trainable_parameters": trainable,
         "total_parameters": total,
         "runtime_seconds": round(time.perf_counter() - start, 1),
-        "versions": {"moeforge": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"moeforge": version("moeforge"), "torch": torch.__version__, "transformers": transformers.__version__},
     }
     final = _save_final(trainer, tokenizer, recipe, entry)
     plots = telemetry.write_plots(history) if trainer.is_world_process_zero() else []
