@@ -126,3 +126,18 @@ def test_config_and_tokenizer_read_by_transformers_4(exports):
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
     tokenizer = json.loads((export / "tokenizer_config.json").read_text())
     assert tokenizer["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+@pytest.mark.parametrize("pair", ["llama-mixtral", "llama-granitemoeshared", "llama-qwen2_moe", "ernie4_5-ernie4_5_moe"])
+def test_provenance_names_what_conversion_created(exports, pair):
+    """``newly_initialized`` lists exactly the router (and the target's shared gate or selection bias) of each MoE layer."""
+    _, export = exports[pair]
+    keys = native_moe(PAIRS[pair][1]).keys
+    info = json.loads((export / "moeforge.json").read_text())
+    moe_layers = [i for i, layer in enumerate(info["layers"]) if layer is not None]
+    tensors = _tensors(export)
+    expected = sorted(
+        f"model.layers.{i}.{name}" for i in moe_layers for name in (keys.router, keys.shared_gate, keys.score_bias)
+        if name and f"model.layers.{i}.{name}" in tensors
+    )
+    assert info["newly_initialized"] == expected and any(keys.router in name for name in expected)

@@ -441,3 +441,16 @@ def test_a_config_of_an_unknown_family_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({**raw, "base_model_type": "gpt2"}))
     with pytest.raises(ValueError, match="base_model_type 'gpt2' is not a model family moeforge knows"):
         AutoConfig.from_pretrained(tmp_path)
+
+
+def test_config_pickles_into_a_process_that_never_built_the_family(tmp_path: Path) -> None:
+    """Classes are built per family at run time; they are still importable by name, so a pickled config loads
+    in a fresh interpreter (as data loaders and launchers that pickle objects need)."""
+    import pickle
+    import subprocess
+    import sys
+
+    (tmp_path / "config.pkl").write_bytes(pickle.dumps(make_config()))
+    code = f"import pickle; c = pickle.load(open({str(tmp_path / 'config.pkl')!r}, 'rb')); print(type(c).__name__, c.base_model_type, len(c.moe_layers))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["MoeforgeLlamaConfig", "llama", "3"]

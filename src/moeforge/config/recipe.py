@@ -65,7 +65,8 @@ class Placement(_Strict):
 class Routing(_Strict):
     scoring: Literal["softmax_then_topk", "topk_then_softmax"] = "softmax_then_topk"
     normalize: bool = True
-    """Renormalise the top-k softmax probabilities to sum to 1 (softmax_then_topk only)."""
+    """Renormalise the top-k softmax probabilities to sum to 1 (softmax_then_topk; topk_then_softmax always
+    does and refuses false): whether a token's routing weights sum to 1."""
     gate_type: Literal["linear", "mlp", "gmm"] = "linear"
     gate_hidden_size: Annotated[int, Field(ge=1)] = 256
     router_init: Literal["auto", "random", "kmeans", "virtual_groups", "zeros"] = "auto"

@@ -56,7 +56,7 @@ def export_problems(target: str, plan: ConversionPlan, source: PretrainedConfig)
     problems = sibling.problems(source) + _uniform(plan)
     if routing.gate_type != "linear":
         problems.append(f"gate_type {routing.gate_type} (only a linear router)")
-    if routing.scoring == "softmax_then_topk" and not routing.normalize and native.norm_flag is None:
+    if not routing.normalize and native.norm_flag is None:
         problems.append("normalize: false (it always renormalises the top-k weights)")
     if any(layer is None for layer in plan.layers) and not native.dense_layers:
         problems.append("dense layers (every layer is an MoE block there)")
@@ -92,10 +92,9 @@ def llama_cpp_caveats(target: str, plan: ConversionPlan, source: PretrainedConfi
     if not engine.runs:
         return [f"it has no {native.title} architecture"]
     caveats = []
-    normalized = routing.normalize or routing.scoring == "topk_then_softmax"
-    if normalized != engine.renormalizes and any(layer.top_k < layer.num_experts for layer in plan.moe_layers):
-        done = "never renormalises" if normalized else "always renormalises"
-        caveats.append(f"it {done} {native.title}'s top-k weights (for llama.cpp: routing.normalize: {str(not normalized).lower()})")
+    if routing.normalize != engine.renormalizes and any(layer.top_k < layer.num_experts for layer in plan.moe_layers):
+        done = "never renormalises" if routing.normalize else "always renormalises"
+        caveats.append(f"it {done} {native.title}'s top-k weights (for llama.cpp: routing.normalize: {str(engine.renormalizes).lower()})")
     if any(layer is None for layer in plan.layers) and not engine.dense_layers:
         caveats.append(f"its converter cannot map {native.title} layers that stay dense")
     if not engine.sliding_window and getattr(source, "sliding_window", None):
@@ -133,7 +132,7 @@ def _native_config(native: NativeMoe, plan: ConversionPlan, source: PretrainedCo
     if native.dense_layers:
         values["mlp_only_layers"] = [i for i, layer in enumerate(plan.layers) if layer is None]
     if native.norm_flag:
-        values[native.norm_flag] = routing.normalize or routing.scoring == "topk_then_softmax"
+        values[native.norm_flag] = routing.normalize
     if native.untied_head:
         values["tie_word_embeddings"] = False
     values["architectures"] = [native.architecture]
@@ -197,6 +196,15 @@ def _native_moe_tensors(native: NativeMoe, mlp: dict[str, torch.Tensor], hidden:
     if keys.score_bias:
         out[keys.score_bias] = gate_up.new_zeros(1, gate_up.shape[0])
     return out
+
+
+def created_by_conversion(target: str, name: str, ffn_module: str = "mlp") -> bool:
+    """Whether a checkpoint name of an MoE layer (relative to the layer) holds something conversion creates
+    rather than copies from the dense FFN: the router, and a target's shared-expert gate or selection bias."""
+    if target == MOEFORGE:
+        return name.startswith(f"{ffn_module}.gate.")
+    keys = native_moe(target).keys
+    return name in (keys.router, keys.shared_gate, keys.score_bias)
 
 
 def layer_tensors(

@@ -49,8 +49,10 @@ class LayerInputs:
         memo: dict[int, object] = {}
 
         def own(value: object) -> object:
-            if isinstance(value, (dict, list)) and not isinstance(value, torch.Tensor):
-                return memo.setdefault(id(value), copy.copy(value))
+            if isinstance(value, (dict, list)):
+                if id(value) not in memo:
+                    memo[id(value)] = copy.copy(value)
+                return memo[id(value)]
             return value
 
         calls = [(tuple(own(a) for a in args), {k: own(v) for k, v in kwargs.items()}) for args, kwargs in self.calls]

@@ -15,8 +15,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import version
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
 import safetensors
@@ -30,6 +30,7 @@ from moeforge.convert.experts import build_experts
 from moeforge.convert.export import (
     MOEFORGE,
     build_config,
+    created_by_conversion,
     layer_tensors,
     llama_cpp_caveats,
     outer_tensors,
@@ -193,13 +194,13 @@ class _Converter:
             disk = layer_tensors(self.target, prefix, stored, None)
         else:
             block, mlp = self._convert_layer(index, layer_plan, stored, weights, dense_ffn_in, moe, runner)
+            ffn_names = set(self.ffn.weight_names())
             if moe is not None:
-                ffn_names = set(self.ffn.weight_names())
                 attention = {name: tensor for name, tensor in weights.items() if name not in ffn_names}
                 moe.hidden, _ = runner.run_layer(index, attention, moe, mlp=block)
-            layer = {name: tensor for name, tensor in stored.items() if name not in set(self.ffn.weight_names())}
-            disk = layer_tensors(self.target, prefix, layer, mlp)
-            created = sorted(name for name in disk if _is_router_param(name))
+            layer = {name: tensor for name, tensor in stored.items() if name not in ffn_names}
+            disk = layer_tensors(self.target, prefix, layer, mlp, self.ffn.module)
+            created = sorted(name for name in disk if created_by_conversion(self.target, name[len(prefix):], self.ffn.module))
         for name, tensor in disk.items():
             writer.add(name, tensor)
         self.log(f"  layer {index + 1}/{plan.num_layers} {'moe' if layer_plan else 'dense'}")
@@ -266,11 +267,6 @@ def _least_squares_scale(
     routed = total - shared
     denominator = (routed * routed).sum()
     return float(((target - shared) * routed).sum() / denominator) if denominator > 0 else 1.0
-
-
-def _is_router_param(name: str) -> bool:
-    """Router parameters in any export layout (Mixtral ``block_sparse_moe.gate``, Qwen ``mlp.gate``, ``shared_expert_gate``)."""
-    return ".gate." in name or name.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
 
 
 def _provenance(

@@ -45,7 +45,7 @@ class LayerPlan:
             gate_type=routing.gate_type,
             gate_hidden_size=routing.gate_hidden_size,
             scoring=routing.scoring,
-            normalize=routing.normalize or routing.scoring == "topk_then_softmax",
+            normalize=routing.normalize,
         )
 
 
@@ -154,7 +154,7 @@ def _plan_layer(moe: MoESpec, layer: int, num_experts: int, intermediate: int) -
         shared_size = 0
     pool = intermediate - shared_size
     routing = moe.routing
-    normalized = routing.normalize or routing.scoring == "topk_then_softmax"
+    normalized = routing.normalize
     perturbed = moe.copy_.noise > 0 or moe.copy_.drop_ratio > 0
 
     if moe.init == "copy":

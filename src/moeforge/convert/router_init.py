@@ -11,29 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from moeforge.convert.clustering import kmeans
 from moeforge.convert.plan import LayerPlan
-
-
-def kmeans(points: torch.Tensor, num_clusters: int, generator: torch.Generator, iters: int = 25) -> torch.Tensor:
-    """Plain k-means (k-means++ seeding) on ``points [N, D]``; returns the cluster id of every point."""
-    points = points.float()
-    first = torch.randint(len(points), (1,), generator=generator)
-    centroids = [points[first[0]]]
-    for _ in range(1, num_clusters):
-        distance = torch.cdist(points, torch.stack(centroids)).min(dim=1).values.square()
-        probs = distance / distance.sum() if distance.sum() > 0 else torch.full_like(distance, 1 / len(distance))
-        centroids.append(points[torch.multinomial(probs, 1, generator=generator)[0]])
-    centers = torch.stack(centroids)
-    assignment = torch.zeros(len(points), dtype=torch.long)
-    for _ in range(iters):
-        assignment = torch.cdist(points, centers).argmin(dim=1)
-        updated = torch.stack(
-            [points[assignment == c].mean(0) if (assignment == c).any() else centers[c] for c in range(num_clusters)]
-        )
-        if torch.allclose(updated, centers):
-            break
-        centers = updated
-    return assignment
 
 
 def init_router(

@@ -86,7 +86,7 @@ def config_class(base_model_type: str) -> type[PretrainedConfig]:
         raise MoeforgeError(f"moeforge has no description of model family {base_model_type!r}")
     base = CONFIG_MAPPING[base_model_type]
     namespace: dict[str, Any] = {
-        "__module__": __name__,
+        "__module__": "moeforge.modeling.modeling",  # where the class is importable by name (and so picklable)
         "__doc__": f"moeforge MoE over {family.title}: {base.__name__} plus ``moe_layers`` and router-loss settings.",
         "model_type": MODEL_TYPE,
         "__annotations__": {"base_model_type": str, **{name: kind for name, (kind, _) in _FIELDS.items()}},

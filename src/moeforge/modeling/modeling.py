@@ -23,7 +23,7 @@ from transformers import initialization as init
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
-from moeforge.families import dense_family
+from moeforge.families import DENSE_FAMILIES, dense_family
 from moeforge.modeling.configuration import config_class
 from moeforge.modeling.moe_block import MoeforgeExperts, MoeforgeSparseMoeBlock
 from moeforge.modeling.routers import GMMRouter, LinearRouter, MLPRouter, TopKRouter
@@ -127,7 +127,24 @@ def architecture(base_model_type: str) -> Architecture:
         classes.append(type(f"Moeforge{base.__name__}", (mixin, base), namespace))
     AutoModel.register(config, classes[0], exist_ok=True)
     AutoModelForCausalLM.register(config, classes[1], exist_ok=True)
+    for cls in (config, *classes):  # importable by name, so models and configs pickle like any other
+        globals()[cls.__name__] = cls
     return Architecture(config, *classes)
+
+
+def __getattr__(name: str) -> type:
+    """A class of moeforge's architecture by name (``MoeforgeGemma3ForCausalLM``): built on first use, as when
+    an object is unpickled in a process that has not built it yet."""
+    if name.startswith("Moeforge"):
+        for family in DENSE_FAMILIES:
+            family_config = CONFIG_MAPPING[family.model_type]
+            names = [f"Moeforge{family_config.__name__}"] + [
+                f"Moeforge{mapping[family_config].__name__}" for mapping in (MODEL_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING)
+            ]
+            if name in names:
+                architecture(family.model_type)
+                return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
