@@ -1,4 +1,4 @@
-"""moeforge: dense LLaMA-family models into Mixture-of-Experts models.
+"""moeforge: dense decoder language models into Mixture-of-Experts models.
 
 Importing moeforge registers its architecture (``model_type: moeforge``, over any supported family) with transformers' Auto classes, so
 ``import moeforge; AutoModelForCausalLM.from_pretrained(path)`` loads any checkpoint moeforge wrote,

@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "into an MoE model, check its fidelity, and write it.",
     )
     parser.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/); flags below override its values")
-    parser.add_argument("--source", help="local HF dir, hub id, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--source", help="local HF dir, hub id, .gguf file, 'default' (embedded SmolLM2-135M-Instruct) or 'gemma3' (Gemma 3 270M)")
     parser.add_argument("--output", "-o", help="output directory")
     parser.add_argument("--num-experts", type=int)
     parser.add_argument("--top-k", type=int)

@@ -21,7 +21,8 @@ SUBCOMMANDS = (convert_cmd, train_cmd, eval_cmd, data_cmd, inspect_cmd, chat_cmd
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moeforge",
-        description="Turn dense LLaMA-family models into Mixture-of-Experts models; train, evaluate and ship them.",
+        description="Turn dense decoder language models (Llama, Qwen, Gemma, Granite, SmolLM, OLMo, GLM, Phi, ERNIE, "
+        "EXAONE families) into Mixture-of-Experts models; train, evaluate and ship them.",
     )
     parser.add_argument("--version", action="version", version=f"moeforge {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
