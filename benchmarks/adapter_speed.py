@@ -95,7 +95,7 @@ def token_blocks(seq_len: int) -> torch.Tensor:
     from moeforge.data import pack_texts
     from moeforge.data.builtin import builtin_dataset
     from moeforge.models.loading import load_tokenizer
-    from moeforge.models.default_model import default_model_dir
+    from moeforge.models.embedded import default_model_dir
 
     blocks = pack_texts(builtin_dataset("pt-demo"), load_tokenizer(default_model_dir()), seq_len)
     return torch.tensor(blocks["input_ids"], dtype=torch.long)

@@ -21,7 +21,7 @@ import torch
 
 from moeforge.config.recipe import parse_recipe
 from moeforge.convert import convert
-from moeforge.models.default_model import default_model_dir
+from moeforge.models.embedded import default_model_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,7 +38,7 @@ STRATEGIES = {
     "partition 8 importance, top-2, kmeans router": {
         "num_experts": 8, "top_k": 2, "init": "partition", "partition": {"method": "importance"}, "routing": {"router_init": "kmeans"},
     },
-    "residual: 1 shared + 7 routed top-1 (Qwen2-MoE)": {"num_experts": 7, "top_k": 1, "shared": {"num_experts": 1}},
+    "residual: 1 shared + 7 routed top-1": {"num_experts": 7, "top_k": 1, "shared": {"num_experts": 1}},
     "partition 1 shared + 7 routed top-1": {"num_experts": 7, "top_k": 1, "init": "partition", "shared": {"num_experts": 1}},
     "Dense2MoE layers 16,18,..,28, copy 8x top-2": {"num_experts": 8, "top_k": 2, "placement": {"moe_start_layer": 16, "moe_layer_freq": 2}},
     "PMoE 4 experts in layers 0-14, 8 in 15-29, gmm gate": {"num_experts": {"0-14": 4, "15-29": 8}, "top_k": 2, "routing": {"gate_type": "gmm", "router_init": "kmeans"}},

@@ -300,7 +300,7 @@ def main() -> None:
         args.child_out.write_text(json.dumps(run_training(json.loads(args.child))))
         return
 
-    from moeforge.models.default_model import default_model_dir
+    from moeforge.models.embedded import default_model_dir
 
     wall_start = time.perf_counter()
     source = args.source or default_model_dir()
