@@ -78,8 +78,6 @@ class NativeMoe:
     llama_cpp: LlamaCpp = LlamaCpp()
     moice: bool = False
     """Whether MoICE's attention fits its attention (Llama-style, one RoPE)."""
-    engines: str = ""
-    """What serves it besides transformers (docs)."""
 
 
 _GRANITE = MoeKeys(
