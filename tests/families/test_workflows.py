@@ -61,3 +61,20 @@ def test_fused_ffn_families_say_moe_adapters_need_separate_projections():
     model = build_family("phi3")
     with pytest.raises(MoeforgeError, match="stores gate and up as one gate_up_proj"):
         apply_adapter(model, AdapterSpec(**ADAPTER))
+
+
+def test_eval_chat_and_plan_on_moeforge_over_gemma3(family_sources, tmp_path, capsys):
+    """The commands a user runs next work on moeforge's architecture over a non-Llama family."""
+    from moeforge.cli.main import main
+
+    convert_tiny(family_sources["gemma3_text"], tmp_path / "moe", {"num_experts": 4, "top_k": 2})
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["eval", str(tmp_path / "moe"), "--text", str(tmp_path / "text.txt"), "--output", str(tmp_path / "eval"),
+                 "--max-length", "48", "--batch-size", "2", "--compare", str(family_sources["gemma3_text"])]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert len(report["routing"]["load"]) == 4  # every layer's routing
+    assert report["compare"]["perplexity"] == pytest.approx(report["perplexity"], rel=1e-5)  # exact conversion
+    assert main(["chat", str(tmp_path / "moe"), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
+    assert main(["plan", str(tmp_path / "moe"), "--gpu-memory", "24GB", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "moeforge" in out
