@@ -4,7 +4,6 @@ native Qwen3-MoE train and keep their class; MoE-LoRA on Qwen3 and Gemma 3 merge
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -26,7 +26,6 @@ from moeforge.adapters.lora_layers import FusedExpertsLora, LoraLinear
 from moeforge.adapters.moe_lora import MoeLoraLayer
 from moeforge.adapters.peft_method import layer_index
 from moeforge.config.recipe import ConvertRecipe, MoESpec, Placement
-from moeforge.config.recipe import parse_size
 from moeforge.convert.export import build_config, layer_tensors, outer_tensors, resolve_export
 from moeforge.convert.fidelity import FidelityReport
 from moeforge.convert.layerwise import LAYERS_PREFIX
@@ -56,6 +55,7 @@ def merge_adapter(model: PeftModel, directory: Path | None = None) -> PreTrained
         merged = model.merge_and_unload()
         if directory is not None:
             merged.save_pretrained(directory)
+            save_config(merged.config, directory)  # what transformers 4.5x reads too, as every export
         return merged
     base_config = model.base_model.model.config
     if dense_family(base_config.model_type) is None:
@@ -92,7 +92,7 @@ def _write_moe(base: PreTrainedModel, experts: dict[int, dict[str, torch.Tensor]
     target = resolve_export("auto", plan, source)
     config = build_config(target, plan, source)
     ffn_names = set(family.ffn.weight_names())
-    with ShardedWriter(directory, parse_size("2GB")) as writer:
+    with ShardedWriter(directory, recipe.max_shard_bytes) as writer:
         for name, tensor in outer_tensors(target, {k: v for k, v in state.items() if not k.startswith(prefix)}).items():
             writer.add(name, tensor)
         for index in range(source.num_hidden_layers):

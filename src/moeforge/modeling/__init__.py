@@ -10,8 +10,6 @@ registers its config with ``AutoConfig``; each family's model classes are built 
 from transformers import AutoConfig
 
 from moeforge.modeling.configuration import (
-    LEGACY_MODEL_TYPES,
-    MODEL_TYPE,
     LegacyMoeforgeLlamaConfig,
     MoeforgeConfig,
     MoeLayerSpec,
@@ -26,8 +24,6 @@ AutoConfig.register(MoeforgeConfig.model_type, MoeforgeConfig, exist_ok=True)
 AutoConfig.register(LegacyMoeforgeLlamaConfig.model_type, LegacyMoeforgeLlamaConfig, exist_ok=True)
 
 __all__ = [
-    "LEGACY_MODEL_TYPES",
-    "MODEL_TYPE",
     "Architecture",
     "GMMRouter",
     "LinearRouter",

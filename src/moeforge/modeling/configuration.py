@@ -22,7 +22,6 @@ from moeforge.families import LEGACY_MODEL_TYPES, MOEFORGE_MODEL_TYPE, dense_fam
 
 GateType = Literal["linear", "mlp", "gmm"]
 Scoring = Literal["softmax_then_topk", "topk_then_softmax"]
-MODEL_TYPE = MOEFORGE_MODEL_TYPE
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ def config_class(base_model_type: str) -> type[PretrainedConfig]:
     namespace: dict[str, Any] = {
         "__module__": "moeforge.modeling.modeling",  # where the class is importable by name (and so picklable)
         "__doc__": f"moeforge MoE over {family.title}: {base.__name__} plus ``moe_layers`` and router-loss settings.",
-        "model_type": MODEL_TYPE,
+        "model_type": MOEFORGE_MODEL_TYPE,
         "__annotations__": {"base_model_type": str, **{name: kind for name, (kind, _) in _FIELDS.items()}},
         "base_model_type": base_model_type,
         **{name: default for name, (_, default) in _FIELDS.items()},
@@ -107,7 +106,7 @@ class MoeforgeConfig(PretrainedConfig):
     """Registered with ``AutoConfig`` for ``model_type: moeforge``; it is never instantiated itself: reading
     a config dict returns an instance of :func:`config_class` for the dict's ``base_model_type``."""
 
-    model_type = MODEL_TYPE
+    model_type = MOEFORGE_MODEL_TYPE
     default_base = None
 
     @classmethod
@@ -115,7 +114,7 @@ class MoeforgeConfig(PretrainedConfig):
         base = config_dict.get("base_model_type", cls.default_base)
         if not isinstance(base, str) or dense_family(base) is None:
             raise ValueError(f"moeforge config: base_model_type {base!r} is not a model family moeforge knows")
-        return _registered(base).from_dict({**config_dict, "model_type": MODEL_TYPE, "base_model_type": base}, **kwargs)
+        return _registered(base).from_dict({**config_dict, "model_type": MOEFORGE_MODEL_TYPE, "base_model_type": base}, **kwargs)
 
 
 class LegacyMoeforgeLlamaConfig(MoeforgeConfig):

