@@ -76,11 +76,11 @@ import moeforge  # noqa: F401  (registers the MOE_LORA PEFT method)
 from moeforge.adapters.build import apply_adapter
 from moeforge.adapters.moe_lora import AdapterRouter
 from moeforge.config.adapter import AdapterSpec
-from moeforge.convert.calibration import builtin_text
+from moeforge.data.calibration import builtin_text
 from moeforge.eval.probes import bootstrap_ci
-from moeforge.models.loading import load_model
+from moeforge.io.loading import load_model
 from moeforge.routing.hooks import attach_router_losses
-from moeforge.routing.losses import RouterLossConfig
+from moeforge.config.router_losses import RouterLossConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapter_speed import source_revision  # noqa: E402  (benchmarks/ helpers)

@@ -94,8 +94,8 @@ def token_blocks(seq_len: int) -> torch.Tensor:
     """pt-demo packed (EOS-separated) into ``seq_len`` blocks: train_throughput.py's batches."""
     from moeforge.data import pack_texts
     from moeforge.data.builtin import builtin_dataset
-    from moeforge.models.loading import load_tokenizer
-    from moeforge.models.embedded import default_model_dir
+    from moeforge.io.loading import load_tokenizer
+    from moeforge.io.embedded import default_model_dir
 
     blocks = pack_texts(builtin_dataset("pt-demo"), load_tokenizer(default_model_dir()), seq_len)
     return torch.tensor(blocks["input_ids"], dtype=torch.long)
@@ -188,9 +188,9 @@ def main() -> None:
     import moeforge  # noqa: F401  (registers the MOE_LORA PEFT method)
     from moeforge.adapters.build import apply_adapter
     from moeforge.config.adapter import AdapterSpec
-    from moeforge.models.loading import load_model
+    from moeforge.io.loading import load_model
     from moeforge.routing.hooks import attach_router_losses
-    from moeforge.routing.losses import RouterLossConfig
+    from moeforge.config.router_losses import RouterLossConfig
 
     wall_start = time.perf_counter()
     load_start = os.getloadavg()

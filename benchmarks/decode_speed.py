@@ -27,8 +27,8 @@ import transformers
 import moeforge  # noqa: F401  (registers moeforge's experts backends)
 from moeforge.config.recipe import parse_recipe
 from moeforge.convert import convert
-from moeforge.models.embedded import default_model_dir
-from moeforge.models.loading import load_model
+from moeforge.io.embedded import default_model_dir
+from moeforge.io.loading import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ["eager", "grouped_mm", "batched_mm", "moeforge_grouped", "moeforge_per_token", "moeforge_auto"]

@@ -21,7 +21,7 @@ import torch
 
 from moeforge.config.recipe import parse_recipe
 from moeforge.convert import convert
-from moeforge.models.embedded import default_model_dir
+from moeforge.io.embedded import default_model_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -32,7 +32,7 @@ import moeforge  # noqa: F401
 from moeforge.adapters.build import apply_adapter
 from moeforge.config.adapter import AdapterSpec
 from moeforge.modeling.moice import apply_moice
-from moeforge.modeling.moice_config import MoiceSpec
+from moeforge.config.moice import MoiceSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, LENGTH = 4, 256

@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moeforge.convert.calibration import builtin_text
+from moeforge.data.calibration import builtin_text
 from moeforge.eval.perplexity import perplexity
 from moeforge.eval.plots import plot_position_curve
 from moeforge.eval.probes import KVProbe, ProbeResult, format_table, run_probe
-from moeforge.models.loading import load_model
+from moeforge.io.loading import load_model
 from moeforge.modeling.moice import MoiceRouter, apply_moice
-from moeforge.modeling.moice_config import MoiceSpec
+from moeforge.config.moice import MoiceSpec
 from moeforge.routing.hooks import attach_router_losses
-from moeforge.routing.losses import RouterLossConfig
+from moeforge.config.router_losses import RouterLossConfig
 
 RESULTS = Path(__file__).parent / "results"
 

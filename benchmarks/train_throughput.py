@@ -85,7 +85,7 @@ def _build(case: dict):
     from transformers import AutoConfig, LlamaForCausalLM
 
     from moeforge.config.train_recipe import PRESETS
-    from moeforge.models.loading import load_model
+    from moeforge.io.loading import load_model
     from moeforge.routing import RouterLossConfig, attach_router_losses
     from moeforge.train.freeze import apply_freeze
 
@@ -179,7 +179,7 @@ def make_token_blocks(source: Path, seq_len: int, path: Path) -> int:
     """pt-demo text packed (EOS-separated) into ``seq_len`` blocks, saved as one int64 tensor."""
     from moeforge.data import pack_texts
     from moeforge.data.builtin import builtin_dataset
-    from moeforge.models.loading import load_tokenizer
+    from moeforge.io.loading import load_tokenizer
 
     blocks = pack_texts(builtin_dataset("pt-demo"), load_tokenizer(source), seq_len)
     tensor = torch.tensor(blocks["input_ids"], dtype=torch.long)
@@ -288,7 +288,7 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from moeforge.models.embedded import default_model_dir
+    from moeforge.io.embedded import default_model_dir
 
     wall_start = time.perf_counter()
     source = args.source or default_model_dir()

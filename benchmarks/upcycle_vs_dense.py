@@ -61,7 +61,7 @@ def _eval_blocks(recipe, tokenizer) -> torch.Tensor:
 @torch.no_grad()
 def block_losses(model_dir: str, blocks: torch.Tensor, batch: int) -> list[float]:
     """Mean next-token cross-entropy of each held-out block (what the trainer's eval_loss averages)."""
-    from moeforge.models.loading import load_model
+    from moeforge.io.loading import load_model
 
     model, _ = load_model(model_dir, dtype=torch.float32)
     losses = []
@@ -81,7 +81,7 @@ def run_training(spec: dict) -> dict:
 
     from moeforge.config.recipe import parse_recipe
     from moeforge.config.train_recipe import TrainRecipe
-    from moeforge.models.loading import load_tokenizer, resolve_checkpoint
+    from moeforge.io.loading import load_tokenizer, resolve_checkpoint
     from moeforge.train import train
 
     record: dict = {}
@@ -300,7 +300,7 @@ def main() -> None:
         args.child_out.write_text(json.dumps(run_training(json.loads(args.child))))
         return
 
-    from moeforge.models.embedded import default_model_dir
+    from moeforge.io.embedded import default_model_dir
 
     wall_start = time.perf_counter()
     source = args.source or default_model_dir()

@@ -30,7 +30,7 @@ def smollm2_dir() -> Path:
 
     Tests using it should be marked ``@pytest.mark.smollm2``.
     """
-    from moeforge.models.embedded import default_model_dir
+    from moeforge.io.embedded import default_model_dir
 
     return default_model_dir()
 
@@ -41,7 +41,7 @@ def gemma3_dir() -> Path:
 
     Tests using it should be marked ``@pytest.mark.gemma3``.
     """
-    from moeforge.models.embedded import embedded_model_dir
+    from moeforge.io.embedded import embedded_model_dir
 
     return embedded_model_dir("gemma3")
 

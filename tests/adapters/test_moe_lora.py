@@ -11,7 +11,7 @@ import torch
 from moeforge.adapters.build import apply_adapter
 from moeforge.adapters.moe_lora import MoeLoraLayer
 from moeforge.config.adapter import AdapterSpec
-from moeforge.routing.losses import RouterLossConfig
+from moeforge.config.router_losses import RouterLossConfig
 from tests.helpers import build_tiny_llama, forward_with_router_losses, hand_switch_balance, make_tiny_llama_config
 
 SPEC = {"num_experts": 4, "top_k": 2, "rank": 4, "alpha": 8.0, "dropout": 0.0}

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from moeforge.adapters.build import apply_adapter, load_adapter
 from moeforge.config.adapter import AdapterSpec
 from moeforge.errors import MoeforgeError
-from moeforge.models.loading import load_model
+from moeforge.io.loading import load_model
 from tests.adapters.test_moe_lora import randomise_adapter
 from tests.helpers import make_tiny_llama_config, save_tiny_llama
 

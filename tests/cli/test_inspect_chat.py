@@ -14,7 +14,7 @@ import torch
 from moeforge.cli import chat_cmd
 from moeforge.cli.inspect_cmd import layer_groups
 from moeforge.cli.main import main
-from moeforge.models.loading import load_model
+from moeforge.io.loading import load_model
 from tests.helpers import make_tiny_tokenizer
 
 

@@ -8,7 +8,7 @@ import pytest
 from moeforge.config.recipe import parse_recipe
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.errors import MoeforgeError
-from moeforge.models.quantization import quantization_config
+from moeforge.io.quantization import quantization_config
 
 
 def _recipe(**adapter) -> TrainRecipe:

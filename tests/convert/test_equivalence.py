@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeforge.convert.calibration import calibration_ids
+from moeforge.data.calibration import calibration_ids
 from moeforge.config.recipe import Calibration
-from moeforge.models.loading import load_tokenizer
+from moeforge.io.loading import load_tokenizer
 from tests.convert.conftest import dense_logits, load_logits, run_convert
 
 EXACT_CASES = {

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeforge.cli.chat_cmd import chat_once
-from moeforge.models.loading import load_model
+from moeforge.io.loading import load_model
 from tests.convert.conftest import run_convert
 
 pytestmark = pytest.mark.smollm2

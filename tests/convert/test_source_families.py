@@ -55,9 +55,9 @@ def test_mistral_sliding_window_goes_to_mixtral(mistral_source, tmp_path):
     result = run_convert(mistral_source, tmp_path / "moe", {"num_experts": 4, "top_k": 2})
     assert result.export == "mixtral"
     # the in-pipeline dense reference honours the window (calibration sequences are 128 > 16 tokens)
-    from moeforge.convert.calibration import calibration_ids
+    from moeforge.data.calibration import calibration_ids
     from moeforge.config.recipe import Calibration
-    from moeforge.models.loading import load_tokenizer
+    from moeforge.io.loading import load_tokenizer
 
     calib, _ = calibration_ids(Calibration(), load_tokenizer(mistral_source), 256, torch.Generator().manual_seed(0))
     targets = calib[:, 1:].reshape(-1)

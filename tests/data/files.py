@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from moeforge.data.source import load_source
-from moeforge.data.spec import DataSource
+from moeforge.config.data import DataSource
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:

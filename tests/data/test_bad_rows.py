@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from moeforge.data import DataSpec, build_datasets
+from moeforge.config.data import DataSpec
+
+from moeforge.data import build_datasets
 from moeforge.data.source import load_source
-from moeforge.data.spec import DataSource
+from moeforge.config.data import DataSource
 from moeforge.errors import MoeforgeError
 from tests.data.files import assistant, records, user, write_json, write_jsonl
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from moeforge.data.source import load_source
-from moeforge.data.spec import DataSource
+from moeforge.config.data import DataSource
 from moeforge.errors import MoeforgeError
 from tests.data.files import assistant, records, sft, user, write_json, write_jsonl
 

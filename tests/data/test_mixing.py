@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from moeforge.data import DataSpec, build_datasets
+from moeforge.config.data import DataSpec
+
+from moeforge.data import build_datasets
 from moeforge.data.mixing import hold_out, mix_counts, resample
 from moeforge.errors import MoeforgeError
 from tests.data.files import write_jsonl

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from trl.data_utils import apply_chat_template, is_conversational
 
-from moeforge.data import DataSpec, build_datasets
+from moeforge.config.data import DataSpec
+
+from moeforge.data import build_datasets
 from tests.data.files import write_json, write_jsonl
 from tests.helpers import make_tiny_tokenizer
 

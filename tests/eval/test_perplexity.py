@@ -13,7 +13,7 @@ from datasets import Dataset
 
 from moeforge.errors import MoeforgeError
 from moeforge.eval.perplexity import perplexity
-from moeforge.models.loading import load_model
+from moeforge.io.loading import load_model
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * 3,

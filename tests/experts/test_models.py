@@ -14,7 +14,7 @@ from moeforge.adapters.build import apply_adapter
 from moeforge.config.adapter import AdapterSpec
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.experts import EXPERTS_BACKENDS
-from moeforge.models.loading import load_model
+from moeforge.io.loading import load_model
 from moeforge.modeling import MoeforgeForCausalLM, MoeLayerSpec
 from tests.helpers import moeforge_llama_config
 from tests.adapters.test_moe_lora import randomise_adapter

@@ -18,7 +18,7 @@ from moeforge.convert import ConversionResult, convert
 from moeforge.errors import MoeforgeError
 from moeforge.families import dense_family
 from moeforge.modeling.moice import apply_moice
-from moeforge.modeling.moice_config import MoiceSpec
+from moeforge.config.moice import MoiceSpec
 from tests.families.tiny import FAMILY_CONFIGS, build_family, save_family, token_ids
 
 AUTO_TARGET = {

@@ -11,9 +11,9 @@ from transformers import AutoConfig, MistralConfig, MistralForCausalLM, Qwen2Con
 
 from moeforge.errors import MoeforgeError
 from moeforge.modeling.moice import MoiceAttention, MoiceRouter, apply_moice
-from moeforge.modeling.moice_config import MoiceSpec
+from moeforge.config.moice import MoiceSpec
 from moeforge.routing.hooks import attach_router_losses
-from moeforge.routing.losses import RouterLossConfig
+from moeforge.config.router_losses import RouterLossConfig
 from tests.helpers import build_tiny_llama, forward_with_router_losses, hand_switch_balance, make_tiny_llama_config
 
 THETA = 10000.0
@@ -229,7 +229,7 @@ def _theta(model) -> float:
 
 
 def test_checkpoint_round_trip_keeps_moice(tmp_path, base_model):
-    from moeforge.models.loading import load_model
+    from moeforge.io.loading import load_model
 
     moice = _moice(base_model, topk=3)
     moice.save_pretrained(tmp_path)

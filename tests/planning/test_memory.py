@@ -17,7 +17,7 @@ from moeforge.cli.main import main
 from moeforge.config.adapter import AdapterSpec
 from moeforge.config.recipe import ConvertRecipe
 from moeforge.errors import MoeforgeError
-from moeforge.models.loading import HUB_ID, cache_root
+from moeforge.io.loading import HUB_ID, cache_root
 from moeforge.planning.counting import ModelSpec, count_parameters, model_shape
 from moeforge.planning.memory import TrainingSetup, activation_bytes, estimate
 from moeforge.planning.report import Row, plan_scenarios, parse_gpu_memory, verdict

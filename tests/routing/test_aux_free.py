@@ -135,9 +135,9 @@ def test_bf16_model_keeps_small_steps_in_an_fp32_master_copy() -> None:
 
 def test_native_routers_are_refused_and_the_model_left_as_it_was() -> None:
     model = mixtral_model()
-    with pytest.raises(MoeforgeError, match="aux_free needs moeforge_llama routers.*convert with export: moeforge"):
+    with pytest.raises(MoeforgeError, match="aux_free needs moeforge routers.*convert with export: moeforge"):
         attach_router_losses(model, RouterLossConfig(aux_free=True))
     assert model.config.output_router_logits is True
     assert not model._forward_hooks and not model._forward_pre_hooks
-    with pytest.raises(MoeforgeError, match="aux_free needs moeforge_llama routers"):
+    with pytest.raises(MoeforgeError, match="aux_free needs moeforge routers"):
         AuxFreeBalancer(attach_router_losses(moeforge_model(moe_layers=[None, None, None])), 1e-3)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+from moeforge.config.router_losses import RouterLossConfig
 from moeforge.routing.losses import (
-    RouterLossConfig,
     layer_balance,
     mutual_information_loss,
     switch_balance_loss,

@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from moeforge.models.loading import load_model
+from moeforge.io.loading import load_model
 from moeforge.train.runner import train
 from tests.train.conftest import logged_losses, make_recipe, provenance, state_dict
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moeforge.errors import MoeforgeError
-from moeforge.models.loading import load_model
+from moeforge.io.loading import load_model
 from moeforge.train.runner import train
 from tests.train.conftest import make_recipe, provenance, state_dict
 

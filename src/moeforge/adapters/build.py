@@ -18,6 +18,7 @@ from moeforge.adapters.lora_layers import fused_expert_parameters
 from moeforge.adapters.peft_method import MoeLoraConfig, is_swiglu_mlp, layer_index
 from moeforge.config.adapter import EXPERTS_TARGET, AdapterSpec
 from moeforge.errors import MoeforgeError
+from moeforge.io.loading import is_adapter_dir
 
 
 def _decoder_layers(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
@@ -91,15 +92,6 @@ def apply_adapter(model: nn.Module, spec: AdapterSpec) -> PeftModel:
     """Wrap ``model`` with fresh adapters (zero deltas: it still computes the base model); only the adapter
     parameters require grad."""
     return get_peft_model(model, adapter_config(model, spec))
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def base_model_of(adapter_dir: str | Path) -> str | None:
-    """The base model an adapter directory records (``base_model_name_or_path``), if any."""
-    return PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
 
 
 def load_adapter(base: nn.Module, adapter_dir: str | Path) -> PeftModel:

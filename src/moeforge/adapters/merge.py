@@ -32,8 +32,8 @@ from moeforge.convert.layerwise import LAYERS_PREFIX
 from moeforge.convert.plan import build_plan
 from moeforge.errors import MoeforgeError
 from moeforge.families import dense_family
-from moeforge.models.loading import save_config
-from moeforge.models.safetensors_io import ShardedWriter
+from moeforge.io.loading import save_config
+from moeforge.io.safetensors_io import ShardedWriter
 
 
 def _mixture_layers(model: PeftModel) -> dict[int, tuple[str, MoeLoraLayer]]:
@@ -143,9 +143,9 @@ def merge_to_directory(
 
 def _merge_into(tmp: Path, adapter_dir: Path, base: str | None, dtype: torch.dtype, log: Callable[[str], None]) -> tuple[str, FidelityReport]:
     from moeforge.config.recipe import Calibration
-    from moeforge.convert.calibration import calibration_ids
+    from moeforge.data.calibration import calibration_ids
     from moeforge.convert.fidelity import compare, default_tolerance
-    from moeforge.models.loading import load_model
+    from moeforge.io.loading import load_model
 
     model, tokenizer = load_model(base, adapter=adapter_dir, dtype=dtype) if base else load_model(adapter_dir, dtype=dtype)
     config = model.base_model.model.config

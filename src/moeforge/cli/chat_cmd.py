@@ -109,7 +109,7 @@ def _interactive(reply: Callable[[list[Message]], str], system: list[Message]) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeforge.models.loading import load_model
+    from moeforge.io.loading import load_model
 
     _check_args(args)
     prompt = args.prompt

@@ -7,7 +7,7 @@ import sys
 from typing import Any, get_args
 
 from moeforge.data.formats import STAGES
-from moeforge.data.spec import Format
+from moeforge.config.data import Format
 
 
 def parse_columns(text: str) -> dict[str, str]:
@@ -69,10 +69,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _load_tokenizer(source: str):
     from moeforge.errors import MoeforgeError
-    from moeforge.models.loading import load_tokenizer, resolve_checkpoint
+    from moeforge.io.loading import load_tokenizer, resolve_checkpoint
 
     if source == "default":
-        from moeforge.models.embedded import default_model_dir
+        from moeforge.io.embedded import default_model_dir
 
         directory = default_model_dir()
     else:

@@ -161,7 +161,7 @@ def _evaluate(
     """Load ``source``, measure it (and probe it), and free it before the next model is loaded."""
     from moeforge.eval.perplexity import perplexity
     from moeforge.eval.probes import run_probe
-    from moeforge.models.loading import load_model
+    from moeforge.io.loading import load_model
 
     model, tokenizer = load_model(source, dtype=DTYPES[args.dtype], device=_device(), experts_backend=args.experts_backend)
     if tokenizer is None:

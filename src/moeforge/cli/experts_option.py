@@ -2,7 +2,7 @@
 
 import argparse
 
-from moeforge.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS
+from moeforge.config.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS
 
 
 def add_experts_backend(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-EMBEDDED_NAMES = ("default", "smollm2", "gemma3", "gemma3-270m")  # moeforge.models.embedded.EMBEDDED_ALIASES, without importing torch
+EMBEDDED_NAMES = ("default", "smollm2", "gemma3", "gemma3-270m")  # moeforge.io.embedded.EMBEDDED_ALIASES, without importing torch
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeforge.models.embedded import embedded_model_dir
+    from moeforge.io.embedded import embedded_model_dir
 
     print(embedded_model_dir(args.name))
     return 0

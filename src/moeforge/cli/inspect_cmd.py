@@ -85,7 +85,7 @@ def render(report: dict[str, Any], console: Console) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeforge.models.inspection import inspect_checkpoint
+    from moeforge.io.inspection import inspect_checkpoint
 
     report = inspect_checkpoint(args.path)
     if args.json:

@@ -14,10 +14,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moeforge.config.adapter import AdapterSpec
-from moeforge.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS
-from moeforge.data.spec import DataSpec
-from moeforge.modeling.moice_config import MoiceSpec
-from moeforge.routing.losses import RouterLossConfig
+from moeforge.config.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS
+from moeforge.config.data import DataSpec
+from moeforge.config.moice import MoiceSpec
+from moeforge.config.router_losses import RouterLossConfig
 
 FreezeGroup = Literal[
     "router", "attention_router", "experts", "attention", "embeddings", "dense_layers", "norms", "all_but_new"

@@ -25,7 +25,7 @@ import transformers
 from transformers.activations import ACT2FN
 
 from moeforge.config.recipe import ConvertRecipe
-from moeforge.convert.calibration import calibration_ids
+from moeforge.data.calibration import calibration_ids
 from moeforge.convert.experts import build_experts
 from moeforge.convert.export import (
     MOEFORGE,
@@ -44,8 +44,8 @@ from moeforge.convert.router_init import init_router
 from moeforge.errors import FidelityError, MoeforgeError
 from moeforge.families import source_family
 from moeforge.modeling import MoeforgeSparseMoeBlock, moeforge_config
-from moeforge.models.loading import TORCH_DTYPES, copy_tokenizer_files, load_tokenizer, read_config, resolve_checkpoint, save_config
-from moeforge.models.safetensors_io import CheckpointReader, ShardedWriter
+from moeforge.io.loading import TORCH_DTYPES, copy_tokenizer_files, load_tokenizer, read_config, resolve_checkpoint, save_config
+from moeforge.io.safetensors_io import CheckpointReader, ShardedWriter
 
 
 

@@ -1,12 +1,11 @@
 """The data layer of ``moeforge train``: read data files in many formats, check every row, normalise
 them to the records the trainers take, mix and split them.
 
-Public API: :class:`DataSpec` / :class:`DataSource` (the recipe's ``data:`` section),
+Public API (the recipe's ``data:`` section is :mod:`moeforge.config.data`):
 :func:`build_datasets` -> :class:`BuiltData`, :func:`pack_texts`, :func:`check_file`,
 :func:`convert_file`, :func:`builtin_dataset`.
 
-Names are imported on first use: the recipe module needs only the spec, and ``datasets`` takes a
-second to import.
+Names are imported on first use: ``datasets`` takes a second to import.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ if TYPE_CHECKING:
     from moeforge.data.check import check_file
     from moeforge.data.packing import pack_texts
     from moeforge.data.portable import convert_file
-    from moeforge.data.spec import DataSource, DataSpec
 
 _HOMES = {
     "BuiltData": "build",
@@ -29,13 +27,9 @@ _HOMES = {
     "check_file": "check",
     "pack_texts": "packing",
     "convert_file": "portable",
-    "DataSource": "spec",
-    "DataSpec": "spec",
 }
 __all__ = [  # noqa: F822 (resolved by __getattr__)
     "BuiltData",
-    "DataSource",
-    "DataSpec",
     "build_datasets",
     "builtin_dataset",
     "check_file",

@@ -10,7 +10,7 @@ from moeforge.data.builtin import BUILTIN_STAGE, builtin_records
 from moeforge.data.formats import Stage
 from moeforge.data.mixing import hold_out_each, mix, mix_counts
 from moeforge.data.source import KEPT_MESSAGES, LoadedSource, load_source
-from moeforge.data.spec import DataSource, DataSpec
+from moeforge.config.data import DataSource, DataSpec
 from moeforge.errors import MoeforgeError
 
 if TYPE_CHECKING:

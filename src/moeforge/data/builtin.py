@@ -23,7 +23,7 @@ DOCUMENT_CHARS = 1500
 
 
 def _documents() -> list[dict[str, Any]]:
-    from moeforge.convert.calibration import builtin_text
+    from moeforge.data.calibration import builtin_text
 
     documents, current = [], []
     for paragraph in builtin_text().split("\n\n"):

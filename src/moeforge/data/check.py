@@ -9,7 +9,7 @@ from typing import Any
 
 from moeforge.data.formats import Stage
 from moeforge.data.source import load_source
-from moeforge.data.spec import make_source
+from moeforge.config.data import make_source
 from moeforge.errors import MoeforgeError
 
 

@@ -47,20 +47,6 @@ _SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = (
     ("text", frozenset({"text"})),
 )
 
-FIELDS = (
-    "text",
-    "prompt",
-    "completion",
-    "instruction",
-    "input",
-    "output",
-    "chosen",
-    "rejected",
-    "messages",
-    "conversations",
-)
-"""The keys of every format: what a ``columns:`` mapping may fill."""
-
 EXPECTED_KEYS = "text | prompt+completion | instruction+output | conversations | messages | prompt+chosen+rejected"
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from moeforge.data.formats import Stage
 from moeforge.data.mixing import hold_out
 from moeforge.data.source import load_source
-from moeforge.data.spec import make_source
+from moeforge.config.data import make_source
 from moeforge.errors import MoeforgeError
 
 OutFormat = Literal["json", "jsonl"]

@@ -12,7 +12,7 @@ from moeforge.data.bad_row import BadRow
 from moeforge.data.formats import EXPECTED_KEYS, FORMAT_STAGE, Stage, detect_format, to_record
 from moeforge.data.messages import describe_keys, type_name
 from moeforge.data.readers import RawRow, read_rows
-from moeforge.data.spec import DataSource
+from moeforge.config.data import DataSource
 from moeforge.errors import MoeforgeError
 
 KEPT_MESSAGES = 5

@@ -37,8 +37,9 @@ def _read_text(path: Path) -> str:
 
 def _data_rows(path: str, stage: str, columns: dict[str, str] | None) -> Any:
     """Every row of the file: no evaluation split is held out, since here the whole file is the test set."""
-    from moeforge.data import DataSpec, build_datasets
-    from moeforge.data.spec import make_source
+    from moeforge.config.data import DataSpec
+    from moeforge.data import build_datasets
+    from moeforge.config.data import make_source
 
     return build_datasets(DataSpec(train=[make_source(path=path, columns=columns)]), stage).train
 
@@ -55,6 +56,6 @@ def load_inputs(
     if text_files:
         names = ", ".join(str(p) for p in text_files)
         return EvalInputs(description=names, texts=[_read_text(Path(p)) for p in text_files])
-    from moeforge.convert.calibration import builtin_text
+    from moeforge.data.calibration import builtin_text
 
     return EvalInputs(description=BUILTIN_DESCRIPTION, texts=[builtin_text()])

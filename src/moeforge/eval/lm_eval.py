@@ -50,7 +50,7 @@ def run_lm_eval(
     Writes the scores to ``output`` (JSON) and returns them: ``results`` per task, plus versions and
     few-shot counts so a figure can be reproduced."""
     lm_eval = import_lm_eval()
-    from moeforge.models.loading import load_model
+    from moeforge.io.loading import load_model
 
     if not tasks:
         raise MoeforgeError("--lm-eval: name at least one task, e.g. --lm-eval hellaswag,arc_easy")

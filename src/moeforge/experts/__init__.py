@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from moeforge.errors import MoeforgeError
+from moeforge.config.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS, implementation_name
 from moeforge.experts.backends import (
     PER_TOKEN_MAX_SLOTS,
     auto_experts_forward,
@@ -26,20 +26,6 @@ _REGISTERED = {
     "moeforge_per_token": per_token_experts_forward,
 }
 
-EXPERTS_BACKENDS: dict[str, str] = {
-    "auto": "moeforge_auto",
-    "eager": "eager",
-    "grouped": "moeforge_grouped",
-    "per_token": "moeforge_per_token",
-    # transformers' own, by their names
-    "grouped_mm": "grouped_mm",
-    "batched_mm": "batched_mm",
-    "sonicmoe": "sonicmoe",
-    "deepgemm": "deepgemm",
-}
-"""moeforge backend name -> transformers experts implementation name."""
-
-DEFAULT_BACKEND = "auto"
 
 
 def register() -> None:
@@ -47,15 +33,6 @@ def register() -> None:
     point; idempotent). Runs on ``import moeforge``."""
     for name, function in _REGISTERED.items():
         ALL_EXPERTS_FUNCTIONS.register(name, function)
-
-
-def implementation_name(backend: str) -> str:
-    """The transformers experts implementation for ``backend``; a one-line error for an unknown name."""
-    if backend in EXPERTS_BACKENDS:
-        return EXPERTS_BACKENDS[backend]
-    if backend in EXPERTS_BACKENDS.values():
-        return backend
-    raise MoeforgeError(f"experts_backend {backend!r} is unknown: use one of {', '.join(EXPERTS_BACKENDS)}")
 
 
 __all__ = [

@@ -17,6 +17,7 @@ from moeforge.modeling.configuration import (
     moeforge_config,
 )
 from moeforge.modeling.modeling import Architecture, MoeforgeForCausalLM, architecture, causal_lm_class, install_moe_blocks
+from moeforge.modeling.moice import install_moice  # also registers the ``moice`` config extension
 from moeforge.modeling.moe_block import MoeforgeExperts, MoeforgeSharedExperts, MoeforgeSparseMoeBlock
 from moeforge.modeling.routers import GMMRouter, LinearRouter, MLPRouter, TopKRouter, build_router, route
 
@@ -39,6 +40,7 @@ __all__ = [
     "build_router",
     "causal_lm_class",
     "install_moe_blocks",
+    "install_moice",
     "is_moeforge_config",
     "moeforge_config",
     "route",

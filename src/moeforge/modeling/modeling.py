@@ -44,7 +44,7 @@ class _MoeforgePreTrained:
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Unless told otherwise, run moeforge's ``auto`` experts backend (registered by ``import moeforge``),
         not transformers' default ``grouped_mm``: it adds the few-token path and the fallbacks."""
-        from moeforge.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS
+        from moeforge.config.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS
 
         return super().get_correct_experts_implementation(requested_experts or EXPERTS_BACKENDS[DEFAULT_BACKEND])
 
@@ -89,7 +89,7 @@ class _MoeforgeForCausalLM(_MoeforgePreTrained):
 
     def __init__(self, config: PretrainedConfig) -> None:
         from moeforge.routing.hooks import attach_router_losses  # moeforge.routing imports this package
-        from moeforge.routing.losses import RouterLossConfig
+        from moeforge.config.router_losses import RouterLossConfig
 
         super().__init__(config)
         # The family's causal LM built its decoder as the family's class; make it moeforge's subclass of that

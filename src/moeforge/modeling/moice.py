@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from moeforge.config.moice import MoiceSpec, ResolvedMoice
 from moeforge.errors import MoeforgeError
 from moeforge.families import supports_moice
-from moeforge.modeling.moice_config import MoiceSpec, ResolvedMoice
+from moeforge.io.extensions import register_config_extension
+from moeforge.io.safetensors_io import CheckpointReader
 
 ROUTER_NAME = "moice_router"
 _POSITIONS_ATTR = "_moeforge_moice_positions"  # {layer_idx: [B, tokens seen]} on a transformers Cache
@@ -270,3 +274,27 @@ def describe(settings: ResolvedMoice) -> str:
         f"{settings.router_scope} routers reading {settings.router_input}, balance coef {settings.router_aux_loss_coef:g}"
     )
 
+
+
+def restore_moice(model: nn.Module, entry: object, reader: CheckpointReader, directory: Path) -> None:
+    """Give a loaded model whose ``config.json`` has ``moice`` its MoICE attention and router weights back
+    (the plain architecture has no routers and would drop them). Registered with the I/O layer's loader."""
+    try:
+        settings = ResolvedMoice.model_validate(entry)
+    except ValidationError as err:
+        raise MoeforgeError(f"{directory}/config.json: invalid 'moice' entry ({err.errors()[0]['msg']}); re-save the model") from None
+    names = install_moice(model, settings)
+    missing = [name for name in names if name not in reader]
+    if missing:
+        raise MoeforgeError(
+            f"{directory}: config.json has 'moice' but the weights lack {missing[0]}"
+            + (f" and {len(missing) - 1} more router tensors" if len(missing) > 1 else "")
+            + "; the checkpoint is incomplete: re-save it, or remove 'moice' from config.json for the plain model"
+        )
+    with torch.no_grad():
+        for name in names:
+            parameter = model.get_parameter(name)
+            parameter.copy_(reader.get(name).to(parameter.dtype))
+
+
+register_config_extension("moice", restore_moice)

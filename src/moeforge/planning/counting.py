@@ -21,9 +21,9 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from moeforge.adapters.moe_lora import MoeLoraLayer
 from moeforge.adapters.peft_method import layer_index
 from moeforge.config.adapter import AdapterSpec
-from moeforge.modeling.moice_config import MoiceSpec
-from moeforge.models.inspection import layer_plan
-from moeforge.models.loading import TORCH_DTYPES
+from moeforge.config.moice import MoiceSpec
+from moeforge.io.inspection import layer_plan
+from moeforge.io.loading import TORCH_DTYPES
 from moeforge.planning.memory import AdapterPart, FfnShape, ModelShape, ParameterCounts
 from moeforge.routing.detection import find_routers
 from moeforge.train.freeze import apply_freeze
@@ -65,9 +65,9 @@ def model_shape(config: PretrainedConfig) -> ModelShape:
 def build_meta_model(config: PretrainedConfig, dtype: str = "float32") -> nn.Module:
     """The architecture of ``config`` with storage-less weights (buffers stay real: MoICE derives its RoPE
     tables from the model's own); a MoICE checkpoint gets its attention back,
-    as :func:`moeforge.models.loading.from_pretrained` does."""
+    as :func:`moeforge.io.loading.from_pretrained` does."""
     from moeforge.modeling.moice import install_moice
-    from moeforge.modeling.moice_config import ResolvedMoice
+    from moeforge.config.moice import ResolvedMoice
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[dtype])

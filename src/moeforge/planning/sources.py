@@ -19,10 +19,10 @@ from moeforge.config.recipe import ConvertRecipe, load_recipe
 from moeforge.config.train_recipe import Schedule, TrainRecipe
 from moeforge.convert.export import build_config, resolve_export
 from moeforge.convert.plan import build_plan
-from moeforge.data.spec import DataSpec
+from moeforge.config.data import DataSpec
 from moeforge.errors import MoeforgeError
 from moeforge.families import source_family
-from moeforge.models.loading import HUB_ID, check_supported, read_config, resolve_checkpoint
+from moeforge.io.loading import HUB_ID, check_supported, read_config, resolve_checkpoint
 from moeforge.planning.counting import ModelSpec
 from moeforge.planning.memory import TrainingSetup
 

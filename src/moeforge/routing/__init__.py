@@ -8,7 +8,8 @@ training loop gets them; ``observe_routers(model)`` collects statistics only.
 
 from moeforge.routing.aux_free import AuxFreeBalancer
 from moeforge.routing.hooks import RouterLossHandle, attach_router_losses, find_routers, observe_routers
-from moeforge.routing.losses import RouterLossConfig, mutual_information_loss, switch_balance_loss, z_loss
+from moeforge.config.router_losses import RouterLossConfig
+from moeforge.routing.losses import mutual_information_loss, switch_balance_loss, z_loss
 from moeforge.routing.stats import RoutingStats
 
 __all__ = [

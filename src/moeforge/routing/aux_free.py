@@ -1,4 +1,4 @@
-"""DeepSeek-V3's aux-loss-free load balancing (arXiv 2408.15664) for moeforge_llama routers.
+"""DeepSeek-V3's aux-loss-free load balancing (arXiv 2408.15664) for moeforge routers.
 
 Each router carries a per-expert bias added to its logits for choosing the experts only (the weights stay
 the unbiased probabilities, see :func:`moeforge.modeling.routers.route`). After every optimizer step the
@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from moeforge.errors import MoeforgeError
-from moeforge.modeling.routers import TopKRouter
 
 if TYPE_CHECKING:
     from moeforge.routing.hooks import RouterLossHandle
@@ -27,12 +26,13 @@ class AuxFreeBalancer:
     its config ``router_aux_free`` so the bias is saved and loaded with the weights."""
 
     def __init__(self, handle: RouterLossHandle, rate: float) -> None:
-        foreign = [r for r in handle.routers if not isinstance(r.module, TopKRouter)]
+        # moeforge's routers (moeforge.modeling.routers.TopKRouter) are the ones that can carry a selection bias
+        foreign = [r for r in handle.routers if not callable(getattr(r.module, "enable_expert_bias", None))]
         if foreign or not handle.routers:
             culprit = f" ({foreign[0].name} is a {type(foreign[0].module).__name__})" if foreign else ""
-            raise MoeforgeError(f"aux_free needs moeforge_llama routers{culprit}; convert with export: moeforge")
+            raise MoeforgeError(f"aux_free needs moeforge routers{culprit}; convert with export: moeforge")
         self.rate = rate
-        self.routers: list[TopKRouter] = [r.module for r in handle.routers]
+        self.routers: list[torch.nn.Module] = [r.module for r in handle.routers]
         for router in self.routers:
             router.enable_expert_bias()
         config = getattr(handle.model, "config", None)

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeforge.config.router_losses import RouterLossConfig
 from moeforge.errors import MoeforgeError
 from moeforge.routing.accumulator import RoutingAccumulator
 from moeforge.routing.aux_free import AuxFreeBalancer
 from moeforge.routing.batch import BatchContext
 from moeforge.routing.detection import RouterRef, find_routers, split_router_output
 from moeforge.routing.losses import (
-    RouterLossConfig,
     expert_counts,
     layer_balance,
     layer_entropy,

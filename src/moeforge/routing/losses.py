@@ -16,22 +16,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
-
-class RouterLossConfig(BaseModel):
-    """Coefficients of the router losses added to the LM loss, and DeepSeek-V3's aux-loss-free balancing.
-
-    ``aux_free_rate`` is the bias step γ (in logit units) applied per optimizer step; see
-    :class:`moeforge.routing.aux_free.AuxFreeBalancer`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    balance_coef: float = Field(0.01, ge=0)
-    z_coef: float = Field(0.0, ge=0)
-    mi_coef: float = Field(0.0, ge=0)
-    aux_free: bool = False
-    aux_free_rate: float = Field(1e-3, gt=0)
 
 
 def token_weights(mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:

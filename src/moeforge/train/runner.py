@@ -29,11 +29,11 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.data import build_datasets, pack_texts
 from moeforge.errors import MoeforgeError
-from moeforge.models.loading import load_model, resolve_checkpoint
+from moeforge.io.loading import load_model, resolve_checkpoint
 from moeforge.modeling import is_moeforge_config
-from moeforge.models.safetensors_io import sha256_file
+from moeforge.io.safetensors_io import sha256_file
 from moeforge.routing.hooks import attach_router_losses, find_routers
-from moeforge.routing.losses import RouterLossConfig
+from moeforge.config.router_losses import RouterLossConfig
 from moeforge.train.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
 from moeforge.train.freeze import apply_freeze, router_parameters
 from moeforge.train.telemetry import TelemetryCallback
@@ -215,7 +215,7 @@ def _add_moice(model: nn.Module, recipe: TrainRecipe, log: Callable[[str], None]
     """Install MoICE attention when the recipe asks for it (new routers, listed), and check that the
     ``moice`` preset has routers to train."""
     from moeforge.modeling.moice import apply_moice, describe
-    from moeforge.modeling.moice_config import ResolvedMoice
+    from moeforge.config.moice import ResolvedMoice
 
     if recipe.moice is not None:
         names = apply_moice(model, recipe.moice, seed=recipe.training.seed)

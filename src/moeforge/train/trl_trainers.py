@@ -16,7 +16,7 @@ from peft import PeftModel
 from transformers import Trainer
 from trl import DPOTrainer, SFTTrainer
 
-from moeforge.models.loading import from_pretrained
+from moeforge.io.loading import from_pretrained
 
 
 class RouterAuxLossMixin:

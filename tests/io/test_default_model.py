@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from moeforge.errors import MoeforgeError
-from moeforge.models import embedded
-from moeforge.models.embedded import GEMMA3, SMOLLM2, EMBEDDED_MODELS, default_model_dir, embedded_model_dir
-from moeforge.models.loading import read_config, resolve_checkpoint
+from moeforge.io import embedded
+from moeforge.io.embedded import GEMMA3, SMOLLM2, EMBEDDED_MODELS, default_model_dir, embedded_model_dir
+from moeforge.io.loading import read_config, resolve_checkpoint
 from tests.helpers import save_tiny_llama_gguf
 
 

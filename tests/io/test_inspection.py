@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from moeforge.errors import MoeforgeError
-from moeforge.models.inspection import inspect_checkpoint
+from moeforge.io.inspection import inspect_checkpoint
 from tests.helpers import build_tiny_llama
 
 SMALL = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)

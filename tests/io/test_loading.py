@@ -12,8 +12,8 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import GPT2Config
 
 from moeforge.errors import MoeforgeError
-from moeforge.models import loading
-from moeforge.models.loading import check_supported, load_model, read_config, resolve_checkpoint
+from moeforge.io import loading
+from moeforge.io.loading import check_supported, load_model, read_config, resolve_checkpoint
 from tests.helpers import build_tiny_llama, make_tiny_llama_config, save_tiny_llama, save_tiny_llama_gguf
 
 IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 255]])
@@ -178,7 +178,7 @@ def test_bad_gguf_is_a_moeforge_error(monkeypatch: pytest.MonkeyPatch, tmp_path:
 def test_saved_configs_carry_what_transformers_4_reads(tmp_path: Path) -> None:
     from transformers import Gemma3TextConfig, Olmo3Config, Qwen3MoeConfig
 
-    from moeforge.models.loading import save_config
+    from moeforge.io.loading import save_config
 
     cases = {
         "qwen3_moe": (Qwen3MoeConfig(num_experts=4, hidden_size=64, num_attention_heads=4), {"num_experts": 4, "rope_theta": 10000.0}),
@@ -193,7 +193,7 @@ def test_saved_configs_carry_what_transformers_4_reads(tmp_path: Path) -> None:
 
 
 def test_tokenizer_config_is_made_portable(tmp_path: Path) -> None:
-    from moeforge.models.loading import portable_tokenizer_config
+    from moeforge.io.loading import portable_tokenizer_config
 
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TokenizersBackend", "eos_token": "é"}))
     portable_tokenizer_config(tmp_path)

@@ -2,7 +2,7 @@
 
 Everything funnels into a local Hugging Face directory first (:func:`resolve_checkpoint`), so the rest
 of moeforge only ever deals with ``config.json`` + safetensors. Weight files are validated with
-:class:`~moeforge.models.safetensors_io.CheckpointReader` before transformers sees them, so a bad
+:class:`~moeforge.io.safetensors_io.CheckpointReader` before transformers sees them, so a bad
 download gives one actionable line instead of a deep traceback.
 """
 
@@ -22,11 +22,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from moeforge.experts import DEFAULT_BACKEND, implementation_name
+from moeforge.config.experts import DEFAULT_BACKEND, implementation_name
 from moeforge.errors import MoeforgeError
 from moeforge.families import DENSE_MODEL_TYPES, LEGACY_MODEL_TYPES, MOEFORGE_MODEL_TYPE, NATIVE_MODEL_TYPES
-from moeforge.models.quantization import Bits, quantization_config
-from moeforge.models.safetensors_io import SAFE_INDEX, SAFE_SINGLE, CheckpointReader
+from moeforge.io.extensions import adapter_loader, config_extensions
+from moeforge.io.quantization import Bits, quantization_config
+from moeforge.io.safetensors_io import SAFE_INDEX, SAFE_SINGLE, CheckpointReader
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """dtype names recipes and flags use -> torch dtypes."""
@@ -183,7 +184,7 @@ def resolve_checkpoint(
     else to the usual Hugging Face cache.
     """
     text = str(source)
-    from moeforge.models.embedded import EMBEDDED_ALIASES, embedded_model_dir  # lazy: embedded imports us
+    from moeforge.io.embedded import EMBEDDED_ALIASES, embedded_model_dir  # lazy: embedded imports us
 
     if text in EMBEDDED_ALIASES and not Path(text).exists():
         return embedded_model_dir(text, cache_dir)
@@ -205,9 +206,10 @@ def resolve_checkpoint(
 
 
 def read_config(directory: Path, *, trust_remote_code: bool = False) -> PretrainedConfig:
-    """Read ``config.json``, refusing unsupported model types before transformers tries to build them."""
-    import moeforge.modeling  # noqa: F401  (registers moeforge's architecture with the Auto classes)
+    """Read ``config.json``, refusing unsupported model types before transformers tries to build them.
 
+    moeforge's own model types are known to ``AutoConfig`` once :mod:`moeforge.modeling` is imported
+    (``import moeforge`` does)."""
     config_path = Path(directory) / "config.json"
     try:
         raw = json.loads(config_path.read_text())
@@ -282,6 +284,20 @@ def load_tokenizer(directory: Path, *, trust_remote_code: bool = False) -> PreTr
         ) from None
 
 
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def base_model_of(adapter_dir: str | Path) -> str | None:
+    """The base model an adapter directory records (``base_model_name_or_path``), if any."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        recorded = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise MoeforgeError(f"{config_path} is not readable JSON ({type(err).__name__}); re-save the adapter") from None
+    return recorded if isinstance(recorded, str) and recorded else None
+
+
 def from_pretrained(
     directory: Path,
     *,
@@ -293,17 +309,17 @@ def from_pretrained(
     experts_backend: str = DEFAULT_BACKEND,
 ) -> PreTrainedModel:
     """``model_class.from_pretrained`` on a validated directory, plus what moeforge adds on top of the
-    architecture: a checkpoint whose config carries ``moice`` gets its MoICE attention and router weights
-    back (transformers alone would build the plain attention and drop the routers). ``quantization`` loads
-    the weights in 4/8 bit with bitsandbytes onto the first GPU (a frozen base for adapters).
-    ``experts_backend`` (:data:`moeforge.experts.EXPERTS_BACKENDS`) runs the experts of any MoE
-    architecture, native or moeforge's, and the MoE adapters put on a dense one."""
+    architecture: a config key registered in :mod:`moeforge.io.extensions` (``moice``: MoICE attention
+    and its routers, which transformers alone would drop) gets its modules and weights back.
+    ``quantization`` loads the weights in 4/8 bit with bitsandbytes onto the first GPU (a frozen base for
+    adapters). ``experts_backend`` (:data:`moeforge.config.experts.EXPERTS_BACKENDS`) runs the experts of
+    any MoE architecture, native or moeforge's, and the MoE adapters put on a dense one."""
     reader = CheckpointReader(directory)  # validates every weight file before transformers opens it
     config = config or read_config(directory, trust_remote_code=trust_remote_code)
-    moice = getattr(config, "moice", None)
+    extensions = config_extensions(config)
     extra = {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": 0}} if quantization else {}
     verbosity = transformers_logging.get_verbosity()
-    if moice:  # the router weights are "unexpected" to the plain architecture; restore_moice loads them
+    if extensions:  # their weights are "unexpected" to the plain architecture; the extension loads them
         transformers_logging.set_verbosity_error()
     try:
         model = model_class.from_pretrained(
@@ -318,33 +334,9 @@ def from_pretrained(
         )
     finally:
         transformers_logging.set_verbosity(verbosity)
-    if moice:
-        _restore_moice(model, moice, reader, directory)
+    for _, entry, install in extensions:
+        install(model, entry, reader, directory)
     return model
-
-
-def _restore_moice(model: PreTrainedModel, moice: object, reader: CheckpointReader, directory: Path) -> None:
-    from pydantic import ValidationError
-
-    from moeforge.modeling.moice import install_moice
-    from moeforge.modeling.moice_config import ResolvedMoice
-
-    try:
-        settings = ResolvedMoice.model_validate(moice)
-    except ValidationError as err:
-        raise MoeforgeError(f"{directory}/config.json: invalid 'moice' entry ({err.errors()[0]['msg']}); re-save the model") from None
-    names = install_moice(model, settings)
-    missing = [name for name in names if name not in reader]
-    if missing:
-        raise MoeforgeError(
-            f"{directory}: config.json has 'moice' but the weights lack {missing[0]}"
-            + (f" and {len(missing) - 1} more router tensors" if len(missing) > 1 else "")
-            + "; the checkpoint is incomplete: re-save it, or remove 'moice' from config.json for the plain model"
-        )
-    with torch.no_grad():
-        for name in names:
-            parameter = model.get_parameter(name)
-            parameter.copy_(reader.get(name).to(parameter.dtype))
 
 
 def load_model(
@@ -363,8 +355,6 @@ def load_model(
     ``source`` may also be an adapter directory (``adapter_config.json``, e.g. what ``moeforge train`` wrote
     for a recipe with ``adapter:``): its recorded base model is loaded and the adapter put on it, as with
     ``adapter=``. The tokenizer then comes from the adapter directory when it has one."""
-    from moeforge.adapters.build import base_model_of, is_adapter_dir, load_adapter
-
     tokenizer_dir = None
     if adapter is None and is_adapter_dir(source):
         adapter, tokenizer_dir = Path(source), Path(source)
@@ -380,7 +370,7 @@ def load_model(
     if quantization is None:
         model.to(device)
     if adapter is not None:
-        model = load_adapter(model, adapter)
+        model = adapter_loader()(model, Path(adapter))
     model.eval()
     if tokenizer_dir is None or not has_tokenizer(tokenizer_dir):
         tokenizer_dir = directory

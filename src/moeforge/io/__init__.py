@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from moeforge.models.embedded import default_model_dir
-from moeforge.models.inspection import inspect_checkpoint
-from moeforge.models.loading import (
+from moeforge.io.embedded import default_model_dir
+from moeforge.io.inspection import inspect_checkpoint
+from moeforge.io.loading import (
     DENSE_MODEL_TYPES,
     MOE_MODEL_TYPES,
     SUPPORTED_MODEL_TYPES,
@@ -16,7 +16,7 @@ from moeforge.models.loading import (
     read_config,
     resolve_checkpoint,
 )
-from moeforge.models.safetensors_io import CheckpointReader, ShardedWriter
+from moeforge.io.safetensors_io import CheckpointReader, ShardedWriter
 
 __all__ = [
     "DENSE_MODEL_TYPES",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeforge.errors import MoeforgeError
-from moeforge.models.loading import cache_root, gguf_to_safetensors
+from moeforge.io.loading import cache_root, gguf_to_safetensors
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeforge.errors import MoeforgeError
-from moeforge.models.safetensors_io import CheckpointReader, ShardedWriter
+from moeforge.io.safetensors_io import CheckpointReader, ShardedWriter
 from tests.helpers import build_tiny_llama
 
 
@@ -166,7 +166,7 @@ _MEMORY_PROBE = textwrap.dedent(
     import sys
     from pathlib import Path
 
-    from moeforge.models.safetensors_io import CheckpointReader
+    from moeforge.io.safetensors_io import CheckpointReader
 
     def kib(field):
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -202,7 +202,7 @@ def test_large_shards_keep_a_padded_header_that_every_reader_accepts(tmp_path: P
     """Shards above the compaction size keep their reserved (space-padded) header instead of being rewritten."""
     import safetensors
 
-    monkeypatch.setattr("moeforge.models.safetensors_io._SMALL_SHARD_BYTES", 0)
+    monkeypatch.setattr("moeforge.io.safetensors_io._SMALL_SHARD_BYTES", 0)
     tensors = _tensors()
     with ShardedWriter(tmp_path, max_shard_bytes=10**9, header_reserve=4096) as writer:
         for name, t in tensors.items():

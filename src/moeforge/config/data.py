@@ -12,12 +12,25 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from moeforge.data.formats import FIELDS
 from moeforge.errors import MoeforgeError
 
 Format = Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference", "csv", "hf"]
 Builtin = Literal["pt-demo", "sft-demo", "dpo-demo"]
 
+
+FIELDS = (
+    "text",
+    "prompt",
+    "completion",
+    "instruction",
+    "input",
+    "output",
+    "chosen",
+    "rejected",
+    "messages",
+    "conversations",
+)
+"""The keys of every format: what a ``columns:`` mapping may fill."""
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
