@@ -12,7 +12,6 @@ the merged model is read back from the checkpoint written, so what is checked is
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from moeforge.convert.fidelity import FidelityReport
 from moeforge.convert.layerwise import LAYERS_PREFIX
 from moeforge.convert.plan import build_plan
 from moeforge.errors import MoeforgeError
+from moeforge.io.publish import staged_directory
 from moeforge.families import dense_family
 from moeforge.io.loading import save_config
 from moeforge.io.safetensors_io import ShardedWriter
@@ -127,16 +127,9 @@ def merge_to_directory(
 ) -> MergeResult:
     """``moeforge merge``: load base + adapter, merge, check the merged model against the adapter model on
     built-in text (it must agree to fp round-off, else nothing is written), write atomically."""
-    from moeforge.convert.pipeline import prepare_output, publish
-
     output, adapter_dir = Path(output), Path(adapter_dir)
-    tmp = prepare_output(output, overwrite)  # refuses an existing output before any work
-    try:
+    with staged_directory(output, overwrite=overwrite) as tmp:  # refuses an existing output before any work
         result = _merge_into(tmp, adapter_dir, base, dtype, log)
-        publish(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {output}")
     return MergeResult(output, *result)
 

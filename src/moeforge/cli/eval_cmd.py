@@ -207,7 +207,7 @@ def _lm_eval(args: argparse.Namespace, tasks: list[str], output: Path) -> dict[s
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeforge.eval.atomic import write_json
+    from moeforge.io.publish import write_json
     from moeforge.eval.inputs import load_inputs
     from moeforge.eval.plots import plot_expert_load, plot_position_curve
     from moeforge.eval.probes import format_table

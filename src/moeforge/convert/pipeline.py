@@ -9,8 +9,6 @@ and the fidelity report costs no second pass. Output goes to a temporary directo
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +42,7 @@ from moeforge.convert.router_init import init_router
 from moeforge.errors import FidelityError, MoeforgeError
 from moeforge.families import source_family
 from moeforge.modeling import MoeforgeSparseMoeBlock, moeforge_config
+from moeforge.io.publish import check_output, staged_directory
 from moeforge.io.loading import TORCH_DTYPES, copy_tokenizer_files, load_tokenizer, read_config, resolve_checkpoint, save_config
 from moeforge.io.safetensors_io import CheckpointReader, ShardedWriter
 
@@ -60,27 +59,6 @@ class ConversionResult:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def prepare_output(output: Path, overwrite: bool) -> Path:
-    if output.exists() and not overwrite:
-        raise MoeforgeError(f"output {output} already exists: choose another path or pass --overwrite")
-    if output.exists() and not output.is_dir():
-        raise MoeforgeError(f"output {output} exists and is not a directory")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def publish(tmp: Path, output: Path) -> None:
-    """Swap the finished directory into place; an old output (with --overwrite) goes only once the new one is complete."""
-    old = output.parent / f".{output.name}.old-{os.getpid()}"
-    if output.exists():
-        os.replace(output, old)
-    os.replace(tmp, output)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _ffn_activations(mlp_input: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Callable) -> torch.Tensor:
@@ -302,6 +280,7 @@ def convert(recipe: ConvertRecipe, *, overwrite: bool = False, log: Callable[[st
     """Convert a dense model into an MoE checkpoint as the recipe says. Raises MoeforgeError on bad input
     and FidelityError when a conversion that must be exact is not; nothing is left at ``recipe.output`` then."""
     start = time.perf_counter()
+    check_output(recipe.output, overwrite=overwrite)  # before any work
     source_dir = resolve_checkpoint(recipe.source, gguf_file=recipe.gguf_file)
     converter = _Converter(recipe, source_dir, log)
     moe_count = len(converter.plan.moe_layers)
@@ -320,8 +299,7 @@ def convert(recipe: ConvertRecipe, *, overwrite: bool = False, log: Callable[[st
             "warning: top_k 1 with renormalised weights gives every token weight 1: the router gets no gradient "
             "from the LM loss (only from auxiliary losses); routing.normalize: false is Switch-style top-1"
         )
-    tmp = prepare_output(recipe.output, overwrite)
-    try:
+    with staged_directory(recipe.output, overwrite=overwrite) as tmp:
         report, new_params = converter.run(tmp)
         if report is not None:
             for line in report.lines():
@@ -335,10 +313,6 @@ def convert(recipe: ConvertRecipe, *, overwrite: bool = False, log: Callable[[st
         copy_tokenizer_files(source_dir, tmp)
         provenance = _provenance(recipe, converter, report, new_params, tmp)
         (tmp / "moeforge.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        publish(tmp, recipe.output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     seconds = time.perf_counter() - start
     log(f"wrote {recipe.output} ({converter.target}) in {seconds:.1f}s")
     return ConversionResult(recipe.output, converter.target, converter.plan, report, seconds)

@@ -10,9 +10,7 @@ others cannot be loaded by Arrow, and moeforge recognises a file's format from i
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +19,7 @@ from moeforge.data.mixing import hold_out
 from moeforge.data.source import load_source
 from moeforge.config.data import make_source
 from moeforge.errors import MoeforgeError
+from moeforge.io.publish import write_texts
 
 OutFormat = Literal["json", "jsonl"]
 SKIP_HINT = "fix the row or skip bad rows (skip_bad_rows=True, CLI --skip-bad-rows)"
@@ -59,24 +58,6 @@ def _serialise(records: list[dict[str, Any]], out_format: OutFormat) -> str:
     if out_format == "json":
         return json.dumps(records, ensure_ascii=False, indent=2) + "\n"
     return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-
-
-def _write_atomically(files: dict[Path, str]) -> None:
-    """Write every file to a temporary sibling first, then rename them all: no half-written output."""
-    temporaries: dict[Path, Path] = {}
-    try:
-        for path, text in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, name = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-            temporaries[path] = Path(name)
-            os.chmod(handle, 0o644)  # mkstemp makes it private; a data file is not a secret
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(text)
-        for path, temporary in temporaries.items():
-            os.replace(temporary, path)
-    finally:
-        for temporary in temporaries.values():
-            temporary.unlink(missing_ok=True)
 
 
 def convert_file(
@@ -121,7 +102,7 @@ def convert_file(
     texts = {dst: _serialise(train, outputs[dst])}
     if eval_dst is not None:
         texts[eval_dst] = _serialise(held, outputs[eval_dst])
-    _write_atomically(texts)
+    write_texts(texts)
     return {
         "format": loaded.format,
         "stage": loaded.stage,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from moeforge.errors import MoeforgeError
-from moeforge.eval.atomic import json_value, write_json
+from moeforge.io.publish import json_value, write_json
 
 INSTALL_HINT = "--lm-eval needs lm-evaluation-harness: pip install 'moeforge[eval]'"
 # what the harness returns that describes the scores; the rest (samples, per-task configs) is bulk

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from moeforge.eval.atomic import atomic_path
+from moeforge.io.publish import staged_file
 
 if TYPE_CHECKING:
     from moeforge.eval.probes import ProbeResult
@@ -31,7 +31,7 @@ _MAX_TICKS = 12
 
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
+    with staged_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return Path(path)
 

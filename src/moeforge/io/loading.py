@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from moeforge.config.experts import DEFAULT_BACKEND, implementation_name
 from moeforge.errors import MoeforgeError
 from moeforge.families import DENSE_MODEL_TYPES, LEGACY_MODEL_TYPES, MOEFORGE_MODEL_TYPE, NATIVE_MODEL_TYPES
 from moeforge.io.extensions import adapter_loader, config_extensions
+from moeforge.io.publish import staged_directory
 from moeforge.io.quantization import Bits, quantization_config
 from moeforge.io.safetensors_io import SAFE_INDEX, SAFE_SINGLE, CheckpointReader
 
@@ -82,14 +82,9 @@ def gguf_to_safetensors(gguf_path: Path, target: Path) -> Path:
     """
     if _has_config(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cached model is not a secret
-    try:
+    with staged_directory(target, overwrite=True) as tmp:  # a leftover without a model, or a concurrent run's identical copy
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-            )
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         except (ValueError, KeyError, IndexError, OSError, TypeError, struct.error) as err:
             raise MoeforgeError(
@@ -105,13 +100,6 @@ def gguf_to_safetensors(gguf_path: Path, target: Path) -> Path:
         save_config(model.config, tmp)
         tokenizer.save_pretrained(tmp)
         portable_tokenizer_config(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _has_config(target):  # someone else finishing first is fine; anything else is not
-                raise MoeforgeError(f"{target} exists but holds no converted model; delete it and retry") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

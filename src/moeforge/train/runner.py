@@ -30,6 +30,7 @@ from moeforge.config.train_recipe import TrainRecipe
 from moeforge.data import build_datasets, pack_texts
 from moeforge.errors import MoeforgeError
 from moeforge.io.loading import load_model, resolve_checkpoint
+from moeforge.io.publish import check_output, staged_directory, staging_path
 from moeforge.modeling import is_moeforge_config
 from moeforge.io.safetensors_io import sha256_file
 from moeforge.routing.hooks import attach_router_losses, find_routers
@@ -62,8 +63,7 @@ def _log(message: str) -> None:
 
 def _prepare_output(recipe: TrainRecipe) -> None:
     output = recipe.output
-    if output.exists() and not output.is_dir():
-        raise MoeforgeError(f"output {output} exists and is not a directory")
+    check_output(output, overwrite=True)  # a file in the way, an unwritable parent
     if output.exists() and any(output.iterdir()) and not (recipe.resume or recipe.overwrite):
         raise MoeforgeError(f"output {output} already holds a run: set resume: true to continue it or overwrite: true to start afresh")
     if recipe.overwrite:
@@ -196,18 +196,17 @@ def _source_provenance(model_source: str, gguf_file: str | None) -> dict:
 def _save_final(trainer: Trainer, tokenizer, recipe: TrainRecipe, training_entry: dict) -> Path:
     """Write the trained model next to the checkpoints, atomically, with moeforge.json extended by this run."""
     final = recipe.output / FINAL_DIR
-    tmp = recipe.output / f".{FINAL_DIR}.partial-{os.getpid()}"
-    trainer.save_model(str(tmp))
     if not trainer.is_world_process_zero():
+        trainer.save_model(str(staging_path(final)))  # a collective on sharded models; only rank 0 writes
         return final
-    tokenizer.save_pretrained(tmp)
-    provenance = _source_provenance(recipe.model, recipe.gguf_file)
-    provenance.setdefault("moeforge_version", version("moeforge"))
-    provenance["training"] = [*provenance.get("training", []), training_entry]
-    provenance["checksums"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
-    (tmp / "moeforge.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with staged_directory(final, overwrite=True) as tmp:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(tmp)
+        provenance = _source_provenance(recipe.model, recipe.gguf_file)
+        provenance.setdefault("moeforge_version", version("moeforge"))
+        provenance["training"] = [*provenance.get("training", []), training_entry]
+        provenance["checksums"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
+        (tmp / "moeforge.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     return final
 
 
