@@ -44,7 +44,7 @@ def test_eval_moe_writes_report_and_plot(
 
 def test_builtin_sample_and_default_output_dir(pmoe_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", str(pmoe_dir), "--max-batches", "1", *FAST]) == 0
-    assert f"evaluating on {BUILTIN_DESCRIPTION}" in capsys.readouterr().out
+    assert f"evaluated on {BUILTIN_DESCRIPTION}" in capsys.readouterr().out
     report = json.loads((pmoe_dir / "eval" / "eval.json").read_text())
     assert [len(load) for load in report["routing"]["load"]] == [4, 8, 3]
     assert report["tokens"] == 2 * 63

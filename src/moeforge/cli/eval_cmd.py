@@ -9,11 +9,8 @@ Writes ``eval.json`` (every figure printed), ``expert_load.png`` and, with ``--p
 from __future__ import annotations
 
 import argparse
-import gc
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import torch
+from typing import TYPE_CHECKING
 
 from moeforge.cli.data_cmd import parse_columns
 from moeforge.cli.dtypes import DTYPES
@@ -21,14 +18,7 @@ from moeforge.cli.experts_option import add_experts_backend
 from moeforge.errors import MoeforgeError
 
 if TYPE_CHECKING:
-    from moeforge.eval.inputs import EvalInputs
-    from moeforge.eval.perplexity import PerplexityResult
-    from moeforge.eval.probes import ProbeResult, ProbeSpec
-
-
-def _device() -> str:
-    """A GPU when there is one: evaluation is forward passes only and gains the most from it."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from moeforge.eval.probes import ProbeSpec
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -85,18 +75,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _tasks(args: argparse.Namespace) -> list[str]:
-    """The requested lm-eval tasks; checks the lm-eval flags and that the harness is installed."""
+    """The requested lm-eval tasks, after checking that the lm-eval flags come together."""
     if args.lm_eval is None:
         for flag, value in (("--lm-eval-include", args.lm_eval_include), ("--limit", args.limit)):
             if value is not None:
                 raise MoeforgeError(f"{flag} only applies to lm-eval; add --lm-eval TASKS")
         return []
-    from moeforge.eval.lm_eval import import_lm_eval
-
     if args.limit is not None and args.limit <= 0:
         raise MoeforgeError(f"--limit {args.limit} must be positive (a count, or a fraction when < 1)")
-    import_lm_eval()  # fail before loading anything when the extra is missing
-    return [task.strip() for task in args.lm_eval.split(",") if task.strip()]
+    return args.lm_eval.split(",")
 
 
 def _positions(text: str) -> tuple[int, ...]:
@@ -148,108 +135,32 @@ def _probe_spec(args: argparse.Namespace) -> ProbeSpec | None:
     return spec
 
 
-def _output_dir(args: argparse.Namespace) -> Path:
-    if args.output is not None:
-        return args.output
-    local = Path(args.model).expanduser()
-    return local / "eval" if local.is_dir() else Path("moeforge-eval")
-
-
-def _evaluate(
-    source: str, args: argparse.Namespace, inputs: EvalInputs, probe: ProbeSpec | None
-) -> tuple[PerplexityResult, ProbeResult | None]:
-    """Load ``source``, measure it (and probe it), and free it before the next model is loaded."""
-    from moeforge.eval.perplexity import perplexity
-    from moeforge.eval.probes import run_probe
-    from moeforge.io.loading import load_model
-
-    model, tokenizer = load_model(source, dtype=DTYPES[args.dtype], device=_device(), experts_backend=args.experts_backend)
-    if tokenizer is None:
-        raise MoeforgeError(f"{source} has no tokenizer files; eval needs a checkpoint that ships its tokenizer")
-
-    def log(line: str) -> None:
-        print(f"{source}: {line}", flush=True)
-
-    result = perplexity(
-        model,
-        tokenizer,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        max_batches=args.max_batches,
-        log=log,
-        **inputs.perplexity_kwargs(),
-    )
-    probed = run_probe(model, tokenizer, probe, batch_size=args.batch_size, log=log) if probe is not None else None
-    del model
-    gc.collect()
-    return result, probed
-
-
-def _lm_eval(args: argparse.Namespace, tasks: list[str], output: Path) -> dict[str, Any]:
-    """Run the harness on MODEL, print one line per task (scores without their standard errors)."""
-    from moeforge.eval.lm_eval import run_lm_eval
-
-    print(f"lm-eval: {', '.join(tasks)}")
-    scores = run_lm_eval(
-        args.model,
-        tasks,
-        include_path=args.lm_eval_include,
-        limit=int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit,
-        batch_size=args.batch_size,
-        output=output,
-        dtype=DTYPES[args.dtype],
-        device=_device(),
-    )
-    for task, metrics in scores.get("results", {}).items():
-        shown = [f"{name} {value:.4f}" for name, value in metrics.items() if isinstance(value, float) and "stderr" not in name]
-        print(f"  {task}: {', '.join(shown)}")
-    return scores
-
-
 def run(args: argparse.Namespace) -> int:
-    from moeforge.io.publish import write_json
-    from moeforge.eval.inputs import load_inputs
-    from moeforge.eval.plots import plot_expert_load, plot_position_curve
+    from moeforge.eval.evaluate import evaluate
     from moeforge.eval.probes import format_table
-    from moeforge.eval.report import comparison_lines, has_routers, result_line, routing_text
+    from moeforge.eval.report import comparison_lines, result_line, routing_text
 
     for flag, value in (("--stage", args.stage), ("--columns", args.columns)):
         if value is not None and args.data is None:
             raise MoeforgeError(f"{flag} only applies to --data FILE")
-    tasks = _tasks(args)
-    probe = _probe_spec(args)
-    output = _output_dir(args)
-    inputs = load_inputs(args.text, args.data, args.stage or "pt", args.columns)
-    print(f"evaluating on {inputs.description}")
-    result, probed = _evaluate(args.model, args, inputs, probe)
-    report: dict[str, Any] = {"model": args.model, "data": inputs.description, "max_length": args.max_length, **result.to_dict()}
-    probe_results = {args.model: probed} if probed is not None else {}
-    if probe_results:
-        report["probes"] = {name: r.to_dict() for name, r in probe_results.items()}
-    print(f"{args.model}: {result_line(result)}")
-    print(routing_text(result.routing))
-    written = [write_json(output / "eval.json", report)]  # saved now: the steps below can take long
-    if has_routers(result.routing):
-        written.append(plot_expert_load(result.routing, output / "expert_load.png", title=f"{args.model}: expert load"))
-    if args.compare:
-        other, other_probed = _evaluate(args.compare, args, inputs, probe)
+    result = evaluate(
+        args.model, text=args.text, data=args.data, stage=args.stage or "pt", columns=args.columns, compare=args.compare,
+        output=args.output, max_length=args.max_length, batch_size=args.batch_size, max_batches=args.max_batches,
+        dtype=args.dtype, experts_backend=args.experts_backend, probe=_probe_spec(args),
+        lm_eval_tasks=_tasks(args), lm_eval_include=args.lm_eval_include, lm_eval_limit=args.limit,
+    )
+    print(f"evaluated on {result.data}")
+    print(f"{args.model}: {result_line(result.model.perplexity)}")
+    print(routing_text(result.model.perplexity.routing))
+    if result.compare is not None:
         print(f"{args.compare}:")
-        print(routing_text(other.routing))
-        print("\n".join(comparison_lines(args.model, result, args.compare, other)))
-        report["compare"] = {"model": args.compare, **other.to_dict(), "delta_perplexity": other.perplexity - result.perplexity}
-        if has_routers(other.routing):
-            path = output / "expert_load_compare.png"
-            written.append(plot_expert_load(other.routing, path, title=f"{args.compare}: expert load"))
-        if other_probed is not None:
-            # a model compared with itself (another --dtype, say) still gets its own column
-            probe_results[args.compare if args.compare != args.model else f"{args.compare} (--compare)"] = other_probed
-            report["probes"] = {name: r.to_dict() for name, r in probe_results.items()}
-    if probe_results:
-        print(format_table(probe_results))
-        written.append(plot_position_curve(probe_results, output / "position_curve.png"))
-    if tasks:
-        report["lm_eval"] = _lm_eval(args, tasks, output / "lm_eval.json")
-        written.append(output / "lm_eval.json")
-    write_json(output / "eval.json", report)
-    print("wrote " + ", ".join(str(path) for path in written))
+        print(routing_text(result.compare.perplexity.routing))
+        print("\n".join(comparison_lines(args.model, result.model.perplexity, args.compare, result.compare.perplexity)))
+    if result.probes:
+        print(format_table(result.probes))
+    if result.lm_eval is not None:
+        for task, metrics in result.lm_eval.get("results", {}).items():
+            shown = [f"{name} {value:.4f}" for name, value in metrics.items() if isinstance(value, float) and "stderr" not in name]
+            print(f"  {task}: {', '.join(shown)}")
+    print("wrote " + ", ".join(str(path) for path in result.written))
     return 0

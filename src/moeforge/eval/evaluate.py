@@ -1,0 +1,192 @@
+"""Evaluate a model, optionally side by side with a second one: the job behind ``moeforge eval`` and
+:func:`moeforge.evaluate`.
+
+One call measures perplexity and per-layer routing on the chosen text, runs an optional position probe
+and lm-evaluation-harness tasks, and writes ``eval.json`` (every figure), ``expert_load.png`` (and
+``expert_load_compare.png``) and ``position_curve.png`` into ``output``. Everything that can be checked
+without a model (inputs, probe prompts, the harness being installed) is checked before the first load;
+each model is freed before the next one is loaded, so two large models never share memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeforge.config.experts import DEFAULT_BACKEND
+from moeforge.errors import MoeforgeError
+from moeforge.eval.inputs import EvalInputs, load_inputs
+from moeforge.eval.perplexity import PerplexityResult, perplexity
+from moeforge.eval.probes import ProbeResult, ProbeSpec, run_probe
+from moeforge.eval.report import has_routers
+from moeforge.io.loading import TORCH_DTYPES, load_model
+from moeforge.io.publish import write_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelEval:
+    """One model's figures."""
+
+    source: str
+    perplexity: PerplexityResult
+    probe: ProbeResult | None = None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What :func:`evaluate` measured and wrote. ``report`` is the content of ``eval.json``."""
+
+    model: ModelEval
+    data: str
+    """Where the text came from."""
+    output: Path
+    report: dict[str, Any]
+    compare: ModelEval | None = None
+    lm_eval: dict[str, Any] | None = None
+    written: list[Path] = field(default_factory=list)
+
+    @property
+    def probes(self) -> dict[str, ProbeResult]:
+        return _probe_results(self.model, self.compare)
+
+
+def _probe_results(first: ModelEval, second: ModelEval | None) -> dict[str, ProbeResult]:
+    """Probe results by model; a model compared with itself (another dtype, say) keeps its own entry."""
+    found = {first.source: first.probe} if first.probe is not None else {}
+    if second is not None and second.probe is not None:
+        found[second.source if second.source != first.source else f"{second.source} (compare)"] = second.probe
+    return found
+
+
+def default_output(model: str | Path) -> Path:
+    """``MODEL/eval`` for a local model, else ``./moeforge-eval``."""
+    local = Path(model).expanduser()
+    return local / "eval" if local.is_dir() else Path("moeforge-eval")
+
+
+def _device() -> str:
+    """A GPU when there is one: evaluation is forward passes only and gains the most from it."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _measure(
+    source: str, inputs: EvalInputs, probe: ProbeSpec | None, *, dtype: str, device: str, experts_backend: str,
+    max_length: int, batch_size: int, max_batches: int | None,
+) -> ModelEval:
+    """Load ``source``, measure it (and probe it), and free it before the next model is loaded."""
+    model, tokenizer = load_model(source, dtype=TORCH_DTYPES[dtype], device=device, experts_backend=experts_backend)
+    if tokenizer is None:
+        raise MoeforgeError(f"{source} has no tokenizer files; evaluation needs a checkpoint that ships its tokenizer")
+
+    def log(line: str) -> None:
+        logger.info("%s: %s", source, line)
+
+    result = perplexity(
+        model, tokenizer, max_length=max_length, batch_size=batch_size, max_batches=max_batches, log=log,
+        **inputs.perplexity_kwargs(),
+    )
+    probed = run_probe(model, tokenizer, probe, batch_size=batch_size, log=log) if probe is not None else None
+    del model
+    gc.collect()
+    return ModelEval(source, result, probed)
+
+
+def _lm_eval_tasks(tasks: Sequence[str], include: Path | None, limit: float | None) -> list[str]:
+    """The harness tasks to run, checked (and the harness imported) before any model is loaded."""
+    tasks = [task.strip() for task in tasks if task.strip()]
+    if not tasks:
+        for name, value in (("lm_eval_include", include), ("lm_eval_limit", limit)):
+            if value is not None:
+                raise MoeforgeError(f"{name} only applies to lm-eval tasks; name some in lm_eval_tasks")
+        return []
+    if limit is not None and limit <= 0:
+        raise MoeforgeError(f"lm_eval_limit {limit} must be positive (a count, or a fraction when < 1)")
+    from moeforge.eval.lm_eval import import_lm_eval
+
+    import_lm_eval()  # fail now when the extra is missing
+    return tasks
+
+
+def evaluate(
+    model: str | Path,
+    *,
+    text: Sequence[str | Path] = (),
+    data: str | Path | None = None,
+    stage: str = "pt",
+    columns: dict[str, str] | None = None,
+    compare: str | Path | None = None,
+    output: str | Path | None = None,
+    max_length: int = 512,
+    batch_size: int = 4,
+    max_batches: int | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    experts_backend: str = DEFAULT_BACKEND,
+    probe: ProbeSpec | None = None,
+    lm_eval_tasks: Sequence[str] = (),
+    lm_eval_include: str | Path | None = None,
+    lm_eval_limit: float | None = None,
+) -> EvalResult:
+    """Perplexity and routing of ``model`` on ``text`` files, a ``data`` file (read as training reads it,
+    by ``stage``: ``pt`` text or ``sft`` completion-only loss) or the built-in sample; with ``compare``, a
+    second model on the same tokens; ``probe`` (:class:`~moeforge.eval.probes.KVProbe`,
+    :class:`~moeforge.eval.probes.MDQAProbe`) on both; ``lm_eval_tasks`` on ``model`` (needs
+    ``moeforge[eval]``). Writes into ``output`` (default: :func:`default_output`) and returns every figure."""
+    if dtype not in TORCH_DTYPES:
+        raise MoeforgeError(f"dtype {dtype!r} is unknown: use one of {', '.join(TORCH_DTYPES)}")
+    source, other = str(model), str(compare) if compare is not None else None
+    include = Path(lm_eval_include) if lm_eval_include is not None else None
+    tasks = _lm_eval_tasks(lm_eval_tasks, include, lm_eval_limit)
+    if probe is not None:
+        probe.prompts()  # a malformed probe fails before any model is loaded
+    out = Path(output) if output is not None else default_output(source)
+    inputs = load_inputs([Path(p) for p in text], str(data) if data is not None else None, stage, columns)
+    settings = {
+        "dtype": dtype, "device": device or _device(), "experts_backend": experts_backend,
+        "max_length": max_length, "batch_size": batch_size, "max_batches": max_batches,
+    }
+    logger.info("evaluating %s on %s", source, inputs.description)
+    first = _measure(source, inputs, probe, **settings)
+    report: dict[str, Any] = {"model": source, "data": inputs.description, "max_length": max_length, **first.perplexity.to_dict()}
+    written = [write_json(out / "eval.json", report)]  # saved now: the steps below can take long
+    if has_routers(first.perplexity.routing):
+        from moeforge.eval.plots import plot_expert_load
+
+        written.append(plot_expert_load(first.perplexity.routing, out / "expert_load.png", title=f"{source}: expert load"))
+    second = _measure(other, inputs, probe, **settings) if other is not None else None
+    if second is not None:
+        delta = second.perplexity.perplexity - first.perplexity.perplexity
+        report["compare"] = {"model": other, **second.perplexity.to_dict(), "delta_perplexity": delta}
+        if has_routers(second.perplexity.routing):
+            from moeforge.eval.plots import plot_expert_load
+
+            path = out / "expert_load_compare.png"
+            written.append(plot_expert_load(second.perplexity.routing, path, title=f"{other}: expert load"))
+    probes = _probe_results(first, second)
+    if probes:
+        from moeforge.eval.plots import plot_position_curve
+
+        report["probes"] = {name: probed.to_dict() for name, probed in probes.items()}
+        written.append(plot_position_curve(probes, out / "position_curve.png"))
+    scores = None
+    if tasks:
+        from moeforge.eval.lm_eval import run_lm_eval
+
+        logger.info("lm-eval: %s", ", ".join(tasks))
+        limit = int(lm_eval_limit) if lm_eval_limit is not None and lm_eval_limit >= 1 else lm_eval_limit
+        scores = run_lm_eval(
+            source, tasks, include_path=include, limit=limit, batch_size=batch_size, output=out / "lm_eval.json",
+            dtype=TORCH_DTYPES[dtype], device=settings["device"],
+        )
+        report["lm_eval"] = scores
+        written.append(out / "lm_eval.json")
+    write_json(out / "eval.json", report)
+    return EvalResult(first, inputs.description, out, report, second, scores, written)
