@@ -116,7 +116,7 @@ def plain_copy(source: Path, target: Path) -> float:
 CHILD = """
 import json, sys, time, os
 from moeforge.config.recipe import parse_recipe
-from moeforge.convert import convert
+from moeforge.conversion import convert
 recipe = parse_recipe(json.loads(sys.argv[1]))
 start = time.perf_counter()
 convert(recipe, log=lambda _l: None)

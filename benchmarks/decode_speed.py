@@ -26,7 +26,7 @@ import transformers
 
 import moeforge  # noqa: F401  (registers moeforge's experts backends)
 from moeforge.config.recipe import parse_recipe
-from moeforge.convert import convert
+from moeforge.conversion import convert
 from moeforge.io.embedded import default_model_dir
 from moeforge.io.loading import load_model
 

@@ -56,8 +56,8 @@ sys.path.insert(0, str(ROOT))
 
 import moeforge  # noqa: E402,F401  (registers moeforge's architecture)
 from moeforge.config.recipe import parse_recipe  # noqa: E402
-from moeforge.convert import convert  # noqa: E402
-from moeforge.convert.export import export_choices  # noqa: E402
+from moeforge.conversion import convert  # noqa: E402
+from moeforge.conversion.export import export_choices  # noqa: E402
 from moeforge.io.embedded import embedded_model_dir  # noqa: E402
 from moeforge.io.loading import copy_tokenizer_files, read_config  # noqa: E402
 from tests.families.tiny import FAMILY_CONFIGS, build_family  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moeforge.config.recipe import parse_recipe
-from moeforge.convert import convert
+from moeforge.conversion import convert
 from moeforge.io.embedded import default_model_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"

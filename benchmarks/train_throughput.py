@@ -87,7 +87,7 @@ def _build(case: dict):
     from moeforge.config.train_recipe import PRESETS
     from moeforge.io.loading import load_model
     from moeforge.routing import RouterLossConfig, attach_router_losses
-    from moeforge.train.freeze import apply_freeze
+    from moeforge.training.freeze import apply_freeze
 
     dtype = getattr(torch, case.get("dtype", "float32"))
     if case["kind"] == "dense_ffn":
@@ -250,7 +250,7 @@ def run_child(case: dict, system_malloc: bool) -> dict:
 
 def convert_moe(source: Path, output: Path) -> float:
     from moeforge.config.recipe import parse_recipe
-    from moeforge.convert import convert
+    from moeforge.conversion import convert
 
     start = time.perf_counter()
     recipe = parse_recipe({

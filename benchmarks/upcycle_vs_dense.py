@@ -5,7 +5,7 @@ From the embedded SmolLM2-135M-Instruct, in one run:
   (B) upcycled   the same after exact copy-upcycling to 8 experts top-2 (Mixtral; the conversion's fidelity
                  check passes, so A and B start as the same function), moeforge router losses (balance 0.01);
   (C) drop       optional (--drop-upcycling): Drop-Upcycling, r = --drop-ratio (not exact: starts worse).
-Each run is ``moeforge.train.train`` (stage pt, fp32) with the same data (built-in pt-demo, or --data FILE),
+Each run is ``moeforge.training.train`` (stage pt, fp32) with the same data (built-in pt-demo, or --data FILE),
 held-out split (``data.eval_ratio``, the same rows for every run), data order (``training.seed``), cosine
 learning-rate schedule and number of steps, in its own process. Held-out loss is the plain LM loss (router
 losses are added in training mode only), evaluated every --eval-every steps by the trainer, and before the
@@ -13,7 +13,7 @@ first step and after the last one by this script per held-out block, which gives
 uncertainty: the standard error of the per-block paired difference (held-out sampling only; a single
 training seed, so run-to-run variance is not in it).
 
-moeforge.train.train returns the last losses but not the history, so each child appends a read-only
+moeforge.training.train returns the last losses but not the history, so each child appends a read-only
 recorder callback to transformers' default callbacks to keep ``state.log_history``.
 
     python benchmarks/upcycle_vs_dense.py [--steps 60 --batch 4 --seq-len 128 --eval-every 10 --lr 1e-4]
@@ -82,7 +82,7 @@ def run_training(spec: dict) -> dict:
     from moeforge.config.recipe import parse_recipe
     from moeforge.config.train_recipe import TrainRecipe
     from moeforge.io.loading import load_tokenizer, resolve_checkpoint
-    from moeforge.train import train
+    from moeforge.training import train
 
     record: dict = {}
 
@@ -125,7 +125,7 @@ def run_training(spec: dict) -> dict:
 
 def convert_moe(source: Path, output: Path, moe: dict) -> dict:
     from moeforge.config.recipe import parse_recipe
-    from moeforge.convert import convert
+    from moeforge.conversion import convert
 
     start = time.perf_counter()
     result = convert(parse_recipe({"source": str(source), "output": str(output), "moe": moe, "dtype": "float32"}),

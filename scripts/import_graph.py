@@ -4,7 +4,7 @@ The layers, top to bottom (a package may import its own layer's packages and any
 
     cli
     api                                          (moeforge/__init__.py, moeforge/api.py)
-    convert  train  eval  adapters  planning     (the workflows)
+    conversion  training  eval  adapters  planning  (the workflows)
     data                                         (datasets, tokenisation, calibration text)
     modeling                                     (moeforge's architecture over any family)
     routing  experts                             (router losses and statistics, experts backends)
@@ -29,7 +29,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moeforge"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("cli",),
     ("api",),
-    ("convert", "train", "eval", "adapters", "planning"),
+    ("conversion", "training", "eval", "adapters", "planning"),
     ("data",),
     ("modeling",),
     ("routing", "experts"),
@@ -42,7 +42,7 @@ RANK = {name: len(LAYERS) - i for i, names in enumerate(LAYERS) for name in name
 
 
 def unit_of(module: str) -> str:
-    """``moeforge.convert.pipeline`` -> ``convert``; the package root and ``moeforge.api`` -> ``api``."""
+    """``moeforge.conversion.pipeline`` -> ``convert``; the package root and ``moeforge.api`` -> ``api``."""
     parts = module.split(".")
     if len(parts) == 1 or parts[1] in ("__init__", "api"):
         return "api"

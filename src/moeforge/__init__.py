@@ -1,23 +1,63 @@
 """moeforge: dense decoder language models into Mixture-of-Experts models.
 
-Importing moeforge registers its architecture (``model_type: moeforge``, over any supported family) with transformers' Auto classes, so
-``import moeforge; AutoModelForCausalLM.from_pretrained(path)`` loads any checkpoint moeforge wrote,
-without ``trust_remote_code``. It also registers the ``MOE_LORA`` PEFT method, so
-``import moeforge; PeftModel.from_pretrained(base, adapter_dir)`` loads a MoE adapter. And it adds its experts
-backends to transformers' experts interface (``experts_implementation="moeforge_auto"``, ...).
+The Python API (:mod:`moeforge.api`, docs/api.md): :func:`convert`, :func:`train`, :func:`evaluate`,
+:func:`merge`, :func:`load_model`, :func:`load_recipe` with :class:`ConvertRecipe` / :class:`TrainRecipe`,
+resolved on first use.
+
+Importing moeforge registers its architecture (``model_type: moeforge``, over any supported family) with
+transformers' Auto classes, so ``import moeforge; AutoModelForCausalLM.from_pretrained(path)`` loads any
+checkpoint moeforge wrote, without ``trust_remote_code``. It also registers the ``MOE_LORA`` PEFT method,
+so ``import moeforge; PeftModel.from_pretrained(base, adapter_dir)`` loads a MoE adapter, and adds its
+experts backends to transformers' experts interface (``experts_implementation="moeforge_auto"``, ...).
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
 
-from moeforge import adapters as _adapters  # noqa: F401  (registers the MOE_LORA PEFT method)
+from moeforge import adapters as _adapters  # noqa: F401  (registers the MOE_LORA PEFT method and the adapter loader)
 from moeforge import experts as _experts
-from moeforge import modeling as _modeling  # noqa: F401  (registers the Auto classes)
+from moeforge import modeling as _modeling  # noqa: F401  (registers the Auto classes and the MoICE loader)
 from moeforge.errors import MoeforgeError
+
+if TYPE_CHECKING:
+    from moeforge.api import convert, evaluate, load_model, load_recipe, merge, train
+    from moeforge.config.recipe import ConvertRecipe
+    from moeforge.config.train_recipe import TrainRecipe
 
 __version__ = version("moeforge")
 
 _experts.register()
 
-__all__ = ["MoeforgeError", "__version__"]
+_LAZY = {
+    "convert": "moeforge.api",
+    "train": "moeforge.api",
+    "evaluate": "moeforge.api",
+    "merge": "moeforge.api",
+    "load_model": "moeforge.api",
+    "load_recipe": "moeforge.api",
+    "ConvertRecipe": "moeforge.config.recipe",
+    "TrainRecipe": "moeforge.config.train_recipe",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moeforge' has no attribute {name!r}")
+
+
+__all__ = [  # noqa: F822 (resolved by __getattr__)
+    "ConvertRecipe",
+    "MoeforgeError",
+    "TrainRecipe",
+    "__version__",
+    "convert",
+    "evaluate",
+    "load_model",
+    "load_recipe",
+    "merge",
+    "train",
+]

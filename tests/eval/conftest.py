@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from moeforge.config.recipe import parse_recipe
-from moeforge.convert import convert
+from moeforge.conversion import convert
 from tests.eval.fake_harness import FakeHarness
 from tests.helpers import make_tiny_llama_config, save_tiny_llama
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import moeforge  # noqa: F401  (registers moeforge's architecture)
 from moeforge.config.recipe import parse_recipe
-from moeforge.convert import ConversionResult, convert
+from moeforge.conversion import ConversionResult, convert
 from moeforge.errors import MoeforgeError
 from moeforge.families import dense_family
 from moeforge.modeling.moice import apply_moice

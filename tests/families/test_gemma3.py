@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moeforge  # noqa: F401  (registers moeforge's architecture)
 from moeforge.config.recipe import parse_recipe
-from moeforge.convert import convert
+from moeforge.conversion import convert
 
 pytestmark = pytest.mark.gemma3
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moeforge.convert.export import _half_gate
+from moeforge.conversion.export import _half_gate
 from moeforge.families import native_moe
 from tests.families.test_conversion import convert_tiny, logits
 from tests.families.tiny import save_family, token_ids

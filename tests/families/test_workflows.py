@@ -13,7 +13,7 @@ from moeforge.adapters.build import apply_adapter
 from moeforge.adapters.merge import merge_to_directory
 from moeforge.config.adapter import AdapterSpec
 from moeforge.errors import MoeforgeError
-from moeforge.train.runner import train
+from moeforge.training.runner import train
 from tests.families.test_conversion import convert_tiny
 from tests.families.tiny import build_family
 from tests.train.conftest import logged_losses, make_recipe

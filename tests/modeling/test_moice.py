@@ -165,7 +165,7 @@ def test_balance_loss_constant_at_topk_n_and_hand_computed_below(base_model):
 
 
 def test_only_routers_get_gradients_when_the_rest_is_frozen(base_model):
-    from moeforge.train.freeze import apply_freeze
+    from moeforge.training.freeze import apply_freeze
 
     moice = _moice(base_model, topk=3)
     trainable, total = apply_freeze(moice, ["all_but_new"])

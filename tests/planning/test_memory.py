@@ -22,7 +22,7 @@ from moeforge.planning.counting import ModelSpec, count_parameters, model_shape
 from moeforge.planning.memory import TrainingSetup, activation_bytes, estimate
 from moeforge.planning.report import Row, plan_scenarios, parse_gpu_memory, verdict
 from moeforge.planning.sources import Scenario, converted_config, scenarios
-from moeforge.train.freeze import apply_freeze
+from moeforge.training.freeze import apply_freeze
 from tests.helpers import build_tiny_llama, make_tiny_llama_config
 
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))

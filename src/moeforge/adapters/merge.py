@@ -25,10 +25,10 @@ from moeforge.adapters.lora_layers import FusedExpertsLora, LoraLinear
 from moeforge.adapters.moe_lora import MoeLoraLayer
 from moeforge.adapters.peft_method import layer_index
 from moeforge.config.recipe import ConvertRecipe, MoESpec, Placement
-from moeforge.convert.export import build_config, layer_tensors, outer_tensors, resolve_export
-from moeforge.convert.fidelity import FidelityReport
-from moeforge.convert.layerwise import LAYERS_PREFIX
-from moeforge.convert.plan import build_plan
+from moeforge.conversion.export import build_config, layer_tensors, outer_tensors, resolve_export
+from moeforge.conversion.fidelity import FidelityReport
+from moeforge.conversion.layerwise import LAYERS_PREFIX
+from moeforge.conversion.plan import build_plan
 from moeforge.errors import MoeforgeError
 from moeforge.io.publish import staged_directory
 from moeforge.families import dense_family
@@ -137,7 +137,7 @@ def merge_to_directory(
 def _merge_into(tmp: Path, adapter_dir: Path, base: str | None, dtype: torch.dtype, log: Callable[[str], None]) -> tuple[str, FidelityReport]:
     from moeforge.config.recipe import Calibration
     from moeforge.data.calibration import calibration_ids
-    from moeforge.convert.fidelity import compare, default_tolerance
+    from moeforge.conversion.fidelity import compare, default_tolerance
     from moeforge.io.loading import load_model
 
     model, tokenizer = load_model(base, adapter=adapter_dir, dtype=dtype) if base else load_model(adapter_dir, dtype=dtype)

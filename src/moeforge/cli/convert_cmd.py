@@ -62,7 +62,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeforge.convert import convert
+    from moeforge.conversion import convert
 
     overrides = _overrides(args)
     if args.recipe:

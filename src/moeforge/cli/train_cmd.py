@@ -45,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moeforge.config.recipe import load_recipe
     from moeforge.config.train_recipe import TrainRecipe
-    from moeforge.train import train
+    from moeforge.training import train
 
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     if args.resume:

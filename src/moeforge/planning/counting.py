@@ -2,7 +2,7 @@
 
 The model is built from its config exactly as training builds it (same architecture classes, MoICE
 routers, the recipe's adapter through moeforge's own adapter builder, the recipe's freezing through
-:func:`~moeforge.train.freeze.apply_freeze`), only with storage-less tensors. So trainable counts are the
+:func:`~moeforge.training.freeze.apply_freeze`), only with storage-less tensors. So trainable counts are the
 ones ``moeforge train`` reports, not a re-derivation that could drift from it.
 """
 
@@ -26,7 +26,7 @@ from moeforge.io.inspection import layer_plan
 from moeforge.io.loading import TORCH_DTYPES
 from moeforge.planning.memory import AdapterPart, FfnShape, ModelShape, ParameterCounts
 from moeforge.routing.detection import find_routers
-from moeforge.train.freeze import apply_freeze
+from moeforge.training.freeze import apply_freeze
 
 _MOE_BLOCK = re.compile(r"^(.*(?:^|\.)layers\.\d+\.mlp)\.")
 

@@ -17,8 +17,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from moeforge.config.recipe import ConvertRecipe, load_recipe
 from moeforge.config.train_recipe import Schedule, TrainRecipe
-from moeforge.convert.export import build_config, resolve_export
-from moeforge.convert.plan import build_plan
+from moeforge.conversion.export import build_config, resolve_export
+from moeforge.conversion.plan import build_plan
 from moeforge.config.data import DataSpec
 from moeforge.errors import MoeforgeError
 from moeforge.families import source_family

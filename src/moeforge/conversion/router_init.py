@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moeforge.convert.clustering import kmeans
-from moeforge.convert.plan import LayerPlan
+from moeforge.conversion.clustering import kmeans
+from moeforge.conversion.plan import LayerPlan
 
 
 def init_router(

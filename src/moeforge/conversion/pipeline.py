@@ -24,8 +24,8 @@ from transformers.activations import ACT2FN
 
 from moeforge.config.recipe import ConvertRecipe
 from moeforge.data.calibration import calibration_ids
-from moeforge.convert.experts import build_experts
-from moeforge.convert.export import (
+from moeforge.conversion.experts import build_experts
+from moeforge.conversion.export import (
     MOEFORGE,
     build_config,
     created_by_conversion,
@@ -35,10 +35,10 @@ from moeforge.convert.export import (
     padded,
     resolve_export,
 )
-from moeforge.convert.fidelity import FidelityReport, compare, default_tolerance
-from moeforge.convert.layerwise import LAYERS_PREFIX, LayerInputs, LayerwiseModel
-from moeforge.convert.plan import ConversionPlan, LayerPlan, build_plan
-from moeforge.convert.router_init import init_router
+from moeforge.conversion.fidelity import FidelityReport, compare, default_tolerance
+from moeforge.conversion.layerwise import LAYERS_PREFIX, LayerInputs, LayerwiseModel
+from moeforge.conversion.plan import ConversionPlan, LayerPlan, build_plan
+from moeforge.conversion.router_init import init_router
 from moeforge.errors import FidelityError, MoeforgeError
 from moeforge.families import source_family
 from moeforge.modeling import MoeforgeSparseMoeBlock, moeforge_config

@@ -91,7 +91,7 @@ def test_existing_output_is_kept_until_the_new_one_is_complete(tiny_sources, tmp
     with pytest.raises(MoeforgeError, match="already exists"):
         run_convert(tiny_sources["gqa"], out, {"num_experts": 4})
     from moeforge.config.recipe import parse_recipe
-    from moeforge.convert import convert
+    from moeforge.conversion import convert
 
     recipe = parse_recipe({"source": str(tiny_sources["gqa"]), "output": str(out), "moe": {"num_experts": 2, "top_k": 1}})
     convert(recipe, overwrite=True, log=lambda _l: None)
@@ -100,8 +100,8 @@ def test_existing_output_is_kept_until_the_new_one_is_complete(tiny_sources, tmp
 
 
 def test_failed_fidelity_leaves_nothing(tiny_sources, tmp_path, monkeypatch):
-    monkeypatch.setattr("moeforge.convert.pipeline.default_tolerance", lambda *_a: 0.0)
-    import moeforge.convert.pipeline as pipeline
+    monkeypatch.setattr("moeforge.conversion.pipeline.default_tolerance", lambda *_a: 0.0)
+    import moeforge.conversion.pipeline as pipeline
 
     original = pipeline.build_experts
 

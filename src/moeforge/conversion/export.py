@@ -21,7 +21,7 @@ import torch
 import transformers
 from transformers import PretrainedConfig
 
-from moeforge.convert.plan import ConversionPlan
+from moeforge.conversion.plan import ConversionPlan
 from moeforge.errors import MoeforgeError
 from moeforge.families import MOEFORGE_MODEL_TYPE, NativeMoe, Sibling, dense_family, native_moe
 from moeforge.modeling import moeforge_config

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from moeforge.train import train
+from moeforge.training import train
 from tests.train.conftest import MOE, make_recipe
 
 COEF = 10.0

@@ -2,7 +2,7 @@
 run that was never killed: the same per-step losses (exactly: CPU is deterministic) and the same weights.
 
 The kill is a KeyboardInterrupt raised at the end of step 3 by a callback riding on the checkpoint-marker
-callback the runner installs (``moeforge.train.runner.CompleteCheckpointMarker``, patched for run B's first
+callback the runner installs (``moeforge.training.runner.CompleteCheckpointMarker``, patched for run B's first
 attempt only); the step-3 update is lost with the process, as in a real kill.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import moeforge.train.runner as runner
+import moeforge.training.runner as runner
 from moeforge.errors import MoeforgeError
-from moeforge.train import train
-from moeforge.train.checkpoints import MARKER, CompleteCheckpointMarker
+from moeforge.training import train
+from moeforge.training.checkpoints import MARKER, CompleteCheckpointMarker
 from tests.train.conftest import logged_losses, make_recipe, provenance, state_dict
 
 STEPS, SAVE_STEPS, KILL_AT = 6, 2, 3

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from moeforge.errors import MoeforgeError
-from moeforge.train import train
+from moeforge.training import train
 from tests.train.conftest import make_recipe, state_dict
 
 ROLES = ("router", "experts", "attention", "embeddings", "norms")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeforge.convert.layerwise import LAYERS_PREFIX, LayerInputs, LayerwiseModel
+from moeforge.conversion.layerwise import LAYERS_PREFIX, LayerInputs, LayerwiseModel
 from moeforge.errors import MoeforgeError
 from tests.families.tiny import build_family, token_ids
 

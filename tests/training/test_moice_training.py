@@ -12,7 +12,7 @@ import torch
 
 from moeforge.errors import MoeforgeError
 from moeforge.io.loading import load_model
-from moeforge.train.runner import train
+from moeforge.training.runner import train
 from tests.train.conftest import make_recipe, provenance, state_dict
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import moeforge  # noqa: F401  (registers moeforge_llama with the Auto classes)
 from moeforge.config.recipe import parse_recipe
 from moeforge.config.train_recipe import TrainRecipe
-from moeforge.convert import convert
+from moeforge.conversion import convert
 from tests.helpers import make_tiny_llama_config, save_tiny_llama
 
 MOE = {"num_experts": 4, "top_k": 2}

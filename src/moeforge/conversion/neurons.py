@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from moeforge.convert.clustering import balanced_kmeans
+from moeforge.conversion.clustering import balanced_kmeans
 
 
 def split_neurons(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeforge.convert.clustering import balanced_assignment, balanced_kmeans
-from moeforge.convert.neurons import select_shared, split_neurons
+from moeforge.conversion.clustering import balanced_assignment, balanced_kmeans
+from moeforge.conversion.neurons import select_shared, split_neurons
 
 
 def test_balanced_assignment_respects_capacity_and_prefers_similarity():

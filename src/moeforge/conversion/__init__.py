@@ -1,5 +1,5 @@
 """Dense → MoE conversion (upcycling): plan, expert construction, router init, export, fidelity."""
 
-from moeforge.convert.pipeline import ConversionResult, convert
+from moeforge.conversion.pipeline import ConversionResult, convert
 
 __all__ = ["ConversionResult", "convert"]

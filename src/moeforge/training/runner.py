@@ -35,10 +35,10 @@ from moeforge.modeling import is_moeforge_config
 from moeforge.io.safetensors_io import sha256_file
 from moeforge.routing.hooks import attach_router_losses, find_routers
 from moeforge.config.router_losses import RouterLossConfig
-from moeforge.train.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
-from moeforge.train.freeze import apply_freeze, router_parameters
-from moeforge.train.telemetry import TelemetryCallback
-from moeforge.train.trl_trainers import MoeTrainer, RouterAwareDPOTrainer, RouterAwareSFTTrainer
+from moeforge.training.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
+from moeforge.training.freeze import apply_freeze, router_parameters
+from moeforge.training.telemetry import TelemetryCallback
+from moeforge.training.trl_trainers import MoeTrainer, RouterAwareDPOTrainer, RouterAwareSFTTrainer
 
 FINAL_DIR = "model"
 

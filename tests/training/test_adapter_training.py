@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from moeforge.io.loading import load_model
-from moeforge.train.runner import train
+from moeforge.training.runner import train
 from tests.train.conftest import logged_losses, make_recipe, provenance, state_dict
 
 ADAPTER = {"num_experts": 4, "top_k": 2, "rank": 4, "alpha": 8, "dropout": 0.0}
@@ -60,7 +60,7 @@ def test_moe_lora_sft_trains_only_the_adapter_and_reloads(models, data_files, tm
 
 def test_router_losses_use_the_adapter_coefficient(models, tmp_path: Path) -> None:
     recipe = make_recipe("pt", models["dense"], tmp_path / "run", adapter={**ADAPTER, "balance_coef": 0.5, "z_coef": 0.1})
-    from moeforge.train.runner import _router_losses
+    from moeforge.training.runner import _router_losses
 
     assert (_router_losses(recipe).balance_coef, _router_losses(recipe).z_coef) == (0.5, 0.1)
     explicit = make_recipe("pt", models["dense"], tmp_path / "run2", adapter=ADAPTER, router_losses={"balance_coef": 0.0})

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeforge.config.recipe import parse_recipe
-from moeforge.convert import ConversionResult, convert
+from moeforge.conversion import ConversionResult, convert
 from tests.helpers import build_tiny_llama, make_tiny_llama_config, save_tiny_llama
 
 SOURCE_VARIANTS = {

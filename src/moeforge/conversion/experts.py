@@ -1,7 +1,7 @@
 """Build one layer's expert tensors from its dense FFN (copy, partition or granular; shared experts).
 
 Output tensors use the fused layout of transformers 5 (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``)
-and moeforge's key names; :mod:`moeforge.convert.export` renames them for the target architecture.
+and moeforge's key names; :mod:`moeforge.conversion.export` renames them for the target architecture.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from moeforge.config.recipe import MoESpec
-from moeforge.convert.neurons import select_shared, split_neurons
-from moeforge.convert.plan import LayerPlan
+from moeforge.conversion.neurons import select_shared, split_neurons
+from moeforge.conversion.plan import LayerPlan
 
 
 def _perturb(weight: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:

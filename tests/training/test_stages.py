@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeforge.train import train
+from moeforge.training import train
 from tests.train.conftest import ARCHITECTURES, MOE, logged_losses, make_recipe, provenance, state_dict
 
 CASES = [
