@@ -1,24 +1,50 @@
-"""Plots are real PNG files, written atomically, for uneven expert counts and typical training logs."""
+"""Plots show what they claim (curves, panels, cells, ticks, read off the figure each builds) and are real
+PNG files of that figure, written atomically."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-from moeforge.eval.plots import plot_expert_load, plot_load_over_time, plot_loss_curves
+from moeforge.eval.plots import (
+    expert_load_figure,
+    load_over_time_figure,
+    loss_figure,
+    plot_expert_load,
+    plot_load_over_time,
+    plot_loss_curves,
+    plot_position_curve,
+    position_figure,
+    save_png,
+)
+from moeforge.eval.probes import KVProbe, PositionScore, ProbeResult
 from moeforge.routing import RoutingStats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _assert_png(path: Path, returned: Path) -> None:
+def _assert_png_of(path: Path, returned: Path, fig: Figure) -> None:
+    """``path`` (in a folder of its own) holds exactly the PNG of ``fig``, and nothing else is left there."""
     assert returned == path
     data = path.read_bytes()
-    assert data.startswith(PNG_SIGNATURE)
-    assert len(data) > 5_000  # axes, colour bar and labels, not an empty canvas
+    assert data.startswith(PNG_SIGNATURE) and data == save_png(fig, path.parent.parent / f"expected-{path.name}").read_bytes()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def _lines(ax: Axes) -> dict[str, tuple[list[float], list[float]]]:
+    """Each labelled line of ``ax``: its x and y data."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def _legend(ax: Axes) -> list[str]:
+    legend = ax.get_legend()
+    return [text.get_text() for text in legend.get_texts()] if legend else []
 
 
 def _stats(seed: int, tokens: int = 100) -> RoutingStats:
@@ -34,38 +60,118 @@ def _stats(seed: int, tokens: int = 100) -> RoutingStats:
     )
 
 
+def _image(fig: Figure) -> np.ma.MaskedArray:
+    """The heatmap's cells (the figure's first axes; the colour bar is the second)."""
+    (image,) = fig.axes[0].get_images()
+    return image.get_array()
+
+
 def test_expert_load_heatmap_with_uneven_expert_counts(tmp_path: Path) -> None:
+    stats = _stats(0)
+    fig = expert_load_figure(stats, title="tiny")
+    ax, colorbar = fig.axes
+    cells = _image(fig)
+    assert cells.shape == (3, 8)  # one row per MoE layer, as many columns as the widest layer has experts
+    for layer, fraction in enumerate(stats.load_fraction()):
+        experts = len(fraction)
+        np.testing.assert_allclose(cells[layer, :experts], fraction.numpy(), rtol=1e-6)
+        assert not cells.mask[layer, :experts].any() and cells.mask[layer, experts:].all()  # grey past its experts
+    assert [t.get_text() for t in ax.get_yticklabels()] == stats.names
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ("tiny", "expert", "layer")
+    assert colorbar.get_ylabel() == "share of routed tokens"
+    assert expert_load_figure(stats).axes[0].get_title() == "expert load over 100 tokens"
     path = tmp_path / "plots" / "expert_load.png"  # parent created on demand
-    _assert_png(path, plot_expert_load(_stats(0), path, title="tiny"))
+    _assert_png_of(path, plot_expert_load(stats, path, title="tiny"), fig)
 
 
 def test_expert_load_refuses_a_dense_model(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dense"):
         plot_expert_load(RoutingStats(), tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
 
 
-def test_load_over_time(tmp_path: Path) -> None:
-    history = [(step, _stats(step)) for step in (10, 20, 30, 50)]
-    history.append((60, RoutingStats(load=[torch.zeros(4), torch.zeros(8), torch.zeros(2)], names=["0", "1", "2"],
-                                     entropy=[0.0] * 3, balance=[0.0] * 3)))  # a window without tokens
-    path = tmp_path / "load_over_time.png"
-    _assert_png(path, plot_load_over_time(history, path))
+def test_load_over_time_colours_imbalance(tmp_path: Path) -> None:
+    """0 for a balanced layer, sqrt(E - 1) for one collapsed onto one of its E experts, grey for a window
+    without tokens; one column per recorded step."""
+    balanced, collapsed = torch.tensor([50, 50, 50, 50]), torch.tensor([200, 0, 0, 0, 0, 0, 0, 0])
+    skewed = torch.tensor([150, 50])  # 3:1 over 2 experts: fractions 0.75, 0.25, so std / mean = 0.5
+    names = ["0", "1", "2"]
+    steady = RoutingStats(load=[balanced, collapsed, skewed], tokens=100, entropy=[0.0] * 3, balance=[0.0] * 3, names=names)
+    empty = RoutingStats(load=[torch.zeros(4), torch.zeros(8), torch.zeros(2)], names=names, entropy=[0.0] * 3, balance=[0.0] * 3)
+    history = [(10, steady), (20, _stats(20)), (30, empty)]
+    fig = load_over_time_figure(history)
+    ax, colorbar = fig.axes
+    cells = _image(fig)
+    assert cells.shape == (3, 3)  # layers x steps
+    np.testing.assert_allclose(cells[:, 0], [0.0, math.sqrt(7), 0.5], atol=1e-6)
+    assert not cells.mask[:, :2].any() and cells.mask[:, 2].all()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["10", "20", "30"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+    assert colorbar.get_ylabel() == "load coefficient of variation (0 = balanced)"
+    path = tmp_path / "plots" / "load_over_time.png"
+    _assert_png_of(path, plot_load_over_time(history, path), fig)
 
 
-def test_loss_curves_with_router_losses(tmp_path: Path) -> None:
+def test_load_over_time_thins_step_ticks() -> None:
+    history = [(step, _stats(step)) for step in range(0, 500, 10)]
+    ticks = [t.get_text() for t in load_over_time_figure(history).axes[0].get_xticklabels()]
+    assert len(ticks) == 12 and ticks[0] == "0" and ticks[-1] == "490"
+
+
+def test_loss_curves_put_router_losses_on_their_own_panel(tmp_path: Path) -> None:
+    steps = list(range(1, 11))
     log_history = [
-        {"loss": 3.0 - 0.1 * step, "aux_loss": 2.1 - 0.01 * step, "learning_rate": 1e-4, "step": step, "epoch": step / 10}
-        for step in range(1, 11)
+        {"loss": 3.0 - 0.1 * step, "aux_loss": 2.1e-3 - 1e-4 * step, "learning_rate": 1e-4, "step": step, "epoch": step / 10}
+        for step in steps
     ]
     log_history += [{"eval_loss": 2.5, "eval_runtime": 1.0, "step": 5}, {"eval_loss": 2.2, "step": 10}]
     log_history.append({"train_runtime": 9.0, "train_loss": 2.5, "step": 10})  # the Trainer's final summary
-    path = tmp_path / "loss.png"
-    _assert_png(path, plot_loss_curves(log_history, path))
+    fig = loss_figure(log_history)
+    lm, router = fig.axes
+    lines = _lines(lm)
+    assert lines.keys() == {"train loss", "eval loss"} and _legend(lm) == ["train loss", "eval loss"]
+    assert lines["train loss"] == (steps, pytest.approx([3.0 - 0.1 * s for s in steps]))  # no summary point at the end
+    assert lines["eval loss"] == ([5, 10], [2.5, 2.2])
+    # the router loss, three orders of magnitude smaller, has a panel (and a scale) of its own
+    assert _lines(router) == {"aux_loss": (steps, pytest.approx([2.1e-3 - 1e-4 * s for s in steps]))}
+    assert _legend(router) == ["aux_loss"] and router.get_ylabel() == "router loss"
+    assert router.get_shared_x_axes().joined(lm, router) and router.get_xlabel() == "step"
+    assert router.get_ylim()[1] < 0.01 < lm.get_ylim()[0]
+    path = tmp_path / "plots" / "loss.png"
+    _assert_png_of(path, plot_loss_curves(log_history, path), fig)
+
+
+def test_loss_curves_without_router_losses_have_one_panel(tmp_path: Path) -> None:
+    log_history = [{"loss": 1.0, "step": 1}, {"loss": 0.5, "step": 2}, {"eval_loss": 0.7, "step": 2}]
+    (ax,) = loss_figure(log_history).axes
+    assert _lines(ax) == {"train loss": ([1, 2], [1.0, 0.5]), "eval loss": ([2], [0.7])}
+    assert ax.get_xlabel() == "step"
 
 
 def test_loss_curves_overwrite_in_place(tmp_path: Path) -> None:
-    path = tmp_path / "loss.png"
+    path = tmp_path / "plots" / "loss.png"
     plot_loss_curves([{"loss": 1.0, "step": 1}], path)
-    first = path.read_bytes()
-    _assert_png(path, plot_loss_curves([{"loss": 1.0, "step": 1}, {"loss": 0.5, "step": 2}, {"eval_loss": 0.7, "step": 2}], path))
-    assert path.read_bytes() != first
+    later = [{"loss": 1.0, "step": 1}, {"loss": 0.5, "step": 2}, {"eval_loss": 0.7, "step": 2}]
+    _assert_png_of(path, plot_loss_curves(later, path), loss_figure(later))
+
+
+def _result(logprobs: dict[int, list[float]], exact: dict[int, list[bool]]) -> ProbeResult:
+    positions = tuple(PositionScore.from_scores(p, logprobs[p], exact[p]) for p in sorted(logprobs))
+    return ProbeResult(KVProbe(pairs=10), "kv retrieval: 10 pairs, seed 0", 10, (100, 120), positions)
+
+
+def test_position_curve_overlays_models_with_bands(tmp_path: Path) -> None:
+    results = {
+        "base": _result({0: [-1.0, -2.0], 9: [-2.0, -3.0]}, {0: [True, False], 9: [False, False]}),
+        "moice": _result({0: [-1.0, -1.5], 9: [-1.2, -1.0]}, {0: [True, True], 9: [True, False]}),
+    }
+    fig = position_figure(results, title="base vs moice")
+    top, bottom = fig.axes
+    assert _lines(top) == {"base": ([0, 9], [-1.5, -2.5]), "moice": ([0, 9], pytest.approx([-1.25, -1.1]))}
+    assert _lines(bottom) == {"base": ([0, 9], [0.5, 0.0]), "moice": ([0, 9], [1.0, 0.5])}
+    assert len(top.collections) == len(bottom.collections) == 2  # one confidence band per model and panel
+    assert _legend(top) == ["base", "moice"] and top.get_title() == "base vs moice"
+    assert bottom.get_xlabel() == "position of the queried pair (0..9)" and bottom.get_ylim() == (-0.05, 1.05)
+    assert position_figure(results).axes[0].get_title() == "kv retrieval: 10 pairs, seed 0"
+    path = tmp_path / "plots" / "position_curve.png"
+    _assert_png_of(path, plot_position_curve(results, path, title="base vs moice"), fig)

@@ -86,38 +86,81 @@ def test_bad_config_json(tmp_path: Path) -> None:
         read_config(tmp_path)
 
 
-def test_hub_id_download_error_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    def offline(*args: object, **kwargs: object) -> str:
+def _no_hub(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a local path was looked up on the Hugging Face Hub")
+
+
+@pytest.mark.parametrize("source", ["out/smollm2-dense2moe", "./out/smollm2-dense2moe", "./x/y", "out/a/b", "out/x/"])
+def test_missing_local_paths_are_not_taken_for_hub_ids(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: str) -> None:
+    """A path not written yet (a recipe's ``out/...`` output beside an existing ``out/``, or one no hub id can
+    spell) is reported missing, in one line, without asking the hub."""
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _no_hub)
+    with pytest.raises(MoeforgeError) as err:
+        load_model(source)
+    message = str(err.value)
+    assert message.startswith(f"{source} does not exist") and "\n" not in message
+    assert ("not tried as a Hugging Face id since the folder out/ is here" in message) is (source == "out/smollm2-dense2moe")
+
+
+def test_a_missing_path_that_may_be_a_hub_id_reports_both(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without a local ``out/``, ``out/smollm2-dense2moe`` may be a hub id: the hub is asked, and the one line
+    says it is neither here nor reachable there."""
+    asked: list[str] = []
+
+    def offline(repo_id: str, **kwargs: object) -> str:
+        asked.append(repo_id)
         raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache.\nmore detail")
 
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(MoeforgeError) as err:
+        resolve_checkpoint("out/smollm2-dense2moe")
+    assert asked == ["out/smollm2-dense2moe"]
+    assert str(err.value) == (
+        "out/smollm2-dense2moe does not exist locally, and as a Hugging Face id it is not cached and the hub is not "
+        "reachable (offline): check the path (a recipe's output exists once that recipe has run) or the hub id"
+    )
+
+
+def test_hub_id_refused_by_the_hub_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def refused(*args: object, **kwargs: object) -> str:
+        raise OSError("401 Client Error: Repository Not Found\nmore detail")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refused)
+    with pytest.raises(MoeforgeError) as err:
         resolve_checkpoint("some-org/some-model")
-    message = str(err.value)
-    assert message.startswith("could not download some-org/some-model from the Hugging Face Hub (")
-    assert message.endswith("): check the id or pass a local directory")
-    assert "\n" not in message
+    assert str(err.value) == (
+        "some-org/some-model does not exist locally, and as a Hugging Face id the hub did not provide it "
+        "(OSError: 401 Client Error: Repository Not Found): check the path (a recipe's output exists once that "
+        "recipe has run) or the hub id"
+    )
 
 
 def test_hub_id_without_network_really_fails_cleanly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The real snapshot_download, offline: our message, not a traceback."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(MoeforgeError, match="could not download no-such-org/no-such-model from the Hugging Face Hub"):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MoeforgeError, match=r"^no-such-org/no-such-model does not exist locally, and as a Hugging Face id it is not cached and the hub is not reachable \(offline\)"):
         resolve_checkpoint("no-such-org/no-such-model", cache_dir=tmp_path)
 
 
-def test_hub_id_happy_path_prefers_safetensors(monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize("repo_id", ["acme/tiny-llama", "Qwen/Qwen3-0.6B"])
+def test_hub_id_happy_path_prefers_safetensors(monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path, repo_id: str) -> None:
     calls: list[dict[str, object]] = []
 
     def fake(repo_id: str, **kwargs: object) -> str:
         calls.append({"repo_id": repo_id, **kwargs})
         return str(tiny_llama_dir)
 
+    monkeypatch.chdir(tiny_llama_dir.parent)  # a folder of its own, but none named like the hub org
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    model, tokenizer = load_model("acme/tiny-llama")
+    model, tokenizer = load_model(repo_id)
     assert torch.equal(_logits(model), _logits(build_tiny_llama()))
     assert tokenizer is not None
-    assert len(calls) == 1 and calls[0]["repo_id"] == "acme/tiny-llama"
+    assert len(calls) == 1 and calls[0]["repo_id"] == repo_id
     patterns = calls[0]["allow_patterns"]
     assert "config.json" in patterns and "model*.safetensors" in patterns
     assert not any(p.endswith(".bin") for p in patterns)

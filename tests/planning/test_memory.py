@@ -6,23 +6,26 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import huggingface_hub
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
+from huggingface_hub.errors import LocalEntryNotFoundError
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3Config
 
 from moeforge.adapters.build import apply_adapter
 from moeforge.cli.main import main
 from moeforge.config.adapter import AdapterSpec
 from moeforge.config.recipe import ConvertRecipe
 from moeforge.errors import MoeforgeError
-from moeforge.io.loading import HUB_ID, cache_root
 from moeforge.planning.counting import ModelSpec, count_parameters, model_shape
-from moeforge.planning.memory import TrainingSetup, activation_bytes, estimate
+from moeforge.planning.memory import FfnShape, TrainingSetup, activation_bytes, estimate
 from moeforge.planning.report import Row, plan_scenarios, parse_gpu_memory, verdict
 from moeforge.planning.sources import Scenario, converted_config, scenarios
 from moeforge.training.freeze import apply_freeze
+from moeforge.training.runner import FINAL_DIR
 from tests.helpers import build_tiny_llama, make_tiny_llama_config
 
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
@@ -211,21 +214,169 @@ def test_cli_bad_input_is_one_line_exit_2(
     assert err.startswith("moeforge plan: error: ") and culprit in err and err.count("\n") == 1
 
 
-def _would_download(source: str) -> bool:
-    if source in ("default", "smollm2"):
-        return not (cache_root() / "smollm2-135m-instruct" / "config.json").is_file()
-    return bool(HUB_ID.match(source)) and not Path(source).exists()
+def _recipe(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[path.name for path in RECIPES])
-def test_real_recipes_plan_from_configs(recipe: Path) -> None:
-    data = yaml.safe_load(recipe.read_text())
-    source = str(data.get("source") or data.get("model"))
-    if _would_download(source):
-        pytest.skip(f"{source} is not available offline")
-    try:
-        plan = plan_scenarios(str(recipe), scenarios(str(recipe), {}), parse_gpu_memory("24GB"))
-    except MoeforgeError as err:  # a train recipe whose model a previous step writes
-        assert not Path(source).exists() and source in str(err)
+WRITTEN_BY = {
+    f"{data['output']}/{FINAL_DIR}" if "stage" in data else data["output"]: path
+    for path in RECIPES
+    for data in [_recipe(path)]
+}
+"""The model path each recipe writes (a convert recipe its ``output``, a train recipe ``output/model``) -> that recipe."""
+
+
+def _convert_recipe_of(model: str) -> Path | None:
+    """The convert recipe whose MoE ``model`` is, through the train recipes that train it whole (their
+    output has their input's architecture); None for a model no recipe writes."""
+    writer = WRITTEN_BY.get(model)
+    if writer is None:
+        return None
+    data = _recipe(writer)
+    if "stage" not in data:
+        return writer
+    assert "adapter" not in data and "moice" not in data, f"{writer.name} changes the architecture: plan its output from a built model"
+    return _convert_recipe_of(data["model"])
+
+
+def _base_model(path: Path) -> str:
+    """The model a recipe starts from, all the way back to a model no recipe writes."""
+    data = _recipe(path)
+    if "stage" not in data:
+        return data["source"]
+    writer = _convert_recipe_of(data["model"])
+    return _recipe(writer)["source"] if writer else data["model"]
+
+
+def _recipe_param(path: Path) -> Any:
+    """A recipe case, marked with the embedded model it plans from (its config comes out of the cached model)."""
+    marks = {"default": [pytest.mark.smollm2], "gemma3": [pytest.mark.gemma3]}.get(_base_model(path), [])
+    return pytest.param(path, id=path.name, marks=marks)
+
+
+CONVERT_RECIPES = [_recipe_param(path) for path in RECIPES if "stage" not in _recipe(path)]
+TRAIN_RECIPES = [_recipe_param(path) for path in RECIPES if "stage" in _recipe(path)]
+
+HUB_STAND_INS = {
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": (
+        LlamaConfig(
+            hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+            vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
+        ),
+        1_100_048_384,
+    ),
+    "Qwen/Qwen3-0.6B": (
+        Qwen3Config(
+            hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+            head_dim=128, vocab_size=151_936, max_position_embeddings=40_960, rms_norm_eps=1e-6, tie_word_embeddings=True,
+            bos_token_id=151_643, eos_token_id=151_645, architectures=["Qwen3ForCausalLM"],
+        ),
+        596_049_920,  # the model card's 0.6B, 0.44B of them outside the (tied) embeddings
+    ),
+}
+"""The hub models recipes convert, as the architecture fields of their config.json (the planner reads nothing
+else), with each model's published parameter count: a stand-in that counts the same is the same architecture."""
+
+DENSE_LAYOUTS = {
+    "default": [FfnShape(1536)] * 30,  # SmolLM2-135M
+    "gemma3": [FfnShape(2048)] * 18,  # Gemma 3 270M
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": [FfnShape(5632)] * 22,
+    "Qwen/Qwen3-0.6B": [FfnShape(3072)] * 28,
+}
+MOE_LAYOUTS = {
+    "demo.yaml": ("mixtral", [FfnShape(1536, 8, 2)] * 30),  # 8 copies of the FFN, top-2
+    # MoE from layer 16 on, every second layer; qwen2_moe always builds a shared expert (1 wide, zero)
+    "dense2moe-placement.yaml": ("qwen2_moe", [FfnShape(1536, 8, 2, 1) if i >= 16 and i % 2 == 0 else FfnShape(1536) for i in range(30)]),
+    "gemma3-moe.yaml": ("moeforge", [FfnShape(2048, 4, 2)] * 18),
+    "granular.yaml": ("mixtral", [FfnShape(768, 8, 4)] * 30),  # granularity 2: experts half as wide
+    "llama-moe-partition.yaml": ("mixtral", [FfnShape(704, 8, 2)] * 22),  # the FFN split 8 ways
+    "pmoe.yaml": ("moeforge", [FfnShape(1536, 4, 2)] * 15 + [FfnShape(1536, 8, 2)] * 15),  # per-layer expert counts
+    "qwen3-moe.yaml": ("qwen3_moe", [FfnShape(3072, 8, 2)] * 28),
+    "residual-1-plus-7.yaml": ("granitemoeshared", [FfnShape(1344, 7, 1, 192)] * 30),  # 7 routed eighths + 1 shared
+}
+"""What each convert recipe asks for, per decoder layer: the MoE the planner must have planned."""
+
+
+@pytest.fixture
+def stand_in_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An offline hub that serves the stand-ins' config.json and nothing else (the planner needs no weights)."""
+    for repo_id, (config, _) in HUB_STAND_INS.items():
+        config.save_pretrained(tmp_path / "hub" / repo_id)
+
+    def config_json(repo_id: str, filename: str, **kwargs: object) -> str:
+        if repo_id not in HUB_STAND_INS or filename != "config.json":
+            raise LocalEntryNotFoundError(f"{repo_id}/{filename} is not cached and the hub is offline")
+        return str(tmp_path / "hub" / repo_id / filename)
+
+    def no_weights(*args: object, **kwargs: object) -> None:
+        raise AssertionError("planning downloaded a model, not just its config.json")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", config_json)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_weights)
+    monkeypatch.chdir(tmp_path)  # where no recipe has run: no out/, runs/ or demo-out/
+
+
+@pytest.mark.usefixtures("stand_in_hub")
+@pytest.mark.parametrize("recipe", CONVERT_RECIPES)
+def test_convert_recipes_plan_the_moe_they_ask_for(recipe: Path) -> None:
+    source = _recipe(recipe)["source"]
+    plan = plan_scenarios(str(recipe), scenarios(str(recipe), {}), None)
+    dense, moe = plan.rows
+    model_type, layout = MOE_LAYOUTS[recipe.name]
+    assert (dense.scenario.name, moe.scenario.name) == ("dense base", f"MoE ({model_type})") and moe is plan.primary
+    assert list(dense.shape.ffn) == DENSE_LAYOUTS[source] and list(moe.shape.ffn) == layout
+    assert dense.counts.total == dense.counts.trainable == dense.counts.active
+    if source in HUB_STAND_INS:
+        assert dense.counts.total == HUB_STAND_INS[source][1]
+    # the MoE holds more than the dense model (its routers at least), a token runs only top-k of its experts
+    assert moe.counts.total == moe.counts.trainable > dense.counts.total and moe.counts.active < moe.counts.total
+    # weights and optimizer state grow with the parameters (activations need not: split experts run narrower)
+    for part in ("weights", "optimizer"):
+        assert getattr(moe.memory, part) / getattr(dense.memory, part) == pytest.approx(moe.counts.total / dense.counts.total)
+
+
+@pytest.mark.usefixtures("stand_in_hub")
+@pytest.mark.parametrize("recipe", TRAIN_RECIPES)
+def test_train_recipes_plan_their_own_run(recipe: Path) -> None:
+    data = _recipe(recipe)
+    writer = _convert_recipe_of(data["model"])
+    if data["model"] in WRITTEN_BY:  # not written yet: one line that names it and says how to plan anyway
+        with pytest.raises(MoeforgeError) as err:
+            scenarios(str(recipe), {})
+        message = str(err.value)
+        assert message.startswith(f"model: {data['model']} does not exist") and "\n" not in message
+        assert message.endswith("if a convert recipe writes this model, plan with --model THAT_RECIPE.yaml")
+    plan = plan_scenarios(str(recipe), scenarios(str(recipe), {}, str(writer) if writer else None), None)
+    row = plan.primary
+    setup = row.scenario.setup
+    assert row.scenario.name.startswith(f"recipe: {data['stage']}")
+    assert (setup.stage, setup.batch_size, setup.seq_len) == (
+        data["stage"], data["training"]["per_device_train_batch_size"], data["data"]["max_length"]
+    )
+    model_type, layout = MOE_LAYOUTS[writer.name] if writer else ("llama", DENSE_LAYOUTS[data["model"]])
+    assert (row.scenario.model.config.model_type, list(row.shape.ffn)) == (model_type, layout)
+    if not {"adapter", "moice", "preset", "freeze", "freeze_layers", "freeze_gate"} & data.keys():
+        assert plan.rows == [row] and row.counts.trainable == row.counts.total
         return
-    assert plan.primary.counts.trainable > 0 and plan.primary.memory.total > 0
+    full, own = plan.rows
+    assert own is row and full.scenario.name == "full fine-tune (for comparison)"
+    assert full.counts.trainable == full.counts.total > row.counts.trainable > 0
+    if "adapter" in data or data.get("preset") == "moice":  # adds modules and trains those alone
+        assert row.counts.trainable == row.counts.total - full.counts.total
+    else:  # trains part of the same model
+        assert row.counts.total == full.counts.total
+
+
+@pytest.mark.usefixtures("stand_in_hub")
+def test_cli_takes_a_missing_local_path_for_no_hub_id(capsys: pytest.CaptureFixture[str]) -> None:
+    """``out/x`` beside an existing ``out/`` is a recipe's output not written yet: said so, the hub not asked;
+    a hub id still plans from the hub's config.json."""
+    Path("out").mkdir()
+    assert main(["plan", "out/smollm2-dense2moe"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moeforge plan: error: out/smollm2-dense2moe does not exist (a local path, not tried as a Hugging Face id")
+    assert err.count("\n") == 1
+    assert main(["plan", "Qwen/Qwen3-0.6B", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["scenarios"]
+    assert row["parameters"]["total"] == HUB_STAND_INS["Qwen/Qwen3-0.6B"][1]

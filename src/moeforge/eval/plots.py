@@ -4,6 +4,9 @@ Figures are built with matplotlib's object API on the Agg canvas, never through 
 is needed, no global backend is switched under a notebook that imported moeforge, and plotting from a
 training callback thread is safe. Each file is written atomically, so a dashboard polling the output
 directory never reads a half-written image.
+
+Each plot is two steps: a ``*_figure`` function builds the :class:`~matplotlib.figure.Figure` (what tests
+inspect: lines, labels, cells) and ``plot_*`` writes it with :func:`save_png`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ _SUMMARY_KEYS = {"loss", "eval_loss", "train_loss"}
 _MAX_TICKS = 12
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically (on the Agg canvas, whatever backend pyplot uses)."""
     FigureCanvasAgg(fig)
     with staged_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
@@ -46,6 +50,11 @@ def _is_number(value: object) -> bool:
 
 
 def plot_loss_curves(log_history: list[dict], path: Path) -> Path:
+    """:func:`loss_figure` as a PNG at ``path``."""
+    return save_png(loss_figure(log_history), path)
+
+
+def loss_figure(log_history: list[dict]) -> Figure:
     """Train ``loss`` and ``eval_loss`` against ``step`` (a transformers ``TrainerState.log_history``).
 
     Router losses (any other numeric ``*_loss`` key, e.g. ``aux_loss``, ``balance_loss``) are on their
@@ -70,7 +79,7 @@ def plot_loss_curves(log_history: list[dict], path: Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     axes[-1].set_xlabel("step")
-    return _save(fig, path)
+    return fig
 
 
 def _fraction_grid(stats: RoutingStats) -> np.ndarray:
@@ -85,6 +94,11 @@ def _fraction_grid(stats: RoutingStats) -> np.ndarray:
 
 
 def plot_expert_load(stats: RoutingStats, path: Path, title: str = "") -> Path:
+    """:func:`expert_load_figure` as a PNG at ``path``."""
+    return save_png(expert_load_figure(stats, title), path)
+
+
+def expert_load_figure(stats: RoutingStats, title: str = "") -> Figure:
     """Heatmap of the share of top-k selections each expert received, one row per MoE layer.
 
     Cells past a layer's own expert count (models with per-layer expert counts) are grey."""
@@ -98,7 +112,7 @@ def plot_expert_load(stats: RoutingStats, path: Path, title: str = "") -> Path:
     _layer_ticks(ax, stats.names, layers)
     ax.set_xlabel("expert")
     ax.set_title(title or f"expert load over {stats.tokens} tokens")
-    return _save(fig, path)
+    return fig
 
 
 def _layer_ticks(ax: Any, names: Sequence[str], layers: int) -> None:
@@ -116,6 +130,11 @@ def _load_cv(stats: RoutingStats) -> np.ndarray:
 
 
 def plot_load_over_time(history: list[tuple[int, RoutingStats]], path: Path) -> Path:
+    """:func:`load_over_time_figure` as a PNG at ``path``."""
+    return save_png(load_over_time_figure(history), path)
+
+
+def load_over_time_figure(history: list[tuple[int, RoutingStats]]) -> Figure:
     """Heatmap of load imbalance over training: one column per recorded step, one row per MoE layer,
     colour = coefficient of variation of the expert load (0 = perfectly balanced; a layer whose load
     collapses onto one of E experts reaches sqrt(E - 1)).
@@ -139,10 +158,15 @@ def plot_load_over_time(history: list[tuple[int, RoutingStats]], path: Path) -> 
     _layer_ticks(ax, max((stats.names for _, stats in history), key=len), grid.shape[0])
     ax.set_xlabel("step")
     ax.set_title("expert load imbalance over training")
-    return _save(fig, path)
+    return fig
 
 
 def plot_position_curve(results: Mapping[str, ProbeResult], path: Path, title: str = "") -> Path:
+    """:func:`position_figure` as a PNG at ``path``."""
+    return save_png(position_figure(results, title), path)
+
+
+def position_figure(results: Mapping[str, ProbeResult], title: str = "") -> Figure:
     """A position probe's curves, one line per model so a base model and its MoICE version overlay:
     mean answer log-prob against the fact's position (top) and exact match (bottom), each with its
     bootstrap 95% interval as a shaded band. A flat curve means no "lost in the middle"."""
@@ -166,4 +190,4 @@ def plot_position_curve(results: Mapping[str, ProbeResult], path: Path, title: s
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     top.legend()
-    return _save(fig, path)
+    return fig

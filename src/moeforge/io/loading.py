@@ -133,6 +133,42 @@ def _convert_gguf(gguf_path: Path, cache_dir: Path | None) -> Path:
     return gguf_to_safetensors(gguf_path, _gguf_cache_dir(gguf_path, cache_dir))
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether a source names a Hugging Face hub model rather than a local path: shaped ``org/name``, nothing
+    there locally, and no local folder ``org`` either. ``out/model`` beside an existing ``out/`` is a local path
+    not written yet (a recipe's output, say): asking the hub for it would only hide that."""
+    path = Path(text)
+    return bool(HUB_ID.match(text)) and not path.exists() and not path.parent.is_dir()
+
+
+def not_on_hub(repo_id: str, err: BaseException) -> MoeforgeError:
+    """One line for an ``org/name`` source that is no local path and that the hub did not provide. Such a
+    name may be either (a recipe's ``out/...`` output not written yet reads like a hub id), so the line says
+    both where it looked; an unreachable hub (offline) is told apart from a hub that answered no."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    hub = (
+        "it is not cached and the hub is not reachable (offline)"
+        if isinstance(err, LocalEntryNotFoundError)
+        else f"the hub did not provide it ({_first_line(err)})"
+    )
+    return MoeforgeError(
+        f"{repo_id} does not exist locally, and as a Hugging Face id {hub}: "
+        "check the path (a recipe's output exists once that recipe has run) or the hub id"
+    )
+
+
+def _missing(text: str) -> MoeforgeError:
+    """A source that is nothing local and no hub id: say which local folder made it a path, when one did."""
+    parent = Path(text).parent
+    if HUB_ID.match(text) and parent.is_dir():
+        return MoeforgeError(
+            f"{text} does not exist (a local path, not tried as a Hugging Face id since the folder {parent}/ is here): "
+            "pass an existing model directory or .gguf file"
+        )
+    return MoeforgeError(f"{text} does not exist: pass a model directory, a .gguf file or a Hugging Face id (org/name)")
+
+
 def _download(repo_id: str, revision: str | None, cache_dir: Path | None, gguf_file: str | None) -> Path:
     """Fetch only what loading needs: config, tokenizer and one weight format (safetensors preferred)."""
     from huggingface_hub import snapshot_download
@@ -144,10 +180,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: Path | None, gguf_f
                 snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
             )
         except (HfHubHTTPError, OSError, ValueError) as err:
-            raise MoeforgeError(
-                f"could not download {repo_id} from the Hugging Face Hub ({_first_line(err)}): "
-                "check the id or pass a local directory"
-            ) from None
+            raise not_on_hub(repo_id, err) from None
 
     if gguf_file:
         return fetch([gguf_file])
@@ -187,10 +220,10 @@ def resolve_checkpoint(
         return path
     if path.exists():
         raise MoeforgeError(f"{path} is neither a model directory nor a .gguf file")
-    if HUB_ID.match(text):
+    if is_hub_id(text):
         directory = _download(text, revision, cache_dir, gguf_file)
         return _convert_gguf(directory / gguf_file, cache_dir) if gguf_file else directory
-    raise MoeforgeError(f"{text} does not exist: pass a model directory, a .gguf file or a Hugging Face id (org/name)")
+    raise _missing(text)
 
 
 def read_config(directory: Path, *, trust_remote_code: bool = False) -> PretrainedConfig:

@@ -22,7 +22,7 @@ from moeforge.conversion.plan import build_plan
 from moeforge.config.data import DataSpec
 from moeforge.errors import MoeforgeError
 from moeforge.families import source_family
-from moeforge.io.loading import HUB_ID, check_supported, read_config, resolve_checkpoint
+from moeforge.io.loading import check_supported, is_hub_id, not_on_hub, read_config, resolve_checkpoint
 from moeforge.planning.counting import ModelSpec
 from moeforge.planning.memory import TrainingSetup
 
@@ -78,10 +78,7 @@ def _hub_config(repo_id: str) -> ModelConfig:
     try:
         directory = Path(hf_hub_download(repo_id, "config.json")).parent
     except (HfHubHTTPError, OSError, ValueError) as err:
-        raise MoeforgeError(
-            f"{repo_id} is no local path and its config.json could not be fetched from the Hugging Face Hub "
-            f"({type(err).__name__}): check the path or the hub id"
-        ) from None
+        raise not_on_hub(repo_id, err) from None
     return ModelConfig(read_config(directory), f"config.json of {repo_id} (hub)", directory)
 
 
@@ -92,7 +89,7 @@ def model_config(source: str, gguf_file: str | None = None) -> ModelConfig:
         return converted_config(load_recipe(path), str(path))[1]
     if path.suffix == ".gguf" or (gguf_file and path.is_dir()):
         return _gguf_config(path / gguf_file if gguf_file else path)
-    if not path.exists() and HUB_ID.match(source) and not gguf_file:
+    if not gguf_file and is_hub_id(source):
         return _hub_config(source)
     directory = resolve_checkpoint(source, gguf_file=gguf_file)
     return ModelConfig(read_config(directory), f"config.json of {directory}", directory)
