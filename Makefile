@@ -1,7 +1,7 @@
 # Two entry points that work on a fresh machine with only Python and pip.
 #   make demo  - upcycle the embedded SmolLM2-135M-Instruct into an 8-expert top-2 MoE (fidelity report),
 #                SFT it briefly on a built-in dataset (eval before/after, plots), compare, chat
-#   make test  - run the test suite
+#   make test  - lint (ruff), type-check (mypy) and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,6 +28,9 @@ demo: $(STAMP)
 	$(VENV)/bin/moeforge chat demo-out/sft/model --prompt "What is the capital of France?" --max-new-tokens 40
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
