@@ -7,7 +7,7 @@ import pytest
 from moeforge.cli.main import main
 from moeforge.config.recipe import load_recipe
 from moeforge.errors import FidelityError, MoeforgeError
-from tests.convert.conftest import run_convert
+from tests.conversion.conftest import run_convert
 
 PLAN_ERRORS = {
     "top_k > experts": ({"num_experts": 4, "top_k": 5}, "moe.top_k: 5 is larger than num_experts 4"),

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from moeforge.io.loading import load_model
 from moeforge.training.runner import train
-from tests.train.conftest import logged_losses, make_recipe, provenance, state_dict
+from tests.training.conftest import logged_losses, make_recipe, provenance, state_dict
 
 ADAPTER = {"num_experts": 4, "top_k": 2, "rank": 4, "alpha": 8, "dropout": 0.0}
 

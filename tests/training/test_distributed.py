@@ -27,7 +27,7 @@ import yaml
 from moeforge.config.recipe import load_recipe
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.training import train
-from tests.train.conftest import logged_losses, provenance, state_dict
+from tests.training.conftest import logged_losses, provenance, state_dict
 
 pytestmark = pytest.mark.timeout(900)  # two process starts per run on a 2-core machine
 

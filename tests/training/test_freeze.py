@@ -17,7 +17,7 @@ import torch
 
 from moeforge.errors import MoeforgeError
 from moeforge.training import train
-from tests.train.conftest import make_recipe, state_dict
+from tests.training.conftest import make_recipe, state_dict
 
 ROLES = ("router", "experts", "attention", "embeddings", "norms")
 

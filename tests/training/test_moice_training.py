@@ -13,7 +13,7 @@ import torch
 from moeforge.errors import MoeforgeError
 from moeforge.io.loading import load_model
 from moeforge.training.runner import train
-from tests.train.conftest import make_recipe, provenance, state_dict
+from tests.training.conftest import make_recipe, provenance, state_dict
 
 
 def test_moice_preset_trains_only_the_routers_and_reloads(models, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from moeforge.errors import MoeforgeError
-from tests.convert.conftest import dense_logits, load_logits, run_convert
+from tests.conversion.conftest import dense_logits, load_logits, run_convert
 from tests.helpers import make_tiny_tokenizer
 
 COMMON = dict(

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from moeforge.cli.chat_cmd import chat_once
 from moeforge.io.loading import load_model
-from tests.convert.conftest import run_convert
+from tests.conversion.conftest import run_convert
 
 pytestmark = pytest.mark.smollm2
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from moeforge.training import train
-from tests.train.conftest import MOE, make_recipe
+from tests.training.conftest import MOE, make_recipe
 
 COEF = 10.0
 

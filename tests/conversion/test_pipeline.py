@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from moeforge.data.calibration import calibration_ids
 from moeforge.config.recipe import Calibration
 from moeforge.io.loading import load_tokenizer
-from tests.convert.conftest import dense_logits, load_logits, run_convert
+from tests.conversion.conftest import dense_logits, load_logits, run_convert
 
 EXACT_CASES = {
     # name: (moe section, top-level keys, expected export)

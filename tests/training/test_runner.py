@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeforge.training import train
-from tests.train.conftest import ARCHITECTURES, MOE, logged_losses, make_recipe, provenance, state_dict
+from tests.training.conftest import ARCHITECTURES, MOE, logged_losses, make_recipe, provenance, state_dict
 
 CASES = [
     ("pt", "dense"),

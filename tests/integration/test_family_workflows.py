@@ -16,7 +16,7 @@ from moeforge.errors import MoeforgeError
 from moeforge.training.runner import train
 from tests.families.test_conversion import convert_tiny
 from tests.families.tiny import build_family
-from tests.train.conftest import logged_losses, make_recipe
+from tests.training.conftest import logged_losses, make_recipe
 
 ADAPTER = {"num_experts": 4, "top_k": 2, "rank": 4, "alpha": 8, "dropout": 0.0}
 

@@ -9,7 +9,7 @@ import yaml
 
 from moeforge.cli.main import main
 from tests.helpers import build_tiny_llama
-from tests.train.conftest import provenance
+from tests.training.conftest import provenance
 
 
 def _write(path: Path, recipe: dict) -> Path:

@@ -18,7 +18,7 @@ import moeforge.training.runner as runner
 from moeforge.errors import MoeforgeError
 from moeforge.training import train
 from moeforge.training.checkpoints import MARKER, CompleteCheckpointMarker
-from tests.train.conftest import logged_losses, make_recipe, provenance, state_dict
+from tests.training.conftest import logged_losses, make_recipe, provenance, state_dict
 
 STEPS, SAVE_STEPS, KILL_AT = 6, 2, 3
 
