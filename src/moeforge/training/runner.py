@@ -146,8 +146,8 @@ def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trai
     kwargs = _training_kwargs(recipe, data.eval is not None)
     optimizers = (optimizer, None)
     if recipe.stage == "pt":
-        train = pack_texts(data.train, tokenizer, recipe.data.max_length)
-        evaluation = pack_texts(data.eval, tokenizer, recipe.data.max_length) if data.eval is not None else None
+        train = pack_texts(data.train, tokenizer, recipe.data.max_length, split="train")
+        evaluation = None if data.eval is None else pack_texts(data.eval, tokenizer, recipe.data.max_length, split="eval")
         return MoeTrainer(
             model=model, args=TrainingArguments(**kwargs), train_dataset=train, eval_dataset=evaluation,
             data_collator=default_data_collator, processing_class=tokenizer, optimizers=optimizers, callbacks=callbacks,
