@@ -23,7 +23,7 @@ from transformers import PretrainedConfig
 
 from moeforge.conversion.plan import ConversionPlan
 from moeforge.errors import MoeforgeError
-from moeforge.families import MOEFORGE_MODEL_TYPE, NativeMoe, Sibling, dense_family, native_moe
+from moeforge.families import MOEFORGE_MODEL_TYPE, NativeMoe, Sibling, known_dense_family, known_native_moe, native_moe
 from moeforge.modeling import moeforge_config
 
 MOEFORGE = MOEFORGE_MODEL_TYPE
@@ -32,7 +32,7 @@ EXPERT_ROW_ALIGNMENT = 8
 
 
 def _sibling(target: str, source: PretrainedConfig) -> Sibling | None:
-    return next((s for s in dense_family(source.model_type).siblings if s.target == target), None)
+    return next((s for s in known_dense_family(source.model_type).siblings if s.target == target), None)
 
 
 def _uniform(plan: ConversionPlan) -> list[str]:
@@ -48,7 +48,7 @@ def export_problems(target: str, plan: ConversionPlan, source: PretrainedConfig)
     if target == MOEFORGE:
         return []
     native, sibling = native_moe(target), _sibling(target, source)
-    family = dense_family(source.model_type)
+    family = known_dense_family(source.model_type)
     if native is None or sibling is None:
         what = native.title if native else repr(target)
         return [f"{what} has no decoder like {family.title}'s (docs/families.md lists what each family exports to)"]
@@ -67,7 +67,7 @@ def export_problems(target: str, plan: ConversionPlan, source: PretrainedConfig)
 
 def export_choices(source: PretrainedConfig) -> list[str]:
     """The targets a source of this family can be exported to, most portable first (moeforge last)."""
-    return [sibling.target for sibling in dense_family(source.model_type).siblings] + [MOEFORGE]
+    return [sibling.target for sibling in known_dense_family(source.model_type).siblings] + [MOEFORGE]
 
 
 def resolve_export(requested: str, plan: ConversionPlan, source: PretrainedConfig) -> str:
@@ -117,7 +117,10 @@ def _native_config(native: NativeMoe, plan: ConversionPlan, source: PretrainedCo
     source_values = source.to_dict()
     values: dict[str, Any] = {name: source_values[name] for name in own if name in source_values}
     values["head_dim"] = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
-    values.update(_sibling(native.model_type, source).carry(source))
+    sibling = _sibling(native.model_type, source)
+    if sibling is None:
+        raise MoeforgeError(f"{native.title} is not a sibling of {source.model_type}: choose another export")
+    values.update(sibling.carry(source))
     values.update(native.constants)
     first = plan.moe_layers[0]
     routing = plan.moe.routing
@@ -142,7 +145,7 @@ def _native_config(native: NativeMoe, plan: ConversionPlan, source: PretrainedCo
 def build_config(target: str, plan: ConversionPlan, source: PretrainedConfig) -> PretrainedConfig:
     if target == MOEFORGE:
         return moeforge_config(source, [None if layer is None else layer.spec(plan.moe).to_dict() for layer in plan.layers])
-    return _native_config(native_moe(target), plan, source)
+    return _native_config(known_native_moe(target), plan, source)
 
 
 def _pad_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,15 +187,18 @@ def _native_moe_tensors(native: NativeMoe, mlp: dict[str, torch.Tensor], hidden:
             out.update(_matrices(tuple(name.format(e=e) for name in keys.experts), gate_up[e, :size], gate_up[e, size:], down[e]))
     else:
         out.update(_matrices(keys.experts, gate_up[:, :size], gate_up[:, size:], down))
-    shared = [mlp.get(f"shared_expert.{name}_proj.weight") for name in ("gate", "up", "down")]
-    if shared[0] is None and native.shared_always:  # a single zero neuron adds exactly 0
+    shared: list[torch.Tensor] | None = None
+    if "shared_expert.gate_proj.weight" in mlp:
+        shared = [mlp[f"shared_expert.{name}_proj.weight"] for name in ("gate", "up", "down")]
+    elif native.shared_always:  # a single zero neuron adds exactly 0
         zeros = gate_up.new_zeros
         shared = [zeros(1, hidden), zeros(1, hidden), zeros(hidden, 1)]
-    if shared[0] is not None:
+    if shared is not None:
+        gate, up, down = shared
         if native.shared == "gated":
-            shared[2] = shared[2] * 2.0  # undoes the gate's constant 0.5 (exact in fp)
+            down = down * 2.0  # undoes the gate's constant 0.5 (exact in fp)
             out[keys.shared_gate] = _half_gate(hidden, gate_up.dtype)
-        out.update(_matrices(keys.shared, *shared))
+        out.update(_matrices(keys.shared, gate, up, down))
     if keys.score_bias:
         out[keys.score_bias] = gate_up.new_zeros(1, gate_up.shape[0])
     return out
@@ -203,7 +209,7 @@ def created_by_conversion(target: str, name: str, ffn_module: str = "mlp") -> bo
     rather than copies from the dense FFN: the router, and a target's shared-expert gate or selection bias."""
     if target == MOEFORGE:
         return name.startswith(f"{ffn_module}.gate.")
-    keys = native_moe(target).keys
+    keys = known_native_moe(target).keys
     return name in (keys.router, keys.shared_gate, keys.score_bias)
 
 
@@ -219,7 +225,7 @@ def layer_tensors(
             out.update({f"{ffn_module}.{name}": tensor for name, tensor in mlp.items()})
         else:
             hidden = mlp["experts.gate_up_proj"].shape[2]
-            out.update(_native_moe_tensors(native_moe(target), mlp, hidden))
+            out.update(_native_moe_tensors(known_native_moe(target), mlp, hidden))
     return {prefix + name: tensor for name, tensor in out.items()}
 
 

@@ -91,8 +91,8 @@ class LayerwiseModel:
         """Materialise everything outside the decoder layers (embeddings, final norm, head, per-layer input
         projections) for one forward. A tied head reuses the embedding."""
         tensors = dict(tensors)
-        if "lm_head.weight" in self.outer_names and "lm_head.weight" not in tensors:
-            tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
+        if "lm_head.weight" in self.outer_names and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
         missing = [name for name in self.outer_names if tensors.get(name) is None]
         if missing:
             raise MoeforgeError(f"the checkpoint lacks {missing[0]}, which its config.json requires; re-download or re-save it")

@@ -144,6 +144,7 @@ class _Converter:
         self.checksums = writer.checksums
         report = None
         if recipe.fidelity.check:
+            assert dense is not None and moe is not None  # a fidelity check runs both streams
             held_out = slice(self.fit_sequences, None)  # sequences nothing was fitted on
             outer = {name: self._read(name) for name in self._outer_names()}
             dense_logits = runner.logits(ids[held_out], dense.hidden[held_out], outer)
@@ -199,13 +200,16 @@ class _Converter:
         moe_spec, config = self.recipe.moe, self.source_config
         activations = None
         if self.plan.needs_activations:
+            assert dense_ffn_in is not None  # a plan that needs activations runs the dense stream
             gate, up, _ = self.ffn.split(weights)
             activations = _ffn_activations(dense_ffn_in[: self.fit_sequences], gate, up, self.act)
         moe_ffn_in = None
         if layer_plan.router_init == "kmeans" or layer_plan.calibrate_scale:
             # the router's real input: this layer's FFN input on the MoE stream (attention is unchanged)
-            _, moe_ffn_in = runner.run_layer(index, weights, moe, capture_mlp_input=True)
-            moe_ffn_in = moe_ffn_in[: self.fit_sequences].reshape(-1, moe_ffn_in.shape[-1])
+            assert moe is not None  # a plan that calibrates runs the MoE stream
+            _, captured = runner.run_layer(index, weights, moe, capture_mlp_input=True)
+            assert captured is not None  # asked for with capture_mlp_input
+            moe_ffn_in = captured[: self.fit_sequences].reshape(-1, captured.shape[-1])
         router_inputs = moe_ffn_in if layer_plan.router_init == "kmeans" else None
         mlp = build_experts(layer_plan, moe_spec, *self.ffn.split(stored), activations, self.generator)
         router = init_router(
@@ -215,6 +219,7 @@ class _Converter:
         mlp.update({f"gate.{name}": tensor.to(self.out_dtype) for name, tensor in router.items()})
         block = self._block(layer_plan, mlp)
         if layer_plan.calibrate_scale:
+            assert moe_ffn_in is not None  # captured above for every calibrated scale
             factor = _least_squares_scale(block, self.ffn.split(weights), moe_ffn_in, self.act)
             mlp["experts.down_proj"].mul_(factor)  # the block shares this storage (assign=True)
             self.scales[index] = layer_plan.scale * factor

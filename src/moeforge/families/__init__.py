@@ -21,6 +21,22 @@ def dense_family(model_type: str) -> DenseFamily | None:
     return _BY_TYPE.get(model_type)
 
 
+def known_dense_family(model_type: str) -> DenseFamily:
+    """The description of ``model_type``, for code past the point where the family was checked."""
+    family = _BY_TYPE.get(model_type)
+    if family is None:
+        raise MoeforgeError(f"model_type {model_type!r} is not a dense family moeforge converts: {', '.join(DENSE_MODEL_TYPES)}")
+    return family
+
+
+def known_native_moe(model_type: str) -> NativeMoe:
+    """The native MoE architecture ``model_type``, for code past the point where the target was chosen."""
+    native = native_moe(model_type)
+    if native is None:
+        raise MoeforgeError(f"model_type {model_type!r} is not a native MoE architecture moeforge exports: {', '.join(NATIVE_MODEL_TYPES)}")
+    return native
+
+
 __all__ = [
     "DENSE_FAMILIES",
     "DENSE_MODEL_TYPES",
@@ -35,6 +51,8 @@ __all__ = [
     "NativeMoe",
     "Sibling",
     "dense_family",
+    "known_dense_family",
+    "known_native_moe",
     "native_moe",
     "source_family",
     "supports_moice",

@@ -19,18 +19,20 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 from peft import PeftModel
 from torch import nn
-from transformers import Trainer, TrainingArguments, default_data_collator
+from transformers import PreTrainedModel, Trainer, TrainingArguments, default_data_collator
 
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.data import build_datasets, pack_texts
 from moeforge.errors import MoeforgeError
 from moeforge.io.loading import load_model, resolve_checkpoint
 from moeforge.io.publish import check_output, staged_directory, staging_path
+from moeforge.io.quantization import Bits
 from moeforge.modeling import is_moeforge_config
 from moeforge.io.safetensors_io import sha256_file
 from moeforge.routing.hooks import attach_router_losses, find_routers
@@ -156,22 +158,22 @@ def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trai
     if recipe.stage == "sft":
         from trl import SFTConfig
 
-        args = SFTConfig(
+        sft_args = SFTConfig(
             **kwargs, max_length=recipe.data.max_length, completion_only_loss=recipe.data.completion_only_loss,
             packing=False, router_aux_loss_coef=0.0,
         )
         return RouterAwareSFTTrainer(
-            model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+            model=model, args=sft_args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
             optimizers=optimizers, callbacks=callbacks,
         )
     from trl import DPOConfig
 
-    args = DPOConfig(**kwargs, max_length=recipe.data.max_length, beta=recipe.training.beta, router_aux_loss_coef=0.0)
+    dpo_args = DPOConfig(**kwargs, max_length=recipe.data.max_length, beta=recipe.training.beta, router_aux_loss_coef=0.0)
     # TRL 1.16 would reload the reference from the policy's path (failing on moeforge models): hand it a copy.
     # An adapter model needs none: TRL runs the reference as the same model with the adapter disabled.
     reference = None if isinstance(model, PeftModel) else copy.deepcopy(model).eval().requires_grad_(False)
     return RouterAwareDPOTrainer(
-        model=model, ref_model=reference, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+        model=model, ref_model=reference, args=dpo_args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
         optimizers=optimizers, callbacks=callbacks,
     )
 
@@ -210,7 +212,7 @@ def _save_final(trainer: Trainer, tokenizer, recipe: TrainRecipe, training_entry
     return final
 
 
-def _add_moice(model: nn.Module, recipe: TrainRecipe, log: Callable[[str], None]) -> None:
+def _add_moice(model: PreTrainedModel, recipe: TrainRecipe, log: Callable[[str], None]) -> None:
     """Install MoICE attention when the recipe asks for it (new routers, listed), and check that the
     ``moice`` preset has routers to train."""
     from moeforge.modeling.moice import apply_moice, describe
@@ -219,7 +221,7 @@ def _add_moice(model: nn.Module, recipe: TrainRecipe, log: Callable[[str], None]
     if recipe.moice is not None:
         names = apply_moice(model, recipe.moice, seed=recipe.training.seed)
         count = sum(model.get_parameter(name).numel() for name in names)
-        log(f"{describe(ResolvedMoice(**model.config.moice))}; newly initialised: {len(names)} router tensors "
+        log(f"{describe(ResolvedMoice.model_validate(model.config.moice))}; newly initialised: {len(names)} router tensors "
             f"({count:,} parameters), e.g. {names[0]}")
     elif recipe.preset == "moice" and not getattr(model.config, "moice", None):
         raise MoeforgeError(f"preset: moice needs MoICE routers: add a 'moice:' section, or train a MoICE checkpoint ({recipe.model} has none)")
@@ -233,9 +235,11 @@ def _add_adapter(model: nn.Module, recipe: TrainRecipe, log: Callable[[str], Non
     from moeforge.adapters.build import apply_adapter
 
     spec = recipe.adapter
+    if spec is None:
+        raise MoeforgeError("adapter: the recipe has no adapter section")
     transformers.set_seed(recipe.training.seed)  # the adapter's init (router, A matrices) is part of the run
     model = apply_adapter(model, spec)
-    config = model.peft_config[model.active_adapter]
+    config: Any = model.peft_config[model.active_adapter]  # moeforge's MoeLoraConfig or PEFT's LoraConfig
     config.base_model_name_or_path = str(resolve_checkpoint(recipe.model, gguf_file=recipe.gguf_file))
     if spec.method != "lora":  # the coefficients this run trains with travel with the adapter
         losses = _router_losses(recipe)
@@ -256,14 +260,14 @@ def _router_losses(recipe: TrainRecipe) -> RouterLossConfig:
     return losses.model_copy(update={k: v for k, v in own.items() if k not in losses.model_fields_set})
 
 
-def _quantization(recipe: TrainRecipe) -> str | None:
+def _quantization(recipe: TrainRecipe) -> Bits | None:
     spec = recipe.adapter
     if spec is None:
         return None
     return "4bit" if spec.load_in_4bit else "8bit" if spec.load_in_8bit else None
 
 
-def _last(history: list[dict], key: str) -> float | None:
+def _last(history: list[dict[str, Any]], key: str) -> float | None:
     values = [entry[key] for entry in history if key in entry]
     return float(values[-1]) if values else None
 
@@ -273,7 +277,7 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
     start = time.perf_counter()
     _prepare_output(recipe)
     dtype = torch.bfloat16 if recipe.dtype == "bfloat16" else torch.float32
-    model, tokenizer = load_model(
+    loaded, tokenizer = load_model(
         recipe.model, dtype=dtype, gguf_file=recipe.gguf_file, quantization=_quantization(recipe),
         experts_backend=recipe.experts_backend,
     )
@@ -281,9 +285,8 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
         raise MoeforgeError(f"model: {recipe.model} has no tokenizer files; training needs one to read the data")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    _add_moice(model, recipe, log)
-    if recipe.adapter is not None:
-        model = _add_adapter(model, recipe, log)
+    _add_moice(loaded, recipe, log)
+    model = _add_adapter(loaded, recipe, log) if recipe.adapter is not None else loaded
     data = build_datasets(recipe.data, recipe.stage)
     log(f"data: {len(data.train)} training rows" + (f", {len(data.eval)} eval rows" if data.eval is not None else ""))
 
@@ -300,12 +303,14 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
     )
     _record_router_coefficients(model.config, recipe, native_coef)
     # attached after the trainer is built: DPO's reference model (a copy) must not report routing
-    handle = attach_router_losses(trainer.model, _router_losses(recipe)) if find_routers(trainer.model) else None
+    trained = trainer.model
+    assert trained is not None  # the trainer was given the model
+    handle = attach_router_losses(trained, _router_losses(recipe)) if find_routers(trained) else None
     telemetry.handle, telemetry.trainer = handle, trainer
     if handle is not None and handle.balancer is not None:
         handle.balancer.hook_optimizer(trainer.create_optimizer())
     if recipe.deepspeed:
-        _register_zero3_leaves(trainer.model)
+        _register_zero3_leaves(trained)
 
     checkpoint = latest_complete_checkpoint(recipe.output) if recipe.resume else None
     if recipe.resume:
@@ -313,6 +318,7 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     history = trainer.state.log_history
+    train_loss, eval_loss = _last(history, "train_loss"), _last(history, "eval_loss")
     entry = {
         "stage": recipe.stage,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -320,8 +326,8 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
         "data": data.stats,
         "steps": trainer.state.global_step,
         "tokens": trainer.state.num_input_tokens_seen,
-        "train_loss": _last(history, "train_loss"),
-        "eval_loss": _last(history, "eval_loss"),
+        "train_loss": train_loss,
+        "eval_loss": eval_loss,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "runtime_seconds": round(time.perf_counter() - start, 1),
@@ -334,6 +340,6 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainRes
     log(f"saved {final}; plots: {', '.join(str(p) for p in plots)}")
     return TrainResult(
         output=recipe.output, model_dir=final, steps=trainer.state.global_step,
-        train_loss=entry["train_loss"], eval_loss=entry["eval_loss"],
+        train_loss=train_loss, eval_loss=eval_loss,
         trainable_parameters=trainable, total_parameters=total, plots=plots, log_history=history,
     )

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from moeforge.eval.plots import plot_expert_load, plot_load_over_time, plot_loss_curves
 from moeforge.routing.stats import RoutingStats
@@ -24,7 +24,7 @@ class TelemetryCallback(TrainerCallback):
         self.handle = handle
         self.output_dir = Path(output_dir)
         self.every = every
-        self.trainer = None  # set by the runner: trainer.log() reaches every reporting callback
+        self.trainer: Trainer | None = None  # set by the runner: trainer.log() reaches every reporting callback
         self.history: list[tuple[int, RoutingStats]] = []
         self._last_time = time.perf_counter()
         self._last_tokens = 0
