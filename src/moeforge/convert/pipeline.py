@@ -45,7 +45,8 @@ from moeforge.errors import FidelityError, MoeforgeError
 from moeforge.families import source_family
 from moeforge.modeling import MoeforgeSparseMoeBlock, moeforge_config
 from moeforge.io.loading import TORCH_DTYPES, copy_tokenizer_files, load_tokenizer, read_config, resolve_checkpoint, save_config
-from moeforge.io.safetensors_io import CheckpointReader, ShardedWriter
+from moeforge.io.safetensors_reader import CheckpointReader
+from moeforge.io.safetensors_writer import ShardedWriter
 
 
 

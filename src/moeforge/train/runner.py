@@ -31,7 +31,7 @@ from moeforge.data import build_datasets, pack_texts
 from moeforge.errors import MoeforgeError
 from moeforge.io.loading import load_model, resolve_checkpoint
 from moeforge.modeling import is_moeforge_config
-from moeforge.io.safetensors_io import sha256_file
+from moeforge.io.safetensors_writer import sha256_file
 from moeforge.routing.hooks import attach_router_losses, find_routers
 from moeforge.config.router_losses import RouterLossConfig
 from moeforge.train.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
