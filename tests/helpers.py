@@ -77,6 +77,21 @@ def save_tiny_llama(
     return Path(path)
 
 
+def mixed_dtype_tensors(n: int = 20) -> dict[str, torch.Tensor]:
+    """Tensors of every dtype family a checkpoint holds, plus a scalar and an empty one: the edge cases
+    of byte offsets and dtype codes that a safetensors round trip must survive."""
+    g = torch.Generator().manual_seed(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool]
+    out = {}
+    for i in range(n):
+        dtype = dtypes[i % len(dtypes)]
+        t = torch.randn(17, i + 3, generator=g)
+        out[f"layer.{i}.weight"] = t > 0 if dtype == torch.bool else (t * 100).to(dtype)
+    out["scalar"] = torch.tensor(3.5)
+    out["empty"] = torch.empty(0, 4)
+    return out
+
+
 def _llama_cpp_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The q/k row order llama.cpp's converter writes (transformers undoes it when reading a GGUF)."""
     return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(

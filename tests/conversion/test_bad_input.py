@@ -117,7 +117,7 @@ def test_failed_fidelity_leaves_nothing(tiny_sources, tmp_path, monkeypatch):
 
 
 def test_interrupt_mid_write_leaves_nothing(tiny_sources, tmp_path, monkeypatch):
-    from moeforge.io.safetensors_io import ShardedWriter
+    from moeforge.io.safetensors_writer import ShardedWriter
 
     calls = {"n": 0}
     original = ShardedWriter.add

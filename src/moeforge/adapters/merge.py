@@ -33,7 +33,7 @@ from moeforge.errors import MoeforgeError
 from moeforge.io.publish import staged_directory
 from moeforge.families import dense_family
 from moeforge.io.loading import save_config
-from moeforge.io.safetensors_io import ShardedWriter
+from moeforge.io.safetensors_writer import ShardedWriter
 
 
 def _mixture_layers(model: PeftModel) -> dict[int, tuple[str, MoeLoraLayer]]:

@@ -44,7 +44,8 @@ from moeforge.families import source_family
 from moeforge.modeling import MoeforgeSparseMoeBlock, moeforge_config
 from moeforge.io.publish import check_output, staged_directory
 from moeforge.io.loading import TORCH_DTYPES, copy_tokenizer_files, load_tokenizer, read_config, resolve_checkpoint, save_config
-from moeforge.io.safetensors_io import CheckpointReader, ShardedWriter
+from moeforge.io.safetensors_reader import CheckpointReader
+from moeforge.io.safetensors_writer import ShardedWriter
 
 
 

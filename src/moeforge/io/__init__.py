@@ -16,7 +16,8 @@ from moeforge.io.loading import (
     read_config,
     resolve_checkpoint,
 )
-from moeforge.io.safetensors_io import CheckpointReader, ShardedWriter
+from moeforge.io.safetensors_reader import CheckpointReader
+from moeforge.io.safetensors_writer import ShardedWriter
 
 __all__ = [
     "DENSE_MODEL_TYPES",

@@ -23,7 +23,7 @@ from moeforge.errors import MoeforgeError
 if TYPE_CHECKING:
     from torch import nn
 
-    from moeforge.io.safetensors_io import CheckpointReader
+    from moeforge.io.safetensors_reader import CheckpointReader
 
 ConfigExtension = Callable[["nn.Module", object, "CheckpointReader", Path], None]
 """``(model, the config entry, the checkpoint's reader, its directory)``: install and fill the extension."""

@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 from moeforge.errors import MoeforgeError
 from moeforge.families import LEGACY_MODEL_TYPES, MOEFORGE_MODEL_TYPE, NativeMoe, native_moe
 from moeforge.io.loading import read_config, resolve_checkpoint
-from moeforge.io.safetensors_io import CheckpointReader
+from moeforge.io.safetensors_reader import CheckpointReader
 
 # A routed expert's tensor: ``...layers.<i>.(...).experts.<...>`` (per-expert or fused layouts);
 # shared experts (``shared_expert(s)``) deliberately do not match: they run for every token.

@@ -2,7 +2,7 @@
 
 Everything funnels into a local Hugging Face directory first (:func:`resolve_checkpoint`), so the rest
 of moeforge only ever deals with ``config.json`` + safetensors. Weight files are validated with
-:class:`~moeforge.io.safetensors_io.CheckpointReader` before transformers sees them, so a bad
+:class:`~moeforge.io.safetensors_reader.CheckpointReader` before transformers sees them, so a bad
 download gives one actionable line instead of a deep traceback.
 """
 
@@ -27,7 +27,7 @@ from moeforge.families import DENSE_MODEL_TYPES, LEGACY_MODEL_TYPES, MOEFORGE_MO
 from moeforge.io.extensions import adapter_loader, config_extensions
 from moeforge.io.publish import staged_directory
 from moeforge.io.quantization import Bits, quantization_config
-from moeforge.io.safetensors_io import SAFE_INDEX, SAFE_SINGLE, CheckpointReader
+from moeforge.io.safetensors_reader import SAFE_INDEX, SAFE_SINGLE, CheckpointReader
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """dtype names recipes and flags use -> torch dtypes."""

@@ -35,7 +35,7 @@ from moeforge.config.moice import MoiceSpec, ResolvedMoice
 from moeforge.errors import MoeforgeError
 from moeforge.families import supports_moice
 from moeforge.io.extensions import register_config_extension
-from moeforge.io.safetensors_io import CheckpointReader
+from moeforge.io.safetensors_reader import CheckpointReader
 
 ROUTER_NAME = "moice_router"
 _POSITIONS_ATTR = "_moeforge_moice_positions"  # {layer_idx: [B, tokens seen]} on a transformers Cache

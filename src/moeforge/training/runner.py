@@ -34,7 +34,7 @@ from moeforge.io.loading import load_model, resolve_checkpoint
 from moeforge.io.publish import check_output, staged_directory, staging_path
 from moeforge.io.quantization import Bits
 from moeforge.modeling import is_moeforge_config
-from moeforge.io.safetensors_io import sha256_file
+from moeforge.io.safetensors_writer import sha256_file
 from moeforge.routing.hooks import attach_router_losses, find_routers
 from moeforge.config.router_losses import RouterLossConfig
 from moeforge.training.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
