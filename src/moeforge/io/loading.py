@@ -15,6 +15,7 @@ import re
 import shutil
 import struct
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
@@ -93,7 +94,7 @@ def gguf_to_safetensors(gguf_path: Path, target: Path) -> Path:
             ) from None
         # The weights are now plain fp32 tensors: drop the GGUF quantizer so this saves (and later
         # loads) as an ordinary safetensors checkpoint.
-        model.hf_quantizer = None
+        cast(Any, model).hf_quantizer = None  # set by transformers at load time, not a declared attribute
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
@@ -286,7 +287,7 @@ def portable_tokenizer_config(directory: Path) -> None:
         raw = json.loads(config.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return  # none, or unreadable: loading the tokenizer reports that
-    portable = _PORTABLE_TOKENIZER_CLASS.get(raw.get("tokenizer_class")) if isinstance(raw, dict) else None
+    portable = _PORTABLE_TOKENIZER_CLASS.get(str(raw.get("tokenizer_class"))) if isinstance(raw, dict) else None
     if portable:
         config.write_text(json.dumps({**raw, "tokenizer_class": portable}, indent=2, ensure_ascii=False) + "\n")
 
@@ -324,7 +325,7 @@ def from_pretrained(
     *,
     config: PretrainedConfig | None = None,
     dtype: torch.dtype = torch.float32,
-    model_class: type = AutoModelForCausalLM,
+    model_class: type[Any] = AutoModelForCausalLM,
     trust_remote_code: bool = False,
     quantization: Bits | None = None,
     experts_backend: str = DEFAULT_BACKEND,
@@ -379,9 +380,10 @@ def load_model(
     tokenizer_dir = None
     if adapter is None and is_adapter_dir(source):
         adapter, tokenizer_dir = Path(source), Path(source)
-        source = base_model_of(source)
-        if not source:
-            raise MoeforgeError(f"adapter {adapter} records no base model (base_model_name_or_path): pass the base model and --adapter {adapter}")
+        base = base_model_of(source)
+        if not base:
+            raise MoeforgeError(f"adapter {adapter} records no base model (base_model_name_or_path): pass the base model and the adapter separately")
+        source = base
     directory = resolve_checkpoint(source, gguf_file=gguf_file)
     config = read_config(directory, trust_remote_code=trust_remote_code)
     model = from_pretrained(
@@ -389,9 +391,9 @@ def load_model(
         experts_backend=experts_backend,
     )
     if quantization is None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' wrapper around .to hides its signature
     if adapter is not None:
-        model = adapter_loader()(model, Path(adapter))
+        model = cast(PreTrainedModel, adapter_loader()(model, Path(adapter)))  # a PeftModel forwards the model's interface
     model.eval()
     if tokenizer_dir is None or not has_tokenizer(tokenizer_dir):
         tokenizer_dir = directory

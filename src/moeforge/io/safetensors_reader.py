@@ -210,7 +210,7 @@ class CheckpointReader:
         flat = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
         with entry.path.open("rb") as f:
             f.seek(entry.begin)
-            got = f.readinto(memoryview(flat.numpy())) if flat.numel() else 0
+            got = f.readinto(flat.numpy().data) if flat.numel() else 0
         if got != flat.numel():
             raise _corrupted(entry.path, f"short read of {name!r}")
         return flat.view(entry.dtype).reshape(entry.shape)

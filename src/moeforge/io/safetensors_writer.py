@@ -137,15 +137,16 @@ class ShardedWriter:
             raise ValueError(f"tensor {name!r} was already added")
         self._raise_worker_error()
         tensor = tensor.detach().to("cpu").contiguous()
-        if self._shard is None or not self._shard.fits(name, tensor, self.max_shard_bytes):
-            self._next_shard()
-        self._shard.record(name, tensor)
+        shard = self._shard
+        if shard is None or not shard.fits(name, tensor, self.max_shard_bytes):
+            shard = self._next_shard()
+        shard.record(name, tensor)
         self._shard_of[name] = len(self._shards) - 1
         self._total_size += tensor.nbytes
         with self._room:
             self._room.wait_for(lambda: self._inflight == 0 or self._inflight + tensor.nbytes <= self.max_inflight_bytes)
             self._inflight += tensor.nbytes
-        self._pending.append(self._pool.submit(self._write, self._shard, tensor))
+        self._pending.append(self._pool.submit(self._write, shard, tensor))
 
     def _write(self, shard: _OpenShard, tensor: torch.Tensor) -> None:
         try:
@@ -159,12 +160,13 @@ class ShardedWriter:
         while self._pending and self._pending[0].done():  # futures finish in submission order
             self._pending.pop(0).result()
 
-    def _next_shard(self) -> None:
+    def _next_shard(self) -> _OpenShard:
         if self._shard is not None:
             self._finish(self._shard)
         path = self.directory / f".moeforge-shard-{len(self._shards) + 1:05d}.safetensors.tmp"
         self._shard = _OpenShard(path, self.header_reserve)
         self._shards.append(self._shard)
+        return self._shard
 
     def _finish(self, shard: _OpenShard) -> None:
         """Close the shard on the writer thread, then checksum it on its own thread (overlapping later writes)."""
@@ -174,9 +176,7 @@ class ShardedWriter:
 
     def close(self) -> list[Path]:
         """Finish the last shard, give shards their final names and write the index; return the shard paths."""
-        if self._shard is None:
-            self._next_shard()
-        self._finish(self._shard)
+        self._finish(self._shard or self._next_shard())
         self._shard = None
         for future in self._pending:
             future.result()
