@@ -22,10 +22,11 @@ from moeforge.errors import MoeforgeError
 
 if TYPE_CHECKING:
     from torch import nn
+    from transformers import PreTrainedModel
 
     from moeforge.io.safetensors_reader import CheckpointReader
 
-ConfigExtension = Callable[["nn.Module", object, "CheckpointReader", Path], None]
+ConfigExtension = Callable[["PreTrainedModel", object, "CheckpointReader", Path], None]
 """``(model, the config entry, the checkpoint's reader, its directory)``: install and fill the extension."""
 AdapterLoader = Callable[["nn.Module", Path], "nn.Module"]
 """``(base model, adapter directory)`` -> the model with the adapter on it."""

@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from moeforge.errors import MoeforgeError
-from moeforge.families import LEGACY_MODEL_TYPES, MOEFORGE_MODEL_TYPE, dense_family
+from moeforge.families import LEGACY_MODEL_TYPES, MOEFORGE_MODEL_TYPE, dense_family, known_dense_family
 
 GateType = Literal["linear", "mlp", "gmm"]
 Scoring = Literal["softmax_then_topk", "topk_then_softmax"]
@@ -51,6 +51,10 @@ class MoeforgeConfigMixin:
     mutual-information loss. ``router_aux_free`` records that the routers carry DeepSeek-V3's selection bias
     (``expert_bias``, saved with the weights), so loading creates it before the weights are read."""
 
+    base_model_type: str
+    moe_layers: list[dict[str, Any] | None]
+    num_hidden_layers: int
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.moe_layers is None:
@@ -65,7 +69,7 @@ class MoeforgeConfigMixin:
     @property
     def ffn_activation(self) -> str:
         """The activation of the family's FFN (and so of every expert): ``hidden_act`` or the family's name for it."""
-        return dense_family(self.base_model_type).activation(self)
+        return known_dense_family(self.base_model_type).activation(self)
 
 
 _FIELDS: dict[str, tuple[Any, Any]] = {
@@ -107,10 +111,10 @@ class MoeforgeConfig(PretrainedConfig):
     a config dict returns an instance of :func:`config_class` for the dict's ``base_model_type``."""
 
     model_type = MOEFORGE_MODEL_TYPE
-    default_base = None
+    default_base: str | None = None
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PretrainedConfig:  # type: ignore[override]  # returns the family's class, as AutoConfig does
         base = config_dict.get("base_model_type", cls.default_base)
         if not isinstance(base, str) or dense_family(base) is None:
             raise ValueError(f"moeforge config: base_model_type {base!r} is not a model family moeforge knows")

@@ -22,11 +22,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -102,7 +104,16 @@ class MoiceAttention(nn.Module):
     """Takes over one attention module's projections (same parameter names, so checkpoints keep their
     keys) and adds ``moice_router``. Works for Llama, Mistral, Qwen2 and Qwen3 attention (q/k norms)."""
 
-    def __init__(self, attention: nn.Module, settings: ResolvedMoice, inv_freqs: torch.Tensor, rope_scaling: float):
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
+    q_norm: nn.Module  # only where the family has q/k norms (Qwen3)
+    k_norm: nn.Module
+    inv_freqs: torch.Tensor
+    moice_router: MoiceRouter
+
+    def __init__(self, attention: Any, settings: ResolvedMoice, inv_freqs: torch.Tensor, rope_scaling: float):
         super().__init__()
         self.config = attention.config
         self.layer_idx = attention.layer_idx
@@ -196,7 +207,7 @@ class MoiceAttention(nn.Module):
         return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
 
 
-def _decoder(model: nn.Module) -> nn.Module:
+def _decoder(model: nn.Module) -> Any:
     """The module holding ``layers`` and ``rotary_emb`` (``model.model`` of a causal LM)."""
     for module in model.modules():
         if isinstance(getattr(module, "layers", None), nn.ModuleList) and hasattr(module, "rotary_emb"):
@@ -212,7 +223,7 @@ def _native_theta(config) -> float:
     return float(theta)
 
 
-def _inv_freqs(decoder: nn.Module, bases: list[float]) -> tuple[torch.Tensor, float]:
+def _inv_freqs(decoder: Any, bases: list[float]) -> tuple[torch.Tensor, float]:
     """One inverse-frequency row per base, computed as the model's own rotary embedding would with that θ
     (so Llama-3-style scaled RoPE stays scaled); row 0 is the model's own buffer."""
     rotary = decoder.rotary_emb
@@ -228,7 +239,7 @@ def _inv_freqs(decoder: nn.Module, bases: list[float]) -> tuple[torch.Tensor, fl
     return torch.stack(rows).to(rotary.inv_freq.device), float(rotary.attention_scaling)
 
 
-def install_moice(model: nn.Module, settings: ResolvedMoice) -> list[str]:
+def install_moice(model: PreTrainedModel, settings: ResolvedMoice) -> list[str]:
     """Replace the attention of ``settings.layers`` by :class:`MoiceAttention` (router weights left
     uninitialised) and record the settings in ``model.config.moice``. Returns the router parameter names."""
     decoder = _decoder(model)
@@ -243,7 +254,7 @@ def install_moice(model: nn.Module, settings: ResolvedMoice) -> list[str]:
     return names
 
 
-def apply_moice(model: nn.Module, spec: MoiceSpec, *, seed: int | None = None) -> list[str]:
+def apply_moice(model: PreTrainedModel, spec: MoiceSpec, *, seed: int | None = None) -> list[str]:
     """Give a loaded model MoICE attention with freshly initialised routers (N(0, std), the official init:
     an untrained MoICE is a near-uniform mixture of bases, not the original model). Returns the new
     parameter names, for the load report."""
@@ -276,7 +287,7 @@ def describe(settings: ResolvedMoice) -> str:
 
 
 
-def restore_moice(model: nn.Module, entry: object, reader: CheckpointReader, directory: Path) -> None:
+def restore_moice(model: PreTrainedModel, entry: object, reader: CheckpointReader, directory: Path) -> None:
     """Give a loaded model whose ``config.json`` has ``moice`` its MoICE attention and router weights back
     (the plain architecture has no routers and would drop them). Registered with the I/O layer's loader."""
     try:
