@@ -75,7 +75,8 @@ def adapter_config(model: nn.Module, spec: AdapterSpec) -> PeftConfig:
     ffn, linear, experts = _targets(model, spec)
     if spec.method == "lora":
         return LoraConfig(
-            r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type="CAUSAL_LM",
+            # PEFT annotates lora_alpha as int but only divides by it (scaling = alpha / r): a float alpha works
+            r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type="CAUSAL_LM",  # type: ignore[arg-type]
             target_modules=linear or None,
             target_parameters=[f"{name}.{p}" for name in experts for p in ("gate_up_proj", "down_proj")] or None,
         )

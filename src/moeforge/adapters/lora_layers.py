@@ -14,11 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.func import functional_call
 
-from moeforge.adapters.moe_lora import LoraExperts
+from moeforge.adapters.moe_lora import AdapterLayer, LoraExperts
 
 
 def fused_expert_parameters(module: nn.Module) -> list[str]:
@@ -26,7 +25,7 @@ def fused_expert_parameters(module: nn.Module) -> list[str]:
     return [name for name, p in module.named_parameters(recurse=False) if p.ndim == 3 and name in ("gate_up_proj", "down_proj")]
 
 
-class _SingleAdapter(nn.Module, BaseTunerLayer):
+class _SingleAdapter(AdapterLayer):
     """Bookkeeping shared by the plain-LoRA layers: per-adapter scaling, in-place merge / unmerge."""
 
     other_param_names = ("moe_lora_scaling",)
@@ -72,6 +71,7 @@ class LoraLinear(_SingleAdapter):
     """``W x + s·B A dropout(x)`` on an ``nn.Linear`` (A Kaiming-uniform, B zero, like PEFT's LoRA)."""
 
     adapter_layer_names = ("moe_lora_A", "moe_lora_B")
+    base_layer: nn.Linear
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, *, rank: int, alpha: float, dropout: float) -> None:
         super().__init__(base_layer, adapter_name)
@@ -143,7 +143,7 @@ class FusedExpertsLora(_SingleAdapter):
         adapters = self._live_adapters()
         if not adapters:
             return self.base_layer(*args, **kwargs)
-        weights = {name: self.base_layer.get_parameter(name) for name in fused_expert_parameters(self.base_layer)}
+        weights: dict[str, torch.Tensor] = {name: self.base_layer.get_parameter(name) for name in fused_expert_parameters(self.base_layer)}
         for adapter in adapters:
             for name, lora in self._loras(adapter).items():
                 delta = torch.einsum("eor,eri->eoi", lora.lora_B, lora.lora_A) * self.moe_lora_scaling[adapter]

@@ -31,15 +31,28 @@ from moeforge.conversion.layerwise import LAYERS_PREFIX
 from moeforge.conversion.plan import build_plan
 from moeforge.errors import MoeforgeError
 from moeforge.io.publish import staged_directory
-from moeforge.families import dense_family
+from moeforge.families import DenseFamily, dense_family
 from moeforge.io.loading import save_config
 from moeforge.io.safetensors_writer import ShardedWriter
 
 
+def _base_model(model: PeftModel) -> PreTrainedModel:
+    """The transformers model under ``model``'s adapter layers."""
+    base = model.get_base_model()
+    if not isinstance(base, PreTrainedModel):
+        raise MoeforgeError(f"merge: the adapter sits on a {type(base).__name__}, not a transformers model")
+    return base
+
+
 def _mixture_layers(model: PeftModel) -> dict[int, tuple[str, MoeLoraLayer]]:
-    return {
-        layer_index(name): (name, module) for name, module in model.base_model.model.named_modules() if isinstance(module, MoeLoraLayer)
-    }
+    layers: dict[int, tuple[str, MoeLoraLayer]] = {}
+    for name, module in _base_model(model).named_modules():
+        if isinstance(module, MoeLoraLayer):
+            index = layer_index(name)
+            if index is None:
+                raise MoeforgeError(f"merge: the MoE adapter on {name} is outside the decoder layers (model.layers.N); it cannot become an MoE layer")
+            layers[index] = (name, module)
+    return layers
 
 
 def merge_adapter(model: PeftModel, directory: Path | None = None) -> PreTrainedModel:
@@ -57,8 +70,9 @@ def merge_adapter(model: PeftModel, directory: Path | None = None) -> PreTrained
             merged.save_pretrained(directory)
             save_config(merged.config, directory)  # what transformers 4.5x reads too, as every export
         return merged
-    base_config = model.base_model.model.config
-    if dense_family(base_config.model_type) is None:
+    base_config = _base_model(model).config
+    family = dense_family(base_config.model_type)
+    if family is None:
         raise MoeforgeError(
             f"merge: MoE-LoRA on the dense layers of a {base_config.model_type} model cannot be exported yet; "
             "serve it with the adapter (PeftModel / moeforge chat --adapter)"
@@ -67,19 +81,20 @@ def merge_adapter(model: PeftModel, directory: Path | None = None) -> PreTrained
     top_k = {module.moe_lora_settings[adapter]["top_k"] for _, module in mixtures.values()}
     base = model.unload()
     if directory is not None:
-        return _write_moe(base, experts, top_k.pop(), directory)
+        return _write_moe(base, family, experts, top_k.pop(), directory)
     with tempfile.TemporaryDirectory(prefix="moeforge-merge-") as tmp:
-        return _write_moe(base, experts, top_k.pop(), Path(tmp))
+        return _write_moe(base, family, experts, top_k.pop(), Path(tmp))
 
 
-def _write_moe(base: PreTrainedModel, experts: dict[int, dict[str, torch.Tensor]], top_k: int, directory: Path) -> PreTrainedModel:
+def _write_moe(
+    base: PreTrainedModel, family: DenseFamily, experts: dict[int, dict[str, torch.Tensor]], top_k: int, directory: Path
+) -> PreTrainedModel:
     """Write the MoE checkpoint whose adapted layers hold ``experts`` (canonical tensors) and whose other
-    tensors are ``base``'s, then load it (weights in memory)."""
+    tensors are ``base``'s (a ``family`` model), then load it (weights in memory)."""
     source = base.config
-    family = dense_family(source.model_type)
     layers = sorted(experts)
     recipe = ConvertRecipe(
-        source=str(getattr(source, "_name_or_path", "") or "base"), output="unused",
+        source=str(getattr(source, "_name_or_path", "") or "base"), output=Path("unused"),
         moe=MoESpec(num_experts=[experts[i]["gate.weight"].shape[0] for i in layers], top_k=top_k, scale=1.0,
                     placement=Placement(layers=layers)),
     )
@@ -141,7 +156,9 @@ def _merge_into(tmp: Path, adapter_dir: Path, base: str | None, dtype: torch.dty
     from moeforge.io.loading import load_model
 
     model, tokenizer = load_model(base, adapter=adapter_dir, dtype=dtype) if base else load_model(adapter_dir, dtype=dtype)
-    config = model.base_model.model.config
+    if not isinstance(model, PeftModel):  # load_model puts the adapter on the base it loads
+        raise MoeforgeError(f"merge: {adapter_dir} did not load as an adapter model")
+    config = _base_model(model).config
     ids, _ = calibration_ids(Calibration(num_sequences=2, sequence_length=64), tokenizer, config.vocab_size, torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(ids).logits.float()

@@ -20,6 +20,8 @@ explicit loop over experts).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Protocol, TypedDict, cast
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -29,6 +31,24 @@ from moeforge.errors import MoeforgeError
 from moeforge.experts import SlotPlan, combine, dispatch, grouped_linear, plan_slots
 
 LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+class SwiGLUMLP(Protocol):
+    """The MLP a :class:`MoeLoraLayer` wraps (what :func:`~moeforge.adapters.peft_method.is_swiglu_mlp` checks)."""
+
+    gate_proj: nn.Linear
+    up_proj: nn.Linear
+    down_proj: nn.Linear
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+class MoeLoraSettings(TypedDict):
+    """Per-adapter settings of a :class:`MoeLoraLayer` (``moe_lora_settings[adapter]``)."""
+
+    method: str
+    """``moe_lora`` or ``moe_bottleneck``."""
+    scaling: float
+    """``alpha / rank``."""
+    top_k: int
 
 
 class LoraExperts(nn.Module):
@@ -101,7 +121,12 @@ class AdapterRouter(nn.Module):
         return logits, top / top.sum(-1, keepdim=True), indices
 
 
-class MoeLoraLayer(nn.Module, BaseTunerLayer):
+class AdapterLayer(nn.Module, BaseTunerLayer):
+    """Base of moeforge's tuner layers (this mixture and the plain-LoRA parts in
+    :mod:`moeforge.adapters.lora_layers`): the one class PEFT's ``tuner_layer_cls`` names."""
+
+
+class MoeLoraLayer(AdapterLayer):
     """Wraps a SwiGLU MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``) as ``base_layer`` and adds,
     per adapter name, a router, the experts and optionally a shared delta. One adapter is active at a time.
 
@@ -122,7 +147,7 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ModuleDict())
         self.moe_lora_dropout = nn.ModuleDict()
-        self.moe_lora_settings: dict[str, dict] = {}
+        self.moe_lora_settings: dict[str, MoeLoraSettings] = {}
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, **settings)
@@ -142,7 +167,7 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         router_init_std: float,
         inference_mode: bool = False,
     ) -> None:
-        base = self.base_layer
+        base = self.mlp
         hidden = base.gate_proj.in_features
         weight = base.gate_proj.weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32  # a quantised base computes in float
@@ -158,17 +183,39 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
                 if shared_expert:
                     parts[f"shared_{name}"] = LoraExperts(1, projection.in_features, projection.out_features, rank)
         for part, module in parts.items():
-            getattr(self, f"moe_lora_{part}")[adapter_name] = module.to(device=weight.device, dtype=dtype)
+            self._parts(part)[adapter_name] = module.to(device=weight.device, dtype=dtype)
         self.moe_lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # off in eval()
         self.moe_lora_settings[adapter_name] = {"method": method, "scaling": alpha / rank, "top_k": top_k}
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _part(self, part: str, adapter: str) -> nn.Module | None:
-        parts = getattr(self, f"moe_lora_{part}")
-        return parts[adapter] if adapter in parts else None
+    @property
+    def mlp(self) -> SwiGLUMLP:
+        """``base_layer``, typed as the SwiGLU MLP it was checked to be before wrapping (torch types every
+        module attribute as ``Tensor | Module``)."""
+        return cast(SwiGLUMLP, self.base_layer)
+
+    def _parts(self, part: str) -> nn.ModuleDict:
+        """``moe_lora_<part>``: adapter name -> module (one of :attr:`adapter_layer_names`)."""
+        parts: nn.ModuleDict = getattr(self, f"moe_lora_{part}")
+        return parts
+
+    def router(self, adapter: str) -> AdapterRouter:
+        """The router of ``adapter``."""
+        router = self._parts("router")[adapter]
+        assert isinstance(router, AdapterRouter), f"moe_lora_router.{adapter} is a {type(router).__name__}"
+        return router
+
+    def part(self, part: str, adapter: str) -> LoraExperts | BottleneckExperts | None:
+        """The experts of ``part`` (a LoRA target, ``ffn``, or ``shared_`` + either) of ``adapter``; None: not adapted."""
+        parts = self._parts(part)
+        if adapter not in parts:
+            return None
+        experts = parts[adapter]
+        assert isinstance(experts, (LoraExperts, BottleneckExperts)), f"moe_lora_{part}.{adapter} is a {type(experts).__name__}"
+        return experts
 
     def _adapter(self) -> str | None:
-        active = [name for name in self.active_adapters if name in self.moe_lora_router]
+        active = [name for name in self.active_adapters if name in self._parts("router")]
         if self.disable_adapters or not active:
             return None
         if len(active) > 1:
@@ -181,9 +228,10 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(hidden_states, *args, **kwargs)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        _, weights, indices = self.moe_lora_router[adapter](x)
+        router = self.router(adapter)
+        _, weights, indices = router(x)
         settings = self.moe_lora_settings[adapter]
-        plan = plan_slots(indices, self.moe_lora_router[adapter].num_experts)
+        plan = plan_slots(indices, router.num_experts)
         routed = _Routed(plan, weights.reshape(-1)[plan.order].to(x.dtype)[:, None], self._grouped_mm())
         if settings["method"] == "moe_bottleneck":
             out = self._bottleneck(adapter, x, routed, settings["scaling"])
@@ -200,15 +248,15 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
     def _deltas(self, adapter: str, target: str, rows: torch.Tensor, routed: _Routed, scaling: float) -> torch.Tensor | None:
         """``s·B_e A_e x`` for expert-sorted (already dropped-out) rows, each row through its expert
         (None: no LoRA on ``target``)."""
-        experts = self._part(target, adapter)
+        experts = self.part(target, adapter)
         return None if experts is None else experts.grouped_delta(rows, routed.plan, scaling, routed.grouped_mm)
 
     def _shared(self, adapter: str, target: str, x: torch.Tensor, scaling: float) -> torch.Tensor | None:
-        shared = self._part(f"shared_{target}", adapter)
+        shared = self.part(f"shared_{target}", adapter)
         return None if shared is None else shared.delta(x, 0, scaling)
 
     def _moe_lora(self, adapter: str, x: torch.Tensor, routed: _Routed, scaling: float) -> torch.Tensor:
-        base, plan, dropout = self.base_layer, routed.plan, self.moe_lora_dropout[adapter]
+        base, plan, dropout = self.mlp, routed.plan, self.moe_lora_dropout[adapter]
         gate, up = base.gate_proj(x), base.up_proj(x)  # the frozen matmuls, once for every expert
         dropped = dropout(x)  # once per token, shared by the gate and up deltas (not once per pair and target)
         if (shared := self._shared(adapter, "gate_proj", dropped, scaling)) is not None:
@@ -225,8 +273,8 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
 
         mixed = combine(hidden * routed.weights, plan)  # Σ_e w_e h_e per token
         out = base.down_proj(mixed)  # W_d Σ_e w_e h_e = Σ_e w_e W_d h_e
-        if self._part("shared_down_proj", adapter) is not None:  # linear too: Σ_e w_e ΔW h_e = ΔW Σ_e w_e h_e
-            out = out + self._shared(adapter, "down_proj", dropout(mixed), scaling)
+        if (shared_down := self.part("shared_down_proj", adapter)) is not None:  # linear too: Σ_e w_e ΔW h_e = ΔW Σ_e w_e h_e
+            out = out + shared_down.delta(dropout(mixed), 0, scaling)
         if (delta := self._deltas(adapter, "down_proj", dropout(hidden), routed, scaling)) is not None:
             out = out + combine(delta * routed.weights, plan)
         return out
@@ -237,6 +285,7 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         if (shared := self._shared(adapter, "ffn", dropped, scaling)) is not None:
             out = out + shared
         delta = self._deltas(adapter, "ffn", dispatch(dropped, routed.plan), routed, scaling)
+        assert delta is not None, "a moe_bottleneck adapter always has its experts (moe_lora_ffn)"
         return out + combine(delta * routed.weights, routed.plan)
 
     def merged_expert(self, expert: int, adapter: str = "default") -> dict[str, torch.Tensor]:
@@ -245,13 +294,13 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         settings = self.moe_lora_settings[adapter]
         if settings["method"] != "moe_lora":
             raise MoeforgeError(f"a {settings['method']} adapter is not a set of FFNs and cannot be merged into experts; use method moe_lora")
-        merged = {}
+        merged: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name in LORA_TARGETS:
                 weight = getattr(self.base_layer, name).weight
                 total = weight.float().clone()
                 for part, index in ((name, expert), (f"shared_{name}", 0)):
-                    if (lora := self._part(part, adapter)) is not None:
+                    if isinstance(lora := self.part(part, adapter), LoraExperts):  # every part of a moe_lora adapter is one
                         total += settings["scaling"] * lora.delta_weight(index)
                 merged[name] = total.to(weight.dtype)
         return merged
@@ -259,10 +308,10 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
     def merged_expert_tensors(self, adapter: str = "default") -> dict[str, torch.Tensor]:
         """This layer as an MoE block in moeforge's canonical layout (relative to ``mlp.``): ``gate.weight
         [E, d]`` (the router), ``experts.gate_up_proj [E, 2f, d]``, ``experts.down_proj [E, d, f]``."""
-        router = self.moe_lora_router[adapter]
+        router = self.router(adapter)
         merged = [self.merged_expert(e, adapter) for e in range(router.num_experts)]
         return {
-            "gate.weight": router.weight.detach().to(self.base_layer.gate_proj.weight.dtype).clone(),
+            "gate.weight": router.weight.detach().to(self.mlp.gate_proj.weight.dtype).clone(),
             "experts.gate_up_proj": torch.stack([torch.cat([m["gate_proj"], m["up_proj"]]) for m in merged]),
             "experts.down_proj": torch.stack([m["down_proj"] for m in merged]),
         }

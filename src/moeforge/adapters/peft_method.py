@@ -23,7 +23,7 @@ from peft.utils.peft_types import PeftType, register_peft_method
 from torch import nn
 
 from moeforge.adapters.lora_layers import FusedExpertsLora, LoraLinear, fused_expert_parameters
-from moeforge.adapters.moe_lora import LORA_TARGETS, MoeLoraLayer
+from moeforge.adapters.moe_lora import LORA_TARGETS, AdapterLayer, MoeLoraLayer
 
 PEFT_NAME = "moe_lora"
 PREFIX = "moe_lora_"
@@ -50,10 +50,22 @@ class MoeLoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = PeftType.MOE_LORA
+        self.peft_type = _peft_type()
 
     def experts_in_layer(self, layer: int | None) -> int:
         return int(self.layer_experts.get(str(layer), self.num_experts))
+
+
+def _peft_type() -> PeftType:
+    """The ``MOE_LORA`` member :func:`register` adds to ``PeftType`` at runtime (type checkers know no such attribute)."""
+    return PeftType[PEFT_NAME.upper()]
+
+
+def _own_config(config: PeftConfig) -> MoeLoraConfig:
+    """PEFT hands :class:`MoeLoraModel` the configs of its own ``peft_type`` only."""
+    if not isinstance(config, MoeLoraConfig):
+        raise TypeError(f"MoeLoraModel builds MOE_LORA adapters from a MoeLoraConfig, not a {type(config).__name__}")
+    return config
 
 
 def is_swiglu_mlp(module: nn.Module) -> bool:
@@ -69,17 +81,19 @@ class MoeLoraModel(BaseTuner):
     """The tuner PEFT builds for a ``MOE_LORA`` adapter: wraps each module named in ``target_modules``."""
 
     prefix: str = PREFIX
-    tuner_layer_cls = (MoeLoraLayer, LoraLinear, FusedExpertsLora)
+    tuner_layer_cls = AdapterLayer
     target_module_mapping: dict = {}
 
-    def _prepare_adapter_config(self, peft_config: MoeLoraConfig, model_config: dict) -> MoeLoraConfig:
-        if not peft_config.target_modules:
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> MoeLoraConfig:
+        config = _own_config(peft_config)
+        if not config.target_modules:
             raise ValueError("MoeLoraConfig.target_modules is empty: build it with moeforge.adapters.build.adapter_config(model, spec)")
-        return peft_config
+        return config
 
-    def _create_and_replace(self, peft_config: MoeLoraConfig, adapter_name: str, target: nn.Module, target_name: str,
-                            parent: nn.Module, current_key: str) -> None:
-        kwargs = self._layer_kwargs(peft_config, target, current_key)
+    def _create_and_replace(self, peft_config: PeftConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, parameter_name: str | None = None) -> None:
+        """(``parameter_name`` is PEFT's ``target_parameters``, which ``MOE_LORA`` does not use.)"""
+        kwargs = self._layer_kwargs(_own_config(peft_config), target, current_key)
         if isinstance(target, (MoeLoraLayer, LoraLinear, FusedExpertsLora)):
             target.update_layer(adapter_name, **kwargs)
             return
@@ -137,5 +151,5 @@ def register() -> None:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
     _add_peft_type(PEFT_NAME.upper())
-    if PeftType.MOE_LORA not in PEFT_TYPE_TO_TUNER_MAPPING:
+    if _peft_type() not in PEFT_TYPE_TO_TUNER_MAPPING:
         register_peft_method(name=PEFT_NAME, config_cls=MoeLoraConfig, model_cls=MoeLoraModel, prefix=PREFIX)

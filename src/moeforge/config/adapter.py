@@ -11,11 +11,11 @@ from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-EXPERTS_TARGET = "experts"
-"""The routed experts of an MoE base: LoRA on each expert's fused weights (``gate_up_proj``, ``down_proj``)."""
 AdapterTarget = Literal["gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj", "experts"]
+FFN_TARGETS: tuple[AdapterTarget, ...] = ("gate_proj", "up_proj", "down_proj")
+ATTENTION_TARGETS: tuple[AdapterTarget, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERTS_TARGET: AdapterTarget = "experts"
+"""The routed experts of an MoE base: LoRA on each expert's fused weights (``gate_up_proj``, ``down_proj``)."""
 
 
 class AdapterSpec(BaseModel):

@@ -28,14 +28,14 @@ class MoiceSpec(BaseModel):
     """RoPE bases, the model's native θ first (default: θ · [1, 1.75, 1.8, 1.9, 2.0, 2.25, 2.5])."""
     topk: int | None = Field(None, ge=1)
     """Bases mixed per token and head (default: all of them, as in the released recipe)."""
-    router_aux_loss_coef: float = Field(0.3, ge=0)
+    router_aux_loss_coef: float = Field(default=0.3, ge=0)
     router_scope: Literal["layer_shared", "per_head"] = "layer_shared"
     """One router per layer shared by its heads (official), or one per head."""
     router_input: Literal["query_base0", "query_mean"] = "query_base0"
     """The router reads the query rotated with the native base (official), or its mean over all bases."""
     layers: list[int] | str | None = None
     """Decoder layers that get MoICE attention: all by default, or a list / ranges like "0-3,8"."""
-    router_init_std: float = Field(0.02, gt=0)
+    router_init_std: float = Field(default=0.02, gt=0)
 
     def resolve(self, native_theta: float, num_layers: int) -> ResolvedMoice:
         bases = list(self.base_set) if self.base_set is not None else [native_theta * r for r in DEFAULT_BASE_RATIOS]

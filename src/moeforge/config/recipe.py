@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, overload
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeforge.errors import MoeforgeError
-from moeforge.families import MOEFORGE_MODEL_TYPE, NATIVE_MODEL_TYPES
 
 ExpertCount = int | list[int] | dict[str, int]
-ExportTarget = Literal[("auto", *NATIVE_MODEL_TYPES, MOEFORGE_MODEL_TYPE)]
-"""``auto``, a native transformers MoE architecture (:mod:`moeforge.families.natives`) or moeforge's own."""
+ExportTarget = Literal[
+    "auto",
+    "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text", "granitemoe", "granitemoeshared", "flex_olmo", "ernie4_5_moe",
+    "moeforge",
+]
+"""``auto``, a native transformers MoE architecture (:mod:`moeforge.families.natives`) or moeforge's own.
+
+Spelled out so type checkers see the choices; tests/config/test_export_target.py keeps it equal to
+``("auto", *NATIVE_MODEL_TYPES, MOEFORGE_MODEL_TYPE)``."""
 
 
 class _Strict(BaseModel):
@@ -189,7 +195,11 @@ def _describe(error: ValidationError) -> str:
 Recipe = TypeVar("Recipe", bound=BaseModel)
 
 
-def parse_recipe(data: dict[str, Any], *, origin: str = "recipe", model: type[Recipe] = ConvertRecipe) -> Recipe:
+@overload
+def parse_recipe(data: dict[str, Any], *, origin: str = "recipe") -> ConvertRecipe: ...
+@overload
+def parse_recipe(data: dict[str, Any], *, origin: str = "recipe", model: type[Recipe]) -> Recipe: ...
+def parse_recipe(data: dict[str, Any], *, origin: str = "recipe", model: type[BaseModel] = ConvertRecipe) -> BaseModel:
     """Validate a mapping into ``model`` (a convert recipe by default); the first problem becomes a MoeforgeError."""
     try:
         return model.model_validate(data)
@@ -197,9 +207,13 @@ def parse_recipe(data: dict[str, Any], *, origin: str = "recipe", model: type[Re
         raise MoeforgeError(f"{origin}: {_describe(error)}") from None
 
 
+@overload
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> ConvertRecipe: ...
+@overload
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, *, model: type[Recipe]) -> Recipe: ...
 def load_recipe(
-    path: str | Path, overrides: dict[str, Any] | None = None, *, model: type[Recipe] = ConvertRecipe
-) -> Recipe:
+    path: str | Path, overrides: dict[str, Any] | None = None, *, model: type[BaseModel] = ConvertRecipe
+) -> BaseModel:
     """Read a YAML recipe; ``overrides`` (dotted keys, e.g. from CLI flags) replace values in it."""
     path = Path(path)
     if not path.is_file():

@@ -16,8 +16,10 @@ class RouterLossConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    balance_coef: float = Field(0.01, ge=0)
-    z_coef: float = Field(0.0, ge=0)
-    mi_coef: float = Field(0.0, ge=0)
+    # ``default=`` as a keyword: type checkers only see a positional Field default as "required", which
+    # would make ``Field(default_factory=RouterLossConfig)`` look like a call missing its arguments.
+    balance_coef: float = Field(default=0.01, ge=0)
+    z_coef: float = Field(default=0.0, ge=0)
+    mi_coef: float = Field(default=0.0, ge=0)
     aux_free: bool = False
-    aux_free_rate: float = Field(1e-3, gt=0)
+    aux_free_rate: float = Field(default=1e-3, gt=0)

@@ -10,7 +10,7 @@ from moeforge.data.builtin import BUILTIN_STAGE, builtin_records
 from moeforge.data.formats import Stage
 from moeforge.data.mixing import hold_out_each, mix, mix_counts
 from moeforge.data.source import KEPT_MESSAGES, LoadedSource, load_source
-from moeforge.config.data import DataSource, DataSpec
+from moeforge.config.data import Builtin, DataSource, DataSpec
 from moeforge.errors import MoeforgeError
 
 if TYPE_CHECKING:
@@ -35,8 +35,7 @@ def _load_all(sources: list[DataSource], spec: DataSpec, stage: Stage, key: str)
     return loaded
 
 
-def _builtin(spec: DataSpec, stage: Stage) -> LoadedSource:
-    name = spec.builtin
+def _builtin(name: Builtin, stage: Stage) -> LoadedSource:
     if BUILTIN_STAGE[name] != stage:
         wanted = next(n for n, s in BUILTIN_STAGE.items() if s == stage)
         raise MoeforgeError(
@@ -60,7 +59,7 @@ def build_datasets(spec: DataSpec, stage: Stage) -> BuiltData:
 
     rng = random.Random(spec.mix_seed)
     if spec.builtin is not None:
-        train_sources, weights = [_builtin(spec, stage)], [1.0]
+        train_sources, weights = [_builtin(spec.builtin, stage)], [1.0]
     else:
         train_sources, weights = _load_all(spec.train, spec, stage, "train"), [s.weight for s in spec.train]
     parts = [item.records for item in train_sources]

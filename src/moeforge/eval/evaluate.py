@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
@@ -27,6 +27,9 @@ from moeforge.eval.probes import ProbeResult, ProbeSpec, run_probe
 from moeforge.eval.report import has_routers
 from moeforge.io.loading import TORCH_DTYPES, load_model
 from moeforge.io.publish import write_json
+
+if TYPE_CHECKING:
+    from moeforge.data.formats import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,17 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class _Settings(TypedDict):
+    """How :func:`_measure` loads and runs each model (the same for the compared one)."""
+
+    dtype: str
+    device: str
+    experts_backend: str
+    max_length: int
+    batch_size: int
+    max_batches: int | None
+
+
 def _measure(
     source: str, inputs: EvalInputs, probe: ProbeSpec | None, *, dtype: str, device: str, experts_backend: str,
     max_length: int, batch_size: int, max_batches: int | None,
@@ -120,7 +134,7 @@ def evaluate(
     *,
     text: Sequence[str | Path] = (),
     data: str | Path | None = None,
-    stage: str = "pt",
+    stage: Stage = "pt",
     columns: dict[str, str] | None = None,
     compare: str | Path | None = None,
     output: str | Path | None = None,
@@ -149,7 +163,7 @@ def evaluate(
         probe.prompts()  # a malformed probe fails before any model is loaded
     out = Path(output) if output is not None else default_output(source)
     inputs = load_inputs([Path(p) for p in text], str(data) if data is not None else None, stage, columns)
-    settings = {
+    settings: _Settings = {
         "dtype": dtype, "device": device or _device(), "experts_backend": experts_backend,
         "max_length": max_length, "batch_size": batch_size, "max_batches": max_batches,
     }

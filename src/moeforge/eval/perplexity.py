@@ -51,11 +51,7 @@ def _batches(stream: TokenStream, max_length: int, batch_size: int) -> Iterator[
             yield torch.stack([ids for ids, _ in chunk]), torch.stack([scored for _, scored in chunk])
 
 
-def _check(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, max_length: int, batch_size: int, max_batches: int | None
-) -> None:
-    if tokenizer is None:
-        raise MoeforgeError("perplexity needs the model's tokenizer; use a checkpoint that ships its tokenizer files")
+def _check(model: PreTrainedModel, max_length: int, batch_size: int, max_batches: int | None) -> None:
     if max_length < 2:
         raise MoeforgeError(f"max_length {max_length} must be at least 2 (one token of context, one to predict)")
     if batch_size < 1:
@@ -85,7 +81,9 @@ def perplexity(
     call it mid-run) and collects routing statistics with :func:`moeforge.routing.observe_routers`."""
     if (texts is None) == (dataset is None):
         raise MoeforgeError("perplexity: pass either texts or dataset (exactly one)")
-    _check(model, tokenizer, max_length, batch_size, max_batches)
+    if tokenizer is None:
+        raise MoeforgeError("perplexity needs the model's tokenizer; use a checkpoint that ships its tokenizer files")
+    _check(model, max_length, batch_size, max_batches)
     stream = text_stream(texts, tokenizer) if texts is not None else dataset_stream(dataset, tokenizer)
     batches = list(islice(_batches(stream, max_length, batch_size), max_batches))
     if log is not None:

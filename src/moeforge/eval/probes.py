@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from moeforge.errors import MoeforgeError
+from moeforge.eval.token_stream import chat_text
 
 DEFAULT_POSITIONS = 5
 BOOTSTRAP_RESAMPLES = 1000
@@ -86,7 +87,7 @@ class ProbeItem:
         if not getattr(tokenizer, "chat_template", None):
             raise MoeforgeError("the tokenizer has no chat template; score the plain prompt (chat_template off)")
         turn = [{"role": "user", "content": self.user}]
-        return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True) + self.answer_prefix
+        return chat_text(tokenizer, turn, add_generation_prompt=True) + self.answer_prefix
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class _BadRow(Exception):
     """What is wrong with one JSONL row; :func:`_read_mdqa` adds the file and line."""
 
 
-def _str_list(value: Any) -> bool:
+def _str_list(value: Any) -> TypeGuard[list[str]]:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 

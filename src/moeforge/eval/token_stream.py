@@ -51,6 +51,13 @@ def text_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> Tok
     return TokenStream.from_pieces(pieces())
 
 
+def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, add_generation_prompt: bool = False) -> str:
+    """``messages`` rendered by the tokenizer's chat template, as text."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert isinstance(text, str), "apply_chat_template(tokenize=False) renders text"  # its annotation covers every mode
+    return text
+
+
 def _render_chat(
     tokenizer: PreTrainedTokenizerBase, prompt: list[Message], completion: list[Message]
 ) -> tuple[list[int], list[int]]:
@@ -58,8 +65,8 @@ def _render_chat(
 
     The prompt (with the generation prompt) must render as a prefix of prompt + completion; the two
     parts are then tokenized separately so the split cannot drift with tokenizer merges."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template([*prompt, *completion], tokenize=False)
+    prompt_text = chat_text(tokenizer, prompt, add_generation_prompt=True)
+    full_text = chat_text(tokenizer, [*prompt, *completion])
     if not full_text.startswith(prompt_text):
         raise MoeforgeError(
             "the chat template does not render the prompt as a prefix of prompt + completion, so the "

@@ -21,6 +21,7 @@ transposed layout), i.e. transformers' ``@use_experts_implementation`` contract.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, cast
 
 import torch
 from transformers.integrations.moe import grouped_mm_experts_forward
@@ -33,14 +34,29 @@ PER_TOKEN_MAX_SLOTS = 4
 by ``benchmarks/moe_layer.py``: per pair, ``per_token`` costs ~3 small ops; ``grouped`` has a fixed cost)."""
 
 
-def _weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+class _Experts(Protocol):
+    """What transformers' experts contract guarantees of an experts module (the optional flags are read
+    with ``getattr``)."""
+
+    gate_up_proj: torch.Tensor
+    down_proj: torch.Tensor
+    num_experts: int
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _contract(experts: torch.nn.Module) -> _Experts:
+    """``experts`` with its contract's attribute types (torch types every module attribute ``Tensor | Module``)."""
+    return cast(_Experts, experts)
+
+
+def _weights(experts: _Experts) -> tuple[torch.Tensor, torch.Tensor]:
     """``gate_up [E, 2f, d]`` and ``down [E, d, f]`` in the ``nn.Linear`` layout, whatever the storage."""
     if getattr(experts, "is_transposed", False):
         return experts.gate_up_proj.transpose(-2, -1), experts.down_proj.transpose(-2, -1)
     return experts.gate_up_proj, experts.down_proj
 
 
-def _gate(experts: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+def _gate(experts: _Experts, gate_up: torch.Tensor) -> torch.Tensor:
     """``act(gate) * up`` the way the module defines it (``_apply_gate`` covers interleaved layouts)."""
     apply_gate = getattr(experts, "_apply_gate", None)
     if apply_gate is not None:
@@ -71,11 +87,12 @@ def grouped_experts_forward(
     """Sort-by-expert + grouped GEMM (``use_grouped_mm`` forces an implementation; None: per call)."""
     if _unsupported(experts):
         return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
-    gate_up, down = _weights(experts)
-    plan = plan_slots(top_k_index, experts.num_experts)
+    module = _contract(experts)
+    gate_up, down = _weights(module)
+    plan = plan_slots(top_k_index, module.num_experts)
     counts = None if hidden_states.device.type == "cuda" else plan.counts  # no host sync on GPU
     rows = dispatch(hidden_states, plan)
-    hidden = _gate(experts, grouped_linear(rows, gate_up, plan.offsets, counts, use_grouped_mm=use_grouped_mm))
+    hidden = _gate(module, grouped_linear(rows, gate_up, plan.offsets, counts, use_grouped_mm=use_grouped_mm))
     weights = top_k_weights.reshape(-1)[plan.order, None].to(hidden.dtype)
     weigh_hidden = hidden.shape[-1] <= down.shape[-2]  # the narrower side: f (before down_proj) or d (after)
     if weigh_hidden:
@@ -92,21 +109,25 @@ def per_token_experts_forward(
     """Each token-expert pair through its expert, no sorting: for decoding's one token and k experts."""
     if _unsupported(experts):
         return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
-    gate_up, down = _weights(experts)
+    module = _contract(experts)
+    gate_up, down = _weights(module)
     training = torch.is_grad_enabled() and (gate_up.requires_grad or down.requires_grad)
     if training and _gather_is_cheaper(gate_up, down, top_k_index.numel()):
-        return _gathered_pairs(experts, hidden_states, top_k_index, top_k_weights, gate_up, down)
+        return _gathered_pairs(module, hidden_states, top_k_index, top_k_weights, gate_up, down)
+    gate_ups: torch.Tensor | tuple[torch.Tensor, ...] = gate_up
+    downs: torch.Tensor | tuple[torch.Tensor, ...] = down
     if training:  # one view op for autograd: indexing would zero-fill a full [E, ...] gradient per pair
-        gate_up, down = gate_up.unbind(0), down.unbind(0)
+        gate_ups, downs = gate_up.unbind(0), down.unbind(0)
     linear = torch.nn.functional.linear
     rows = []
     for token, (choices, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights.unbind(0), strict=True)):
         x = hidden_states[token : token + 1]
         total = None
         for j, e in enumerate(choices):
-            hidden = _gate(experts, linear(x, gate_up[e].to(x.dtype))) * weights[j].to(x.dtype)
-            out = linear(hidden, down[e].to(x.dtype))
+            hidden = _gate(module, linear(x, gate_ups[e].to(x.dtype))) * weights[j].to(x.dtype)
+            out = linear(hidden, downs[e].to(x.dtype))
             total = out if total is None else total + out
+        assert total is not None, "top_k >= 1: every token has an expert"
         rows.append(total)
     if not rows:
         return hidden_states.new_zeros(hidden_states.shape)
@@ -160,7 +181,7 @@ def auto_experts_forward(
         return kernel(experts, hidden_states, top_k_index, top_k_weights)
     if hidden_states.device.type == "cpu" and not _unsupported(experts):
         pairs = top_k_index.numel()
-        gate_up, down = _weights(experts)
+        gate_up, down = _weights(_contract(experts))
         training = torch.is_grad_enabled() and (gate_up.requires_grad or down.requires_grad)
         few = pairs <= PER_TOKEN_MAX_SLOTS
         if _gather_is_cheaper(gate_up, down, pairs) and (training or not few or hidden_states.dtype != torch.float32):

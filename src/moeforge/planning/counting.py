@@ -11,14 +11,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 from accelerate import init_empty_weights
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from moeforge.adapters.moe_lora import MoeLoraLayer
+from moeforge.adapters.moe_lora import BottleneckExperts, MoeLoraLayer
 from moeforge.adapters.peft_method import layer_index
 from moeforge.config.adapter import AdapterSpec
 from moeforge.config.moice import MoiceSpec
@@ -62,7 +64,7 @@ def model_shape(config: PretrainedConfig) -> ModelShape:
     )
 
 
-def build_meta_model(config: PretrainedConfig, dtype: str = "float32") -> nn.Module:
+def build_meta_model(config: PretrainedConfig, dtype: str = "float32") -> PreTrainedModel:
     """The architecture of ``config`` with storage-less weights (buffers stay real: MoICE derives its RoPE
     tables from the model's own); a MoICE checkpoint gets its attention back,
     as :func:`moeforge.io.loading.from_pretrained` does."""
@@ -78,7 +80,7 @@ def build_meta_model(config: PretrainedConfig, dtype: str = "float32") -> nn.Mod
     return model
 
 
-def _quantizable(model: nn.Module) -> list[nn.Parameter]:
+def _quantizable(model: nn.Module) -> list[torch.Tensor]:
     """Weights bitsandbytes would replace: every plain ``nn.Linear`` except those transformers keeps in full
     precision (the output embeddings, tied and fp32-pinned modules). Fused expert tensors are no Linear and
     stay in the compute dtype."""
@@ -111,12 +113,12 @@ def _inactive(model: nn.Module) -> int:
 
 def _mixture(module: MoeLoraLayer, layer: int | None) -> AdapterPart:
     adapter = module.active_adapters[0]
-    settings, base = module.moe_lora_settings[adapter], module.base_layer
-    bottleneck = module.moe_lora_ffn[adapter] if adapter in module.moe_lora_ffn else None
+    settings, base = module.moe_lora_settings[adapter], module.mlp
+    bottleneck = module.part("ffn", adapter)
     return AdapterPart(
         "mixture", layer, in_features=base.gate_proj.in_features,
-        width=bottleneck.down.shape[1] if bottleneck is not None else base.gate_proj.out_features,
-        num_experts=module.moe_lora_router[adapter].num_experts, top_k=settings["top_k"],
+        width=bottleneck.down.shape[1] if isinstance(bottleneck, BottleneckExperts) else base.gate_proj.out_features,
+        num_experts=module.router(adapter).num_experts, top_k=settings["top_k"],
     )
 
 
@@ -124,6 +126,7 @@ def _adapter_parts(model: nn.Module) -> tuple[AdapterPart, ...]:
     """What each adapted module adds to the activations, read off the wrapped model (so it follows exactly
     what moeforge's adapter builder wrapped, layer by layer)."""
     parts = []
+    module: nn.Module  # torch leaves named_modules() unannotated
     for name, module in model.named_modules():
         if not isinstance(module, BaseTunerLayer):
             continue
@@ -134,13 +137,14 @@ def _adapter_parts(model: nn.Module) -> tuple[AdapterPart, ...]:
             own = [p for n, p in module.named_parameters() if not n.startswith("base_layer.")]
             parts.append(AdapterPart("lora", layer, in_features=base.in_features, width=min(min(p.shape) for p in own)))
         else:  # LoRA on fused expert weights (one wrapper per tensor for PEFT's target_parameters)
-            merged = [base.get_parameter(module.parameter_name)] if hasattr(module, "parameter_name") else list(base.parameters())
+            parameter: str | None = getattr(module, "parameter_name", None)
+            merged = [base.get_parameter(parameter)] if parameter is not None else list(base.parameters())
             parts.append(AdapterPart("merged", layer, merged_bytes=sum(p.numel() * p.element_size() for p in merged)))
     return tuple(parts)
 
 
-def _first_trained_layer(model: nn.Module) -> int | None:
-    embeddings = model.get_input_embeddings().weight
+def _first_trained_layer(model: PreTrainedModel | PeftModel) -> int | None:
+    embeddings = model.get_input_embeddings().get_parameter("weight")
     if embeddings.requires_grad:
         return 0
     layers = [layer_index(name) for name, p in model.named_parameters() if p.requires_grad]
@@ -149,7 +153,7 @@ def _first_trained_layer(model: nn.Module) -> int | None:
 
 def count_parameters(spec: ModelSpec) -> ParameterCounts:
     """Build ``spec`` on the meta device and count what training would hold and train."""
-    model = build_meta_model(spec.config, spec.dtype)
+    model: PreTrainedModel | PeftModel = build_meta_model(spec.config, spec.dtype)
     quantizable = _quantizable(model)
     if spec.moice is not None:
         from moeforge.modeling.moice import apply_moice

@@ -108,7 +108,8 @@ def suggestions(row: Row, budget: int) -> list[tuple[str, int]]:
 def _combined(row: Row, budget: int) -> list[tuple[str, int]]:
     """When no single change is enough: gradient checkpointing, then an adapter, then a 4-bit base, stacked
     until the run fits (at its batch size, else the largest batch that fits)."""
-    setup, counts, labels = row.scenario.setup, row.counts, []
+    setup, counts = row.scenario.setup, row.counts
+    labels: list[str] = []
     steps = [
         ("--gradient-checkpointing", lambda s: replace(s, gradient_checkpointing=True), setup.gradient_checkpointing),
         ("an adapter", lambda s: replace(s, adapter=True), setup.adapter),

@@ -141,7 +141,7 @@ def _train_setup(recipe: TrainRecipe) -> TrainingSetup:
 
 
 def _train_name(recipe: TrainRecipe) -> str:
-    parts = [recipe.stage]
+    parts: list[str] = [recipe.stage]
     if recipe.adapter is not None:
         spec = recipe.adapter
         routed = "" if spec.method == "lora" else f" {spec.num_experts}x top-{spec.top_k}"
