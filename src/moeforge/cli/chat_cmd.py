@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) means greedy decoding")
     parser.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature > 0)")
     parser.add_argument("--seed", type=int, help="random seed for sampling")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--gguf-file", help="GGUF file name inside PATH (a directory or hub id)")
     parser.add_argument("--adapter", help="adapter directory to put on PATH (PATH may also be an adapter directory itself)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the checkpoint to run")

@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--base", help="base model (default: the one the adapter records)")
     parser.add_argument("--output", "-o", required=True, help="output directory")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the merge and the written weights")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the merge and the written weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.set_defaults(func=run)
 

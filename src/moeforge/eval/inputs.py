@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from moeforge.errors import MoeforgeError
 
 BUILTIN_DESCRIPTION = "built-in sample (Python standard-library documentation)"
+EvalStage = Literal["pt", "sft"]
+"""How a data file is read for perplexity: pt scores every token, sft only the completions (preference rows
+are not evaluated)."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ def _read_text(path: Path) -> str:
     return path.read_text(errors="replace")
 
 
-def _data_rows(path: str, stage: str, columns: dict[str, str] | None) -> Any:
+def _data_rows(path: str, stage: EvalStage, columns: dict[str, str] | None) -> Any:
     """Every row of the file: no evaluation split is held out, since here the whole file is the test set."""
     from moeforge.config.data import DataSpec
     from moeforge.data import build_datasets
@@ -45,7 +48,7 @@ def _data_rows(path: str, stage: str, columns: dict[str, str] | None) -> Any:
 
 
 def load_inputs(
-    text_files: Sequence[Path] = (), data_file: str | None = None, stage: str = "pt", columns: dict[str, str] | None = None
+    text_files: Sequence[Path] = (), data_file: str | None = None, stage: EvalStage = "pt", columns: dict[str, str] | None = None
 ) -> EvalInputs:
     """Texts from ``text_files`` (one text each), rows from ``data_file`` (``columns`` maps moeforge fields
     to its columns, as in training), or the built-in sample."""
