@@ -12,6 +12,7 @@ the merged model is read back from the checkpoint written, so what is checked is
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from moeforge.errors import MoeforgeError
 from moeforge.families import dense_family
 from moeforge.io.loading import save_config
 from moeforge.io.safetensors_io import ShardedWriter
+
+logger = logging.getLogger(__name__)
 
 
 def _mixture_layers(model: PeftModel) -> dict[int, tuple[str, MoeLoraLayer]]:
@@ -123,7 +126,7 @@ def merge_to_directory(
     base: str | None = None,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
 ) -> MergeResult:
     """``moeforge merge``: load base + adapter, merge, check the merged model against the adapter model on
     built-in text (it must agree to fp round-off, else nothing is written), write atomically."""

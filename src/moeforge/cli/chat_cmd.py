@@ -21,7 +21,7 @@ from moeforge.errors import MoeforgeError
 
 Message = dict[str, str]
 
-log = logging.getLogger("moeforge")
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise MoeforgeError(f"{args.path} has no tokenizer files: chat needs a checkpoint that ships its tokenizer")
     if not tokenizer.chat_template:
-        log.warning("note: %s has no chat template; sending the conversation as plain text", args.path)
+        logger.warning("note: %s has no chat template; sending the conversation as plain text", args.path)
     if args.seed is not None:
         torch.manual_seed(args.seed)
 

@@ -8,7 +8,6 @@ anything is written.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from moeforge.cli.dtypes import DTYPES
 
@@ -33,6 +32,5 @@ def run(args: argparse.Namespace) -> int:
 
     merge_to_directory(
         args.adapter, args.output, base=args.base, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     return 0

@@ -9,9 +9,9 @@ and the fidelity report costs no second pass. Output goes to a temporary directo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +59,7 @@ class ConversionResult:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    logging.getLogger(__name__).info(message)
 
 
 def prepare_output(output: Path, overwrite: bool) -> Path:

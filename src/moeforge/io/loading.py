@@ -55,7 +55,7 @@ _HUB_META_PATTERNS = [
     "chat_template.jinja",
 ]
 
-log = logging.getLogger("moeforge")
+logger = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
@@ -274,7 +274,7 @@ def load_tokenizer(directory: Path, *, trust_remote_code: bool = False) -> PreTr
     """The checkpoint's tokenizer, or None (with a note) when the directory ships none."""
     directory = Path(directory)
     if not has_tokenizer(directory):
-        log.warning("note: %s has no tokenizer files; continuing without a tokenizer", directory)
+        logger.warning("note: %s has no tokenizer files; continuing without a tokenizer", directory)
         return None
     try:
         return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
