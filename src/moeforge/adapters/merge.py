@@ -64,7 +64,7 @@ def merge_adapter(model: PeftModel, directory: Path | None = None) -> PreTrained
     if dense_family(base_config.model_type) is None:
         raise MoeforgeError(
             f"merge: MoE-LoRA on the dense layers of a {base_config.model_type} model cannot be exported yet; "
-            "serve it with the adapter (PeftModel / moeforge chat --adapter)"
+            "serve it with the adapter on its base (PeftModel)"
         )
     experts = {index: module.merged_expert_tensors(adapter) for index, (_, module) in mixtures.items()}
     top_k = {module.moe_lora_settings[adapter]["top_k"] for _, module in mixtures.values()}

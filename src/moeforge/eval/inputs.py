@@ -34,7 +34,7 @@ class EvalInputs:
 
 def _read_text(path: Path) -> str:
     if not path.is_file():
-        raise MoeforgeError(f"--text: {path} does not exist or is not a file; give a plain-text file")
+        raise MoeforgeError(f"text file {path} does not exist or is not a file; give a plain-text file")
     return path.read_text(errors="replace")
 
 
@@ -53,7 +53,7 @@ def load_inputs(
     """Texts from ``text_files`` (one text each), rows from ``data_file`` (``columns`` maps moeforge fields
     to its columns, as in training), or the built-in sample."""
     if text_files and data_file:
-        raise MoeforgeError("--text and --data both given; evaluate one source at a time")
+        raise MoeforgeError("both text files and a data file given; evaluate one source at a time")
     if data_file:
         return EvalInputs(description=f"{data_file} ({stage})", dataset=_data_rows(data_file, stage, columns))
     if text_files:

@@ -360,7 +360,7 @@ def load_model(
         adapter, tokenizer_dir = Path(source), Path(source)
         source = base_model_of(source)
         if not source:
-            raise MoeforgeError(f"adapter {adapter} records no base model (base_model_name_or_path): pass the base model and --adapter {adapter}")
+            raise MoeforgeError(f"adapter {adapter} records no base model (base_model_name_or_path): load the base model with {adapter} as its adapter")
     directory = resolve_checkpoint(source, gguf_file=gguf_file)
     config = read_config(directory, trust_remote_code=trust_remote_code)
     model = from_pretrained(
