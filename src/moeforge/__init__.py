@@ -9,11 +9,15 @@ transformers' Auto classes, so ``import moeforge; AutoModelForCausalLM.from_pret
 checkpoint moeforge wrote, without ``trust_remote_code``. It also registers the ``MOE_LORA`` PEFT method,
 so ``import moeforge; PeftModel.from_pretrained(base, adapter_dir)`` loads a MoE adapter, and adds its
 experts backends to transformers' experts interface (``experts_implementation="moeforge_auto"``, ...).
+
+Progress and notes go to the ``moeforge`` logger (a child per module, ``logging.getLogger(__name__)``) and
+stay silent until the application configures logging; the ``moeforge`` command shows them on stderr.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
+import logging
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
 __version__ = version("moeforge")
 
 _experts.register()
+# a library stays quiet unless its user configures logging (Python's last-resort handler would print warnings)
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _LAZY = {
     "convert": "moeforge.api",

@@ -92,7 +92,7 @@ def test_csv_data_with_columns(dense_dir: Path, tmp_path: Path) -> None:
     ("flags", "message"),
     [
         (["--data", "{tmp}/nope.jsonl"], "nope.jsonl"),
-        (["--text", "{tmp}/missing.txt"], "--text: {tmp}/missing.txt does not exist"),
+        (["--text", "{tmp}/missing.txt"], "text file {tmp}/missing.txt does not exist"),
         (["--stage", "sft"], "--stage only applies to --data FILE"),
         (["--columns", "text=body"], "--columns only applies to --data FILE"),
         (["--limit", "5"], "--limit only applies to lm-eval; add --lm-eval TASKS"),

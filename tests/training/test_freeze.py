@@ -9,6 +9,7 @@ Adam to move every trainable tensor; the input and ``<output>/model`` state dict
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -103,14 +104,14 @@ def test_presets_train_only_what_they_name(freeze_runs, models, preset: str) -> 
     assert "norms" in frozen
 
 
-def test_counts_line_goes_to_stderr_by_default(models, data_files, tmp_path: Path, capsys) -> None:
+def test_counts_line_is_logged_by_default(models, data_files, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     recipe = make_recipe(
         "pt", models["moeforge"], tmp_path / "out", {"train": [str(data_files["text"])], "max_length": 32},
         freeze=["attention"], training={"max_steps": 1},
     )
+    caplog.set_level(logging.INFO, logger="moeforge")
     result = train(recipe)
-    err = capsys.readouterr().err
-    line = next(line for line in err.splitlines() if line.startswith("trainable parameters:"))
+    line = next(line for line in caplog.messages if line.startswith("trainable parameters:"))
     assert f"{result.trainable_parameters:,} / {result.total_parameters:,}" in line
     assert line.endswith("frozen: attention")
     assert 0 < result.trainable_parameters < result.total_parameters

@@ -12,6 +12,7 @@ the merged model is read back from the checkpoint written, so what is checked is
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ def _base_model(model: PeftModel) -> PreTrainedModel:
     if not isinstance(base, PreTrainedModel):
         raise MoeforgeError(f"merge: the adapter sits on a {type(base).__name__}, not a transformers model")
     return base
+
+logger = logging.getLogger(__name__)
 
 
 def _mixture_layers(model: PeftModel) -> dict[int, tuple[str, MoeLoraLayer]]:
@@ -75,7 +78,7 @@ def merge_adapter(model: PeftModel, directory: Path | None = None) -> PreTrained
     if family is None:
         raise MoeforgeError(
             f"merge: MoE-LoRA on the dense layers of a {base_config.model_type} model cannot be exported yet; "
-            "serve it with the adapter (PeftModel / moeforge chat --adapter)"
+            "serve it with the adapter on its base (PeftModel)"
         )
     experts = {index: module.merged_expert_tensors(adapter) for index, (_, module) in mixtures.items()}
     top_k = {module.moe_lora_settings[adapter]["top_k"] for _, module in mixtures.values()}
@@ -138,7 +141,7 @@ def merge_to_directory(
     base: str | None = None,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
 ) -> MergeResult:
     """``moeforge merge``: load base + adapter, merge, check the merged model against the adapter model on
     built-in text (it must agree to fp round-off, else nothing is written), write atomically."""

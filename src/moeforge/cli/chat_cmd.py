@@ -21,7 +21,7 @@ from moeforge.errors import MoeforgeError
 
 Message = dict[str, str]
 
-log = logging.getLogger("moeforge")
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) means greedy decoding")
     parser.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature > 0)")
     parser.add_argument("--seed", type=int, help="random seed for sampling")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--gguf-file", help="GGUF file name inside PATH (a directory or hub id)")
     parser.add_argument("--adapter", help="adapter directory to put on PATH (PATH may also be an adapter directory itself)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the checkpoint to run")
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise MoeforgeError(f"{args.path} has no tokenizer files: chat needs a checkpoint that ships its tokenizer")
     if not tokenizer.chat_template:
-        log.warning("note: %s has no chat template; sending the conversation as plain text", args.path)
+        logger.warning("note: %s has no chat template; sending the conversation as plain text", args.path)
     if args.seed is not None:
         torch.manual_seed(args.seed)
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, get_args
+from typing import Any
 
+from moeforge.cli.choices import field_choices
 from moeforge.config.recipe import ConvertRecipe, MoESpec, PartitionInit, Routing, load_recipe, parse_recipe, set_dotted
 
 # flag → dotted recipe key; each flag overrides the recipe (or builds one when no recipe is given)
@@ -38,23 +39,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", "-o", help="output directory")
     parser.add_argument("--num-experts", type=int)
     parser.add_argument("--top-k", type=int)
-    parser.add_argument("--init", choices=_choices(MoESpec, "init"))
-    parser.add_argument("--partition-method", choices=_choices(PartitionInit, "method"))
+    parser.add_argument("--init", choices=field_choices(MoESpec, "init"))
+    parser.add_argument("--partition-method", choices=field_choices(PartitionInit, "method"))
     parser.add_argument("--granularity", type=int)
     parser.add_argument("--shared-experts", type=int, help="number of always-on shared experts carved from the FFN")
-    parser.add_argument("--gate-type", choices=_choices(Routing, "gate_type"))
-    parser.add_argument("--router-init", choices=_choices(Routing, "router_init"))
-    parser.add_argument("--export", choices=_choices(ConvertRecipe, "export"), help="target architecture (auto: the most portable that holds the conversion exactly)")
-    parser.add_argument("--dtype", choices=_choices(ConvertRecipe, "dtype"))
+    parser.add_argument("--gate-type", choices=field_choices(Routing, "gate_type"))
+    parser.add_argument("--router-init", choices=field_choices(Routing, "router_init"))
+    parser.add_argument("--export", choices=field_choices(ConvertRecipe, "export"), help="target architecture (auto: the most portable that holds the conversion exactly)")
+    parser.add_argument("--dtype", choices=field_choices(ConvertRecipe, "dtype"))
     parser.add_argument("--calibration-file", help="plain-text file for calibration (default: built-in sample)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.set_defaults(func=run)
-
-
-def _choices(model: type, field: str) -> list[str]:
-    """The values a recipe field's Literal type allows: the CLI offers exactly what recipes accept."""
-    return list(get_args(model.model_fields[field].annotation))
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, get_args
+from typing import Any
 
+from moeforge.cli.choices import field_choices
+from moeforge.config.data import DataSource
 from moeforge.data.formats import STAGES
-from moeforge.config.data import Format
 
 
 def parse_columns(text: str) -> dict[str, str]:
@@ -25,7 +26,7 @@ def parse_columns(text: str) -> dict[str, str]:
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=STAGES, help="the stage the rows are for (default: implied by the format)")
-    parser.add_argument("--format", default="auto", choices=get_args(Format), help="row format (default: auto-detect)")
+    parser.add_argument("--format", default="auto", choices=field_choices(DataSource, "format"), help="row format (default: auto-detect)")
     parser.add_argument(
         "--columns",
         type=parse_columns,

@@ -12,10 +12,13 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moeforge.cli.choices import literal_values
 from moeforge.cli.data_cmd import parse_columns
 from moeforge.cli.dtypes import DTYPES
 from moeforge.cli.experts_option import add_experts_backend
 from moeforge.errors import MoeforgeError
+from moeforge.eval.inputs import EvalStage
+from moeforge.eval.probes import PROBE_KINDS
 
 if TYPE_CHECKING:
     from moeforge.eval.probes import ProbeSpec
@@ -37,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--columns", type=parse_columns, help="--data: map moeforge fields to your columns, e.g. text=body (required for CSV)"
     )
     parser.add_argument(
-        "--stage", choices=["pt", "sft"], help="how to read --data: pt (text) or sft (completion-only loss); default pt"
+        "--stage", choices=literal_values(EvalStage), help="how to read --data: pt (text) or sft (completion-only loss); default pt"
     )
     parser.add_argument("--max-length", type=int, default=512, help="window length in tokens (default 512)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -50,11 +53,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lm-eval-include", type=Path, metavar="DIR", help="directory of extra lm-eval task YAMLs")
     parser.add_argument("--limit", type=float, help="lm-eval: at most N examples per task (a fraction when < 1)")
     parser.add_argument("--compare", metavar="OTHER_MODEL", help="evaluate a second model on the same text, side by side")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     probes = parser.add_argument_group("position probes", "where in a long prompt a model finds a fact (docs/probes.md)")
     probes.add_argument(
         "--probe",
-        choices=["kv", "mdqa"],
+        choices=PROBE_KINDS,
         help="kv: generated key-value retrieval; mdqa: multi-document QA over --probe-docs (also run on --compare)",
     )
     probes.add_argument("--probe-docs", type=Path, metavar="FILE", help="mdqa: JSONL rows {question, answer, gold, distractors}")

@@ -2,12 +2,14 @@
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)``; the parser it adds sets
 ``func(args) -> int``. User errors (:class:`~moeforge.errors.MoeforgeError`) become one line on stderr
-and exit code 2; anything else is a bug and keeps its traceback.
+and exit code 2; anything else is a bug and keeps its traceback. The library's progress lines, logged to
+the ``moeforge`` logger, are shown on stderr as plain lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +18,29 @@ from moeforge.cli import chat_cmd, convert_cmd, data_cmd, eval_cmd, fetch_cmd, i
 from moeforge.errors import MoeforgeError
 
 SUBCOMMANDS = (convert_cmd, train_cmd, eval_cmd, data_cmd, inspect_cmd, chat_cmd, merge_cmd, fetch_cmd, plan_cmd)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes each line to the ``sys.stderr`` of the moment, not the one at setup: ``main`` may run many
+    times in one process (tests, an embedding program) with stderr swapped in between."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+
+def configure_logging() -> None:
+    """Show the library's INFO and above on stderr as bare messages, as the command's own output; once per
+    process however often ``main`` runs. Other loggers (transformers, ...) are left as they are."""
+    logger = logging.getLogger("moeforge")
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    configure_logging()
     try:
         return int(args.func(args) or 0)
     except MoeforgeError as err:

@@ -8,7 +8,6 @@ anything is written.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from moeforge.cli.dtypes import DTYPES
 
@@ -23,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--base", help="base model (default: the one the adapter records)")
     parser.add_argument("--output", "-o", required=True, help="output directory")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the merge and the written weights")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the merge and the written weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.set_defaults(func=run)
 
@@ -33,6 +32,5 @@ def run(args: argparse.Namespace) -> int:
 
     merge_to_directory(
         args.adapter, args.output, base=args.base, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -32,12 +33,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpu-memory", help="memory of one GPU, e.g. 24GB, 80GiB, 24000MB (without it: just report)")
     parser.add_argument("--batch-size", type=int, help="per-device train batch size (overrides the recipe)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (overrides data.max_length)")
-    parser.add_argument("--dtype", metavar="{float32,bfloat16,float16}", help="dtype the weights are trained in")
-    parser.add_argument("--optimizer", metavar="{adamw,adamw8bit,sgd}", help="optimizer (default adamw)")
+    parser.add_argument("--dtype", metavar=_metavar(DTYPE_BYTES), help="dtype the weights are trained in")
+    parser.add_argument("--optimizer", metavar=_metavar(get_args(Optimizer)), help="optimizer (default adamw)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--model", help="train recipe only: plan with this model instead (a model or a convert recipe)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(func=run)
+
+
+def _metavar(values: Iterable[str]) -> str:
+    """argparse's ``{a,b}`` spelling of the accepted values. Plan checks them itself rather than through
+    ``choices=``, so that a bad value is its one-line error (see :func:`setup_overrides`)."""
+    return "{" + ",".join(values) + "}"
 
 
 def setup_overrides(args: argparse.Namespace) -> dict[str, Any]:

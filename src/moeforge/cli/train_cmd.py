@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from moeforge.cli.choices import field_choices
+from moeforge.config.train_recipe import TrainRecipe
+
 FLAG_KEYS = {
     "stage": "stage",
     "model": "model",
@@ -26,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "resumable checkpoints. Works under `accelerate launch` / `torchrun` unchanged.",
     )
     parser.add_argument("recipe", help="YAML training recipe (see recipes/train-*.yaml)")
-    parser.add_argument("--stage", choices=["pt", "sft", "dpo"])
+    parser.add_argument("--stage", choices=field_choices(TrainRecipe, "stage"))
     parser.add_argument("--model", help="model to train (local dir, hub id, .gguf, 'default')")
     parser.add_argument("--output", "-o")
     parser.add_argument("--max-steps", type=int)
@@ -35,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gradient-accumulation-steps", type=int)
     parser.add_argument("--save-steps", type=int)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--preset", choices=["router_only", "experts_only"])
+    parser.add_argument("--preset", choices=field_choices(TrainRecipe, "preset"))
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in the output directory")
     group.add_argument("--overwrite", action="store_true", help="discard the run in the output directory")
@@ -44,7 +47,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moeforge.config.recipe import load_recipe
-    from moeforge.config.train_recipe import TrainRecipe
     from moeforge.training import train
 
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}

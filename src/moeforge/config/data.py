@@ -73,7 +73,7 @@ class DataSource(_Strict):
         if (self.format == "csv" or self.path.suffix.lower() == ".csv") and self.columns is None:
             raise ValueError(
                 f"{self.path} is CSV, which needs columns mapping moeforge fields to its columns, "
-                "e.g. {text: body} or {prompt: question, completion: answer} (CLI: --columns text=body)"
+                "e.g. {text: body} or {prompt: question, completion: answer}"
             )
         return self
 

@@ -9,7 +9,7 @@ and the fidelity report costs no second pass. Output goes to a temporary directo
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +59,7 @@ class ConversionResult:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    logging.getLogger(__name__).info(message)
 
 
 def _ffn_activations(mlp_input: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Callable) -> torch.Tensor:

@@ -22,7 +22,7 @@ from moeforge.errors import MoeforgeError
 from moeforge.io.publish import write_texts
 
 OutFormat = Literal["json", "jsonl"]
-SKIP_HINT = "fix the row or skip bad rows (skip_bad_rows=True, CLI --skip-bad-rows)"
+SKIP_HINT = "fix the row or skip bad rows"
 
 
 def _single_turn(prompt: list[dict[str, str]]) -> bool:
@@ -81,7 +81,7 @@ def convert_file(
         raise MoeforgeError(f"eval_ratio: {eval_ratio} must be at least 0 and below 1")
     if (eval_ratio > 0) != (eval_dst is not None):
         raise MoeforgeError(
-            "give both an eval ratio and an eval output (--eval-ratio R --eval-output PATH), or neither"
+            "give both an eval ratio and an eval output, or neither"
         )
     outputs = {dst: _out_format(dst, out_format)}
     if eval_dst is not None:

@@ -15,21 +15,18 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
 import torch
 
 from moeforge.config.experts import DEFAULT_BACKEND
 from moeforge.errors import MoeforgeError
-from moeforge.eval.inputs import EvalInputs, load_inputs
+from moeforge.eval.inputs import EvalInputs, EvalStage, load_inputs
 from moeforge.eval.perplexity import PerplexityResult, perplexity
 from moeforge.eval.probes import ProbeResult, ProbeSpec, run_probe
 from moeforge.eval.report import has_routers
 from moeforge.io.loading import TORCH_DTYPES, load_model
 from moeforge.io.publish import write_json
-
-if TYPE_CHECKING:
-    from moeforge.data.formats import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +131,7 @@ def evaluate(
     *,
     text: Sequence[str | Path] = (),
     data: str | Path | None = None,
-    stage: Stage = "pt",
+    stage: EvalStage = "pt",
     columns: dict[str, str] | None = None,
     compare: str | Path | None = None,
     output: str | Path | None = None,

@@ -10,14 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 from moeforge.errors import MoeforgeError
 
-if TYPE_CHECKING:
-    from moeforge.data.formats import Stage
 
 BUILTIN_DESCRIPTION = "built-in sample (Python standard-library documentation)"
+EvalStage = Literal["pt", "sft"]
+"""How a data file is read for perplexity: pt scores every token, sft only the completions (preference rows
+are not evaluated)."""
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,11 @@ class EvalInputs:
 
 def _read_text(path: Path) -> str:
     if not path.is_file():
-        raise MoeforgeError(f"--text: {path} does not exist or is not a file; give a plain-text file")
+        raise MoeforgeError(f"text file {path} does not exist or is not a file; give a plain-text file")
     return path.read_text(errors="replace")
 
 
-def _data_rows(path: str, stage: Stage, columns: dict[str, str] | None) -> Any:
+def _data_rows(path: str, stage: EvalStage, columns: dict[str, str] | None) -> Any:
     """Every row of the file: no evaluation split is held out, since here the whole file is the test set."""
     from moeforge.config.data import DataSpec
     from moeforge.data import build_datasets
@@ -48,12 +49,12 @@ def _data_rows(path: str, stage: Stage, columns: dict[str, str] | None) -> Any:
 
 
 def load_inputs(
-    text_files: Sequence[Path] = (), data_file: str | None = None, stage: Stage = "pt", columns: dict[str, str] | None = None
+    text_files: Sequence[Path] = (), data_file: str | None = None, stage: EvalStage = "pt", columns: dict[str, str] | None = None
 ) -> EvalInputs:
     """Texts from ``text_files`` (one text each), rows from ``data_file`` (``columns`` maps moeforge fields
     to its columns, as in training), or the built-in sample."""
     if text_files and data_file:
-        raise MoeforgeError("--text and --data both given; evaluate one source at a time")
+        raise MoeforgeError("both text files and a data file given; evaluate one source at a time")
     if data_file:
         return EvalInputs(description=f"{data_file} ({stage})", dataset=_data_rows(data_file, stage, columns))
     if text_files:

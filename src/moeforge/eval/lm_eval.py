@@ -17,7 +17,7 @@ import torch
 from moeforge.errors import MoeforgeError
 from moeforge.io.publish import json_value, write_json
 
-INSTALL_HINT = "--lm-eval needs lm-evaluation-harness: pip install 'moeforge[eval]'"
+INSTALL_HINT = "lm-eval tasks need lm-evaluation-harness: pip install 'moeforge[eval]'"
 # what the harness returns that describes the scores; the rest (samples, per-task configs) is bulk
 _KEPT_KEYS = ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples")
 
@@ -53,15 +53,15 @@ def run_lm_eval(
     from moeforge.io.loading import load_model
 
     if not tasks:
-        raise MoeforgeError("--lm-eval: name at least one task, e.g. --lm-eval hellaswag,arc_easy")
+        raise MoeforgeError("lm-eval: name at least one task, e.g. hellaswag")
     if include_path is not None and not Path(include_path).is_dir():
-        raise MoeforgeError(f"--lm-eval-include: {include_path} is not a directory of task YAML files")
+        raise MoeforgeError(f"lm-eval include path {include_path} is not a directory of task YAML files")
     task_manager = lm_eval.tasks.TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [task for task in tasks if task not in task_manager.all_tasks]
     if unknown:
         raise MoeforgeError(
-            f"--lm-eval: unknown task(s) {', '.join(unknown)}; list them with `lm-eval ls tasks`"
-            " or add their YAML directory with --lm-eval-include"
+            f"lm-eval: unknown task(s) {', '.join(unknown)}; list them with `lm-eval ls tasks`"
+            " or add their YAML directory as the include path"
         )
     model, tokenizer = load_model(model_path, dtype=dtype, device=device)
     if tokenizer is None:

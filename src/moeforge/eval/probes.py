@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeGuard
+from typing import Any, ClassVar, TypeGuard, get_args
 
 import numpy as np
 import torch
@@ -263,6 +263,8 @@ class MDQAProbe:
 
 
 ProbeSpec = KVProbe | MDQAProbe
+PROBE_KINDS: tuple[str, ...] = tuple(spec.kind for spec in get_args(ProbeSpec))
+"""What ``moeforge eval --probe`` accepts: one name per probe spec."""
 
 
 def bootstrap_ci(values: Sequence[float], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:

@@ -70,7 +70,7 @@ def _render_chat(
     if not full_text.startswith(prompt_text):
         raise MoeforgeError(
             "the chat template does not render the prompt as a prefix of prompt + completion, so the "
-            "completion tokens cannot be told apart; evaluate this data with --stage pt"
+            "completion tokens cannot be told apart; evaluate this data as stage pt (plain text)"
         )
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
@@ -80,7 +80,7 @@ def _render_chat(
 def chat_stream(rows: Iterable[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> TokenStream:
     """``{"prompt": [messages], "completion": [messages]}`` rows; only completion tokens are scored."""
     if not tokenizer.chat_template:
-        raise MoeforgeError("the model's tokenizer has no chat template, which sft rows need; evaluate with --stage pt")
+        raise MoeforgeError("the model's tokenizer has no chat template, which sft rows need; evaluate as stage pt (plain text)")
 
     def pieces() -> Iterable[tuple[Sequence[int], bool]]:
         for row in rows:

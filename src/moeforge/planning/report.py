@@ -50,7 +50,7 @@ def parse_gpu_memory(text: str) -> int:
     except ValueError:
         size = 0
     if size <= 0:
-        raise MoeforgeError(f"--gpu-memory {text!r} is not a memory size: write it like 24GB, 80GiB or 24000MB")
+        raise MoeforgeError(f"GPU memory {text!r} is not a memory size: write it like 24GB, 80GiB or 24000MB")
     return size
 
 

@@ -175,11 +175,11 @@ def scenarios(target: str, setup_overrides: dict, model_override: str | None = N
             try:
                 model = model_config(model_override or recipe.model, None if model_override else recipe.gguf_file)
             except MoeforgeError as err:
-                raise MoeforgeError(f"model: {err}; if a convert recipe writes this model, plan with --model THAT_RECIPE.yaml") from None
+                raise MoeforgeError(f"model: {err}; if a convert recipe writes this model, plan with that recipe as the model override") from None
             setup = replace(_train_setup(recipe), **setup_overrides)
             return _train_scenarios(recipe, model, setup)
         if model_override:
-            raise MoeforgeError(f"--model applies to train recipes; {path} is a convert recipe (its source is the model)")
+            raise MoeforgeError(f"a model override applies to train recipes only; {path} is a convert recipe (its source is the model)")
         dense, moe = converted_config(recipe, str(path))
         setup = replace(default_setup(), **setup_overrides)
         return [
@@ -187,7 +187,7 @@ def scenarios(target: str, setup_overrides: dict, model_override: str | None = N
             Scenario(f"MoE ({moe.config.model_type})", ModelSpec(moe.config, setup.dtype), setup, moe.origin, primary=True),
         ]
     if model_override:
-        raise MoeforgeError(f"--model applies to train recipes; {target} is a model (plan it directly)")
+        raise MoeforgeError(f"a model override applies to train recipes only; {target} is a model (plan it directly)")
     model = model_config(target)
     setup = replace(default_setup(), **setup_overrides)
     own = Scenario(f"{model.config.model_type}, full fine-tune", ModelSpec(model.config, setup.dtype), setup, model.origin, primary=True)

@@ -8,12 +8,14 @@ checkpoint and removes unmarked leftovers (the previous checkpoint is never touc
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
-import sys
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
 
 MARKER = "moeforge-complete"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -44,6 +46,6 @@ def latest_complete_checkpoint(output_dir: Path, *, remove_incomplete: bool = Tr
         if (path / MARKER).is_file():
             latest = path
         elif remove_incomplete:
-            print(f"removing incomplete checkpoint {path} (its save was interrupted)", file=sys.stderr)
+            logger.warning("removing incomplete checkpoint %s (its save was interrupted)", path)
             shutil.rmtree(path, ignore_errors=True)
     return latest

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +44,8 @@ from moeforge.training.trl_trainers import MoeTrainer, RouterAwareDPOTrainer, Ro
 
 FINAL_DIR = "model"
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -57,10 +59,6 @@ class TrainResult:
     plots: list[Path]
     log_history: list[dict]
     """Trainer's log: per-step loss, lr, eval loss, routing telemetry."""
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _prepare_output(recipe: TrainRecipe) -> None:
@@ -272,7 +270,7 @@ def _last(history: list[dict[str, Any]], key: str) -> float | None:
     return float(values[-1]) if values else None
 
 
-def train(recipe: TrainRecipe, *, log: Callable[[str], None] = _log) -> TrainResult:
+def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> TrainResult:
     """Train as the recipe says; raises MoeforgeError on bad input before any step runs."""
     start = time.perf_counter()
     _prepare_output(recipe)
