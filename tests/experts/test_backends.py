@@ -17,7 +17,7 @@ from moeforge.experts import (
     per_token_experts_forward,
 )
 from moeforge.errors import MoeforgeError
-from tests.modeling.test_experts import CASES, H, T, grads_of, make_experts, naive_experts, random_routing
+from tests.modeling.test_moe_block import CASES, H, T, grads_of, make_experts, naive_experts, random_routing
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 GRAD_NAMES = ("x", "routing weights", "gate_up_proj", "down_proj")
@@ -75,7 +75,7 @@ def test_unaligned_rows_use_the_fallback() -> None:
     import torch.nn.functional as F
 
     from moeforge.modeling import MoeforgeExperts
-    from tests.modeling.test_experts import experts_config
+    from tests.modeling.test_moe_block import experts_config
 
     torch.manual_seed(0)
     config = experts_config()

@@ -346,7 +346,7 @@ def test_train_recipes_plan_their_own_run(recipe: Path) -> None:
             scenarios(str(recipe), {})
         message = str(err.value)
         assert message.startswith(f"model: {data['model']} does not exist") and "\n" not in message
-        assert message.endswith("if a convert recipe writes this model, plan with --model THAT_RECIPE.yaml")
+        assert message.endswith("if a convert recipe writes this model, plan with that recipe as the model override")
     plan = plan_scenarios(str(recipe), scenarios(str(recipe), {}, str(writer) if writer else None), None)
     row = plan.primary
     setup = row.scenario.setup
