@@ -43,19 +43,13 @@ from moeforge.routing.stats import RoutingStats
 
 _HANDLE_ATTR = "_moeforge_router_losses"  # the loss handle attached to a model (at most one)
 
-__all__ = ["RouterLossHandle", "attach_router_losses", "find_routers", "observe_routers"]
+__all__ = ["RouterLossHandle", "attach_router_losses", "attached_router_losses", "find_routers", "observe_routers"]
 
 
 class RouterLossHandle:
-    """The hooks on one model. ``config=None`` observes only (statistics, no loss).
-
-    The aux loss is added in training mode only (``model.train()``): like dropout it is a training-time
-    regulariser, and an evaluation loss stays the plain LM loss, comparable across models and with
-    perplexity. After each forward, ``losses`` (also ``output.router_losses``) holds that forward's unscaled
-    ``balance``, ``z``, ``mi`` and ``aux`` (detached, for logging), and ``output.router_aux_loss`` the scaled
-    aux added to the LM loss, with its graph: a trainer that recomputes the LM loss itself, like TRL's
-    fused-head SFT path, adds this instead. The handle keeps no graph between forwards (the model stays
-    deep-copyable, e.g. for a DPO reference model)."""
+    """Router losses (or, with ``config=None``, statistics only) of one model: hooks on its routers, and on
+    the model itself unless ``hook_model=False`` (its forward calls :meth:`begin` and :meth:`finish`). After
+    each forward ``losses`` holds that forward's unscaled components; see the module docstring."""
 
     def __init__(
         self,
@@ -63,6 +57,7 @@ class RouterLossHandle:
         routers: list[RouterRef],
         config: RouterLossConfig | None,
         replaced: tuple[RouterLossHandle, ...] = (),
+        hook_model: bool = True,
     ) -> None:
         self.model = model
         self.routers = routers
@@ -75,10 +70,12 @@ class RouterLossHandle:
         self._calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._accumulators: list[RoutingAccumulator] = []
         self._stats = self.add_accumulator()
-        self._hooks = [
-            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            model.register_forward_hook(self._after_forward, with_kwargs=True),
-        ] + [router.module.register_forward_hook(partial(self._after_router, i)) for i, router in enumerate(routers)]
+        self._hooks = [router.module.register_forward_hook(partial(self._after_router, i)) for i, router in enumerate(routers)]
+        if hook_model:  # else the model's own forward calls begin and finish
+            self._hooks += [
+                model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                model.register_forward_hook(self._after_forward, with_kwargs=True),
+            ]
         model_config = getattr(model, "config", None)
         self._native_router_logits = getattr(model_config, "output_router_logits", None) if config is not None else None
         if self._native_router_logits is not None:
@@ -109,9 +106,11 @@ class RouterLossHandle:
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
             del self.model.__dict__[_HANDLE_ATTR]
 
-    # ----------------------------------------------------------------------------------------- hooks
+    # ------------------------------------------------------------------------------- the two steps
 
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def begin(self, kwargs: dict[str, Any]) -> None:
+        """Before the model's forward: read the batch from the call's keyword arguments and collect the router
+        calls from now until :meth:`finish`."""
         if self.config is not None and kwargs.get("output_router_logits"):
             warnings.warn(
                 "output_router_logits=True: transformers adds its own (all-layer) balance loss to output.loss on top "
@@ -121,22 +120,18 @@ class RouterLossHandle:
         self._batch = BatchContext.from_kwargs(kwargs)
         self._calls = []
 
-    def _after_router(self, index: int, module: nn.Module, args: tuple, output: object) -> None:
-        # a bound method in a partial, not a closure: deepcopy of the model (a DPO reference model) then
-        # gives the copy's routers hooks into the copy's handle, where a closure would stay with the original
-        if self._batch is not None:
-            logits, indices = split_router_output(self.routers[index], output)
-            self._calls.append((index, logits, indices))
-
-    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+    def finish(self, output: Any, training: bool) -> Any:
+        """After the model's forward: compute the router losses of the calls collected since :meth:`begin`, put
+        them on ``output`` and, when ``training``, add the weighted aux to its loss. Returns the output (a new
+        tuple for a ``return_dict=False`` one)."""
         batch, calls = self._batch, self._calls
         self._batch, self._calls = None, []
         if batch is None or not calls:
-            return None
+            return output
         masks = [self._mask(batch, self.routers[index], logits) for index, logits, _ in calls]
         balances = [self._record(call, mask) for call, mask in zip(calls, masks, strict=True)]
         if self.config is None:
-            return None
+            return output
         # FFN routers use the recipe's coefficients; a router with its own (MoICE attention) is averaged
         # over its layers separately and weighted by that coefficient
         ffn = [i for i, (index, _, _) in enumerate(calls) if self.routers[index].balance_coef is None]
@@ -157,11 +152,26 @@ class RouterLossHandle:
             own_aux = layer_mean([c * balances[i] for c, i in zip(coefs, own, strict=True)])
             aux = aux + own_aux
             self.losses["attention_balance"] = layer_mean([balances[i] for i in own]).detach()
-            if self.measure_grad_norm and module.training:
+            if self.measure_grad_norm and training:
                 self.losses["attention_balance_grad_norm"] = self._grad_norm(own_aux, [calls[i][0] for i in own])
         self.losses["aux"] = aux.detach()
-        weighted = aux * batch.loss_weight() if module.training else None
+        weighted = aux * batch.loss_weight() if training else None
         return _add_to_output(output, weighted, self.losses, has_labels=batch.label_tokens is not None)
+
+    # ------------------------------------------------------------------------------------------ hooks
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.begin(kwargs)
+
+    def _after_router(self, index: int, module: nn.Module, args: tuple, output: object) -> None:
+        # a bound method in a partial, not a closure: deepcopy of the model (a DPO reference model) then
+        # gives the copy's routers hooks into the copy's handle, where a closure would stay with the original
+        if self._batch is not None:
+            logits, indices = split_router_output(self.routers[index], output)
+            self._calls.append((index, logits, indices))
+
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        return self.finish(output, module.training)
 
     def _grad_norm(self, loss: torch.Tensor, routers: list[int]) -> torch.Tensor:
         """Norm of ``loss``'s gradient on those routers' trainable weights (0 when it has none, as at
@@ -196,9 +206,7 @@ class RouterLossHandle:
         return balance
 
 
-def _add_to_output(
-    output: Any, aux: torch.Tensor | None, losses: dict[str, torch.Tensor], has_labels: bool
-) -> Any:
+def _add_to_output(output: Any, aux: torch.Tensor | None, losses: dict[str, torch.Tensor], has_labels: bool) -> Any:
     """Attach the components to a ``ModelOutput`` and add ``aux`` (if any) to its LM loss, or to the loss
     that a ``return_dict=False`` tuple holds first when labels were given."""
     if hasattr(output, "loss"):
@@ -206,11 +214,11 @@ def _add_to_output(
         output.router_aux_loss = aux
         if aux is not None and output.loss is not None:
             output.loss = output.loss + aux.to(output.loss.device)
-        return None
-    if aux is not None and has_labels and isinstance(output, tuple) and output:
-        if isinstance(output[0], torch.Tensor) and output[0].ndim == 0:
-            return (output[0] + aux.to(output[0].device), *output[1:])
-    return None
+        return output
+    loss_first = isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].ndim == 0
+    if aux is not None and has_labels and loss_first:
+        return (output[0] + aux.to(output[0].device), *output[1:])
+    return output
 
 
 def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = None) -> RouterLossHandle:
@@ -242,7 +250,9 @@ def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = Non
     replaced = tuple(m.__dict__[_HANDLE_ATTR] for m in model.modules() if _HANDLE_ATTR in m.__dict__)
     for old in replaced:
         old._remove()
-    handle = RouterLossHandle(model, routers, config, replaced)
+    # the class's attribute, not the model's: a PEFT wrapper forwards unknown attributes to the model it wraps
+    calls = getattr(type(model), "calls_router_losses", False)
+    handle = RouterLossHandle(model, routers, config, replaced, hook_model=not calls)
     model.__dict__[_HANDLE_ATTR] = handle
     if config.aux_free:
         try:
@@ -251,6 +261,12 @@ def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = Non
             handle.detach()  # leave the model as it was
             raise
     return handle
+
+
+def attached_router_losses(model: nn.Module) -> RouterLossHandle | None:
+    """The loss handle attached to ``model`` itself: None when there is none, or when attaching to a module
+    around it (a PEFT wrapper) replaced it."""
+    return model.__dict__.get(_HANDLE_ATTR)
 
 
 @contextmanager
