@@ -1,16 +1,43 @@
 """Router losses inside the model's forward, so every training loop gets them: HF Trainer, TRL, or a user's own.
 
-:func:`attach_router_losses` puts forward hooks on the routers (collecting each call's logits and
-selections) and on the causal-LM module: a pre-hook reads the batch from the call's keyword arguments, and
-a post-hook computes ``aux = balance_coef·balance + z_coef·z + mi_coef·mi`` (per layer, padding masked, see
-:mod:`moeforge.routing.losses`) and, in training mode, adds it to ``output.loss`` when labels were given.
-``attention_mask``, ``labels``/``shift_labels`` and ``num_items_in_batch`` are read from keyword
-arguments, which is how Trainer, TRL and ``generate`` pass them. Router calls outside a forward of the
-model (gradient-checkpointing recomputation during backward) are ignored.
+What is collected: forward hooks on the routers (:func:`find_routers`, the ``(logits, weights, indices)``
+contract) record each call's logits and selected experts between the start and the end of the model's
+forward; they feed the routing statistics (:meth:`RouterLossHandle.pop_stats`) and the losses. Router calls
+outside a forward (gradient-checkpointing recomputation during backward) are ignored.
 
-Gradient accumulation and data parallelism: when transformers' Trainer passes ``num_items_in_batch``,
-the micro-batch's aux is scaled by ``label tokens / num_items_in_batch``, exactly as the LM loss of that
-micro-batch is ``sum / num_items_in_batch`` (see :meth:`BatchContext.loss_weight`).
+The batch is read from the forward's keyword arguments, which is how Trainer, TRL and ``generate`` pass it:
+``attention_mask`` (padding does not count as routing), ``labels``/``shift_labels`` (the label tokens) and
+``num_items_in_batch``; positional arguments are not read.
+
+The loss: ``aux = balance_coef·balance + z_coef·z + mi_coef·mi``, each per layer over the real tokens and
+averaged over layers (:mod:`moeforge.routing.losses`); routers with a coefficient of their own (MoICE's
+attention routers) add their balance loss, averaged over their layers, times that coefficient. In training
+mode only (``model.train()``) aux is added to ``output.loss`` when the output has one (labels given; for a
+``return_dict=False`` tuple, its first element): like dropout it is a training-time regulariser, and an
+evaluation loss stays the plain LM loss, comparable across models and with perplexity. Every forward also
+sets ``output.router_losses`` (the unscaled ``balance``, ``z``, ``mi`` and ``aux``, detached, for logging;
+also the handle's ``losses``) and ``output.router_aux_loss`` (the scaled aux with its graph, None in eval
+mode): a trainer that recomputes the LM loss itself, like TRL's fused-head SFT path, adds that instead.
+
+Gradient accumulation and data parallelism: when Trainer passes ``num_items_in_batch``, the micro-batch's
+aux is scaled by ``label tokens / num_items_in_batch``, exactly as the LM loss of that micro-batch is
+``sum / num_items_in_batch`` (see :meth:`BatchContext.loss_weight`), so the micro-batches add up to the
+token-weighted mean over the accumulated batch.
+
+Where the forward starts and ends, a :class:`RouterLossHandle`'s two steps :meth:`~RouterLossHandle.begin`
+(with the call's kwargs) and :meth:`~RouterLossHandle.finish` (with its output):
+
+- moeforge's architecture (:mod:`moeforge.modeling.modeling`) calls them in its own ``forward``, which its
+  class declares with ``calls_router_losses = True``; it attaches a handle with its config's
+  ``router_*_loss_coef`` at construction, so ``from_pretrained`` trains with them.
+- Any other model (transformers' Mixtral, Qwen2-MoE, Qwen3-MoE; a PEFT or other wrapper around a moeforge
+  model), and every :func:`observe_routers`, gets a forward pre-hook calling ``begin`` and a forward hook
+  calling ``finish`` on the model. A native model's ``config.output_router_logits`` is switched off while
+  attached, so transformers does not add its own balance loss, computed over all layers at once, on top.
+
+A model holds one loss handle (:func:`attach_router_losses` replaces the one attached to it or inside it,
+detaching restores it), and the handle keeps no graph between forwards, so the model stays deep-copyable
+(a DPO reference model computes its own losses).
 """
 
 from __future__ import annotations
@@ -224,14 +251,11 @@ def _add_to_output(output: Any, aux: torch.Tensor | None, losses: dict[str, torc
 def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = None) -> RouterLossHandle:
     """Add router losses to ``model``'s forward (a causal LM: its output's ``loss``), returning the handle.
 
-    Works on any model whose routers follow the ``(logits, weights, indices)`` contract: moeforge_llama,
-    transformers' Mixtral, Qwen2-MoE, Qwen3-MoE. For native models ``config.output_router_logits`` is set
-    to False (restored on detach) so transformers does not add its own balance loss, computed over all
-    layers at once, on top. A model holds one loss handle: attaching replaces any attached to the model or
-    inside it (moeforge_llama attaches its own at construction, and a PEFT or other wrapper holds it as a
-    submodule), and detaching the new one restores them.
-    With ``config.aux_free`` the handle gets ``handle.balancer``, an :class:`AuxFreeBalancer` to step after
-    each optimizer step."""
+    Works on any model whose routers follow the ``(logits, weights, indices)`` contract (moeforge's
+    architecture, transformers' Mixtral, Qwen2-MoE, Qwen3-MoE). It replaces any loss handle attached to the
+    model or inside it (a moeforge model's own, when ``model`` is that model or a PEFT or other wrapper
+    holding it) until the new one is detached. With ``config.aux_free`` the handle gets ``handle.balancer``,
+    an :class:`AuxFreeBalancer` to step after each optimizer step."""
     config = config or RouterLossConfig()
     routers = find_routers(model)
     constant = [
