@@ -74,6 +74,24 @@ def test_the_models_own_forward_adds_the_weighted_router_losses_in_training_mode
     assert out.router_aux_loss is None and out.router_losses["balance"] > 0
 
 
+def test_a_forward_replaced_on_the_model_gets_the_losses_through_hooks() -> None:
+    """TRL's fused LM head replaces the instance's forward with one that runs the decoder itself, skipping the
+    class's forward: attached afterwards (as moeforge's trainer does), the handle hooks the model's call."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = moeforge_model().train()
+    add_fused_lm_head(model)
+    attach_router_losses(model, RouterLossConfig(balance_coef=1.0))
+    assert model._forward_hooks and model._forward_pre_hooks
+    inputs = batch()
+    mask = inputs["attention_mask"].reshape(-1).bool()
+    for fused in (True, False):  # the unfused path runs the class's forward, which must not count them again
+        with captured_router_logits(model, TopKRouter) as logits:
+            out = model(**inputs, fused_lm_head=fused)
+        torch.testing.assert_close(out.router_aux_loss, reference_aux(logits, mask, balance=1.0, z=0.0, mi=0.0))
+    torch.testing.assert_close(out.loss, lm_loss(out.logits, inputs["labels"]) + out.router_aux_loss)
+
+
 def test_zero_coefficients_give_the_plain_lm_loss(tmp_path: Path) -> None:
     moeforge_model(router_aux_loss_coef=0.0).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path).train()

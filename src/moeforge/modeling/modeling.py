@@ -114,7 +114,7 @@ class _MoeforgeForCausalLM(_MoeforgePreTrained):
         """The family's forward (its arguments, its signature as :func:`architecture` shows it), then the router
         losses of that forward: on ``output.router_losses``, and in training mode added to ``output.loss``."""
         router_losses = attached_router_losses(self)
-        if router_losses is None:  # attached to a wrapper around this model instead, which hooks its own forward
+        if router_losses is None:  # none, or one that hooks this model's call or a wrapper's around it
             return super().forward(*args, **kwargs)
         router_losses.begin(kwargs)
         output = super().forward(*args, **kwargs)

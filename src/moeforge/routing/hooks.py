@@ -31,9 +31,11 @@ Where the forward starts and ends, a :class:`RouterLossHandle`'s two steps :meth
   class declares with ``calls_router_losses = True``; it attaches a handle with its config's
   ``router_*_loss_coef`` at construction, so ``from_pretrained`` trains with them.
 - Any other model (transformers' Mixtral, Qwen2-MoE, Qwen3-MoE; a PEFT or other wrapper around a moeforge
-  model), and every :func:`observe_routers`, gets a forward pre-hook calling ``begin`` and a forward hook
-  calling ``finish`` on the model. A native model's ``config.output_router_logits`` is switched off while
-  attached, so transformers does not add its own balance loss, computed over all layers at once, on top.
+  model; a moeforge model whose ``forward`` was replaced on the instance when the handle was attached, as
+  TRL's fused LM head does), and every :func:`observe_routers`, gets a forward pre-hook calling ``begin``
+  and a forward hook calling ``finish`` on the model. A native model's ``config.output_router_logits`` is
+  switched off while attached, so transformers does not add its own balance loss, computed over all
+  layers at once, on top.
 
 A model holds one loss handle (:func:`attach_router_losses` replaces the one attached to it or inside it,
 detaching restores it), and the handle keeps no graph between forwards, so the model stays deep-copyable
@@ -75,7 +77,7 @@ __all__ = ["RouterLossHandle", "attach_router_losses", "attached_router_losses",
 
 class RouterLossHandle:
     """Router losses (or, with ``config=None``, statistics only) of one model: hooks on its routers, and on
-    the model itself unless ``hook_model=False`` (its forward calls :meth:`begin` and :meth:`finish`). After
+    the model itself unless ``hooks_model=False`` (its forward calls :meth:`begin` and :meth:`finish`). After
     each forward ``losses`` holds that forward's unscaled components; see the module docstring."""
 
     def __init__(
@@ -84,7 +86,7 @@ class RouterLossHandle:
         routers: list[RouterRef],
         config: RouterLossConfig | None,
         replaced: tuple[RouterLossHandle, ...] = (),
-        hook_model: bool = True,
+        hooks_model: bool = True,
     ) -> None:
         self.model = model
         self.routers = routers
@@ -92,13 +94,14 @@ class RouterLossHandle:
         self.losses: dict[str, torch.Tensor] = {}
         self.balancer: AuxFreeBalancer | None = None
         self.measure_grad_norm = False  # set for a forward to log the attention-router balance gradient norm
+        self.hooks_model = hooks_model  # else the model's own forward calls begin and finish
         self._replaced = replaced  # loss handles this one displaced (already removed): re-attached on detach
         self._batch: BatchContext | None = None  # set only while the model's forward runs
         self._calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._accumulators: list[RoutingAccumulator] = []
         self._stats = self.add_accumulator()
         self._hooks = [router.module.register_forward_hook(partial(self._after_router, i)) for i, router in enumerate(routers)]
-        if hook_model:  # else the model's own forward calls begin and finish
+        if hooks_model:
             self._hooks += [
                 model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                 model.register_forward_hook(self._after_forward, with_kwargs=True),
@@ -274,9 +277,10 @@ def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = Non
     replaced = tuple(m.__dict__[_HANDLE_ATTR] for m in model.modules() if _HANDLE_ATTR in m.__dict__)
     for old in replaced:
         old._remove()
-    # the class's attribute, not the model's: a PEFT wrapper forwards unknown attributes to the model it wraps
-    calls = getattr(type(model), "calls_router_losses", False)
-    handle = RouterLossHandle(model, routers, config, replaced, hook_model=not calls)
+    # The class's attribute, not the model's (a PEFT wrapper forwards unknown attributes to the model it wraps);
+    # a forward replaced on the instance (TRL's fused LM head, which runs the decoder itself) skips the class's.
+    calls = getattr(type(model), "calls_router_losses", False) and "forward" not in model.__dict__
+    handle = RouterLossHandle(model, routers, config, replaced, hooks_model=not calls)
     model.__dict__[_HANDLE_ATTR] = handle
     if config.aux_free:
         try:
@@ -288,9 +292,10 @@ def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = Non
 
 
 def attached_router_losses(model: nn.Module) -> RouterLossHandle | None:
-    """The loss handle attached to ``model`` itself: None when there is none, or when attaching to a module
-    around it (a PEFT wrapper) replaced it."""
-    return model.__dict__.get(_HANDLE_ATTR)
+    """The loss handle that ``model``'s own forward runs: the one attached to the model itself, unless that one
+    hooks the model's call instead, or attaching to a module around the model (a PEFT wrapper) replaced it."""
+    handle = model.__dict__.get(_HANDLE_ATTR)
+    return None if handle is None or handle.hooks_model else handle
 
 
 @contextmanager
