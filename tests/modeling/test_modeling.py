@@ -3,6 +3,7 @@ the upcycling identity (identical experts == the dense model), experts backends,
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,11 @@ def test_from_config_gives_the_moeforge_class() -> None:
     assert type(model).__name__ == "MoeforgeLlamaForCausalLM"
     assert isinstance(model, LlamaForCausalLM)
     assert isinstance(model.model.layers[1].mlp, MoeforgeSparseMoeBlock)
+
+
+def test_forward_shows_the_familys_parameters() -> None:
+    """Trainer keeps the dataset columns, and generate passes the kwargs, that the forward's signature names."""
+    assert inspect.signature(build().forward) == inspect.signature(LlamaForCausalLM(LlamaConfig(**BASE)).forward)
 
 
 # --------------------------------------------------------------------------------------------- save / load

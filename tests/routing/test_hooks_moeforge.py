@@ -31,6 +31,67 @@ def test_from_pretrained_adds_the_aux_with_the_config_coefficients(tmp_path: Pat
     assert model.model.layers[2].mlp.gate.fc2.weight.grad.abs().max() > 0
 
 
+def reference_aux(logits: list[torch.Tensor], mask: torch.Tensor, balance: float, z: float, mi: float) -> torch.Tensor:
+    """The weighted router losses written out from the captured logits: per layer over the real tokens
+    (Switch balance ``E · Σ_e f_e · P_e``, ``logsumexp²``, ``mean H(p_t) − H(mean p_t)``), averaged over layers."""
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p * p.log()).sum(-1)
+
+    terms = []
+    for layer, k in zip(logits, KS, strict=True):
+        real = layer[mask].float()
+        probs, experts = real.softmax(-1), real.shape[-1]
+        share = torch.nn.functional.one_hot(real.topk(k).indices, experts).sum(1).float().mean(0)
+        terms.append(
+            balance * experts * (share * probs.mean(0)).sum()
+            + z * (real.logsumexp(-1) ** 2).mean()
+            + mi * (entropy(probs).mean() - entropy(probs.mean(0)))
+        )
+    return torch.stack(terms).mean()
+
+
+def test_the_models_own_forward_adds_the_weighted_router_losses_in_training_mode_only() -> None:
+    """No hook on the model: its forward adds LM loss + the weighted losses (same value, same gradient)."""
+    model = moeforge_model(router_aux_loss_coef=0.05, router_z_loss_coef=0.002, router_mi_loss_coef=0.1)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    inputs = batch()
+    mask = inputs["attention_mask"].reshape(-1).bool()
+    with captured_router_logits(model.train(), TopKRouter) as logits:
+        out = model(**inputs)
+    lm = lm_loss(out.logits, inputs["labels"])
+    expected = lm + reference_aux(logits, mask, balance=0.05, z=0.002, mi=0.1)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.router_aux_loss, expected - lm, rtol=1e-5, atol=1e-7)
+    gates = [p for name, p in model.named_parameters() if ".gate." in name]
+    for got, want in zip(
+        torch.autograd.grad(out.loss, gates, retain_graph=True), torch.autograd.grad(expected, gates), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        out = model.eval()(**inputs)
+    torch.testing.assert_close(out.loss, lm_loss(out.logits, inputs["labels"]), rtol=1e-6, atol=1e-6)
+    assert out.router_aux_loss is None and out.router_losses["balance"] > 0
+
+
+def test_a_forward_replaced_on_the_model_gets_the_losses_through_hooks() -> None:
+    """TRL's fused LM head replaces the instance's forward with one that runs the decoder itself, skipping the
+    class's forward: attached afterwards (as moeforge's trainer does), the handle hooks the model's call."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = moeforge_model().train()
+    add_fused_lm_head(model)
+    attach_router_losses(model, RouterLossConfig(balance_coef=1.0))
+    assert model._forward_hooks and model._forward_pre_hooks
+    inputs = batch()
+    mask = inputs["attention_mask"].reshape(-1).bool()
+    for fused in (True, False):  # the unfused path runs the class's forward, which must not count them again
+        with captured_router_logits(model, TopKRouter) as logits:
+            out = model(**inputs, fused_lm_head=fused)
+        torch.testing.assert_close(out.router_aux_loss, reference_aux(logits, mask, balance=1.0, z=0.0, mi=0.0))
+    torch.testing.assert_close(out.loss, lm_loss(out.logits, inputs["labels"]) + out.router_aux_loss)
+
+
 def test_zero_coefficients_give_the_plain_lm_loss(tmp_path: Path) -> None:
     moeforge_model(router_aux_loss_coef=0.0).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path).train()

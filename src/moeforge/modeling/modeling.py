@@ -14,7 +14,10 @@ never with ``trust_remote_code``.
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,11 +25,14 @@ from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreT
 from transformers import initialization as init
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+from transformers.utils import ModelOutput
 
+from moeforge.config.router_losses import RouterLossConfig
 from moeforge.families import DENSE_FAMILIES, dense_family
 from moeforge.modeling.configuration import config_class
 from moeforge.modeling.moe_block import MoeforgeExperts, MoeforgeSparseMoeBlock
 from moeforge.modeling.routers import GMMRouter, LinearRouter, MLPRouter, TopKRouter
+from moeforge.routing.hooks import attach_router_losses, attached_router_losses
 
 
 def install_moe_blocks(decoder: nn.Module, config: PretrainedConfig) -> None:
@@ -81,16 +87,15 @@ class _MoeforgeModel(_MoeforgePreTrained):
 
 
 class _MoeforgeForCausalLM(_MoeforgePreTrained):
-    """The family's causal LM with MoE blocks. Its ``loss`` in training mode (labels given) includes the router
-    losses weighted by the config's ``router_*_loss_coef``: attached as hooks at construction, so
-    ``AutoModelForCausalLM.from_pretrained(dir)`` trains with them in any loop, with no moeforge training code
-    (the hooks' contract: :mod:`moeforge.routing.hooks`). ``moeforge.routing.attach_router_losses(model, ...)``
-    replaces them (e.g. with a recipe's coefficients)."""
+    """The family's causal LM with MoE blocks, whose ``forward`` adds the router losses to the loss in training
+    mode, with the config's ``router_*_loss_coef``: ``AutoModelForCausalLM.from_pretrained(dir)`` trains with them
+    in any loop, with no moeforge training code. ``moeforge.routing.attach_router_losses(model, ...)`` replaces
+    the coefficients (a recipe's). The contract (what is collected, the kwargs read, accumulation scaling):
+    :mod:`moeforge.routing.hooks`."""
+
+    calls_router_losses = True  # forward runs the loss handle itself: attach_router_losses hooks only the routers
 
     def __init__(self, config: PretrainedConfig) -> None:
-        from moeforge.routing.hooks import attach_router_losses  # moeforge.routing imports this package
-        from moeforge.config.router_losses import RouterLossConfig
-
         super().__init__(config)
         # The family's causal LM built its decoder as the family's class; make it moeforge's subclass of that
         # class (same state, plus the weight init that knows experts and routers, which transformers runs per
@@ -104,6 +109,24 @@ class _MoeforgeForCausalLM(_MoeforgePreTrained):
                 balance_coef=config.router_aux_loss_coef, z_coef=config.router_z_loss_coef, mi_coef=config.router_mi_loss_coef
             ),
         )
+
+    def forward(self, *args: Any, **kwargs: Any) -> ModelOutput | tuple:
+        """The family's forward (its arguments, its signature as :func:`architecture` shows it), then the router
+        losses of that forward: on ``output.router_losses``, and in training mode added to ``output.loss``."""
+        router_losses = attached_router_losses(self)
+        if router_losses is None:  # none, or one that hooks this model's call or a wrapper's around it
+            return super().forward(*args, **kwargs)
+        router_losses.begin(kwargs)
+        output = super().forward(*args, **kwargs)
+        return router_losses.finish(output, training=self.training)
+
+
+def _with_signature(forward: Callable[..., Any], signature_of: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` showing ``signature_of``'s signature: Trainer reads a model's forward parameters to choose the
+    dataset columns it keeps, ``generate`` the kwargs it passes, so a per-family class must show its family's."""
+    shown = functools.wraps(forward)(lambda *args, **kwargs: forward(*args, **kwargs))
+    shown.__signature__ = inspect.signature(signature_of)
+    return shown
 
 
 @dataclass(frozen=True)
@@ -124,6 +147,8 @@ def architecture(base_model_type: str) -> Architecture:
     for mixin, mapping in ((_MoeforgeModel, MODEL_MAPPING), (_MoeforgeForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING)):
         base = mapping[family_config]
         namespace = {"__module__": __name__, "__doc__": mixin.__doc__ or base.__doc__, "config_class": config}
+        if mixin is _MoeforgeForCausalLM:
+            namespace["forward"] = _with_signature(mixin.forward, base.forward)
         classes.append(type(f"Moeforge{base.__name__}", (mixin, base), namespace))
     AutoModel.register(config, classes[0], exist_ok=True)
     AutoModelForCausalLM.register(config, classes[1], exist_ok=True)

@@ -1,16 +1,45 @@
 """Router losses inside the model's forward, so every training loop gets them: HF Trainer, TRL, or a user's own.
 
-:func:`attach_router_losses` puts forward hooks on the routers (collecting each call's logits and
-selections) and on the causal-LM module: a pre-hook reads the batch from the call's keyword arguments, and
-a post-hook computes ``aux = balance_coef·balance + z_coef·z + mi_coef·mi`` (per layer, padding masked, see
-:mod:`moeforge.routing.losses`) and, in training mode, adds it to ``output.loss`` when labels were given.
-``attention_mask``, ``labels``/``shift_labels`` and ``num_items_in_batch`` are read from keyword
-arguments, which is how Trainer, TRL and ``generate`` pass them. Router calls outside a forward of the
-model (gradient-checkpointing recomputation during backward) are ignored.
+What is collected: forward hooks on the routers (:func:`find_routers`, the ``(logits, weights, indices)``
+contract) record each call's logits and selected experts between the start and the end of the model's
+forward; they feed the routing statistics (:meth:`RouterLossHandle.pop_stats`) and the losses. Router calls
+outside a forward (gradient-checkpointing recomputation during backward) are ignored.
 
-Gradient accumulation and data parallelism: when transformers' Trainer passes ``num_items_in_batch``,
-the micro-batch's aux is scaled by ``label tokens / num_items_in_batch``, exactly as the LM loss of that
-micro-batch is ``sum / num_items_in_batch`` (see :meth:`BatchContext.loss_weight`).
+The batch is read from the forward's keyword arguments, which is how Trainer, TRL and ``generate`` pass it:
+``attention_mask`` (padding does not count as routing), ``labels``/``shift_labels`` (the label tokens) and
+``num_items_in_batch``; positional arguments are not read.
+
+The loss: ``aux = balance_coef·balance + z_coef·z + mi_coef·mi``, each per layer over the real tokens and
+averaged over layers (:mod:`moeforge.routing.losses`); routers with a coefficient of their own (MoICE's
+attention routers) add their balance loss, averaged over their layers, times that coefficient. In training
+mode only (``model.train()``) aux is added to ``output.loss`` when the output has one (labels given; for a
+``return_dict=False`` tuple, its first element): like dropout it is a training-time regulariser, and an
+evaluation loss stays the plain LM loss, comparable across models and with perplexity. Every forward also
+sets ``output.router_losses`` (the unscaled ``balance``, ``z``, ``mi`` and ``aux``, detached, for logging;
+also the handle's ``losses``) and ``output.router_aux_loss`` (the scaled aux with its graph, None in eval
+mode): a trainer that recomputes the LM loss itself, like TRL's fused-head SFT path, adds that instead.
+
+Gradient accumulation and data parallelism: when Trainer passes ``num_items_in_batch``, the micro-batch's
+aux is scaled by ``label tokens / num_items_in_batch``, exactly as the LM loss of that micro-batch is
+``sum / num_items_in_batch`` (see :meth:`BatchContext.loss_weight`), so the micro-batches add up to the
+token-weighted mean over the accumulated batch.
+
+Where the forward starts and ends, a :class:`RouterLossHandle`'s two steps :meth:`~RouterLossHandle.begin`
+(with the call's kwargs) and :meth:`~RouterLossHandle.finish` (with its output):
+
+- moeforge's architecture (:mod:`moeforge.modeling.modeling`) calls them in its own ``forward``, which its
+  class declares with ``calls_router_losses = True``; it attaches a handle with its config's
+  ``router_*_loss_coef`` at construction, so ``from_pretrained`` trains with them.
+- Any other model (transformers' Mixtral, Qwen2-MoE, Qwen3-MoE; a PEFT or other wrapper around a moeforge
+  model; a moeforge model whose ``forward`` was replaced on the instance when the handle was attached, as
+  TRL's fused LM head does), and every :func:`observe_routers`, gets a forward pre-hook calling ``begin``
+  and a forward hook calling ``finish`` on the model. A native model's ``config.output_router_logits`` is
+  switched off while attached, so transformers does not add its own balance loss, computed over all
+  layers at once, on top.
+
+A model holds one loss handle (:func:`attach_router_losses` replaces the one attached to it or inside it,
+detaching restores it), and the handle keeps no graph between forwards, so the model stays deep-copyable
+(a DPO reference model computes its own losses).
 """
 
 from __future__ import annotations
@@ -43,19 +72,13 @@ from moeforge.routing.stats import RoutingStats
 
 _HANDLE_ATTR = "_moeforge_router_losses"  # the loss handle attached to a model (at most one)
 
-__all__ = ["RouterLossHandle", "attach_router_losses", "find_routers", "observe_routers"]
+__all__ = ["RouterLossHandle", "attach_router_losses", "attached_router_losses", "find_routers", "observe_routers"]
 
 
 class RouterLossHandle:
-    """The hooks on one model. ``config=None`` observes only (statistics, no loss).
-
-    The aux loss is added in training mode only (``model.train()``): like dropout it is a training-time
-    regulariser, and an evaluation loss stays the plain LM loss, comparable across models and with
-    perplexity. After each forward, ``losses`` (also ``output.router_losses``) holds that forward's unscaled
-    ``balance``, ``z``, ``mi`` and ``aux`` (detached, for logging), and ``output.router_aux_loss`` the scaled
-    aux added to the LM loss, with its graph: a trainer that recomputes the LM loss itself, like TRL's
-    fused-head SFT path, adds this instead. The handle keeps no graph between forwards (the model stays
-    deep-copyable, e.g. for a DPO reference model)."""
+    """Router losses (or, with ``config=None``, statistics only) of one model: hooks on its routers, and on
+    the model itself unless ``hooks_model=False`` (its forward calls :meth:`begin` and :meth:`finish`). After
+    each forward ``losses`` holds that forward's unscaled components; see the module docstring."""
 
     def __init__(
         self,
@@ -63,6 +86,7 @@ class RouterLossHandle:
         routers: list[RouterRef],
         config: RouterLossConfig | None,
         replaced: tuple[RouterLossHandle, ...] = (),
+        hooks_model: bool = True,
     ) -> None:
         self.model = model
         self.routers = routers
@@ -70,15 +94,18 @@ class RouterLossHandle:
         self.losses: dict[str, torch.Tensor] = {}
         self.balancer: AuxFreeBalancer | None = None
         self.measure_grad_norm = False  # set for a forward to log the attention-router balance gradient norm
+        self.hooks_model = hooks_model  # else the model's own forward calls begin and finish
         self._replaced = replaced  # loss handles this one displaced (already removed): re-attached on detach
         self._batch: BatchContext | None = None  # set only while the model's forward runs
         self._calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._accumulators: list[RoutingAccumulator] = []
         self._stats = self.add_accumulator()
-        self._hooks = [
-            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            model.register_forward_hook(self._after_forward, with_kwargs=True),
-        ] + [router.module.register_forward_hook(partial(self._after_router, i)) for i, router in enumerate(routers)]
+        self._hooks = [router.module.register_forward_hook(partial(self._after_router, i)) for i, router in enumerate(routers)]
+        if hooks_model:
+            self._hooks += [
+                model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                model.register_forward_hook(self._after_forward, with_kwargs=True),
+            ]
         model_config = getattr(model, "config", None)
         self._native_router_logits = getattr(model_config, "output_router_logits", None) if config is not None else None
         if self._native_router_logits is not None:
@@ -109,9 +136,11 @@ class RouterLossHandle:
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
             del self.model.__dict__[_HANDLE_ATTR]
 
-    # ----------------------------------------------------------------------------------------- hooks
+    # ------------------------------------------------------------------------------- the two steps
 
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def begin(self, kwargs: dict[str, Any]) -> None:
+        """Before the model's forward: read the batch from the call's keyword arguments and collect the router
+        calls from now until :meth:`finish`."""
         if self.config is not None and kwargs.get("output_router_logits"):
             warnings.warn(
                 "output_router_logits=True: transformers adds its own (all-layer) balance loss to output.loss on top "
@@ -121,22 +150,18 @@ class RouterLossHandle:
         self._batch = BatchContext.from_kwargs(kwargs)
         self._calls = []
 
-    def _after_router(self, index: int, module: nn.Module, args: tuple, output: object) -> None:
-        # a bound method in a partial, not a closure: deepcopy of the model (a DPO reference model) then
-        # gives the copy's routers hooks into the copy's handle, where a closure would stay with the original
-        if self._batch is not None:
-            logits, indices = split_router_output(self.routers[index], output)
-            self._calls.append((index, logits, indices))
-
-    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+    def finish(self, output: Any, training: bool) -> Any:
+        """After the model's forward: compute the router losses of the calls collected since :meth:`begin`, put
+        them on ``output`` and, when ``training``, add the weighted aux to its loss. Returns the output (a new
+        tuple for a ``return_dict=False`` one)."""
         batch, calls = self._batch, self._calls
         self._batch, self._calls = None, []
         if batch is None or not calls:
-            return None
+            return output
         masks = [self._mask(batch, self.routers[index], logits) for index, logits, _ in calls]
         balances = [self._record(call, mask) for call, mask in zip(calls, masks, strict=True)]
         if self.config is None:
-            return None
+            return output
         # FFN routers use the recipe's coefficients; a router with its own (MoICE attention) is averaged
         # over its layers separately and weighted by that coefficient
         ffn = [i for i, (index, _, _) in enumerate(calls) if self.routers[index].balance_coef is None]
@@ -157,11 +182,26 @@ class RouterLossHandle:
             own_aux = layer_mean([c * balances[i] for c, i in zip(coefs, own, strict=True)])
             aux = aux + own_aux
             self.losses["attention_balance"] = layer_mean([balances[i] for i in own]).detach()
-            if self.measure_grad_norm and module.training:
+            if self.measure_grad_norm and training:
                 self.losses["attention_balance_grad_norm"] = self._grad_norm(own_aux, [calls[i][0] for i in own])
         self.losses["aux"] = aux.detach()
-        weighted = aux * batch.loss_weight() if module.training else None
+        weighted = aux * batch.loss_weight() if training else None
         return _add_to_output(output, weighted, self.losses, has_labels=batch.label_tokens is not None)
+
+    # ------------------------------------------------------------------------------------------ hooks
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.begin(kwargs)
+
+    def _after_router(self, index: int, module: nn.Module, args: tuple, output: object) -> None:
+        # a bound method in a partial, not a closure: deepcopy of the model (a DPO reference model) then
+        # gives the copy's routers hooks into the copy's handle, where a closure would stay with the original
+        if self._batch is not None:
+            logits, indices = split_router_output(self.routers[index], output)
+            self._calls.append((index, logits, indices))
+
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        return self.finish(output, module.training)
 
     def _grad_norm(self, loss: torch.Tensor, routers: list[int]) -> torch.Tensor:
         """Norm of ``loss``'s gradient on those routers' trainable weights (0 when it has none, as at
@@ -196,9 +236,7 @@ class RouterLossHandle:
         return balance
 
 
-def _add_to_output(
-    output: Any, aux: torch.Tensor | None, losses: dict[str, torch.Tensor], has_labels: bool
-) -> Any:
+def _add_to_output(output: Any, aux: torch.Tensor | None, losses: dict[str, torch.Tensor], has_labels: bool) -> Any:
     """Attach the components to a ``ModelOutput`` and add ``aux`` (if any) to its LM loss, or to the loss
     that a ``return_dict=False`` tuple holds first when labels were given."""
     if hasattr(output, "loss"):
@@ -206,24 +244,21 @@ def _add_to_output(
         output.router_aux_loss = aux
         if aux is not None and output.loss is not None:
             output.loss = output.loss + aux.to(output.loss.device)
-        return None
-    if aux is not None and has_labels and isinstance(output, tuple) and output:
-        if isinstance(output[0], torch.Tensor) and output[0].ndim == 0:
-            return (output[0] + aux.to(output[0].device), *output[1:])
-    return None
+        return output
+    loss_first = isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].ndim == 0
+    if aux is not None and has_labels and loss_first:
+        return (output[0] + aux.to(output[0].device), *output[1:])
+    return output
 
 
 def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = None) -> RouterLossHandle:
     """Add router losses to ``model``'s forward (a causal LM: its output's ``loss``), returning the handle.
 
-    Works on any model whose routers follow the ``(logits, weights, indices)`` contract: moeforge_llama,
-    transformers' Mixtral, Qwen2-MoE, Qwen3-MoE. For native models ``config.output_router_logits`` is set
-    to False (restored on detach) so transformers does not add its own balance loss, computed over all
-    layers at once, on top. A model holds one loss handle: attaching replaces any attached to the model or
-    inside it (moeforge_llama attaches its own at construction, and a PEFT or other wrapper holds it as a
-    submodule), and detaching the new one restores them.
-    With ``config.aux_free`` the handle gets ``handle.balancer``, an :class:`AuxFreeBalancer` to step after
-    each optimizer step."""
+    Works on any model whose routers follow the ``(logits, weights, indices)`` contract (moeforge's
+    architecture, transformers' Mixtral, Qwen2-MoE, Qwen3-MoE). It replaces any loss handle attached to the
+    model or inside it (a moeforge model's own, when ``model`` is that model or a PEFT or other wrapper
+    holding it) until the new one is detached. With ``config.aux_free`` the handle gets ``handle.balancer``,
+    an :class:`AuxFreeBalancer` to step after each optimizer step."""
     config = config or RouterLossConfig()
     routers = find_routers(model)
     constant = [
@@ -242,7 +277,10 @@ def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = Non
     replaced = tuple(m.__dict__[_HANDLE_ATTR] for m in model.modules() if _HANDLE_ATTR in m.__dict__)
     for old in replaced:
         old._remove()
-    handle = RouterLossHandle(model, routers, config, replaced)
+    # The class's attribute, not the model's (a PEFT wrapper forwards unknown attributes to the model it wraps);
+    # a forward replaced on the instance (TRL's fused LM head, which runs the decoder itself) skips the class's.
+    calls = getattr(type(model), "calls_router_losses", False) and "forward" not in model.__dict__
+    handle = RouterLossHandle(model, routers, config, replaced, hooks_model=not calls)
     model.__dict__[_HANDLE_ATTR] = handle
     if config.aux_free:
         try:
@@ -251,6 +289,13 @@ def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = Non
             handle.detach()  # leave the model as it was
             raise
     return handle
+
+
+def attached_router_losses(model: nn.Module) -> RouterLossHandle | None:
+    """The loss handle that ``model``'s own forward runs: the one attached to the model itself, unless that one
+    hooks the model's call instead, or attaching to a module around the model (a PEFT wrapper) replaced it."""
+    handle = model.__dict__.get(_HANDLE_ATTR)
+    return None if handle is None or handle.hooks_model else handle
 
 
 @contextmanager

@@ -152,7 +152,7 @@ def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trai
             model=model, args=TrainingArguments(**kwargs), train_dataset=train, eval_dataset=evaluation,
             data_collator=default_data_collator, processing_class=tokenizer, optimizers=optimizers, callbacks=callbacks,
         )
-    # TRL's own MoE aux loss (transformers' all-layer version) off: moeforge's hooks supply the router losses
+    # TRL's own MoE aux loss (transformers' all-layer version) off: moeforge supplies the router losses
     if recipe.stage == "sft":
         from trl import SFTConfig
 

@@ -2,7 +2,7 @@
 the loss TRL computes.
 
 Both compute their loss from the model's log-probs (SFT's fused LM head, DPO's preference loss) rather
-than from ``output.loss``, so the router aux loss that moeforge's hooks put on the output
+than from ``output.loss``, so the router aux loss that moeforge puts on the output
 (``output.router_aux_loss``) would be dropped. TRL's own MoE aux (transformers' all-layer version) is
 switched off with ``router_aux_loss_coef=0.0`` in their configs; this mixin adds ours instead.
 """
@@ -23,7 +23,7 @@ class RouterAuxLossMixin:
     """Adds the router aux loss of every forward run inside ``compute_loss`` to the loss it returns.
 
     Weighting follows the LM loss: when ``num_items_in_batch`` is known (SFT), it is passed to the model so
-    the hooks scale the aux by this micro-batch's share of the accumulated batch's label tokens, and, like
+    the aux is scaled by this micro-batch's share of the accumulated batch's label tokens, and, like
     the LM loss, it is multiplied by the process count that DDP's gradient averaging divides out. Without
     it (DPO, a per-micro-batch mean that Trainer divides by the accumulation steps), the plain aux is added."""
 
