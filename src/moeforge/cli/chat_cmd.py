@@ -10,9 +10,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from typing import cast
 
 import torch
-from transformers import PreTrainedModel, TextStreamer
+from transformers import GenerationMixin, PreTrainedModel, TextStreamer
 from transformers.tokenization_utils_base import BatchEncoding, PreTrainedTokenizerBase
 
 from moeforge.cli.dtypes import DTYPES
@@ -49,9 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def build_inputs(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> BatchEncoding:
     """Token ids for the conversation so far, ending where the assistant's reply starts."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        return cast(BatchEncoding, encoded)  # return_dict=True: the stubs list every return form
     return tokenizer("\n\n".join(m["content"] for m in messages), return_tensors="pt")
 
 
@@ -75,8 +75,8 @@ def chat_once(
     if pad is not None:
         sampling["pad_token_id"] = pad
     with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        output = cast(GenerationMixin, model).generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
+    return str(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
 def _check_args(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 from transformers.utils import ModelOutput
 
 from moeforge.config.router_losses import RouterLossConfig
-from moeforge.families import DENSE_FAMILIES, dense_family
+from moeforge.families import DENSE_FAMILIES, known_dense_family
 from moeforge.modeling.configuration import config_class
 from moeforge.modeling.moe_block import MoeforgeExperts, MoeforgeSparseMoeBlock
 from moeforge.modeling.routers import GMMRouter, LinearRouter, MLPRouter, TopKRouter
@@ -37,14 +37,21 @@ from moeforge.routing.hooks import attach_router_losses, attached_router_losses
 
 def install_moe_blocks(decoder: nn.Module, config: PretrainedConfig) -> None:
     """Replace the FFN of every layer of ``decoder`` (the module holding ``layers``) that ``config.moe_layers`` makes MoE."""
-    module = dense_family(config.base_model_type).ffn.module
-    for index, layer in enumerate(decoder.layers):
+    module = known_dense_family(config.base_model_type).ffn.module
+    for index, layer in enumerate(cast(nn.ModuleList, decoder.layers)):
         spec = config.layer_spec(index)
         if spec is not None:
             setattr(layer, module, MoeforgeSparseMoeBlock(config, spec))
 
 
-class _MoeforgePreTrained:
+# The mixins below are placed before a family's transformers classes in the MRO; the type checker is told so.
+if TYPE_CHECKING:
+    _FamilyModel = PreTrainedModel
+else:
+    _FamilyModel = object
+
+
+class _MoeforgePreTrained(_FamilyModel):
     """What every moeforge model class adds to its family's classes (placed first in the MRO)."""
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
@@ -94,6 +101,7 @@ class _MoeforgeForCausalLM(_MoeforgePreTrained):
     :mod:`moeforge.routing.hooks`."""
 
     calls_router_losses = True  # forward runs the loss handle itself: attach_router_losses hooks only the routers
+    model: nn.Module  # the family's decoder, made moeforge's below
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
@@ -124,8 +132,11 @@ class _MoeforgeForCausalLM(_MoeforgePreTrained):
 def _with_signature(forward: Callable[..., Any], signature_of: Callable[..., Any]) -> Callable[..., Any]:
     """``forward`` showing ``signature_of``'s signature: Trainer reads a model's forward parameters to choose the
     dataset columns it keeps, ``generate`` the kwargs it passes, so a per-family class must show its family's."""
-    shown = functools.wraps(forward)(lambda *args, **kwargs: forward(*args, **kwargs))
-    shown.__signature__ = inspect.signature(signature_of)
+    @functools.wraps(forward)
+    def shown(*args: Any, **kwargs: Any) -> Any:
+        return forward(*args, **kwargs)
+
+    shown.__signature__ = inspect.signature(signature_of)  # type: ignore[attr-defined]  # what inspect.signature reads
     return shown
 
 
@@ -143,10 +154,10 @@ def architecture(base_model_type: str) -> Architecture:
     """Build (once) and register moeforge's config and model classes over family ``base_model_type``."""
     config = config_class(base_model_type)
     family_config = CONFIG_MAPPING[base_model_type]
-    classes = []
+    classes: list[type[PreTrainedModel]] = []
     for mixin, mapping in ((_MoeforgeModel, MODEL_MAPPING), (_MoeforgeForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING)):
-        base = mapping[family_config]
-        namespace = {"__module__": __name__, "__doc__": mixin.__doc__ or base.__doc__, "config_class": config}
+        base: type[PreTrainedModel] = mapping[family_config]  # type: ignore[assignment]  # the mapping's stubs say tuple
+        namespace: dict[str, Any] = {"__module__": __name__, "__doc__": mixin.__doc__ or base.__doc__, "config_class": config}
         if mixin is _MoeforgeForCausalLM:
             namespace["forward"] = _with_signature(mixin.forward, base.forward)
         classes.append(type(f"Moeforge{base.__name__}", (mixin, base), namespace))
@@ -164,7 +175,8 @@ def __getattr__(name: str) -> type:
         for family in DENSE_FAMILIES:
             family_config = CONFIG_MAPPING[family.model_type]
             names = [f"Moeforge{family_config.__name__}"] + [
-                f"Moeforge{mapping[family_config].__name__}" for mapping in (MODEL_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING)
+                f"Moeforge{mapping[family_config].__name__}"  # type: ignore[attr-defined]  # a class; the stubs say tuple
+                for mapping in (MODEL_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING)
             ]
             if name in names:
                 architecture(family.model_type)
@@ -180,5 +192,5 @@ def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
 class MoeforgeForCausalLM:
     """``MoeforgeForCausalLM(config)`` builds the moeforge causal LM of ``config``'s family (as the Auto classes do)."""
 
-    def __new__(cls, config: PretrainedConfig) -> PreTrainedModel:
+    def __new__(cls, config: PretrainedConfig) -> PreTrainedModel:  # type: ignore[misc]  # a factory, like the Auto classes
         return causal_lm_class(config)(config)

@@ -153,13 +153,14 @@ def _first_trained_layer(model: PreTrainedModel | PeftModel) -> int | None:
 
 def count_parameters(spec: ModelSpec) -> ParameterCounts:
     """Build ``spec`` on the meta device and count what training would hold and train."""
-    model: PreTrainedModel | PeftModel = build_meta_model(spec.config, spec.dtype)
-    quantizable = _quantizable(model)
+    base = build_meta_model(spec.config, spec.dtype)
+    quantizable = _quantizable(base)
     if spec.moice is not None:
         from moeforge.modeling.moice import apply_moice
 
         with init_empty_weights():
-            apply_moice(model, spec.moice)
+            apply_moice(base, spec.moice)
+    model: PreTrainedModel | PeftModel = base
     if spec.adapter is not None:
         from moeforge.adapters.build import apply_adapter
 

@@ -33,13 +33,9 @@ class RoutingAccumulator:
         mean ``entropy`` and ``balance`` (weighted by ``tokens`` so windows average per token)."""
         tokens = tokens.to(torch.float64, copy=True)  # copies: the sums are updated in place below
         values = (counts.to(torch.float64, copy=True), tokens, entropy.double() * tokens, balance.double() * tokens)
-        if self.load[layer] is None:
-            self.load[layer], self.tokens[layer], self.entropy_sum[layer], self.balance_sum[layer] = values
-            return
-        self.load[layer] += values[0]
-        self.tokens[layer] += values[1]
-        self.entropy_sum[layer] += values[2]
-        self.balance_sum[layer] += values[3]
+        for sums, value in zip((self.load, self.tokens, self.entropy_sum, self.balance_sum), values, strict=True):
+            current = sums[layer]
+            sums[layer] = value if current is None else current.add_(value)
 
     def pop(self) -> RoutingStats:
         """The statistics since the last pop (layers never reached report zero load), then start afresh."""

@@ -11,7 +11,7 @@ would swallow γ = 1e-3 steps.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,7 +32,7 @@ class AuxFreeBalancer:
             culprit = f" ({foreign[0].name} is a {type(foreign[0].module).__name__})" if foreign else ""
             raise MoeforgeError(f"aux_free needs moeforge routers{culprit}; convert with export: moeforge")
         self.rate = rate
-        self.routers: list[torch.nn.Module] = [r.module for r in handle.routers]
+        self.routers: list[Any] = [r.module for r in handle.routers]  # moeforge's TopKRouter (modeling is above routing)
         for router in self.routers:
             router.enable_expert_bias()
         config = getattr(handle.model, "config", None)

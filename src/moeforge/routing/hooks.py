@@ -108,7 +108,7 @@ class RouterLossHandle:
             ]
         model_config = getattr(model, "config", None)
         self._native_router_logits = getattr(model_config, "output_router_logits", None) if config is not None else None
-        if self._native_router_logits is not None:
+        if model_config is not None and self._native_router_logits is not None:
             model_config.output_router_logits = False
 
     def add_accumulator(self) -> RoutingAccumulator:
@@ -131,8 +131,9 @@ class RouterLossHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        if self._native_router_logits is not None:
-            self.model.config.output_router_logits = self._native_router_logits
+        model_config = getattr(self.model, "config", None)
+        if model_config is not None and self._native_router_logits is not None:
+            model_config.output_router_logits = self._native_router_logits
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
             del self.model.__dict__[_HANDLE_ATTR]
 
@@ -165,7 +166,7 @@ class RouterLossHandle:
         # FFN routers use the recipe's coefficients; a router with its own (MoICE attention) is averaged
         # over its layers separately and weighted by that coefficient
         ffn = [i for i, (index, _, _) in enumerate(calls) if self.routers[index].balance_coef is None]
-        own = [i for i in range(len(calls)) if i not in ffn]
+        own = [(i, coef) for i, (index, _, _) in enumerate(calls) if (coef := self.routers[index].balance_coef) is not None]
         zero = balances[0].new_zeros(())
         aux, self.losses = zero, {}
         if ffn:
@@ -178,12 +179,11 @@ class RouterLossHandle:
             aux = self.config.balance_coef * balance + self.config.z_coef * z + self.config.mi_coef * mi
             self.losses.update(balance=balance.detach(), z=z.detach(), mi=mi.detach())
         if own:
-            coefs = [self.routers[calls[i][0]].balance_coef for i in own]
-            own_aux = layer_mean([c * balances[i] for c, i in zip(coefs, own, strict=True)])
+            own_aux = layer_mean([coef * balances[i] for i, coef in own])
             aux = aux + own_aux
-            self.losses["attention_balance"] = layer_mean([balances[i] for i in own]).detach()
+            self.losses["attention_balance"] = layer_mean([balances[i] for i, _ in own]).detach()
             if self.measure_grad_norm and training:
-                self.losses["attention_balance_grad_norm"] = self._grad_norm(own_aux, [calls[i][0] for i in own])
+                self.losses["attention_balance_grad_norm"] = self._grad_norm(own_aux, [calls[i][0] for i, _ in own])
         self.losses["aux"] = aux.detach()
         weighted = aux * batch.loss_weight() if training else None
         return _add_to_output(output, weighted, self.losses, has_labels=batch.label_tokens is not None)
