@@ -22,8 +22,15 @@ from moeforge.adapters.build import apply_adapter
 from moeforge.config.adapter import AdapterSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LLAMA2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+LLAMA2_7B = LlamaConfig(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+)
 FFN = ["gate_proj", "up_proj", "down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PRESETS = {
@@ -45,8 +52,15 @@ def main() -> None:
     rows = []
     for name, spec in PRESETS.items():
         trainable, total = count(spec)
-        rows.append({"preset": name, "adapter": spec.model_dump(exclude_defaults=True), "trainable": trainable, "total": total,
-                     "percent": 100 * trainable / total})
+        rows.append(
+            {
+                "preset": name,
+                "adapter": spec.model_dump(exclude_defaults=True),
+                "trainable": trainable,
+                "total": total,
+                "percent": 100 * trainable / total,
+            }
+        )
         print(f"{name:>6}: {trainable / 1e6:8.1f} M of {total / 1e9:.2f} B = {100 * trainable / total:.2f}%  {rows[-1]['adapter']}")
     RESULTS.mkdir(exist_ok=True)
     lines = ["| preset | adapter section | trainable | trainable % (of all, as PEFT counts) |", "|---|---|---|---|"]

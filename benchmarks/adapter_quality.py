@@ -76,11 +76,11 @@ import moeforge  # noqa: F401  (registers the MOE_LORA PEFT method)
 from moeforge.adapters.build import apply_adapter
 from moeforge.adapters.moe_lora import AdapterRouter
 from moeforge.config.adapter import AdapterSpec
+from moeforge.config.router_losses import RouterLossConfig
 from moeforge.data.calibration import builtin_text
 from moeforge.eval.probes import bootstrap_ci
 from moeforge.io.loading import load_model
 from moeforge.routing.hooks import attach_router_losses
-from moeforge.config.router_losses import RouterLossConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapter_speed import source_revision  # noqa: E402  (benchmarks/ helpers)
@@ -90,11 +90,70 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("arithmetic", "reverse", "lookup", "json")
 FFN = ["gate_proj", "up_proj", "down_proj"]
 SYSTEM = "Answer with the result only."
-NAMES = ("Ann", "Bob", "Carla", "David", "Emma", "Felix", "Grace", "Hugo", "Ines", "Jack", "Kim", "Leo", "Maria",
-         "Nina", "Omar", "Paul", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Victor", "Wendy", "Xavier", "Yara", "Zoe",
-         "Alice", "Ben", "Chloe", "Dan", "Eva", "Frank", "Gina", "Henry", "Ivy", "John", "Kate", "Liam", "Mia", "Noah")
-CITIES = ("Oslo", "Paris", "Rome", "Berlin", "Madrid", "Lisbon", "Vienna", "Prague", "Dublin", "Athens", "Cairo",
-          "Tokyo", "Seoul", "Lima", "Quito", "Boston", "Denver", "Austin", "Sydney", "Toronto")
+NAMES = (
+    "Ann",
+    "Bob",
+    "Carla",
+    "David",
+    "Emma",
+    "Felix",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jack",
+    "Kim",
+    "Leo",
+    "Maria",
+    "Nina",
+    "Omar",
+    "Paul",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Uma",
+    "Victor",
+    "Wendy",
+    "Xavier",
+    "Yara",
+    "Zoe",
+    "Alice",
+    "Ben",
+    "Chloe",
+    "Dan",
+    "Eva",
+    "Frank",
+    "Gina",
+    "Henry",
+    "Ivy",
+    "John",
+    "Kate",
+    "Liam",
+    "Mia",
+    "Noah",
+)
+CITIES = (
+    "Oslo",
+    "Paris",
+    "Rome",
+    "Berlin",
+    "Madrid",
+    "Lisbon",
+    "Vienna",
+    "Prague",
+    "Dublin",
+    "Athens",
+    "Cairo",
+    "Tokyo",
+    "Seoul",
+    "Lima",
+    "Quito",
+    "Boston",
+    "Denver",
+    "Austin",
+    "Sydney",
+    "Toronto",
+)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -207,8 +266,8 @@ class Encoder:
         ids = torch.full((len(prompts), length), self.pad)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, length - len(p):] = torch.tensor(p)
-            mask[i, length - len(p):] = 1
+            ids[i, length - len(p) :] = torch.tensor(p)
+            mask[i, length - len(p) :] = 1
         return ids, mask
 
 
@@ -247,10 +306,15 @@ def train(model: torch.nn.Module, data: list[Example], encoder: Encoder, lr: flo
     model.eval()
     seconds = time.perf_counter() - start
     return {
-        "trainable_parameters": sum(p.numel() for p in params), "lr": lr, "steps": steps, "tokens": tokens,
-        "first10_loss": round(statistics.mean(losses[:10]), 4), "last25_loss": round(statistics.mean(losses[-25:]), 4),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "lr": lr,
+        "steps": steps,
+        "tokens": tokens,
+        "first10_loss": round(statistics.mean(losses[:10]), 4),
+        "last25_loss": round(statistics.mean(losses[-25:]), 4),
         "loss_every_10": [round(statistics.mean(losses[i : i + 10]), 4) for i in range(0, len(losses), 10)],
-        "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(1, steps), 3),
+        "seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / max(1, steps), 3),
         "median_step_seconds": round(statistics.median(step_seconds), 3),
     }
 
@@ -266,9 +330,10 @@ def evaluate(model: torch.nn.Module, test: list[Example], encoder: Encoder, batc
     for first in range(0, len(order), batch):
         chosen = order[first : first + batch]
         ids, mask = encoder.left_padded([test[i] for i in chosen])
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=encoder.pad)
-        for i, row in zip(chosen, out[:, ids.shape[1]:], strict=True):
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=encoder.pad
+        )
+        for i, row in zip(chosen, out[:, ids.shape[1] :], strict=True):
             predictions[i] = encoder.tokenizer.decode(row, skip_special_tokens=True).strip()
     exact = [float(p == e.answer) for p, e in zip(predictions, test, strict=True)]
     return {"predictions": predictions, "exact": exact, "seconds": round(time.perf_counter() - start, 1)}
@@ -307,8 +372,12 @@ def paired(a: list[float], b: list[float], test: list[Example]) -> dict:
     for task in (*TASKS, "overall"):
         diffs = [x - y for x, y, e in zip(a, b, test, strict=True) if task in ("overall", e.task)]
         low, high = bootstrap_ci(diffs)
-        out[task] = {"diff": float(np.mean(diffs)), "ci": [low, high],
-                     "only_a": int(sum(d > 0 for d in diffs)), "only_b": int(sum(d < 0 for d in diffs))}
+        out[task] = {
+            "diff": float(np.mean(diffs)),
+            "ci": [low, high],
+            "only_a": int(sum(d > 0 for d in diffs)),
+            "only_b": int(sum(d < 0 for d in diffs)),
+        }
     return out
 
 
@@ -347,8 +416,13 @@ def task_routing(model: torch.nn.Module, test: list[Example], encoder: Encoder, 
     joint = counts / counts.sum(dim=(1, 2), keepdim=True)
     p_task, p_expert = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
     mi = torch.where(joint > 0, joint * (joint / (p_task * p_expert)).log(), torch.zeros_like(joint)).sum(dim=(1, 2))
-    return {"mi_per_layer": [round(float(x), 4) for x in mi], "mi_mean": float(mi.mean()), "mi_max": float(mi.max()),
-            "mi_upper_bound": math.log(len(TASKS)), "shared_prefix_tokens": shared}
+    return {
+        "mi_per_layer": [round(float(x), 4) for x in mi],
+        "mi_mean": float(mi.mean()),
+        "mi_max": float(mi.max()),
+        "mi_upper_bound": math.log(len(TASKS)),
+        "shared_prefix_tokens": shared,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -396,47 +470,90 @@ def markdown(report: dict) -> str:
         lr = f"{t['lr']:g}" if t else "-"
         lines.append(f"| {name} | {params} | {lr} | " + " | ".join(_cell(r["em"][task]) for task in (*TASKS, "overall")) + " |")
     if report["paired"]:
-        lines += ["", "## Paired differences on the same prompts (EM a - b, 95% bootstrap CI; prompts only a / only b got right)", "",
-                  "| a - b | " + " | ".join(TASKS) + " | overall |", "|---|" + "---|" * (len(TASKS) + 1)]
+        lines += [
+            "",
+            "## Paired differences on the same prompts (EM a - b, 95% bootstrap CI; prompts only a / only b got right)",
+            "",
+            "| a - b | " + " | ".join(TASKS) + " | overall |",
+            "|---|" + "---|" * (len(TASKS) + 1),
+        ]
         for name, p in report["paired"].items():
-            lines.append(f"| {name} | " + " | ".join(
-                f"{p[t]['diff']:+.3f} [{p[t]['ci'][0]:+.2f}, {p[t]['ci'][1]:+.2f}] ({p[t]['only_a']}/{p[t]['only_b']})" for t in (*TASKS, "overall")) + " |")
-    lines += ["", "## Answer NLL (nats per completion token, teacher-forced; lower is better; 95% bootstrap CI)", "",
-              "| method | " + " | ".join(TASKS) + " | overall |", "|---|" + "---|" * (len(TASKS) + 1)]
+            lines.append(
+                f"| {name} | "
+                + " | ".join(
+                    f"{p[t]['diff']:+.3f} [{p[t]['ci'][0]:+.2f}, {p[t]['ci'][1]:+.2f}] ({p[t]['only_a']}/{p[t]['only_b']})"
+                    for t in (*TASKS, "overall")
+                )
+                + " |"
+            )
+    lines += [
+        "",
+        "## Answer NLL (nats per completion token, teacher-forced; lower is better; 95% bootstrap CI)",
+        "",
+        "| method | " + " | ".join(TASKS) + " | overall |",
+        "|---|" + "---|" * (len(TASKS) + 1),
+    ]
     for name, r in report["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(
-            f"{r['nll'][t]['em']:.3f} [{r['nll'][t]['ci'][0]:.3f}, {r['nll'][t]['ci'][1]:.3f}]" for t in (*TASKS, "overall")) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{r['nll'][t]['em']:.3f} [{r['nll'][t]['ci'][0]:.3f}, {r['nll'][t]['ci'][1]:.3f}]" for t in (*TASKS, "overall"))
+            + " |"
+        )
     if report["paired_nll"]:
-        lines += ["", "Paired NLL differences a - b (negative: a fits the answers better; prompts where a / b has the higher NLL):", "",
-                  "| a - b | " + " | ".join(TASKS) + " | overall |", "|---|" + "---|" * (len(TASKS) + 1)]
+        lines += [
+            "",
+            "Paired NLL differences a - b (negative: a fits the answers better; prompts where a / b has the higher NLL):",
+            "",
+            "| a - b | " + " | ".join(TASKS) + " | overall |",
+            "|---|" + "---|" * (len(TASKS) + 1),
+        ]
         for name, p in report["paired_nll"].items():
-            lines.append(f"| {name} | " + " | ".join(
-                f"{p[t]['diff']:+.3f} [{p[t]['ci'][0]:+.3f}, {p[t]['ci'][1]:+.3f}] ({p[t]['only_a']}/{p[t]['only_b']})" for t in (*TASKS, "overall")) + " |")
-    lines += ["", "## Training and evaluation cost", "",
-              "| method | train s (mean / median s per step) | train tokens | LM loss, first 10 → last 25 steps | eval s |", "|---|---|---|---|---|"]
+            lines.append(
+                f"| {name} | "
+                + " | ".join(
+                    f"{p[t]['diff']:+.3f} [{p[t]['ci'][0]:+.3f}, {p[t]['ci'][1]:+.3f}] ({p[t]['only_a']}/{p[t]['only_b']})"
+                    for t in (*TASKS, "overall")
+                )
+                + " |"
+            )
+    lines += [
+        "",
+        "## Training and evaluation cost",
+        "",
+        "| method | train s (mean / median s per step) | train tokens | LM loss, first 10 → last 25 steps | eval s |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in report["methods"].items():
         t = r.get("training")
         if t:
-            lines.append(f"| {name} | {t['seconds']:.0f} ({t['seconds_per_step']:.2f} / {t['median_step_seconds']:.2f}) | {t['tokens']:,} | "
-                         f"{t['first10_loss']:.3f} → {t['last25_loss']:.3f} | {r['eval_seconds']:.0f} |")
+            lines.append(
+                f"| {name} | {t['seconds']:.0f} ({t['seconds_per_step']:.2f} / {t['median_step_seconds']:.2f}) | {t['tokens']:,} | "
+                f"{t['first10_loss']:.3f} → {t['last25_loss']:.3f} | {r['eval_seconds']:.0f} |"
+            )
         else:
             lines.append(f"| {name} | - | - | - | {r['eval_seconds']:.0f} |")
     routing = report["methods"].get("moe_lora", {}).get("routing")
     if routing:
         before, after = routing["before"], routing["after"]
-        lines += ["", f"MoE-LoRA routing vs task: mutual information between task and expert choice over the held-out examples' "
-                  f"tokens (prompt + answer, after the {after['shared_prefix_tokens']}-token shared prefix), mean over layers "
-                  f"{before['mi_mean']:.3f} nats before training → {after['mi_mean']:.3f} after (max layer {before['mi_max']:.3f} → "
-                  f"{after['mi_max']:.3f}; upper bound ln 4 = {after['mi_upper_bound']:.3f})."]
+        lines += [
+            "",
+            f"MoE-LoRA routing vs task: mutual information between task and expert choice over the held-out examples' "
+            f"tokens (prompt + answer, after the {after['shared_prefix_tokens']}-token shared prefix), mean over layers "
+            f"{before['mi_mean']:.3f} nats before training → {after['mi_mean']:.3f} after (max layer {before['mi_max']:.3f} → "
+            f"{after['mi_max']:.3f}; upper bound ln 4 = {after['mi_upper_bound']:.3f}).",
+        ]
     lines += ["", "Examples (first test prompt of each task; prediction per method):", ""]
     for task in TASKS:
         i = next(j for j, e in enumerate(report["test"]) if e["task"] == task)
         e = report["test"][i]
         preds = "; ".join(f"{name}: `{_short(r['predictions'][i])}`" for name, r in report["methods"].items())
-        lines.append(f"- {task}: \"{e['prompt']}\" → `{e['answer']}` — {preds}")
-    lines += ["", "One training seed: the CIs cover the choice of test prompts, not training-run variance. Times come from "
-              "a shared 2-core machine (other jobs make 2-thread steps much slower at times; the median step is the "
-              "steadier figure): benchmarks/adapter_speed.py measures speed properly."]
+        lines.append(f'- {task}: "{e["prompt"]}" → `{e["answer"]}` — {preds}')
+    lines += [
+        "",
+        "One training seed: the CIs cover the choice of test prompts, not training-run variance. Times come from "
+        "a shared 2-core machine (other jobs make 2-thread steps much slower at times; the median step is the "
+        "steadier figure): benchmarks/adapter_speed.py measures speed properly.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -482,8 +599,9 @@ def main() -> None:
     train_data, test, data_info = make_data(args.seed, math.ceil(args.steps * args.batch / len(TASKS)), args.test_per_task)
     log(f"data: {len(train_data)} training examples, {len(test)} test prompts; load avg {load_start}; {torch.get_num_threads()} threads")
 
-    moe_spec = AdapterSpec(method="moe_lora", num_experts=args.experts, top_k=args.top_k, rank=args.rank,
-                           alpha=2.0 * args.rank, targets=FFN)
+    moe_spec = AdapterSpec(
+        method="moe_lora", num_experts=args.experts, top_k=args.top_k, rank=args.rank, alpha=2.0 * args.rank, targets=FFN
+    )
     layers = base.model.layers
     per_rank = sum(getattr(layer.mlp, t).in_features + getattr(layer.mlp, t).out_features for layer in layers for t in FFN)
     # MoE-LoRA: per layer, E rank-r LoRA pairs on each target and an E x hidden router
@@ -522,12 +640,21 @@ def main() -> None:
         evaluation = evaluate(model, test, encoder, args.gen_batch, args.max_new_tokens)
         em = summarize(evaluation["exact"], test)
         nll = answer_nll(model, test, encoder, max(1, args.gen_batch // 2))
-        results[method] = {"training": training, "em": em, "nll": summarize(nll, test), "eval_seconds": evaluation["seconds"],
-                           "exact": evaluation["exact"], "answer_nll": nll, "predictions": evaluation["predictions"]}
+        results[method] = {
+            "training": training,
+            "em": em,
+            "nll": summarize(nll, test),
+            "eval_seconds": evaluation["seconds"],
+            "exact": evaluation["exact"],
+            "answer_nll": nll,
+            "predictions": evaluation["predictions"],
+        }
         if routing is not None:
             results[method]["routing"] = routing
-        log("  EM " + ", ".join(f"{t} {em[t]['em']:.3f}" for t in (*TASKS, "overall")) + f" (eval {evaluation['seconds']:.0f} s); "
-            f"answer NLL {results[method]['nll']['overall']['em']:.3f}")
+        log(
+            "  EM " + ", ".join(f"{t} {em[t]['em']:.3f}" for t in (*TASKS, "overall")) + f" (eval {evaluation['seconds']:.0f} s); "
+            f"answer NLL {results[method]['nll']['overall']['em']:.3f}"
+        )
         if model is not base:
             del model
         gc.collect()
@@ -538,19 +665,48 @@ def main() -> None:
             comparisons[f"{a} - {b}"] = paired(results[a]["exact"], results[b]["exact"], test)
             nll_comparisons[f"{a} - {b}"] = paired(results[a]["answer_nll"], results[b]["answer_nll"], test)
 
-    defaults = {"steps": 120, "batch": 8, "test_per_task": 100, "rank": 8, "experts": 8, "top_k": 2, "lora_rank": None,
-                "lr_moe_lora": 1e-3, "lr_lora": 1e-3, "lr_full": 3e-5, "methods": "base,moe_lora,lora,full", "max_new_tokens": 32,
-                "gen_batch": 50, "seed": 0, "train_seed": 0, "threads": None, "system_malloc": False, "output": RESULTS}
+    defaults = {
+        "steps": 120,
+        "batch": 8,
+        "test_per_task": 100,
+        "rank": 8,
+        "experts": 8,
+        "top_k": 2,
+        "lora_rank": None,
+        "lr_moe_lora": 1e-3,
+        "lr_lora": 1e-3,
+        "lr_full": 3e-5,
+        "methods": "base,moe_lora,lora,full",
+        "max_new_tokens": 32,
+        "gen_batch": 50,
+        "seed": 0,
+        "train_seed": 0,
+        "threads": None,
+        "system_malloc": False,
+        "output": RESULTS,
+    }
     command = "python benchmarks/adapter_quality.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != defaults.get(k) and k != "output")
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != defaults.get(k) and k != "output"
+    )
     report = {
-        "command": command, "revision": revision, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": f"{os.cpu_count()} CPU cores", "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__, "peft": __import__("peft").__version__,
-        "moe_lora": moe_spec.model_dump(mode="json"), "lora_rank": lora_rank, "lora_params_per_rank": per_rank,
-        "data": data_info, "test_prompts": len(test),
+        "command": command,
+        "revision": revision,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": f"{os.cpu_count()} CPU cores",
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "peft": __import__("peft").__version__,
+        "moe_lora": moe_spec.model_dump(mode="json"),
+        "lora_rank": lora_rank,
+        "lora_params_per_rank": per_rank,
+        "data": data_info,
+        "test_prompts": len(test),
         "load_avg": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
-        "methods": results, "paired": comparisons, "paired_nll": nll_comparisons, "test": [asdict(e) for e in test],
+        "methods": results,
+        "paired": comparisons,
+        "paired_nll": nll_comparisons,
+        "test": [asdict(e) for e in test],
         "wall_seconds": round(time.perf_counter() - wall_start, 1),
     }
     write_atomic(args.output / "adapter_quality.json", json.dumps(report, indent=1) + "\n")

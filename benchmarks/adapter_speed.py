@@ -94,8 +94,8 @@ def token_blocks(seq_len: int) -> torch.Tensor:
     """pt-demo packed (EOS-separated) into ``seq_len`` blocks: train_throughput.py's batches."""
     from moeforge.data import pack_texts
     from moeforge.data.builtin import builtin_dataset
-    from moeforge.io.loading import load_tokenizer
     from moeforge.io.embedded import default_model_dir
+    from moeforge.io.loading import load_tokenizer
 
     blocks = pack_texts(builtin_dataset("pt-demo"), load_tokenizer(default_model_dir()), seq_len)
     return torch.tensor(blocks["input_ids"], dtype=torch.long)
@@ -151,8 +151,11 @@ def interleaved(names: list[str], rounds: int, run) -> dict[str, list[float]]:
 def summary(seconds: list[float], tokens: int) -> dict:
     median = statistics.median(seconds)
     return {
-        "seconds": [round(s, 3) for s in seconds], "median_s": round(median, 4), "min_s": round(min(seconds), 4),
-        "max_s": round(max(seconds), 4), "tokens_per_s": round(tokens / median, 1),
+        "seconds": [round(s, 3) for s in seconds],
+        "median_s": round(median, 4),
+        "min_s": round(min(seconds), 4),
+        "max_s": round(max(seconds), 4),
+        "tokens_per_s": round(tokens / median, 1),
     }
 
 
@@ -188,9 +191,9 @@ def main() -> None:
     import moeforge  # noqa: F401  (registers the MOE_LORA PEFT method)
     from moeforge.adapters.build import apply_adapter
     from moeforge.config.adapter import AdapterSpec
+    from moeforge.config.router_losses import RouterLossConfig
     from moeforge.io.loading import load_model
     from moeforge.routing.hooks import attach_router_losses
-    from moeforge.config.router_losses import RouterLossConfig
 
     wall_start = time.perf_counter()
     load_start = os.getloadavg()
@@ -202,14 +205,20 @@ def main() -> None:
     def batch(i: int) -> torch.Tensor:
         return blocks[[(i * args.batch + j) % blocks.shape[0] for j in range(args.batch)]]
 
-    print(f"data: pt-demo packed into {blocks.shape[0]} blocks of {args.seq_len}; batch {args.batch} x {args.seq_len} = "
-          f"{tokens} tokens; {torch.get_num_threads()} torch threads; load avg {load_start}", flush=True)
+    print(
+        f"data: pt-demo packed into {blocks.shape[0]} blocks of {args.seq_len}; batch {args.batch} x {args.seq_len} = "
+        f"{tokens} tokens; {torch.get_num_threads()} torch threads; load avg {load_start}",
+        flush=True,
+    )
 
     torch.manual_seed(0)
     base, _ = load_model("default", dtype=torch.float32)
     base.requires_grad_(False)
-    moe_specs = {"(a) moe_lora top-2": AdapterSpec(method="moe_lora", num_experts=args.experts, top_k=args.top_k,
-                                                 rank=args.rank, alpha=2.0 * args.rank, targets=FFN)}
+    moe_specs = {
+        "(a) moe_lora top-2": AdapterSpec(
+            method="moe_lora", num_experts=args.experts, top_k=args.top_k, rank=args.rank, alpha=2.0 * args.rank, targets=FFN
+        )
+    }
     if not args.no_top1 and args.top_k != 1:
         moe_specs["(d) moe_lora top-1"] = moe_specs["(a) moe_lora top-2"].model_copy(update={"top_k": 1})
     models, handles = {}, {}
@@ -225,9 +234,13 @@ def main() -> None:
     models[lora_name] = apply_adapter(copy.deepcopy(base), AdapterSpec(method="lora", rank=lora_rank, alpha=2.0 * lora_rank, targets=FFN))
     names = ["(a) moe_lora top-2", lora_name, *(n for n in moe_specs if n.startswith("(d)"))]
     counts = {name: trainable_count(models[name]) for name in names}
-    print("trainable parameters: " + ", ".join(f"{n} {c:,}" for n, c in counts.items())
-          + f" (lora ranks {max(1, moe_count // per_rank)}/{max(1, moe_count // per_rank) + 1} would give "
-          f"{max(1, moe_count // per_rank) * per_rank:,}/{(max(1, moe_count // per_rank) + 1) * per_rank:,})", flush=True)
+    print(
+        "trainable parameters: "
+        + ", ".join(f"{n} {c:,}" for n, c in counts.items())
+        + f" (lora ranks {max(1, moe_count // per_rank)}/{max(1, moe_count // per_rank) + 1} would give "
+        f"{max(1, moe_count // per_rank) * per_rank:,}/{(max(1, moe_count // per_rank) + 1) * per_rank:,})",
+        flush=True,
+    )
 
     # ---------------------------------------------------------------------------------------- training
     optimizers, losses = {}, {name: [] for name in names}
@@ -251,20 +264,22 @@ def main() -> None:
     train_seconds = interleaved(names, args.warmup + args.steps, train_step)
     training = {}
     for name in names:
-        timed = train_seconds[name][args.warmup:]
+        timed = train_seconds[name][args.warmup :]
         training[name] = summary(timed, tokens) | {"trainable_parameters": counts[name], "losses": losses[name]}
-        print(f"train {name}: median {training[name]['median_s']:.2f} s (min {training[name]['min_s']:.2f}), "
-              f"{training[name]['tokens_per_s']:.0f} tok/s; steps {training[name]['seconds']}", flush=True)
+        print(
+            f"train {name}: median {training[name]['median_s']:.2f} s (min {training[name]['min_s']:.2f}), "
+            f"{training[name]['tokens_per_s']:.0f} tok/s; steps {training[name]['seconds']}",
+            flush=True,
+        )
     for name in names:
-        training[name] |= ratios(train_seconds[name][args.warmup:], train_seconds[lora_name][args.warmup:])
+        training[name] |= ratios(train_seconds[name][args.warmup :], train_seconds[lora_name][args.warmup :])
     load_mid = os.getloadavg()
 
     memory = {}
     for name in names:
-        memory[name] = {"saved_activation_bytes": saved_activation_bytes(models[name], batch(0)),
-                        "adapter_state_bytes": 16 * counts[name]}
+        memory[name] = {"saved_activation_bytes": saved_activation_bytes(models[name], batch(0)), "adapter_state_bytes": 16 * counts[name]}
         models[name].zero_grad(set_to_none=True)
-    for name, handle in handles.items():
+    for handle in handles.values():
         handle.detach()  # inference below: no losses; and the merge deep-copies the model
     peak_training = _status_kb("VmHWM") * 1024
     for _, optimizer in optimizers.values():
@@ -304,11 +319,15 @@ def main() -> None:
             infer_models[key] = (mixtral, backend)
             merged_info[key] = {"merge_s": merge_s, "of": "(a) moe_lora top-2"}
         with torch.inference_mode():
-            merged_info["(b) merged: dense Llama"]["max_abs_logit_diff"] = float((dense(input_ids=probe).logits - reference[lora_name]).abs().max())
+            merged_info["(b) merged: dense Llama"]["max_abs_logit_diff"] = float(
+                (dense(input_ids=probe).logits - reference[lora_name]).abs().max()
+            )
             for key, value in infer_models.items():
                 if isinstance(value, tuple):
                     value[0].set_experts_implementation(value[1])
-                    merged_info[key]["max_abs_logit_diff"] = float((value[0](input_ids=probe).logits - reference["(a) moe_lora top-2"]).abs().max())
+                    merged_info[key]["max_abs_logit_diff"] = float(
+                        (value[0](input_ids=probe).logits - reference["(a) moe_lora top-2"]).abs().max()
+                    )
         del reference
 
     for value in infer_models.values():
@@ -330,25 +349,52 @@ def main() -> None:
     for name in infer_names:
         inference[name] = summary(infer_seconds[name][1:], tokens) | ratios(infer_seconds[name][1:], infer_seconds[lora_name][1:])
         inference[name] |= merged_info.get(name, {})
-        print(f"infer {name}: median {inference[name]['median_s']:.3f} s, {inference[name]['tokens_per_s']:.0f} tok/s "
-              f"({inference[name]['median_ratio']:.2f}x lora)", flush=True)
+        print(
+            f"infer {name}: median {inference[name]['median_s']:.3f} s, {inference[name]['tokens_per_s']:.0f} tok/s "
+            f"({inference[name]['median_ratio']:.2f}x lora)",
+            flush=True,
+        )
     skipped = {k: v["skipped"] for k, v in merged_info.items() if "skipped" in v}
 
     load_end = os.getloadavg()
     result = {
-        "machine": f"{os.cpu_count()} CPU cores", "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__, "peft": __import__("peft").__version__,
-        "revision": revision, "model": "SmolLM2-135M-Instruct (fp32, CPU)", "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": tokens,
-        "vocab_size": base.config.vocab_size, "warmup_rounds": args.warmup, "timed_rounds": args.steps, "infer_rounds": args.infer_steps,
-        "moe_lora": {"experts": args.experts, "top_k": args.top_k, "rank": args.rank, "alpha": 2.0 * args.rank, "targets": FFN,
-                     "router_losses": "balance 0.01 (attach_router_losses)"},
-        "lora": {"rank": lora_rank, "alpha": 2.0 * lora_rank, "targets": FFN, "params_per_rank": per_rank,
-                 "rank_matched": args.lora_rank is None},
+        "machine": f"{os.cpu_count()} CPU cores",
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "peft": __import__("peft").__version__,
+        "revision": revision,
+        "model": "SmolLM2-135M-Instruct (fp32, CPU)",
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "tokens_per_step": tokens,
+        "vocab_size": base.config.vocab_size,
+        "warmup_rounds": args.warmup,
+        "timed_rounds": args.steps,
+        "infer_rounds": args.infer_steps,
+        "moe_lora": {
+            "experts": args.experts,
+            "top_k": args.top_k,
+            "rank": args.rank,
+            "alpha": 2.0 * args.rank,
+            "targets": FFN,
+            "router_losses": "balance 0.01 (attach_router_losses)",
+        },
+        "lora": {
+            "rank": lora_rank,
+            "alpha": 2.0 * lora_rank,
+            "targets": FFN,
+            "params_per_rank": per_rank,
+            "rank_matched": args.lora_rank is None,
+        },
         "step": "forward(labels) + backward + clip_grad_norm(1.0) + AdamW(lr 1e-4) + zero_grad, fp32",
         "malloc": "glibc defaults" if args.system_malloc else TUNED_MALLOC,
         "load_avg": {"start": load_start, "after_training": load_mid, "end": load_end},
         "peak_rss_bytes": {"training": peak_training, "whole_run": _status_kb("VmHWM") * 1024},
-        "training": training, "memory": memory, "inference": inference, "inference_skipped": skipped,
+        "training": training,
+        "memory": memory,
+        "inference": inference,
+        "inference_skipped": skipped,
         "wall_seconds": round(time.perf_counter() - wall_start, 1),
     }
     write_atomic(args.output / "adapter_speed.json", json.dumps(result, indent=2) + "\n")
@@ -418,14 +464,28 @@ def markdown(r: dict, args, lora_name: str) -> str:
         "Step times on a shared machine are noisy: compare the ratios from one run (the cases ran interleaved).",
         "",
         "Reproduce: `python benchmarks/adapter_speed.py"
-        + "".join(f" {flag} {value}" for flag, value, default in (
-            ("--batch", args.batch, 4), ("--seq-len", args.seq_len, 256), ("--rank", args.rank, 8),
-            ("--experts", args.experts, 8), ("--top-k", args.top_k, 2), ("--lora-rank", args.lora_rank, None),
-            ("--warmup", args.warmup, 2), ("--steps", args.steps, 7), ("--infer-steps", args.infer_steps, 5),
-            ("--threads", args.threads, None), ("--merged-backends", args.merged_backends, "grouped_mm,eager"))
-            if value != default)
-        + "".join(f" {flag}" for flag, on in (("--no-top1", args.no_top1), ("--no-merged", args.no_merged),
-                                               ("--system-malloc", args.system_malloc)) if on)
+        + "".join(
+            f" {flag} {value}"
+            for flag, value, default in (
+                ("--batch", args.batch, 4),
+                ("--seq-len", args.seq_len, 256),
+                ("--rank", args.rank, 8),
+                ("--experts", args.experts, 8),
+                ("--top-k", args.top_k, 2),
+                ("--lora-rank", args.lora_rank, None),
+                ("--warmup", args.warmup, 2),
+                ("--steps", args.steps, 7),
+                ("--infer-steps", args.infer_steps, 5),
+                ("--threads", args.threads, None),
+                ("--merged-backends", args.merged_backends, "grouped_mm,eager"),
+            )
+            if value != default
+        )
+        + "".join(
+            f" {flag}"
+            for flag, on in (("--no-top1", args.no_top1), ("--no-merged", args.no_merged), ("--system-malloc", args.system_malloc))
+            if on
+        )
         + f"` (this run: {r['wall_seconds']:.0f} s wall; process peak RSS {r['peak_rss_bytes']['training'] / 2**30:.1f} GiB "
         f"during training, {r['peak_rss_bytes']['whole_run'] / 2**30:.1f} GiB in all)",
     ]

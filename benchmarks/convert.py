@@ -39,8 +39,13 @@ def generate_source(path: Path, layers: int, hidden: int, ffn: int, vocab: int, 
     path.mkdir(parents=True)
     heads = hidden // 64
     LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), dtype="bfloat16",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        dtype="bfloat16",
     ).save_pretrained(path)
     generator = torch.Generator().manual_seed(0)
 
@@ -50,9 +55,12 @@ def generate_source(path: Path, layers: int, hidden: int, ffn: int, vocab: int, 
         for i in range(layers):
             p = f"model.layers.{i}."
             for name, shape in (
-                ("self_attn.q_proj.weight", (hidden, hidden)), ("self_attn.k_proj.weight", (kv, hidden)),
-                ("self_attn.v_proj.weight", (kv, hidden)), ("self_attn.o_proj.weight", (hidden, hidden)),
-                ("mlp.gate_proj.weight", (ffn, hidden)), ("mlp.up_proj.weight", (ffn, hidden)),
+                ("self_attn.q_proj.weight", (hidden, hidden)),
+                ("self_attn.k_proj.weight", (kv, hidden)),
+                ("self_attn.v_proj.weight", (kv, hidden)),
+                ("self_attn.o_proj.weight", (hidden, hidden)),
+                ("mlp.gate_proj.weight", (ffn, hidden)),
+                ("mlp.up_proj.weight", (ffn, hidden)),
                 ("mlp.down_proj.weight", (hidden, ffn)),
             ):
                 yield p + name, shape
@@ -130,8 +138,12 @@ print(json.dumps({"seconds": seconds, "peak_rss_bytes": int(hwm) * 1024}))
 def run_conversion(source: Path, output: Path, moe: dict, tokens: int, check: bool) -> dict:
     drop_page_cache()
     recipe = {
-        "source": str(source), "output": str(output), "moe": moe, "max_shard_size": "500MB",
-        "calibration": {"num_sequences": 2, "sequence_length": tokens}, "fidelity": {"check": check},
+        "source": str(source),
+        "output": str(output),
+        "moe": moe,
+        "max_shard_size": "500MB",
+        "calibration": {"num_sequences": 2, "sequence_length": tokens},
+        "fidelity": {"check": check},
     }
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(recipe)], capture_output=True, text=True, check=False)
     if done.returncode:
@@ -170,8 +182,7 @@ def main() -> None:
     partition = {"num_experts": 8, "top_k": 2, "init": "partition"}
     cases = {
         # analytic scale: nothing fitted, so with the check off nothing is run (a pure streaming rewrite)
-        "partition 8 experts top-2, analytic scale, no fidelity check (same bytes as source)": (
-            {**partition, "scale": "analytic"}, False),
+        "partition 8 experts top-2, analytic scale, no fidelity check (same bytes as source)": ({**partition, "scale": "analytic"}, False),
         "partition 8 experts top-2, fitted scale + fidelity check": (partition, True),
         "copy 4 experts top-2 + fidelity check": ({"num_experts": 4, "top_k": 2, "init": "copy"}, True),
     }
@@ -198,10 +209,22 @@ def main() -> None:
     result = {
         "machine": f"{os.cpu_count()} CPU cores",
         "torch": torch.__version__,
-        "source": {"layers": args.layers, "hidden": args.hidden, "ffn": args.ffn, "vocab": args.vocab, "dtype": "bfloat16",
-                   "bytes": source_bytes, "shards": len(shards), "largest_shard_bytes": largest},
+        "source": {
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "ffn": args.ffn,
+            "vocab": args.vocab,
+            "dtype": "bfloat16",
+            "bytes": source_bytes,
+            "shards": len(shards),
+            "largest_shard_bytes": largest,
+        },
         "calibration_tokens": args.calibration_tokens,
-        "plain_copy": {"seconds": round(copy_seconds, 2), "runs": [round(c, 2) for c in copies], "throughput_mb_s": round(copy_rate / 1e6, 1)},
+        "plain_copy": {
+            "seconds": round(copy_seconds, 2),
+            "runs": [round(c, 2) for c in copies],
+            "throughput_mb_s": round(copy_rate / 1e6, 1),
+        },
         "conversions": rows,
         "targets": {"throughput_vs_plain_copy": ">= 0.5", "peak_rss": "<= 2 x largest shard + 1 GiB"},
     }

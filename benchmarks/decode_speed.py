@@ -44,17 +44,27 @@ def main() -> None:
     source = default_model_dir()
     with tempfile.TemporaryDirectory() as work:
         moe_dir = Path(work) / "moe"
-        recipe = parse_recipe({"source": str(source), "output": str(moe_dir), "moe": {"num_experts": 8, "top_k": 2}, "dtype": "float32", "fidelity": {"check": False}})
+        recipe = parse_recipe(
+            {
+                "source": str(source),
+                "output": str(moe_dir),
+                "moe": {"num_experts": 8, "top_k": 2},
+                "dtype": "float32",
+                "fidelity": {"check": False},
+            }
+        )
         convert(recipe, overwrite=True, log=lambda _line: None)
         dense, tokenizer = load_model(source)
         moe, _ = load_model(moe_dir)
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
 
         def decode(model) -> tuple[float, list[int]]:
             start = time.perf_counter()
             with torch.no_grad():
                 out = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-            return time.perf_counter() - start, out[0, ids.shape[1]:].tolist()
+            return time.perf_counter() - start, out[0, ids.shape[1] :].tolist()
 
         cases = {"dense SmolLM2": (dense, None), **{f"MoE 8x top-2, {b}": (moe, b) for b in BACKENDS}}
         seconds: dict[str, list[float]] = {name: [] for name in cases}
@@ -71,23 +81,48 @@ def main() -> None:
     reference = tokens["MoE 8x top-2, eager"]
     for name, values in seconds.items():
         median = statistics.median(values)
-        rows.append({"case": name, "seconds": values, "tokens_per_second": args.new_tokens / median, "same_tokens_as_eager": tokens[name] == reference})
+        rows.append(
+            {
+                "case": name,
+                "seconds": values,
+                "tokens_per_second": args.new_tokens / median,
+                "same_tokens_as_eager": tokens[name] == reference,
+            }
+        )
     dense_rate = rows[0]["tokens_per_second"]
     for row in rows:
         row["vs_dense"] = row["tokens_per_second"] / dense_rate
-        print(f"{row['case']:34s} {row['tokens_per_second']:6.1f} tok/s  {row['vs_dense']:.2f}x dense  same tokens: {row['same_tokens_as_eager']}", flush=True)
+        print(
+            f"{row['case']:34s} {row['tokens_per_second']:6.1f} tok/s  {row['vs_dense']:.2f}x dense  same tokens: {row['same_tokens_as_eager']}",
+            flush=True,
+        )
     wall = time.perf_counter() - started
-    meta = {"machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
-            "transformers": transformers.__version__, "new_tokens": args.new_tokens, "reps": args.reps, "prompt": PROMPT,
-            "wall_s": round(wall, 1), "command": " ".join(["python", *sys.argv])}
+    meta = {
+        "machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "new_tokens": args.new_tokens,
+        "reps": args.reps,
+        "prompt": PROMPT,
+        "wall_s": round(wall, 1),
+        "command": " ".join(["python", *sys.argv]),
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "decode_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
-        f"# Greedy decoding, batch 1 ({meta['machine']}, torch {meta['torch']}, transformers {meta['transformers']})", "",
-        f"SmolLM2-135M-Instruct and its 8x top-2 upcycled Mixtral, fp32, {args.new_tokens} new tokens, median of {args.reps} interleaved runs.", "",
-        "| case | tokens/s | vs dense | same tokens as eager |", "|---|---|---|---|",
-        *[f"| {r['case']} | {r['tokens_per_second']:.1f} | {r['vs_dense']:.2f} | {'yes' if r['same_tokens_as_eager'] else 'NO'} |" for r in rows],
-        "", f"Reproduce: `{meta['command']}` (this run: {wall:.0f} s wall)", "",
+        f"# Greedy decoding, batch 1 ({meta['machine']}, torch {meta['torch']}, transformers {meta['transformers']})",
+        "",
+        f"SmolLM2-135M-Instruct and its 8x top-2 upcycled Mixtral, fp32, {args.new_tokens} new tokens, median of {args.reps} interleaved runs.",
+        "",
+        "| case | tokens/s | vs dense | same tokens as eager |",
+        "|---|---|---|---|",
+        *[
+            f"| {r['case']} | {r['tokens_per_second']:.1f} | {r['vs_dense']:.2f} | {'yes' if r['same_tokens_as_eager'] else 'NO'} |"
+            for r in rows
+        ],
+        "",
+        f"Reproduce: `{meta['command']}` (this run: {wall:.0f} s wall)",
+        "",
     ]
     (RESULTS / "decode_speed.md").write_text("\n".join(lines))
     print(f"wrote benchmarks/results/decode_speed.json and .md ({wall:.0f} s)")

@@ -142,7 +142,7 @@ def _run_here(case: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         np.save(case["logits"], model(torch.tensor([IDS])).logits[0].numpy())
         out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    return {"ok": True, "greedy": out[0, len(PROMPT):].tolist(), "logits": case["logits"]}
+    return {"ok": True, "greedy": out[0, len(PROMPT) :].tolist(), "logits": case["logits"]}
 
 
 def _worker_case(case: dict[str, Any], engine: str) -> dict[str, str]:
@@ -213,7 +213,9 @@ def _tiny_source(family: str, path: Path, tokenizer: Path) -> Path:
 
 
 def _convert(source: Path, output: Path, target: str, moe: dict[str, Any]) -> None:
-    recipe = parse_recipe({"source": str(source), "output": str(output), "export": target, "moe": {**MOE, **moe}, "calibration": {"num_sequences": 2}})
+    recipe = parse_recipe(
+        {"source": str(source), "output": str(output), "export": target, "moe": {**MOE, **moe}, "calibration": {"num_sequences": 2}}
+    )
     result = convert(recipe, log=lambda _line: None)
     assert result.fidelity.passed, f"{output.name}: conversion not exact"
 
@@ -232,16 +234,21 @@ def _cases(args: argparse.Namespace, work: Path, tokenizer: Path) -> list[dict[s
     if args.real:
         smollm2, gemma3 = embedded_model_dir("default"), embedded_model_dir("gemma3")
         cases.append({"family": "llama", "model": "SmolLM2-135M", "target": "dense source", "label": "", "dir": smollm2, "source": smollm2})
-        for index, (target, moe, label) in enumerate([
-            ("mixtral", {}, ""), ("granitemoeshared", {"shared": {"num_experts": 1}}, ""),
-            ("qwen2_moe", {"shared": {"num_experts": 1}, "placement": {"moe_layer_freq": 2}}, "shared + dense layers"),
-            ("qwen2_moe", {"routing": {"normalize": False, "router_init": "zeros"}}, "unnormalised top-k, zero router"),
-            ("moeforge", {"routing": {"gate_type": "mlp"}}, "mlp gate"),
-        ]):
+        for index, (target, moe, label) in enumerate(
+            [
+                ("mixtral", {}, ""),
+                ("granitemoeshared", {"shared": {"num_experts": 1}}, ""),
+                ("qwen2_moe", {"shared": {"num_experts": 1}, "placement": {"moe_layer_freq": 2}}, "shared + dense layers"),
+                ("qwen2_moe", {"routing": {"normalize": False, "router_init": "zeros"}}, "unnormalised top-k, zero router"),
+                ("moeforge", {"routing": {"gate_type": "mlp"}}, "mlp gate"),
+            ]
+        ):
             output = work / f"smollm2-{target}-{index}"
             _convert(smollm2, output, target, moe)
             cases.append({"family": "llama", "model": "SmolLM2-135M", "target": target, "label": label, "dir": output, "source": smollm2})
-        cases.append({"family": "gemma3_text", "model": "Gemma 3 270M", "target": "dense source", "label": "", "dir": gemma3, "source": gemma3})
+        cases.append(
+            {"family": "gemma3_text", "model": "Gemma 3 270M", "target": "dense source", "label": "", "dir": gemma3, "source": gemma3}
+        )
         output = work / "gemma3-moeforge"
         _convert(gemma3, output, "moeforge", {})
         cases.append({"family": "gemma3_text", "model": "Gemma 3 270M", "target": "moeforge", "label": "", "dir": output, "source": gemma3})
@@ -292,7 +299,9 @@ def main() -> None:
             if case["target"] == "moeforge":  # needs moeforge's classes: this interpreter
                 runs["transformers5"][case["name"]] = _run_here(case)
         if args.transformers4_python:
-            runs["transformers4"] = _transformers(args.transformers4_python, [_worker_case(case, "t4") for case in plain], forbid_moeforge=True)
+            runs["transformers4"] = _transformers(
+                args.transformers4_python, [_worker_case(case, "t4") for case in plain], forbid_moeforge=True
+            )
             for case in cases:
                 if case["target"] == "moeforge":
                     runs["transformers4"][case["name"]] = {"skipped": "moeforge's architecture needs transformers 5"}
@@ -300,7 +309,8 @@ def main() -> None:
             runs["llama.cpp"] = {}
             for case in cases:
                 entry = (
-                    {"skipped": "llama.cpp has no moeforge architecture"} if case["target"] == "moeforge"
+                    {"skipped": "llama.cpp has no moeforge architecture"}
+                    if case["target"] == "moeforge"
                     else _llama_cpp(args, Path(case["dir"]), work, case["family"])
                 )
                 runs["llama.cpp"][case["name"]] = entry

@@ -36,12 +36,24 @@ STRATEGIES = {
     "partition 8 kmeans, top-2": {"num_experts": 8, "top_k": 2, "init": "partition", "partition": {"method": "kmeans"}},
     "partition 8 importance, top-2": {"num_experts": 8, "top_k": 2, "init": "partition", "partition": {"method": "importance"}},
     "partition 8 importance, top-2, kmeans router": {
-        "num_experts": 8, "top_k": 2, "init": "partition", "partition": {"method": "importance"}, "routing": {"router_init": "kmeans"},
+        "num_experts": 8,
+        "top_k": 2,
+        "init": "partition",
+        "partition": {"method": "importance"},
+        "routing": {"router_init": "kmeans"},
     },
     "residual: 1 shared + 7 routed top-1": {"num_experts": 7, "top_k": 1, "shared": {"num_experts": 1}},
     "partition 1 shared + 7 routed top-1": {"num_experts": 7, "top_k": 1, "init": "partition", "shared": {"num_experts": 1}},
-    "Dense2MoE layers 16,18,..,28, copy 8x top-2": {"num_experts": 8, "top_k": 2, "placement": {"moe_start_layer": 16, "moe_layer_freq": 2}},
-    "PMoE 4 experts in layers 0-14, 8 in 15-29, gmm gate": {"num_experts": {"0-14": 4, "15-29": 8}, "top_k": 2, "routing": {"gate_type": "gmm", "router_init": "kmeans"}},
+    "Dense2MoE layers 16,18,..,28, copy 8x top-2": {
+        "num_experts": 8,
+        "top_k": 2,
+        "placement": {"moe_start_layer": 16, "moe_layer_freq": 2},
+    },
+    "PMoE 4 experts in layers 0-14, 8 in 15-29, gmm gate": {
+        "num_experts": {"0-14": 4, "15-29": 8},
+        "top_k": 2,
+        "routing": {"gate_type": "gmm", "router_init": "kmeans"},
+    },
 }
 
 
@@ -65,17 +77,26 @@ def main() -> None:
             seconds = time.perf_counter() - start
             f = result.fidelity
             row = {
-                "strategy": name, "export": result.export, "exact_by_construction": result.plan.exact,
-                "max_abs_logit_diff": f.max_abs_logit_diff, "top1_agreement": f.top1_agreement,
-                "perplexity_dense": f.perplexity_dense, "perplexity_moe": f.perplexity_moe, "seconds": round(seconds, 1),
+                "strategy": name,
+                "export": result.export,
+                "exact_by_construction": result.plan.exact,
+                "max_abs_logit_diff": f.max_abs_logit_diff,
+                "top1_agreement": f.top1_agreement,
+                "perplexity_dense": f.perplexity_dense,
+                "perplexity_moe": f.perplexity_moe,
+                "seconds": round(seconds, 1),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
-    meta = {"model": "SmolLM2-135M-Instruct (fp32)", "calibration_tokens": args.sequences * args.length,
-            "calibration": str(args.calibration_file or "built-in sample"), "torch": torch.__version__}
+    meta = {
+        "model": "SmolLM2-135M-Instruct (fp32)",
+        "calibration_tokens": args.sequences * args.length,
+        "calibration": str(args.calibration_file or "built-in sample"),
+        "torch": torch.__version__,
+    }
     (RESULTS / "fidelity.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     lines = [
         f"# Conversion fidelity on SmolLM2-135M-Instruct (fp32, {meta['calibration_tokens']} calibration tokens, {meta['calibration']})",

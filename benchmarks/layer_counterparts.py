@@ -31,8 +31,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import moeforge  # noqa: F401
 from moeforge.adapters.build import apply_adapter
 from moeforge.config.adapter import AdapterSpec
-from moeforge.modeling.moice import apply_moice
 from moeforge.config.moice import MoiceSpec
+from moeforge.modeling.moice import apply_moice
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, LENGTH = 4, 256
@@ -41,8 +41,14 @@ FFN_TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
 def smollm2_layer() -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=256, hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
-        num_key_value_heads=3, rope_theta=100000.0, max_position_embeddings=8192,
+        vocab_size=256,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=1,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).float()
@@ -131,16 +137,24 @@ def main() -> None:
                 print(f"{group:9s} {mode:7s} {name:30s} {value * 1e3:8.1f} ms  {value / seconds[plain]:.2f}x", flush=True)
     wall = time.perf_counter() - started
     meta = {
-        "machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
-        "transformers": transformers.__version__, "batch": BATCH, "length": LENGTH, "reps": args.reps, "wall_s": round(wall, 1),
+        "machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "batch": BATCH,
+        "length": LENGTH,
+        "reps": args.reps,
+        "wall_s": round(wall, 1),
         "command": " ".join(["python", *sys.argv]),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "layer_counterparts.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         f"# MoE-LoRA and MoICE layers vs their plain counterparts ({meta['machine']}, torch {meta['torch']}, transformers {meta['transformers']})",
-        "", f"One layer at SmolLM2-135M shapes, batch {BATCH} x {LENGTH} tokens, fp32; median of {args.reps} interleaved runs.", "",
-        "| layer | case | fwd ms | fwd vs plain | fwd+bwd ms | fwd+bwd vs plain |", "|---|---|---|---|---|---|",
+        "",
+        f"One layer at SmolLM2-135M shapes, batch {BATCH} x {LENGTH} tokens, fp32; median of {args.reps} interleaved runs.",
+        "",
+        "| layer | case | fwd ms | fwd vs plain | fwd+bwd ms | fwd+bwd vs plain |",
+        "|---|---|---|---|---|---|",
     ]
     for group, (cases, _) in groups.items():
         for name in cases:

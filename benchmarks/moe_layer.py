@@ -40,19 +40,23 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import MixtralConfig
+from transformers import LlamaConfig, MixtralConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import moeforge  # noqa: F401  (registers moeforge's experts backends)
 from moeforge.experts import grouped_linear, plan_slots
 from moeforge.modeling import MoeforgeExperts, moeforge_config
-from transformers import LlamaConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HIDDEN, TOP_K, EXPERT_PARAMS = 512, 2, 8192
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MOEFORGE = {"moeforge auto": "moeforge_auto", "moeforge grouped": "moeforge_grouped", "moeforge per_token": "moeforge_per_token", "moeforge eager": "eager"}
+MOEFORGE = {
+    "moeforge auto": "moeforge_auto",
+    "moeforge grouped": "moeforge_grouped",
+    "moeforge per_token": "moeforge_per_token",
+    "moeforge eager": "eager",
+}
 HF = {"hf eager": "eager", "hf grouped_mm": "grouped_mm", "hf batched_mm": "batched_mm"}
 FLOOR = "floor: expert GEMMs only"
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
@@ -207,12 +211,23 @@ def main() -> None:
                     for mode in ("fwd", "fwd+bwd"):
                         backward = mode == "fwd+bwd"
                         seconds = time_shape(layers, cases, x, indices, weights, backward, reps)
-                        memory = {name: saved_bytes(runner(layers, name, x, indices, weights, True), layers) for name in cases} if backward and dtype_name == "fp32" else {}
+                        memory = (
+                            {name: saved_bytes(runner(layers, name, x, indices, weights, True), layers) for name in cases}
+                            if backward and dtype_name == "fp32"
+                            else {}
+                        )
                         row = {
-                            "dtype": dtype_name, "experts": experts, "expert_ffn": EXPERT_PARAMS // experts, "tokens": tokens,
-                            "routing": route, "mode": mode, "dense_s": seconds["dense"],
+                            "dtype": dtype_name,
+                            "experts": experts,
+                            "expert_ffn": EXPERT_PARAMS // experts,
+                            "tokens": tokens,
+                            "routing": route,
+                            "mode": mode,
+                            "dense_s": seconds["dense"],
                             "ratio": {name: seconds[name] / seconds["dense"] for name in cases if name != "dense"},
-                            "seconds": seconds, "saved_mb": {k: v / 2**20 for k, v in memory.items()}, "skipped": skipped,
+                            "seconds": seconds,
+                            "saved_mb": {k: v / 2**20 for k, v in memory.items()},
+                            "skipped": skipped,
                         }
                         rows.append(row)
                         hf_best = _hf_best(row)
@@ -224,10 +239,17 @@ def main() -> None:
                         )
     wall = time.perf_counter() - started
     meta = {
-        "machine": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+        "machine": torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
         else f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}",
-        "torch": torch.__version__, "transformers": transformers.__version__, "hidden": HIDDEN, "top_k": TOP_K,
-        "expert_params": EXPERT_PARAMS, "reps": args.reps, "wall_s": round(wall, 1), "command": " ".join(["python", *sys.argv]),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "hidden": HIDDEN,
+        "top_k": TOP_K,
+        "expert_params": EXPERT_PARAMS,
+        "reps": args.reps,
+        "wall_s": round(wall, 1),
+        "command": " ".join(["python", *sys.argv]),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.output}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -284,14 +306,28 @@ def render(meta: dict, rows: list[dict]) -> str:
             selected = [r for r in rows if r["dtype"] == dtype and r["mode"] == mode]
             if not selected:
                 continue
-            out += [f"## {dtype}, {mode}", "", "| E | f | tokens | routing | dense ms | " + " | ".join(names) + " |", "|---" * (5 + len(names)) + "|"]
+            out += [
+                f"## {dtype}, {mode}",
+                "",
+                "| E | f | tokens | routing | dense ms | " + " | ".join(names) + " |",
+                "|---" * (5 + len(names)) + "|",
+            ]
             for r in selected:
                 cells = [f"{r['ratio'][n]:.2f}" if n in r["ratio"] else "skip" for n in names]
-                out.append(f"| {r['experts']} | {r['expert_ffn']} | {r['tokens']} | {r['routing']} | {r['dense_s'] * 1e3:.2f} | " + " | ".join(cells) + " |")
+                out.append(
+                    f"| {r['experts']} | {r['expert_ffn']} | {r['tokens']} | {r['routing']} | {r['dense_s'] * 1e3:.2f} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
             out.append("")
     memory = [r for r in rows if r["saved_mb"]]
     if memory:
-        out += ["## Activation memory saved for backward (fp32, MB)", "", "| E | tokens | routing | dense | " + " | ".join(names) + " |", "|---" * (4 + len(names)) + "|"]
+        out += [
+            "## Activation memory saved for backward (fp32, MB)",
+            "",
+            "| E | tokens | routing | dense | " + " | ".join(names) + " |",
+            "|---" * (4 + len(names)) + "|",
+        ]
         for r in memory:
             cells = [f"{r['saved_mb'][n]:.1f}" if n in r["saved_mb"] else "skip" for n in names]
             out.append(f"| {r['experts']} | {r['tokens']} | {r['routing']} | {r['saved_mb']['dense']:.1f} | " + " | ".join(cells) + " |")

@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeforge.config.moice import MoiceSpec
+from moeforge.config.router_losses import RouterLossConfig
 from moeforge.data.calibration import builtin_text
 from moeforge.eval.perplexity import perplexity
 from moeforge.eval.plots import plot_position_curve
 from moeforge.eval.probes import KVProbe, ProbeResult, format_table, run_probe
 from moeforge.io.loading import load_model
 from moeforge.modeling.moice import MoiceRouter, apply_moice
-from moeforge.config.moice import MoiceSpec
 from moeforge.routing.hooks import attach_router_losses
-from moeforge.config.router_losses import RouterLossConfig
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -106,7 +106,9 @@ def _train(model: nn.Module, trainable: str, tokenizer, args, log) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     handle = attach_router_losses(model, RouterLossConfig()) if trainable == "moice_router" else None
-    probe = KVProbe(pairs=args.pairs, positions=tuple(range(args.pairs)), samples=args.steps * args.batch // args.pairs + 1, seed=args.train_seed)
+    probe = KVProbe(
+        pairs=args.pairs, positions=tuple(range(args.pairs)), samples=args.steps * args.batch // args.pairs + 1, seed=args.train_seed
+    )
     model.train()
     losses, start = [], time.perf_counter()
     for step, (ids, labels, mask) in enumerate(_training_batches(tokenizer, probe, args.batch)):
@@ -123,8 +125,11 @@ def _train(model: nn.Module, trainable: str, tokenizer, args, log) -> dict:
     if handle is not None:
         handle.detach()
     return {
-        "trainable_parameters": sum(p.numel() for p in params), "steps": len(losses),
-        "first_loss": losses[0], "last10_loss": statistics.mean(losses[-10:]), "seconds": round(time.perf_counter() - start, 1),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "steps": len(losses),
+        "first_loss": losses[0],
+        "last10_loss": statistics.mean(losses[-10:]),
+        "seconds": round(time.perf_counter() - start, 1),
     }
 
 
@@ -175,16 +180,27 @@ def _markdown(results: dict[str, ProbeResult], report: dict) -> str:
             f"| {name} | " + " | ".join(cells) + f" | {result.logprob_gap:.2f} | {em:.3f} | {result.exact_match_gap:.3f} "
             f"| {report['perplexity'][name]:.3f} |"
         )
-    lines += ["", "Exact match by position:", "", "| model | " + " | ".join(f"pos {p}" for p in positions) + " |",
-              "|---|" + "---|" * len(positions)]
+    lines += [
+        "",
+        "Exact match by position:",
+        "",
+        "| model | " + " | ".join(f"pos {p}" for p in positions) + " |",
+        "|---|" + "---|" * len(positions),
+    ]
     for name, result in results.items():
-        lines.append(f"| {name} | " + " | ".join(
-            f"{p.exact_match:.2f} [{p.exact_match_ci[0]:.2f}, {p.exact_match_ci[1]:.2f}]" for p in result.positions) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{p.exact_match:.2f} [{p.exact_match_ci[0]:.2f}, {p.exact_match_ci[1]:.2f}]" for p in result.positions)
+            + " |"
+        )
     cost = report["cost"]
     lines += [
         "",
-        "Training: " + "; ".join(f"{k}: {v['trainable_parameters']:,} params, loss {v['first_loss']:.3f} → {v['last10_loss']:.3f} "
-                                   f"(last 10), {v['seconds']} s" for k, v in report["training"].items()),
+        "Training: "
+        + "; ".join(
+            f"{k}: {v['trainable_parameters']:,} params, loss {v['first_loss']:.3f} → {v['last10_loss']:.3f} (last 10), {v['seconds']} s"
+            for k, v in report["training"].items()
+        ),
         "",
         f"Cost ({cost['prompt_tokens']}-token prompt, batch 1, fp32, {torch.get_num_threads()} threads): forward "
         f"{cost['moice_forward_s'] * 1000:.0f} ms vs {cost['original_forward_s'] * 1000:.0f} ms = **{cost['forward_ratio']:.2f}×**; "
@@ -231,7 +247,9 @@ def main() -> None:
     for name, model in models.items():
         log(f"evaluating {name}")
         results[name] = run_probe(model, tokenizer, probe, batch_size=8)
-        ppl[name] = perplexity(model, tokenizer, texts=[builtin_text()], max_length=256, batch_size=4, max_batches=args.ppl_batches).perplexity
+        ppl[name] = perplexity(
+            model, tokenizer, texts=[builtin_text()], max_length=256, batch_size=4, max_batches=args.ppl_batches
+        ).perplexity
     log(format_table(results))
     cost = _cost(original, models["moice-trained"], tokenizer, args)
     first = next(iter(results.values()))

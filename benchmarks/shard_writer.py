@@ -78,7 +78,7 @@ class SaveFileShardWriter:
         n = len(self._written)
         final = [self.directory / f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
         final = final if n > 1 else [self.directory / "model.safetensors"]
-        for provisional, path in zip(self._written, final):
+        for provisional, path in zip(self._written, final, strict=True):
             os.replace(provisional, path)
             self.checksums[path.name] = sha256_file(path)
         if n > 1:
@@ -252,8 +252,11 @@ def main() -> None:
         generate_source(source, args.convert_layers, args.hidden, args.ffn, args.vocab, 500 * 10**6)
         source_largest = max(p.stat().st_size for p in source.glob("*.safetensors"))
         recipe = {
-            "output": str(args.work / "converted"), "source": str(source), "max_shard_size": "500MB",
-            "moe": {"num_experts": 4, "top_k": 2, "init": "copy"}, "fidelity": {"check": True},
+            "output": str(args.work / "converted"),
+            "source": str(source),
+            "max_shard_size": "500MB",
+            "moe": {"num_experts": 4, "top_k": 2, "init": "copy"},
+            "fidelity": {"check": True},
             "calibration": {"num_sequences": 2, "sequence_length": 32},
         }
         for name in WRITERS:
@@ -262,16 +265,27 @@ def main() -> None:
             conversion[name] = {"seconds": round(measured["seconds"], 2), "peak_rss_mb": round(measured["peak_rss_kib"] * 1024 / 1e6)}
             print(f"conversion, {name}: {json.dumps(conversion[name])}", flush=True)
         conversion = {
-            "case": "copy 4 experts top-2 + fidelity check, 500 MB shards", "layers": args.convert_layers,
-            "largest_source_shard_bytes": source_largest, "rss_target_mb": round((2 * source_largest + 2**30) / 1e6),
+            "case": "copy 4 experts top-2 + fidelity check, 500 MB shards",
+            "layers": args.convert_layers,
+            "largest_source_shard_bytes": source_largest,
+            "rss_target_mb": round((2 * source_largest + 2**30) / 1e6),
             "writers": conversion,
         }
 
     result = {
         "machine": f"{os.cpu_count()} CPU cores",
         "torch": torch.__version__,
-        "stream": {"layers": args.layers, "hidden": args.hidden, "ffn": args.ffn, "vocab": args.vocab, "dtype": "bfloat16",
-                   "bytes": total, "shards": len(shards), "largest_shard_bytes": largest, "max_shard_mb": args.shard_mb},
+        "stream": {
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "ffn": args.ffn,
+            "vocab": args.vocab,
+            "dtype": "bfloat16",
+            "bytes": total,
+            "shards": len(shards),
+            "largest_shard_bytes": largest,
+            "max_shard_mb": args.shard_mb,
+        },
         "repeats": args.repeats,
         "producing the stream only": stream,
         "writers": rows,
@@ -295,7 +309,10 @@ def main() -> None:
         "",
         "| writer | time (s) | runs (s) | peak RSS (MB) | peak above the stream's baseline (MB) |",
         "|---|---|---|---|---|",
-        *(f"| {name} | {r['seconds']} | {r['runs_seconds']} | {r['peak_rss_mb']} | {r['peak_above_baseline_mb']} |" for name, r in rows.items()),
+        *(
+            f"| {name} | {r['seconds']} | {r['runs_seconds']} | {r['peak_rss_mb']} | {r['peak_above_baseline_mb']} |"
+            for name, r in rows.items()
+        ),
         "",
         f"save_file / streaming: time x {ratio['seconds']}, peak RSS x {ratio['peak_rss']}. "
         f"Outputs identical (same shards, index and tensor bytes): {'yes' if identical else 'NO'}.",
@@ -308,8 +325,10 @@ def main() -> None:
             "",
             "| writer | time (s) | peak RSS (MB) | under the target |",
             "|---|---|---|---|",
-            *(f"| {name} | {c['seconds']} | {c['peak_rss_mb']} | {'yes' if c['peak_rss_mb'] <= conversion['rss_target_mb'] else 'NO'} |"
-              for name, c in conversion["writers"].items()),
+            *(
+                f"| {name} | {c['seconds']} | {c['peak_rss_mb']} | {'yes' if c['peak_rss_mb'] <= conversion['rss_target_mb'] else 'NO'} |"
+                for name, c in conversion["writers"].items()
+            ),
         ]
     lines += ["", "Reproduce: `python benchmarks/shard_writer.py`"]
     (RESULTS / "shard_writer.md").write_text("\n".join(lines) + "\n")

@@ -196,8 +196,14 @@ def probe_backends() -> dict[str, dict]:
     import moeforge  # noqa: F401  (registers moeforge's experts backends)
 
     config = MixtralConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=NUM_EXPERTS,
+        num_experts_per_tok=TOP_K,
     )
     torch.manual_seed(0)
     model = MixtralForCausalLM(config).float()
@@ -236,9 +242,7 @@ TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
 
 def run_child(case: dict, system_malloc: bool) -> dict:
     env = dict(os.environ) if system_malloc else {**os.environ, **TUNED_MALLOC}
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(case)], capture_output=True, text=True, check=False, env=env
-    )
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], capture_output=True, text=True, check=False, env=env)
     lines = [line for line in done.stdout.strip().splitlines() if line.startswith("{")]
     if done.returncode < 0:
         return {"error": f"killed by signal {-done.returncode}" + (" (out of memory?)" if done.returncode == -9 else "")}
@@ -253,10 +257,15 @@ def convert_moe(source: Path, output: Path) -> float:
     from moeforge.conversion import convert
 
     start = time.perf_counter()
-    recipe = parse_recipe({
-        "source": str(source), "output": str(output), "moe": {"num_experts": NUM_EXPERTS, "top_k": TOP_K},
-        "dtype": "float32", "fidelity": {"check": False},
-    })
+    recipe = parse_recipe(
+        {
+            "source": str(source),
+            "output": str(output),
+            "moe": {"num_experts": NUM_EXPERTS, "top_k": TOP_K},
+            "dtype": "float32",
+            "fidelity": {"check": False},
+        }
+    )
     convert(recipe, overwrite=True, log=lambda _line: None)
     return time.perf_counter() - start
 
@@ -298,11 +307,16 @@ def main() -> None:
     try:
         blocks_file = work / "tokens.pt"
         n_blocks = make_token_blocks(source, args.seq_len, blocks_file)
-        print(f"data: pt-demo packed into {n_blocks} blocks of {args.seq_len} tokens; batch {args.batch} x {args.seq_len} = "
-              f"{tokens} tokens/step, {args.warmup} warm-up + {args.steps} timed steps per case", flush=True)
+        print(
+            f"data: pt-demo packed into {n_blocks} blocks of {args.seq_len} tokens; batch {args.batch} x {args.seq_len} = "
+            f"{tokens} tokens/step, {args.warmup} warm-up + {args.steps} timed steps per case",
+            flush=True,
+        )
         probes = probe_backends()
-        print("experts backends (probe on a tiny Mixtral): " + ", ".join(
-            f"{b} {'ok' if p['ok'] else 'ERROR'}" for b, p in probes.items()), flush=True)
+        print(
+            "experts backends (probe on a tiny Mixtral): " + ", ".join(f"{b} {'ok' if p['ok'] else 'ERROR'}" for b, p in probes.items()),
+            flush=True,
+        )
         wanted = list(probes) if args.backends == "all" else [b.strip() for b in args.backends.split(",") if b.strip()]
 
         if args.moe_dir:
@@ -313,8 +327,13 @@ def main() -> None:
             print(f"converted SmolLM2 -> Mixtral 8x top-2 (fp32) in {convert_seconds:.0f}s", flush=True)
 
         common = {
-            "tokens": str(blocks_file), "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
-            "device": args.device, "dtype": args.dtype,
+            "tokens": str(blocks_file),
+            "batch": args.batch,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "threads": args.threads,
+            "device": args.device,
+            "dtype": args.dtype,
         }
         ffn = dense_config.intermediate_size
         moe_bytes = sum(f.stat().st_size for f in Path(moe_dir).glob("*.safetensors"))  # fp32 weights
@@ -330,17 +349,33 @@ def main() -> None:
                 cases.append((name, "moe", None, f"probe failed: {probe['error']}"))
             elif backend == "moeforge_per_token":
                 cases.append((name, "moe", None, "a per-pair loop for decoding a few tokens, not for training batches"))
-            elif backend == "batched_mm" and (
-                gathered := batched_mm_bytes(dense_config.num_hidden_layers, tokens, dense_config.hidden_size, ffn)
-            ) + 4 * moe_bytes > available_bytes():
-                cases.append((name, "moe", None, (
-                    f"batched_mm would hold ~{gathered / 2**30:,.0f} GiB of gathered expert weights for backward "
-                    f"(layers x tokens x top_k x 3 x hidden x ffn x 4 B) on top of ~{4 * moe_bytes / 2**30:.0f} GiB of "
-                    f"weights, gradients and AdamW state: more than the {available_bytes() / 2**30:.0f} GiB available")))
+            elif (
+                backend == "batched_mm"
+                and (gathered := batched_mm_bytes(dense_config.num_hidden_layers, tokens, dense_config.hidden_size, ffn)) + 4 * moe_bytes
+                > available_bytes()
+            ):
+                cases.append(
+                    (
+                        name,
+                        "moe",
+                        None,
+                        (
+                            f"batched_mm would hold ~{gathered / 2**30:,.0f} GiB of gathered expert weights for backward "
+                            f"(layers x tokens x top_k x 3 x hidden x ffn x 4 B) on top of ~{4 * moe_bytes / 2**30:.0f} GiB of "
+                            f"weights, gradients and AdamW state: more than the {available_bytes() / 2**30:.0f} GiB available"
+                        ),
+                    )
+                )
             else:
                 cases.append((name, "moe", {"kind": "moe", "source": str(moe_dir), "backend": backend}, None))
-        cases.append((f"(c) dense, FFN {TOP_K * ffn} (= MoE active), random init", "dense_ffn",
-                      {"kind": "dense_ffn", "source": str(source), "intermediate_size": TOP_K * ffn}, None))
+        cases.append(
+            (
+                f"(c) dense, FFN {TOP_K * ffn} (= MoE active), random init",
+                "dense_ffn",
+                {"kind": "dense_ffn", "source": str(source), "intermediate_size": TOP_K * ffn},
+                None,
+            )
+        )
 
         rows = []
 
@@ -365,8 +400,12 @@ def main() -> None:
             moe_rows = [r for r in rows if r["role"] == "moe" and "tokens_per_second" in r]
             if moe_rows:
                 best = max(moe_rows, key=lambda r: r["tokens_per_second"])["backend"]
-                measure(f"(d) MoE router-only (preset router_only), experts={best}", "router_only",
-                        {"kind": "moe", "source": str(moe_dir), "backend": best, "router_only": True}, None)
+                measure(
+                    f"(d) MoE router-only (preset router_only), experts={best}",
+                    "router_only",
+                    {"kind": "moe", "source": str(moe_dir), "backend": best, "router_only": True},
+                    None,
+                )
             else:
                 measure("(d) MoE router-only", "router_only", None, "no MoE backend ran")
     finally:
@@ -382,7 +421,10 @@ def main() -> None:
             row["vs_dense"] = round(row["tokens_per_second"] / dense_rate, 3) if dense_rate else None
             row["peak_rss_delta_bytes"] = row["peak_rss_bytes"] - row["rss_before_bytes"] if row["peak_reset"] else None
             if args.peak_tflops:  # PaLM's count: 6 x active parameters + 12 x layers x hidden x seq-len per token
-                flops = 6 * row["parameters"]["active_per_token"] + 12 * dense_config.num_hidden_layers * dense_config.hidden_size * args.seq_len
+                flops = (
+                    6 * row["parameters"]["active_per_token"]
+                    + 12 * dense_config.num_hidden_layers * dense_config.hidden_size * args.seq_len
+                )
                 row["mfu"] = round(row["tokens_per_second"] * flops / (args.peak_tflops * 1e12), 4)
 
     result = {
@@ -390,10 +432,14 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "model": str(args.source) if args.source else "SmolLM2-135M-Instruct (fp32)",
-        "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": tokens,
-        "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "tokens_per_step": tokens,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
         "step": f"forward + backward + clip_grad_norm(1.0) + AdamW(lr 1e-5) + zero_grad, {args.dtype}",
-        "device": args.device, "peak_tflops": args.peak_tflops,
+        "device": args.device,
+        "peak_tflops": args.peak_tflops,
         "malloc": "glibc defaults" if args.system_malloc else TUNED_MALLOC,
         "convert_seconds": round(convert_seconds, 1) if convert_seconds else None,
         "backend_probes": probes,
@@ -445,14 +491,25 @@ def main() -> None:
         "Step times on a shared machine are noisy: compare ratios from the same run only.",
         "",
         "Reproduce: `python benchmarks/train_throughput.py"
-        + "".join(f" {flag} {value}" for flag, value, default in (
-            ("--batch", args.batch, 4), ("--seq-len", args.seq_len, 256), ("--warmup", args.warmup, 1),
-            ("--steps", args.steps, 5), ("--threads", args.threads, None), ("--backends", args.backends, "all"),
-            ("--source", args.source, None), ("--device", args.device, "cpu"), ("--dtype", args.dtype, "float32"),
-            ("--peak-tflops", args.peak_tflops, None))
-            if value != default)
+        + "".join(
+            f" {flag} {value}"
+            for flag, value, default in (
+                ("--batch", args.batch, 4),
+                ("--seq-len", args.seq_len, 256),
+                ("--warmup", args.warmup, 1),
+                ("--steps", args.steps, 5),
+                ("--threads", args.threads, None),
+                ("--backends", args.backends, "all"),
+                ("--source", args.source, None),
+                ("--device", args.device, "cpu"),
+                ("--dtype", args.dtype, "float32"),
+                ("--peak-tflops", args.peak_tflops, None),
+            )
+            if value != default
+        )
         + (" --system-malloc" if args.system_malloc else "")
-        + "`" + f" (this run: {result['wall_seconds']:.0f} s wall)",
+        + "`"
+        + f" (this run: {result['wall_seconds']:.0f} s wall)",
     ]
     (RESULTS / "train_throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

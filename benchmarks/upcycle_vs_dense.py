@@ -128,18 +128,30 @@ def convert_moe(source: Path, output: Path, moe: dict) -> dict:
     from moeforge.conversion import convert
 
     start = time.perf_counter()
-    result = convert(parse_recipe({"source": str(source), "output": str(output), "moe": moe, "dtype": "float32"}),
-                     overwrite=True, log=lambda _line: None)
+    result = convert(
+        parse_recipe({"source": str(source), "output": str(output), "moe": moe, "dtype": "float32"}), overwrite=True, log=lambda _line: None
+    )
     f = result.fidelity
-    return {"seconds": round(time.perf_counter() - start, 1), "export": result.export, "exact_by_construction": result.plan.exact,
-            "max_abs_logit_diff": f.max_abs_logit_diff, "top1_agreement": f.top1_agreement, "passed": f.passed}
+    return {
+        "seconds": round(time.perf_counter() - start, 1),
+        "export": result.export,
+        "exact_by_construction": result.plan.exact,
+        "max_abs_logit_diff": f.max_abs_logit_diff,
+        "top1_agreement": f.top1_agreement,
+        "passed": f.passed,
+    }
 
 
 def run_child(spec: dict, work: Path) -> dict:
     out = work / f"{spec['name']}.result.json"
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), "--child-out", str(out)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec), "--child-out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
     if done.returncode:
         raise SystemExit(f"run {spec['name']} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(out.read_text()) | {"process_seconds": round(time.perf_counter() - start, 1)}
@@ -168,10 +180,14 @@ def summarize(name: str, out: dict) -> dict:
         "epochs": round(max((e.get("epoch", 0) for e in history), default=0), 2),
         "eval_curve": evals,
         "train_curve": [(e["step"], e["loss"]) for e in history if "loss" in e and "eval_loss" not in e],
-        "start_loss": start_mean, "start_se": start_se,
-        "final_loss": final_mean, "final_se": final_se,
+        "start_loss": start_mean,
+        "start_se": start_se,
+        "final_loss": final_mean,
+        "final_se": final_se,
         "trainer_start_eval_loss": next((e["eval_loss"] for e in history if "eval_loss" in e and e["step"] == 0), None),
-        "trainer_final_eval_loss": next((e["eval_loss"] for e in reversed(history) if "eval_loss" in e and e["step"] == out["steps"]), None),
+        "trainer_final_eval_loss": next(
+            (e["eval_loss"] for e in reversed(history) if "eval_loss" in e and e["step"] == out["steps"]), None
+        ),
         "train_runtime_seconds": summary.get("train_runtime"),
         "in_training_eval_seconds": round(eval_runtime, 1),
         "train_seconds_excl_eval": round(train_seconds, 1),
@@ -207,8 +223,7 @@ def verdict(runs: dict[str, dict], gaps: dict[str, dict], args, fidelity: dict) 
     g = gaps["upcycled"]
     z = g["gap"] / g["se"] if g["se"] > 0 else float("inf") * (1 if g["gap"] >= 0 else -1)
     dense_gain = dense["start_loss"] - dense["final_loss"]
-    scale = (f"; that is {abs(g['gap']) / abs(dense_gain):.0%} of the dense run's own change over the run"
-             if abs(dense_gain) > 1e-9 else "")
+    scale = f"; that is {abs(g['gap']) / abs(dense_gain):.0%} of the dense run's own change over the run" if abs(dense_gain) > 1e-9 else ""
     if abs(z) < 2:
         parts.append(
             f"The final gap (upcycled - dense) is {g['gap']:+.4f} ± {g['se']:.4f} nats (paired SE, z = {z:+.1f}){scale}: "
@@ -220,8 +235,11 @@ def verdict(runs: dict[str, dict], gaps: dict[str, dict], args, fidelity: dict) 
             f"The final gap (upcycled - dense) is {g['gap']:+.4f} ± {g['se']:.4f} nats (paired SE, z = {z:+.1f}){scale}: "
             f"the {better} model ends with the lower held-out loss, beyond two standard errors."
         )
-    ratio = (moe["train_seconds_excl_eval"] / dense["train_seconds_excl_eval"]
-             if dense["train_seconds_excl_eval"] > 0 and moe["train_seconds_excl_eval"] > 0 else float("nan"))
+    ratio = (
+        moe["train_seconds_excl_eval"] / dense["train_seconds_excl_eval"]
+        if dense["train_seconds_excl_eval"] > 0 and moe["train_seconds_excl_eval"] > 0
+        else float("nan")
+    )
     parts.append(
         f"That is per token, not per unit of compute: the upcycled model holds {moe['total_parameters'] / dense['total_parameters']:.1f}x "
         f"the parameters, ~{gaps['active_ratio']:.2f}x the active parameters per token, and its training took {ratio:.1f}x "
@@ -307,9 +325,15 @@ def main() -> None:
     data = {"train": [str(args.data.resolve())]} if args.data else {"builtin": "pt-demo"}
     data |= {"eval_ratio": args.eval_ratio, "max_length": args.seq_len, "mix_seed": args.seed}
     training = {
-        "max_steps": args.steps, "per_device_train_batch_size": args.batch, "per_device_eval_batch_size": args.batch,
-        "learning_rate": args.lr, "lr_scheduler_type": "cosine", "warmup_ratio": args.warmup_ratio,
-        "logging_steps": max(1, args.eval_every // 2), "eval_steps": args.eval_every, "telemetry_steps": args.eval_every,
+        "max_steps": args.steps,
+        "per_device_train_batch_size": args.batch,
+        "per_device_eval_batch_size": args.batch,
+        "learning_rate": args.lr,
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": args.warmup_ratio,
+        "logging_steps": max(1, args.eval_every // 2),
+        "eval_steps": args.eval_every,
+        "telemetry_steps": args.eval_every,
         "seed": args.seed,
     }
     work = Path(tempfile.mkdtemp(prefix="moeforge-upcycle-vs-dense-"))
@@ -324,14 +348,24 @@ def main() -> None:
             models[name] = str(work / f"{name}-model")
             print(f"converted {name}: {json.dumps(fidelity[name])}", flush=True)
         for name, model in models.items():
-            recipe = {"stage": "pt", "model": model, "output": str(work / f"{name}-run"), "overwrite": True,
-                      "data": data, "training": training, "router_losses": {"balance_coef": args.balance_coef}}
+            recipe = {
+                "stage": "pt",
+                "model": model,
+                "output": str(work / f"{name}-run"),
+                "overwrite": True,
+                "data": data,
+                "training": training,
+                "router_losses": {"balance_coef": args.balance_coef},
+            }
             print(f"training {name} ({args.steps} steps x {args.batch} x {args.seq_len} tokens) ...", flush=True)
             raw[name] = run_child({"name": name, "recipe": recipe}, work)
             shutil.rmtree(work / f"{name}-run", ignore_errors=True)
             last = raw[name]["block_losses_final"]
-            print(f"  {name}: held-out loss {statistics.fmean(raw[name]['block_losses_start']):.4f} -> "
-                  f"{statistics.fmean(last):.4f}, {raw[name]['process_seconds']:.0f}s", flush=True)
+            print(
+                f"  {name}: held-out loss {statistics.fmean(raw[name]['block_losses_start']):.4f} -> "
+                f"{statistics.fmean(last):.4f}, {raw[name]['process_seconds']:.0f}s",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -351,12 +385,17 @@ def main() -> None:
     text = verdict(runs, gaps, args, fidelity)
 
     result = {
-        "machine": f"{os.cpu_count()} CPU cores", "torch": torch.__version__,
+        "machine": f"{os.cpu_count()} CPU cores",
+        "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "model": str(args.source) if args.source else "SmolLM2-135M-Instruct (fp32)",
         "data": str(args.data or "built-in pt-demo"),
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("child")} | {"data": str(args.data) if args.data else None},
-        "training": training, "conversions": fidelity, "gaps_vs_dense": gaps, "runs": runs, "verdict": text,
+        "training": training,
+        "conversions": fidelity,
+        "gaps_vs_dense": gaps,
+        "runs": runs,
+        "verdict": text,
         "wall_seconds": round(time.perf_counter() - wall_start, 1),
     }
     RESULTS.mkdir(exist_ok=True)
@@ -367,11 +406,21 @@ def main() -> None:
     all_steps = sorted({s for run in runs.values() for s, _ in run["eval_curve"]})
     curves = {name: dict(run["eval_curve"]) for name, run in runs.items()}
     flags = "".join(
-        f" {flag} {value}" for flag, value, default in (
-            ("--steps", args.steps, 60), ("--batch", args.batch, 4), ("--seq-len", args.seq_len, 128),
-            ("--eval-every", args.eval_every, 10), ("--eval-ratio", args.eval_ratio, 0.1), ("--lr", args.lr, 1e-4),
-            ("--warmup-ratio", args.warmup_ratio, 0.1), ("--balance-coef", args.balance_coef, 0.01), ("--seed", args.seed, 42),
-            ("--data", args.data, None), ("--source", args.source, None)) if value != default
+        f" {flag} {value}"
+        for flag, value, default in (
+            ("--steps", args.steps, 60),
+            ("--batch", args.batch, 4),
+            ("--seq-len", args.seq_len, 128),
+            ("--eval-every", args.eval_every, 10),
+            ("--eval-ratio", args.eval_ratio, 0.1),
+            ("--lr", args.lr, 1e-4),
+            ("--warmup-ratio", args.warmup_ratio, 0.1),
+            ("--balance-coef", args.balance_coef, 0.01),
+            ("--seed", args.seed, 42),
+            ("--data", args.data, None),
+            ("--source", args.source, None),
+        )
+        if value != default
     ) + (f" --drop-upcycling --drop-ratio {args.drop_ratio}" if args.drop_upcycling else "")
     lines = [
         f"# Continued pretraining, dense vs upcycled {result['model']} ({result['machine']}, torch {torch.__version__})",
@@ -402,8 +451,14 @@ def main() -> None:
             f"{run['start_loss']:.4f} | {run['final_loss']:.4f} ± {run['final_se']:.4f} | {gap} | "
             f"{run['train_seconds_excl_eval']:.1f} | {run['process_seconds']:.0f} |"
         )
-    lines += ["", "Verdict: " + text, "", "![loss curves](upcycle_vs_dense.png)", "",
-              f"Reproduce: `python benchmarks/upcycle_vs_dense.py{flags}` (this run: {result['wall_seconds']:.0f} s wall)"]
+    lines += [
+        "",
+        "Verdict: " + text,
+        "",
+        "![loss curves](upcycle_vs_dense.png)",
+        "",
+        f"Reproduce: `python benchmarks/upcycle_vs_dense.py{flags}` (this run: {result['wall_seconds']:.0f} s wall)",
+    ]
     (RESULTS / "upcycle_vs_dense.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

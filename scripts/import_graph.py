@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
     arrows = graph()
     if "--dot" in argv:
         print("digraph moeforge {\n  rankdir=TB;")
-        for (src, dst) in sorted(arrows):
+        for src, dst in sorted(arrows):
             print(f"  {src} -> {dst};")
         print("}")
     else:

@@ -66,9 +66,7 @@ def build_tiny_llama(config: LlamaConfig | None = None, seed: int = 0) -> LlamaF
     return LlamaForCausalLM(config or make_tiny_llama_config()).eval()
 
 
-def save_tiny_llama(
-    path: Path, config: LlamaConfig | None = None, seed: int = 0, max_shard_size: str | int | None = None
-) -> Path:
+def save_tiny_llama(path: Path, config: LlamaConfig | None = None, seed: int = 0, max_shard_size: str | int | None = None) -> Path:
     """Save a tiny LLaMA (safetensors, optionally sharded) plus its tokenizer; return ``path``."""
     model = build_tiny_llama(config, seed)
     kwargs: dict[str, Any] = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
@@ -94,9 +92,7 @@ def mixed_dtype_tensors(n: int = 20) -> dict[str, torch.Tensor]:
 
 def _llama_cpp_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The q/k row order llama.cpp's converter writes (transformers undoes it when reading a GGUF)."""
-    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(
-        weight.shape
-    )
+    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 def save_tiny_llama_gguf(path: Path, config: LlamaConfig | None = None, seed: int = 0) -> LlamaForCausalLM:

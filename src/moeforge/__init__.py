@@ -16,8 +16,8 @@ stay silent until the application configures logging; the ``moeforge`` command s
 
 from __future__ import annotations
 
-from importlib import import_module
 import logging
+from importlib import import_module
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from moeforge.config.recipe import ConvertRecipe, load_recipe as _load_yaml, parse_recipe
+from moeforge.config.recipe import ConvertRecipe, parse_recipe
+from moeforge.config.recipe import load_recipe as _load_yaml
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.errors import MoeforgeError
 

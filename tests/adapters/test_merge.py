@@ -71,8 +71,16 @@ def test_plain_lora_folds_into_the_base(base):
 @pytest.mark.parametrize("method", ["lora", "moe_lora"])
 def test_lora_on_fused_experts_folds_into_a_mixtral_base(method):
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+    config = MixtralConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
     mixtral = AutoModelForCausalLM.from_config(config).eval()
     reference, merged, logits = _adapter_and_merged(mixtral, method=method, targets=["experts", "k_proj"])
     assert type(merged).__name__ == "MixtralForCausalLM"

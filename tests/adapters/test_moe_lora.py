@@ -106,8 +106,12 @@ def test_experts_and_router_are_registered_parameters(base):
     adapted = _adapted(base)
     names = set(adapted.state_dict())
     prefix = "base_model.model.model.layers.0.mlp."
-    for suffix in ("moe_lora_router.default.weight", "moe_lora_gate_proj.default.lora_A",
-                   "moe_lora_down_proj.default.lora_B", "base_layer.gate_proj.weight"):
+    for suffix in (
+        "moe_lora_router.default.weight",
+        "moe_lora_gate_proj.default.lora_A",
+        "moe_lora_down_proj.default.lora_B",
+        "base_layer.gate_proj.weight",
+    ):
         assert prefix + suffix in names
     adapted.to(torch.float64)
     assert _layers(adapted)[0].moe_lora_up_proj["default"].lora_A.dtype == torch.float64

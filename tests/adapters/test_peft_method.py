@@ -22,8 +22,15 @@ from moeforge.io.loading import load_model
 from tests.adapters.test_moe_lora import randomise_adapter
 from tests.helpers import make_tiny_llama_config, save_tiny_llama
 
-SPEC = AdapterSpec(num_experts=4, rank=4, dropout=0.1, shared_expert=True, layer_experts={2: 3},
-                   targets=["gate_proj", "up_proj", "down_proj", "q_proj", "v_proj"], balance_coef=0.03)
+SPEC = AdapterSpec(
+    num_experts=4,
+    rank=4,
+    dropout=0.1,
+    shared_expert=True,
+    layer_experts={2: 3},
+    targets=["gate_proj", "up_proj", "down_proj", "q_proj", "v_proj"],
+    balance_coef=0.03,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +86,7 @@ import torch, moeforge
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 tokens = torch.arange(4, 20).reshape(2, 8)
-expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
 peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(dense)!r}), {str(adapter)!r}).eval()
 one_liner = AutoModelForCausalLM.from_pretrained({str(adapter)!r}).eval()  # the seed README's way
 with torch.no_grad():

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from moeforge.cli import eval_cmd
-from moeforge.cli import main as cli_main
 from moeforge.cli.main import main
 from moeforge.eval.inputs import BUILTIN_DESCRIPTION
 from moeforge.eval.lm_eval import INSTALL_HINT
@@ -26,9 +24,7 @@ def text_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_eval_moe_writes_report_and_plot(
-    mixtral_dir: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_eval_moe_writes_report_and_plot(mixtral_dir: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
     assert main(["eval", str(mixtral_dir), "--text", str(text_file), "--output", str(out), *FAST]) == 0
     stdout = capsys.readouterr().out

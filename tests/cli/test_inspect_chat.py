@@ -81,9 +81,7 @@ def test_chat_prompt_streams_the_reply(tiny_llama_dir: Path, capsys: pytest.Capt
     assert capsys.readouterr().out == expected + "\n"
 
 
-def test_chat_reads_piped_stdin(
-    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_chat_reads_piped_stdin(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     seen: list[list[dict[str, str]]] = []
     monkeypatch.setattr(chat_cmd, "chat_once", lambda model, tok, messages, *a, **k: seen.append(messages) or "ok")
     monkeypatch.setattr(sys, "stdin", io.StringIO("line one\nline two\n"))
@@ -164,9 +162,7 @@ def smollm2(smollm2_dir: Path) -> tuple[object, object]:
 @pytest.mark.smollm2
 def test_smollm2_answers(smollm2: tuple[object, object]) -> None:
     model, tokenizer = smollm2
-    reply = chat_cmd.chat_once(
-        model, tokenizer, [{"role": "user", "content": "What is the capital of France?"}], 20, 0.0, None
-    )
+    reply = chat_cmd.chat_once(model, tokenizer, [{"role": "user", "content": "What is the capital of France?"}], 20, 0.0, None)
     assert "Paris" in reply
 
 

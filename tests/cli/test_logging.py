@@ -23,9 +23,7 @@ def moeforge_logger() -> Iterator[logging.Logger]:
     logger.setLevel(level)
 
 
-def test_the_command_shows_library_info_as_plain_stderr_lines(
-    moeforge_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_the_command_shows_library_info_as_plain_stderr_lines(moeforge_logger: logging.Logger, capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging()
     configure_logging()  # main may run many times in one process: still one handler, one line
     logging.getLogger("moeforge.train.runner").info("trainable parameters: %s", "1,024")

@@ -19,7 +19,9 @@ def _write(path: Path, recipe: dict) -> Path:
 
 def _recipe(model: Path, output: Path, data: Path, stage: str = "pt", **extra) -> dict:
     return {
-        "stage": stage, "model": str(model), "output": str(output),
+        "stage": stage,
+        "model": str(model),
+        "output": str(output),
         "data": {"train": [str(data)], "max_length": 32},
         "training": {"max_steps": 50, "per_device_train_batch_size": 2, "logging_steps": 1, "telemetry_steps": 1},
         **extra,

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from moeforge.config.data import DataSource, DataSpec
-from moeforge.config.data import make_source
+from moeforge.config.data import DataSource, DataSpec, make_source
 from moeforge.errors import MoeforgeError
 
 

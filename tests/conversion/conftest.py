@@ -18,7 +18,9 @@ SOURCE_VARIANTS = {
     # GQA (4 heads, 2 kv heads), untied head
     "gqa": dict(initializer_range=0.2),
     # odd sizes, multi-query attention, tied embeddings
-    "odd_tied": dict(initializer_range=0.2, hidden_size=48, intermediate_size=120, num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True),
+    "odd_tied": dict(
+        initializer_range=0.2, hidden_size=48, intermediate_size=120, num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True
+    ),
 }
 
 

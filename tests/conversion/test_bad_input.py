@@ -12,13 +12,19 @@ from tests.conversion.conftest import run_convert
 PLAN_ERRORS = {
     "top_k > experts": ({"num_experts": 4, "top_k": 5}, "moe.top_k: 5 is larger than num_experts 4"),
     "partition indivisible": ({"num_experts": 5, "top_k": 2, "init": "partition"}, "do not split evenly into 5 experts"),
-    "granular top_k": ({"num_experts": 8, "top_k": 3, "init": "granular", "granularity": 2}, "moe.top_k: 3 must be a multiple of granularity 2"),
+    "granular top_k": (
+        {"num_experts": 8, "top_k": 3, "init": "granular", "granularity": 2},
+        "moe.top_k: 3 must be a multiple of granularity 2",
+    ),
     "granular experts": ({"num_experts": 6, "top_k": 2, "init": "granular", "granularity": 4}, "must be a multiple of granularity 4"),
     "layer out of range": ({"placement": {"layers": [0, 7]}}, "moe.placement.layers: layer 7 does not exist"),
     "no layer left": ({"placement": {"keep_first_dense": 2, "keep_last_dense": 1}}, "selects no layer"),
     "list length": ({"num_experts": [4, 4]}, "the list has 2 entries but 3 layers are MoE"),
     "mapping gap": ({"num_experts": {"0-1": 4}}, "no expert count given for MoE layer 2"),
-    "partition full router": ({"num_experts": 4, "top_k": 4, "init": "partition", "routing": {"router_init": "random"}}, "moe.routing.router_init: random with partition"),
+    "partition full router": (
+        {"num_experts": 4, "top_k": 4, "init": "partition", "routing": {"router_init": "random"}},
+        "moe.routing.router_init: random with partition",
+    ),
     "shared too big": ({"shared": {"num_experts": 1, "intermediate_size": 96}}, "moe.shared.intermediate_size: 96 must be between"),
 }
 
@@ -45,7 +51,10 @@ RECIPE_ERRORS = {
     "missing": ("output: y\n", "source: required key is missing"),
     "yaml": ("source: [x\n", "not valid YAML"),
     "not mapping": ("- a\n- b\n", "the top level must be a mapping"),
-    "virtual groups": ("source: x\noutput: y\nmoe:\n  routing:\n    router_init: virtual_groups\n", "virtual_groups only applies to init: granular"),
+    "virtual groups": (
+        "source: x\noutput: y\nmoe:\n  routing:\n    router_init: virtual_groups\n",
+        "virtual_groups only applies to init: granular",
+    ),
     "size": ("source: x\noutput: y\nmax_shard_size: lots\n", "max_shard_size: 'lots' is not a size"),
 }
 
@@ -61,7 +70,9 @@ def test_recipe_errors(case, tmp_path):
 
 def test_dense2moe_aliases(tmp_path):
     path = tmp_path / "recipe.yaml"
-    path.write_text("source: x\noutput: y\nmoe:\n  num_experts: 8\n  expert_top_k: 1\n  placement: {moe_start_layer: 16, moe_layer_freq: 2}\n")
+    path.write_text(
+        "source: x\noutput: y\nmoe:\n  num_experts: 8\n  expert_top_k: 1\n  placement: {moe_start_layer: 16, moe_layer_freq: 2}\n"
+    )
     recipe = load_recipe(path)
     assert recipe.moe.top_k == 1 and recipe.moe.placement.moe_start_layer == 16
 

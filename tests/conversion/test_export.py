@@ -11,8 +11,16 @@ from tests.conversion.conftest import dense_logits, load_logits, run_convert
 from tests.helpers import make_tiny_tokenizer
 
 COMMON = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
@@ -55,8 +63,8 @@ def test_mistral_sliding_window_goes_to_mixtral(mistral_source, tmp_path):
     result = run_convert(mistral_source, tmp_path / "moe", {"num_experts": 4, "top_k": 2})
     assert result.export == "mixtral"
     # the in-pipeline dense reference honours the window (calibration sequences are 128 > 16 tokens)
-    from moeforge.data.calibration import calibration_ids
     from moeforge.config.recipe import Calibration
+    from moeforge.data.calibration import calibration_ids
     from moeforge.io.loading import load_tokenizer
 
     calib, _ = calibration_ids(Calibration(), load_tokenizer(mistral_source), 256, torch.Generator().manual_seed(0))

@@ -18,7 +18,7 @@ def _split(model) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]
     layers = []
     for index in range(model.config.num_hidden_layers):
         prefix = f"{LAYERS_PREFIX}{index}."
-        layers.append({name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)})
+        layers.append({name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)})
     return outer, layers
 
 

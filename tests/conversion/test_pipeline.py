@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeforge.data.calibration import calibration_ids
 from moeforge.config.recipe import Calibration
+from moeforge.data.calibration import calibration_ids
 from moeforge.io.loading import load_tokenizer
 from tests.conversion.conftest import dense_logits, load_logits, run_convert
 
@@ -23,7 +23,11 @@ EXACT_CASES = {
     "partition_kmeans_k_eq_e": ({"num_experts": 4, "top_k": 4, "init": "partition", "partition": {"method": "kmeans"}}, {}, "mixtral"),
     "granular": ({"num_experts": 8, "top_k": 4, "init": "granular", "granularity": 2}, {}, "mixtral"),
     "shared_residual_top1": ({"num_experts": 3, "top_k": 1, "shared": {"num_experts": 1}}, {}, "granitemoeshared"),
-    "two_shared_importance": ({"num_experts": 4, "top_k": 2, "shared": {"num_experts": 2, "intermediate_size": 24}}, {}, "granitemoeshared"),
+    "two_shared_importance": (
+        {"num_experts": 4, "top_k": 2, "shared": {"num_experts": 2, "intermediate_size": 24}},
+        {},
+        "granitemoeshared",
+    ),
     "dense2moe_placement": ({"num_experts": 4, "top_k": 2, "placement": {"moe_start_layer": 1, "moe_layer_freq": 2}}, {}, "qwen2_moe"),
     "keep_first_last_dense": ({"num_experts": 4, "top_k": 2, "placement": {"keep_first_dense": 1, "keep_last_dense": 1}}, {}, "qwen2_moe"),
     "explicit_layers_qwen_export": ({"num_experts": 4, "top_k": 2, "placement": {"layers": [0, 2]}}, {"export": "qwen2_moe"}, "qwen2_moe"),
@@ -58,8 +62,20 @@ INEXACT_CASES = {
     "drop_upcycling": ({"num_experts": 4, "top_k": 2, "copy": {"drop_ratio": 0.5}}, "mixtral"),
     "partition_random_top2": ({"num_experts": 4, "top_k": 2, "init": "partition"}, "mixtral"),
     "partition_importance": ({"num_experts": 4, "top_k": 2, "init": "partition", "partition": {"method": "importance"}}, "mixtral"),
-    "granular_no_renorm": ({"num_experts": 8, "top_k": 4, "init": "granular", "granularity": 2, "routing": {"normalize": False}}, "qwen2_moe"),
-    "partition_shared_gmm": ({"num_experts": 4, "top_k": 1, "init": "partition", "shared": {"num_experts": 1, "intermediate_size": 32}, "routing": {"gate_type": "gmm"}}, "moeforge"),
+    "granular_no_renorm": (
+        {"num_experts": 8, "top_k": 4, "init": "granular", "granularity": 2, "routing": {"normalize": False}},
+        "qwen2_moe",
+    ),
+    "partition_shared_gmm": (
+        {
+            "num_experts": 4,
+            "top_k": 1,
+            "init": "partition",
+            "shared": {"num_experts": 1, "intermediate_size": 32},
+            "routing": {"gate_type": "gmm"},
+        },
+        "moeforge",
+    ),
 }
 
 
@@ -111,7 +127,11 @@ def test_native_exports_generate_with_plain_transformers(tiny_sources, tmp_path,
     run_convert(source, tmp_path / "qwen", {"num_experts": 4, "top_k": 2, "placement": {"layers": [1]}})
     dense = AutoModelForCausalLM.from_pretrained(source).eval()
     expected = dense.generate(input_ids[:1, :8], max_new_tokens=10, do_sample=False)
-    for name, architecture in (("mixtral", "MixtralForCausalLM"), ("granite", "GraniteMoeSharedForCausalLM"), ("qwen", "Qwen2MoeForCausalLM")):
+    for name, architecture in (
+        ("mixtral", "MixtralForCausalLM"),
+        ("granite", "GraniteMoeSharedForCausalLM"),
+        ("qwen", "Qwen2MoeForCausalLM"),
+    ):
         # serving engines dispatch on config.architectures
         assert json.loads((tmp_path / name / "config.json").read_text())["architectures"] == [architecture]
         model = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()  # no moeforge import needed

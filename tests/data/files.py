@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moeforge.data.source import load_source
 from moeforge.config.data import DataSource
+from moeforge.data.source import load_source
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from moeforge.config.data import DataSpec
-
+from moeforge.config.data import DataSource, DataSpec
 from moeforge.data import build_datasets
 from moeforge.data.source import load_source
-from moeforge.config.data import DataSource
 from moeforge.errors import MoeforgeError
 from tests.data.files import assistant, records, user, write_json, write_jsonl
 
@@ -133,9 +131,7 @@ def test_skip_bad_rows_counts_and_keeps_first_messages(tmp_path: Path) -> None:
     assert len(built.train) == 2
     assert built.stats["bad_rows"] == 7
     assert built.stats["sources"][0]["bad_rows"] == 7
-    assert built.stats["bad_row_messages"] == [
-        f"{path}:{n}: missing key 'completion' (row keys: prompt)" for n in range(2, 7)
-    ]
+    assert built.stats["bad_row_messages"] == [f"{path}:{n}: missing key 'completion' (row keys: prompt)" for n in range(2, 7)]
 
 
 def test_all_rows_bad_is_an_error(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 from trl.data_utils import apply_chat_template, is_conversational
 
 from moeforge.config.data import DataSpec
-
 from moeforge.data import build_datasets
 from tests.data.files import write_json, write_jsonl
 from tests.helpers import make_tiny_tokenizer
@@ -32,8 +31,7 @@ def test_mixed_sft_sources_render_with_trl(tmp_path: Path) -> None:
     assert all(is_conversational(row) for row in built.train)
     assert rendered == [
         {
-            "prompt": "<|im_start|>system\nBe terse.<|im_end|>\n"
-            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+            "prompt": "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
             "completion": "Yo<|im_end|>\n",
         },
         {

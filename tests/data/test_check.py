@@ -57,9 +57,7 @@ def test_check_pt_and_dpo_lengths(tmp_path: Path) -> None:
 
 
 def test_check_counts_bad_rows(tmp_path: Path) -> None:
-    path = write_jsonl(
-        tmp_path / "seed.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": "p"}, {"prompt": 1, "completion": "c"}]
-    )
+    path = write_jsonl(tmp_path / "seed.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": "p"}, {"prompt": 1, "completion": "c"}])
     report = check_file(path, stage="sft")
     assert (report["rows"], report["bad_rows"]) == (1, 2)
     assert report["first_bad_row"] == f"{path}:2: missing key 'completion' (row keys: prompt)"

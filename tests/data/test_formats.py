@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from moeforge.data.source import load_source
 from moeforge.config.data import DataSource
+from moeforge.data.source import load_source
 from moeforge.errors import MoeforgeError
 from tests.data.files import assistant, records, sft, user, write_json, write_jsonl
 
@@ -128,17 +128,13 @@ def test_stage_mismatch_names_file_and_format(tmp_path: Path) -> None:
 
 def test_forced_format_mismatch(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "i", "output": "o"}])
-    with pytest.raises(
-        MoeforgeError, match=r"format preference \(set by format:\) holds dpo data, but the stage is sft"
-    ):
+    with pytest.raises(MoeforgeError, match=r"format preference \(set by format:\) holds dpo data, but the stage is sft"):
         records(path, "sft", format="preference")
 
 
 def test_forced_format_checks_rows_against_it(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "i", "output": "o"}])
-    with pytest.raises(
-        MoeforgeError, match=rf"^{re.escape(str(path))}:1: missing key 'prompt' \(row keys: instruction, output\)"
-    ):
+    with pytest.raises(MoeforgeError, match=rf"^{re.escape(str(path))}:1: missing key 'prompt' \(row keys: instruction, output\)"):
         records(path, "sft", format="prompt_completion")
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from moeforge.config.data import DataSpec
-
 from moeforge.data import build_datasets
 from moeforge.data.mixing import hold_out, mix_counts, resample
 from moeforge.errors import MoeforgeError
@@ -64,9 +63,7 @@ def test_eval_ratio_split_is_disjoint_and_sized(tmp_path: Path) -> None:
 
 
 def test_eval_ratio_holds_out_before_upsampling(tmp_path: Path) -> None:
-    spec = DataSpec(
-        train=[{"path": _texts(tmp_path, "a", 20), "weight": 9}, _texts(tmp_path, "b", 20)], eval_ratio=0.25
-    )
+    spec = DataSpec(train=[{"path": _texts(tmp_path, "a", 20), "weight": 9}, _texts(tmp_path, "b", 20)], eval_ratio=0.25)
     built = build_datasets(spec, "pt")
     assert not set(built.train["text"]) & set(built.eval["text"])
     assert len(built.eval) == 10
@@ -101,9 +98,7 @@ def test_stats_name_sources_and_formats(tmp_path: Path) -> None:
         [{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}],
     )
     built = build_datasets(DataSpec(train=[str(chat)]), "sft")
-    assert built.stats["sources"] == [
-        {"path": str(chat), "format": "messages", "rows": 1, "bad_rows": 0, "weight": 1.0, "mixed_rows": 1}
-    ]
+    assert built.stats["sources"] == [{"path": str(chat), "format": "messages", "rows": 1, "bad_rows": 0, "weight": 1.0, "mixed_rows": 1}]
     json.dumps(built.stats)  # plain data, ready for a log or a report
 
 

@@ -66,9 +66,7 @@ def test_one_multi_turn_row_makes_every_row_messages(tmp_path: Path) -> None:
 
 
 def test_multi_turn_preferences_stay_lists() -> None:
-    canonical = [
-        {"prompt": [*user("a"), *assistant("b"), *user("c")], "chosen": assistant("d"), "rejected": assistant("e")}
-    ]
+    canonical = [{"prompt": [*user("a"), *assistant("b"), *user("c")], "chosen": assistant("d"), "rejected": assistant("e")}]
     assert portable_records(canonical, "dpo") == canonical
 
 
@@ -93,9 +91,7 @@ def test_csv_to_json_with_split(tmp_path: Path) -> None:
 def test_bad_rows_stop_or_are_skipped(tmp_path: Path) -> None:
     src = write_json(tmp_path / "seed.json", [{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ""}])
     dst = tmp_path / "out.jsonl"
-    with pytest.raises(
-        MoeforgeError, match=re.escape(f"{src}[1]: 'completion' is empty; fix the row or skip bad rows")
-    ):
+    with pytest.raises(MoeforgeError, match=re.escape(f"{src}[1]: 'completion' is empty; fix the row or skip bad rows")):
         convert_file(src, dst)
     assert not dst.exists()
     assert convert_file(src, dst, skip_bad_rows=True)["bad_rows"] == 1

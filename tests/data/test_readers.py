@@ -55,9 +55,9 @@ def test_hf_dataset_dir(tmp_path: Path) -> None:
 
 
 def test_hf_dataset_dict_takes_train_or_the_named_split(tmp_path: Path) -> None:
-    DatasetDict(
-        train=Dataset.from_list([{"text": "train row"}]), test=Dataset.from_list([{"text": "test row"}])
-    ).save_to_disk(tmp_path / "dd")
+    DatasetDict(train=Dataset.from_list([{"text": "train row"}]), test=Dataset.from_list([{"text": "test row"}])).save_to_disk(
+        tmp_path / "dd"
+    )
     assert records(tmp_path / "dd", "pt") == [{"text": "train row"}]
     assert records(tmp_path / "dd", "pt", split="test") == [{"text": "test row"}]
     with pytest.raises(MoeforgeError, match=r"no split 'dev' \(splits: train, test\)"):

@@ -55,9 +55,7 @@ def _stats(seed: int, tokens: int = 100) -> RoutingStats:
         weights = torch.rand(experts, generator=generator) + 0.1
         counts = (weights / weights.sum() * tokens * 2).round().long()
         loads.append(counts)
-    return RoutingStats(
-        load=loads, tokens=tokens, entropy=[1.0, 1.5, 0.5], balance=[2.1, 2.3, 2.0], names=["0", "1", "2"]
-    )
+    return RoutingStats(load=loads, tokens=tokens, entropy=[1.0, 1.5, 0.5], balance=[2.1, 2.3, 2.0], names=["0", "1", "2"])
 
 
 def _image(fig: Figure) -> np.ma.MaskedArray:

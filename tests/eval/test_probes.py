@@ -187,9 +187,7 @@ def test_answer_logprob_matches_a_manual_forward(model: LlamaForCausalLM, tokeni
     assert score.n == 1 and score.logprob == pytest.approx(expected, abs=1e-4)
 
 
-def test_padding_does_not_change_per_prompt_scores(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, docs: Path
-) -> None:
+def test_padding_does_not_change_per_prompt_scores(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, docs: Path) -> None:
     spec = MDQAProbe(docs)  # rows and answers of different lengths: batches are padded
     alone = run_probe(model, tokenizer, spec, batch_size=1)
     batched = run_probe(model, tokenizer, spec, batch_size=5)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 import moeforge.experts.backends as backends
+from moeforge.errors import MoeforgeError
 from moeforge.experts import (
     EXPERTS_BACKENDS,
     auto_experts_forward,
@@ -16,9 +18,7 @@ from moeforge.experts import (
     implementation_name,
     per_token_experts_forward,
 )
-from moeforge.errors import MoeforgeError
-from tests.modeling.test_moe_block import CASES, H, T, grads_of, make_experts, naive_experts, random_routing
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from tests.modeling.test_moe_block import CASES, H, grads_of, make_experts, naive_experts, random_routing
 
 GRAD_NAMES = ("x", "routing weights", "gate_up_proj", "down_proj")
 
@@ -48,7 +48,9 @@ def _check_against_reference(forward, experts, x, indices, weights, *, rtol: flo
     assert out.shape == ref.shape and out.dtype == x.dtype
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
     probe = torch.randn_like(out)
-    for name, got, want in zip(GRAD_NAMES, grads_of(out, x, weights, experts, probe), grads_of(ref, x, weights, experts, probe), strict=True):
+    for name, got, want in zip(
+        GRAD_NAMES, grads_of(out, x, weights, experts, probe), grads_of(ref, x, weights, experts, probe), strict=True
+    ):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m, n=name: f"grad of {n}: {m}")
 
 

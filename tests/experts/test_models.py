@@ -16,9 +16,8 @@ from moeforge.config.train_recipe import TrainRecipe
 from moeforge.experts import EXPERTS_BACKENDS
 from moeforge.io.loading import load_model
 from moeforge.modeling import MoeforgeForCausalLM, MoeLayerSpec
-from tests.helpers import moeforge_llama_config
 from tests.adapters.test_moe_lora import randomise_adapter
-from tests.helpers import build_tiny_llama, make_tiny_llama_config
+from tests.helpers import build_tiny_llama, make_tiny_llama_config, moeforge_llama_config
 
 PORTABLE = ["auto", "grouped", "per_token", "grouped_mm", "batched_mm"]
 
@@ -30,8 +29,14 @@ def _tokens(batch: int = 2, length: int = 9) -> torch.Tensor:
 def _mixtral() -> MixtralForCausalLM:
     torch.manual_seed(0)
     config = MixtralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=6,
+        num_experts_per_tok=2,
     )
     return MixtralForCausalLM(config)
 
@@ -40,7 +45,12 @@ def _moeforge_llama():
     torch.manual_seed(0)
     spec = MoeLayerSpec(6, 2, 24, shared_intermediate_size=16).to_dict()
     config = moeforge_llama_config(
-        [spec, spec], vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        [spec, spec],
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         num_key_value_heads=2,
     )
     return MoeforgeForCausalLM(config)

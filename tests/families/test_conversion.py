@@ -3,28 +3,39 @@ into moeforge's architecture (the family's own decoder) otherwise."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
-
-import copy
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import moeforge  # noqa: F401  (registers moeforge's architecture)
+from moeforge.config.moice import MoiceSpec
 from moeforge.config.recipe import parse_recipe
 from moeforge.conversion import ConversionResult, convert
 from moeforge.errors import MoeforgeError
 from moeforge.families import dense_family
 from moeforge.modeling.moice import apply_moice
-from moeforge.config.moice import MoiceSpec
 from tests.families.tiny import FAMILY_CONFIGS, build_family, save_family, token_ids
 
 AUTO_TARGET = {
-    "llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe", "qwen3_5_text": "qwen3_5_moe_text",
-    "gemma3_text": "moeforge", "gemma4_text": "moeforge", "granite": "granitemoe", "smollm3": "moeforge", "olmo2": "flex_olmo",
-    "olmo3": "moeforge", "glm4": "moeforge", "phi3": "moeforge", "ernie4_5": "ernie4_5_moe", "exaone4": "moeforge",
+    "llama": "mixtral",
+    "mistral": "mixtral",
+    "qwen2": "qwen2_moe",
+    "qwen3": "qwen3_moe",
+    "qwen3_5_text": "qwen3_5_moe_text",
+    "gemma3_text": "moeforge",
+    "gemma4_text": "moeforge",
+    "granite": "granitemoe",
+    "smollm3": "moeforge",
+    "olmo2": "flex_olmo",
+    "olmo3": "moeforge",
+    "glm4": "moeforge",
+    "phi3": "moeforge",
+    "ernie4_5": "ernie4_5_moe",
+    "exaone4": "moeforge",
 }
 STRATEGIES: dict[str, dict[str, Any]] = {
     "partition_k_eq_e": {"init": "partition", "num_experts": 4, "top_k": 4},
@@ -93,8 +104,13 @@ def test_qwen3_with_mixed_layer_types_goes_to_moeforge(tmp_path):
 def test_multimodal_checkpoint_is_refused_with_its_text_family(tmp_path):
     from transformers import Gemma3Config
 
-    Gemma3Config(text_config=FAMILY_CONFIGS["gemma3_text"] | {"hidden_size": 64}, architectures=["Gemma3ForConditionalGeneration"]).save_pretrained(tmp_path / "mm")
-    with pytest.raises(MoeforgeError, match=r"'gemma3' \(Gemma3ForConditionalGeneration\) is a multimodal model; moeforge works on text decoders: use a gemma3_text checkpoint"):
+    Gemma3Config(
+        text_config=FAMILY_CONFIGS["gemma3_text"] | {"hidden_size": 64}, architectures=["Gemma3ForConditionalGeneration"]
+    ).save_pretrained(tmp_path / "mm")
+    with pytest.raises(
+        MoeforgeError,
+        match=r"'gemma3' \(Gemma3ForConditionalGeneration\) is a multimodal model; moeforge works on text decoders: use a gemma3_text checkpoint",
+    ):
         convert_tiny(tmp_path / "mm", tmp_path / "out", {"num_experts": 4})
 
 
@@ -129,9 +145,17 @@ def test_approximate_strategies_fit_on_the_family(family_sources, tmp_path, fami
     """Importance partition, k-means routers on the router's real input and the least-squares scale read the
     family's own FFN (fused or not, its activation): the fitted model is closer to the dense one than the
     analytic scale alone, and nothing claims exactness."""
-    moe = {"init": "partition", "num_experts": 4, "top_k": 2, "partition": {"method": "importance"},
-           "routing": {"router_init": "kmeans"}, "shared": {"num_experts": 1, "selection": "importance"}}
+    moe = {
+        "init": "partition",
+        "num_experts": 4,
+        "top_k": 2,
+        "partition": {"method": "importance"},
+        "routing": {"router_init": "kmeans"},
+        "shared": {"num_experts": 1, "selection": "importance"},
+    }
     fitted = convert_tiny(family_sources[family], tmp_path / "fitted", moe, calibration={"num_sequences": 4, "sequence_length": 32})
-    analytic = convert_tiny(family_sources[family], tmp_path / "analytic", {**moe, "scale": "analytic"}, calibration={"num_sequences": 4, "sequence_length": 32})
+    analytic = convert_tiny(
+        family_sources[family], tmp_path / "analytic", {**moe, "scale": "analytic"}, calibration={"num_sequences": 4, "sequence_length": 32}
+    )
     assert not fitted.plan.exact and not fitted.fidelity.exact_expected
     assert fitted.fidelity.mean_abs_logit_diff < analytic.fidelity.mean_abs_logit_diff

@@ -72,7 +72,9 @@ def plain_logits(exports, tmp_path_factory) -> dict[str, tuple[str, torch.Tensor
     directories = [str(export) for _, export in exports.values()]
     subprocess.run(
         [sys.executable, "-c", _PLAIN_LOAD, ",".join(directories), str(root / "ids.pt"), str(root / "out.pt")],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     results = torch.load(root / "out.pt")
     return {name: results[str(export)] for name, (_, export) in exports.items()}
@@ -137,7 +139,9 @@ def test_provenance_names_what_conversion_created(exports, pair):
     moe_layers = [i for i, layer in enumerate(info["layers"]) if layer is not None]
     tensors = _tensors(export)
     expected = sorted(
-        f"model.layers.{i}.{name}" for i in moe_layers for name in (keys.router, keys.shared_gate, keys.score_bias)
+        f"model.layers.{i}.{name}"
+        for i in moe_layers
+        for name in (keys.router, keys.shared_gate, keys.score_bias)
         if name and f"model.layers.{i}.{name}" in tensors
     )
     assert info["newly_initialized"] == expected and any(keys.router in name for name in expected)

@@ -17,8 +17,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from tests.helpers import TINY_VOCAB_SIZE, make_tiny_tokenizer
 
 COMMON: dict[str, Any] = dict(
-    vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    vocab_size=TINY_VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
 )
 _HYBRID = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
 
@@ -28,19 +36,36 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2": dict(tie_word_embeddings=True),
     "qwen3": dict(head_dim=24, tie_word_embeddings=True),  # head_dim != hidden / heads
     "qwen3_5_text": dict(
-        num_hidden_layers=4, layer_types=_HYBRID, head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16,
-        linear_num_key_heads=2, linear_num_value_heads=4, tie_word_embeddings=False,
+        num_hidden_layers=4,
+        layer_types=_HYBRID,
+        head_dim=16,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        tie_word_embeddings=False,
     ),
     "gemma3_text": dict(
-        num_hidden_layers=4, head_dim=16, sliding_window=12, query_pre_attn_scalar=20,
+        num_hidden_layers=4,
+        head_dim=16,
+        sliding_window=12,
+        query_pre_attn_scalar=20,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
     ),
     "gemma4_text": dict(
-        num_hidden_layers=4, head_dim=16, global_head_dim=32, sliding_window=12, hidden_size_per_layer_input=8,
-        vocab_size_per_layer_input=TINY_VOCAB_SIZE, num_kv_shared_layers=2, use_double_wide_mlp=True,
+        num_hidden_layers=4,
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=12,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=TINY_VOCAB_SIZE,
+        num_kv_shared_layers=2,
+        use_double_wide_mlp=True,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
     ),
-    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0, tie_word_embeddings=True),
+    "granite": dict(
+        embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0, tie_word_embeddings=True
+    ),
     "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=2, tie_word_embeddings=True),
     "olmo2": dict(tie_word_embeddings=False),
     "olmo3": dict(num_hidden_layers=4, sliding_window=12, tie_word_embeddings=False),
@@ -48,7 +73,10 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "phi3": dict(intermediate_size=80, tie_word_embeddings=False),  # fused gate_up_proj; 80 neurons
     "ernie4_5": dict(head_dim=16, tie_word_embeddings=True),
     "exaone4": dict(
-        num_hidden_layers=4, head_dim=16, sliding_window=12, tie_word_embeddings=False,
+        num_hidden_layers=4,
+        head_dim=16,
+        sliding_window=12,
+        tie_word_embeddings=False,
         layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
     ),
 }

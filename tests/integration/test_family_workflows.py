@@ -38,7 +38,10 @@ def test_converted_family_trains_and_keeps_its_architecture(family_sources, tmp_
     assert losses[max(losses)] < losses[min(losses)] - 0.1
     assert any("router/balance" in entry for entry in result.log_history)  # router losses and telemetry ran
     saved = json.loads((result.model_dir / "config.json").read_text())
-    assert saved["model_type"] == export and saved["architectures"] == json.loads((tmp_path / "moe" / "config.json").read_text())["architectures"]
+    assert (
+        saved["model_type"] == export
+        and saved["architectures"] == json.loads((tmp_path / "moe" / "config.json").read_text())["architectures"]
+    )
     if export == "moeforge":
         assert saved["base_model_type"] == family
     loaded = AutoModelForCausalLM.from_pretrained(result.model_dir)
@@ -48,7 +51,11 @@ def test_converted_family_trains_and_keeps_its_architecture(family_sources, tmp_
 @pytest.mark.parametrize(("family", "architecture"), [("qwen3", "Qwen3MoeForCausalLM"), ("gemma3_text", "MoeforgeGemma3ForCausalLM")])
 def test_moe_lora_merges_into_the_family_moe(family_sources, tmp_path, family, architecture):
     recipe = make_recipe(
-        "sft", family_sources[family], tmp_path / "run", adapter=ADAPTER, training={"max_steps": 3, "learning_rate": 1e-2},
+        "sft",
+        family_sources[family],
+        tmp_path / "run",
+        adapter=ADAPTER,
+        training={"max_steps": 3, "learning_rate": 1e-2},
     )
     result = train(recipe, log=lambda _line: None)
     merged = merge_to_directory(result.model_dir, tmp_path / "merged", log=lambda _line: None)
@@ -68,8 +75,25 @@ def test_eval_chat_and_plan_on_moeforge_over_gemma3(family_sources, tmp_path, ca
 
     convert_tiny(family_sources["gemma3_text"], tmp_path / "moe", {"num_experts": 4, "top_k": 2})
     (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
-    assert main(["eval", str(tmp_path / "moe"), "--text", str(tmp_path / "text.txt"), "--output", str(tmp_path / "eval"),
-                 "--max-length", "48", "--batch-size", "2", "--compare", str(family_sources["gemma3_text"])]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "moe"),
+                "--text",
+                str(tmp_path / "text.txt"),
+                "--output",
+                str(tmp_path / "eval"),
+                "--max-length",
+                "48",
+                "--batch-size",
+                "2",
+                "--compare",
+                str(family_sources["gemma3_text"]),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert len(report["routing"]["load"]) == 4  # every layer's routing
     assert report["compare"]["perplexity"] == pytest.approx(report["perplexity"], rel=1e-5)  # exact conversion

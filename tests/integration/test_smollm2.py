@@ -44,7 +44,10 @@ def test_copy_upcycling_answers_like_the_dense_model(smollm2_dir, dense_bf16_ref
     ("moe", "export"),
     [
         ({"num_experts": 4, "top_k": 4, "init": "partition", "partition": {"method": "kmeans"}}, "mixtral"),
-        ({"num_experts": 7, "top_k": 1, "shared": {"num_experts": 1}, "placement": {"moe_start_layer": 16, "moe_layer_freq": 2}}, "qwen2_moe"),
+        (
+            {"num_experts": 7, "top_k": 1, "shared": {"num_experts": 1}, "placement": {"moe_start_layer": 16, "moe_layer_freq": 2}},
+            "qwen2_moe",
+        ),
     ],
     ids=["partition_kmeans_k_eq_e", "residual_1_plus_7_dense2moe_placement"],
 )

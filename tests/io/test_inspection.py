@@ -103,8 +103,14 @@ def test_moeforge_llama_with_fidelity(tmp_path: Path) -> None:
     from moeforge.modeling import MoeforgeForCausalLM
     from tests.helpers import moeforge_llama_config
 
-    spec = {"num_experts": 4, "top_k": 1, "expert_intermediate_size": 24, "shared_intermediate_size": 16,
-            "gate_type": "mlp", "scoring": "softmax_then_topk"}
+    spec = {
+        "num_experts": 4,
+        "top_k": 1,
+        "expert_intermediate_size": 24,
+        "shared_intermediate_size": 16,
+        "gate_type": "mlp",
+        "scoring": "softmax_then_topk",
+    }
     config = moeforge_llama_config([None, spec, spec], **SMALL, intermediate_size=48, num_hidden_layers=3)
     torch.manual_seed(0)
     model = MoeforgeForCausalLM(config)

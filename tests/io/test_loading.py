@@ -143,7 +143,10 @@ def test_hub_id_without_network_really_fails_cleanly(monkeypatch: pytest.MonkeyP
     """The real snapshot_download, offline: our message, not a traceback."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(MoeforgeError, match=r"^no-such-org/no-such-model does not exist locally, and as a Hugging Face id it is not cached and the hub is not reachable \(offline\)"):
+    with pytest.raises(
+        MoeforgeError,
+        match=r"^no-such-org/no-such-model does not exist locally, and as a Hugging Face id it is not cached and the hub is not reachable \(offline\)",
+    ):
         resolve_checkpoint("no-such-org/no-such-model", cache_dir=tmp_path)
 
 

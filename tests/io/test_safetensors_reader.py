@@ -137,9 +137,7 @@ def test_reading_everything_needs_about_one_tensor_of_memory(tmp_path: Path) -> 
     with ShardedWriter(tmp_path, max_shard_bytes=100 * 1024**2) as writer:
         for i in range(count):
             writer.add(f"t{i}", torch.full((tensor_mib * 1024**2 // 4,), float(i)))
-    probe = subprocess.run(
-        [sys.executable, "-c", _MEMORY_PROBE, str(tmp_path)], capture_output=True, text=True, check=True
-    )
+    probe = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(tmp_path)], capture_output=True, text=True, check=True)
     base, peak, end = (int(x) for x in probe.stdout.split())
     # Peak covers the tensor read plus its float() copy; the whole checkpoint would be 400 MiB more.
     assert peak - base < 4 * tensor_mib * 1024, (base, peak)

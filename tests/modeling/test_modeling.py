@@ -252,25 +252,30 @@ def _upcycle_from(dense: LlamaForCausalLM, moe_layers: list, shared: int = 0):
                 block.shared_expert.gate_proj.weight.copy_(gate[:shared])
                 block.shared_expert.up_proj.weight.copy_(up[:shared])
                 block.shared_expert.down_proj.weight.copy_(down[:, :shared])
-            block.experts.gate_up_proj.copy_(torch.cat([gate[shared:], up[shared:]], dim=0).expand_as(
-                block.experts.gate_up_proj))
+            block.experts.gate_up_proj.copy_(torch.cat([gate[shared:], up[shared:]], dim=0).expand_as(block.experts.gate_up_proj))
             block.experts.down_proj.copy_(down[:, shared:].expand_as(block.experts.down_proj))
     return moe
 
 
 UPCYCLE_CASES = [
     pytest.param(
-        [MoeLayerSpec(4, 2, 96).to_dict(), None, MoeLayerSpec(3, 3, 96, gate_type="gmm").to_dict()], 0,
+        [MoeLayerSpec(4, 2, 96).to_dict(), None, MoeLayerSpec(3, 3, 96, gate_type="gmm").to_dict()],
+        0,
         id="linear-k2+gmm-k3",
     ),
     pytest.param(
-        [None, MoeLayerSpec(5, 1, 96, gate_type="mlp", gate_hidden_size=16).to_dict(),
-         MoeLayerSpec(4, 2, 96, scoring="topk_then_softmax").to_dict()], 0,
+        [
+            None,
+            MoeLayerSpec(5, 1, 96, gate_type="mlp", gate_hidden_size=16).to_dict(),
+            MoeLayerSpec(4, 2, 96, scoring="topk_then_softmax").to_dict(),
+        ],
+        0,
         id="mlp-k1+topk_then_softmax",
     ),
     pytest.param(
         [MoeLayerSpec(4, 2, 64, shared_intermediate_size=32).to_dict()] * 2
-        + [MoeLayerSpec(6, 3, 64, shared_intermediate_size=32, gate_type="gmm").to_dict()], 32,
+        + [MoeLayerSpec(6, 3, 64, shared_intermediate_size=32, gate_type="gmm").to_dict()],
+        32,
         id="shared-split",
     ),
 ]

@@ -6,18 +6,23 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeforge.modeling import MoeforgeExperts
 from tests.helpers import moeforge_llama_config
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 H = 32  # multiples of 8: CPU grouped_mm wants 16-byte aligned rows
 T = 11
 
 
 def experts_config(impl: str = "eager"):
-    config = moeforge_llama_config(None,
-        vocab_size=64, hidden_size=H, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+    config = moeforge_llama_config(
+        None,
+        vocab_size=64,
+        hidden_size=H,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
         num_key_value_heads=2,
     )
     config._experts_implementation = impl

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoConfig, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from moeforge.config.moice import MoiceSpec
+from moeforge.config.router_losses import RouterLossConfig
 from moeforge.errors import MoeforgeError
 from moeforge.modeling.moice import MoiceAttention, MoiceRouter, apply_moice
-from moeforge.config.moice import MoiceSpec
 from moeforge.routing.hooks import attach_router_losses
-from moeforge.config.router_losses import RouterLossConfig
 from tests.helpers import build_tiny_llama, forward_with_router_losses, hand_switch_balance, make_tiny_llama_config
 
 THETA = 10000.0
@@ -35,6 +35,7 @@ def _force(model, base: int) -> None:
     large bias-like row in w2 cannot exist without input, so set logits through a hook instead."""
     for module in model.modules():
         if isinstance(module, MoiceRouter):
+
             def forward(query, module=module):
                 b, h, t, _ = query.shape
                 logits = torch.full((b, t, h, module.num_experts), -30.0)
@@ -210,8 +211,14 @@ def test_default_base_set_scales_with_theta():
 )
 def test_mistral_and_qwen2_attention(config_class, model_class, extra):
     config = config_class(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, **extra,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **extra,
     )
     torch.manual_seed(0)
     model = model_class(config).eval()

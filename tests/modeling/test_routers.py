@@ -57,9 +57,7 @@ def test_softmax_then_topk_normalized_is_softmax_over_top_logits(logits: torch.T
 
 @pytest.mark.parametrize("k", [1, 2, 3, E])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_topk_then_softmax_equals_normalized_softmax_then_topk(
-    logits: torch.Tensor, k: int, normalize: bool
-) -> None:
+def test_topk_then_softmax_equals_normalized_softmax_then_topk(logits: torch.Tensor, k: int, normalize: bool) -> None:
     """Same function in exact arithmetic; ``normalize`` has no effect on topk_then_softmax (its k weights are
     already a softmax)."""
     w_a, i_a = _by_index(*route(logits, k, "topk_then_softmax", normalize))
@@ -116,9 +114,7 @@ def _spec(gate_type: str = "linear", **overrides) -> MoeLayerSpec:
     return MoeLayerSpec(**values)
 
 
-@pytest.mark.parametrize(
-    ("gate_type", "cls"), [("linear", LinearRouter), ("mlp", MLPRouter), ("gmm", GMMRouter)]
-)
+@pytest.mark.parametrize(("gate_type", "cls"), [("linear", LinearRouter), ("mlp", MLPRouter), ("gmm", GMMRouter)])
 def test_build_router_picks_class_by_gate_type(gate_type: str, cls: type) -> None:
     router = build_router(H, _spec(gate_type), "silu")
     assert type(router) is cls
@@ -196,9 +192,7 @@ def test_gmm_router_prefers_the_expert_whose_mean_is_nearest() -> None:
     ("scoring", "normalize", "top_k"),
     [("softmax_then_topk", True, 2), ("softmax_then_topk", False, 3), ("topk_then_softmax", True, 1)],
 )
-def test_router_forward_routes_its_logits_with_its_spec(
-    gate_type: str, scoring: str, normalize: bool, top_k: int
-) -> None:
+def test_router_forward_routes_its_logits_with_its_spec(gate_type: str, scoring: str, normalize: bool, top_k: int) -> None:
     torch.manual_seed(5)
     router = build_router(H, _spec(gate_type, scoring=scoring, normalize=normalize, top_k=top_k), "silu")
     for p in router.parameters():

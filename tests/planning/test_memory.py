@@ -22,7 +22,7 @@ from moeforge.config.recipe import ConvertRecipe
 from moeforge.errors import MoeforgeError
 from moeforge.planning.counting import ModelSpec, count_parameters, model_shape
 from moeforge.planning.memory import FfnShape, TrainingSetup, activation_bytes, estimate
-from moeforge.planning.report import Row, plan_scenarios, parse_gpu_memory, verdict
+from moeforge.planning.report import Row, parse_gpu_memory, plan_scenarios, verdict
 from moeforge.planning.sources import Scenario, converted_config, scenarios
 from moeforge.training.freeze import apply_freeze
 from moeforge.training.runner import FINAL_DIR
@@ -116,7 +116,9 @@ def test_quantized_base_is_smaller() -> None:
     config = make_tiny_llama_config(hidden_size=256, intermediate_size=512)
     counts = count_parameters(ModelSpec(config, "bfloat16", AdapterSpec()))
     shape = model_shape(config)
-    weights = {q: estimate(counts, shape, TrainingSetup(dtype="bfloat16", adapter=True, quantization=q)).weights for q in (None, "8bit", "4bit")}
+    weights = {
+        q: estimate(counts, shape, TrainingSetup(dtype="bfloat16", adapter=True, quantization=q)).weights for q in (None, "8bit", "4bit")
+    }
     assert weights["4bit"] < weights["8bit"] < weights[None]
 
 
@@ -218,11 +220,7 @@ def _recipe(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-WRITTEN_BY = {
-    f"{data['output']}/{FINAL_DIR}" if "stage" in data else data["output"]: path
-    for path in RECIPES
-    for data in [_recipe(path)]
-}
+WRITTEN_BY = {f"{data['output']}/{FINAL_DIR}" if "stage" in data else data["output"]: path for path in RECIPES for data in [_recipe(path)]}
 """The model path each recipe writes (a convert recipe its ``output``, a train recipe ``output/model``) -> that recipe."""
 
 
@@ -260,17 +258,36 @@ TRAIN_RECIPES = [_recipe_param(path) for path in RECIPES if "stage" in _recipe(p
 HUB_STAND_INS = {
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": (
         LlamaConfig(
-            hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-            vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
-            bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            architectures=["LlamaForCausalLM"],
         ),
         1_100_048_384,
     ),
     "Qwen/Qwen3-0.6B": (
         Qwen3Config(
-            hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-            head_dim=128, vocab_size=151_936, max_position_embeddings=40_960, rms_norm_eps=1e-6, tie_word_embeddings=True,
-            bos_token_id=151_643, eos_token_id=151_645, architectures=["Qwen3ForCausalLM"],
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151_936,
+            max_position_embeddings=40_960,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            bos_token_id=151_643,
+            eos_token_id=151_645,
+            architectures=["Qwen3ForCausalLM"],
         ),
         596_049_920,  # the model card's 0.6B, 0.44B of them outside the (tied) embeddings
     ),
@@ -352,7 +369,9 @@ def test_train_recipes_plan_their_own_run(recipe: Path) -> None:
     setup = row.scenario.setup
     assert row.scenario.name.startswith(f"recipe: {data['stage']}")
     assert (setup.stage, setup.batch_size, setup.seq_len) == (
-        data["stage"], data["training"]["per_device_train_batch_size"], data["data"]["max_length"]
+        data["stage"],
+        data["training"]["per_device_train_batch_size"],
+        data["data"]["max_length"],
     )
     model_type, layout = MOE_LAYOUTS[writer.name] if writer else ("llama", DENSE_LAYOUTS[data["model"]])
     assert (row.scenario.model.config.model_type, list(row.shape.ffn)) == (model_type, layout)

@@ -48,7 +48,7 @@ def test_zero_bias_routes_bit_for_bit_like_no_bias(scoring: str, normalize: bool
     assert "expert_bias" not in router.state_dict()
     router.enable_expert_bias()
     assert torch.equal(router.state_dict()["expert_bias"], torch.zeros(6))
-    assert all(torch.equal(a, b) for a, b in zip(before, router(hidden)))
+    assert all(torch.equal(a, b) for a, b in zip(before, router(hidden), strict=True))
 
 
 def test_one_step_follows_the_sign_rule() -> None:
@@ -58,11 +58,11 @@ def test_one_step_follows_the_sign_rule() -> None:
     model(**batch())
     loads = handle.pop_stats().load  # the same window the balancer reads
     handle.balancer.step()
-    for router, load in zip(handle.balancer.routers, loads):
+    for router, load in zip(handle.balancer.routers, loads, strict=True):
         load = load.double()
         torch.testing.assert_close(router.expert_bias, 0.25 * torch.sign(load.mean() - load).float())
     handle.balancer.step()  # no forward since: no load, no change
-    for router, load in zip(handle.balancer.routers, loads):
+    for router, load in zip(handle.balancer.routers, loads, strict=True):
         torch.testing.assert_close(router.expert_bias, 0.25 * torch.sign(load.double().mean() - load.double()).float())
 
 

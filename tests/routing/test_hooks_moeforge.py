@@ -64,9 +64,7 @@ def test_the_models_own_forward_adds_the_weighted_router_losses_in_training_mode
     torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.router_aux_loss, expected - lm, rtol=1e-5, atol=1e-7)
     gates = [p for name, p in model.named_parameters() if ".gate." in name]
-    for got, want in zip(
-        torch.autograd.grad(out.loss, gates, retain_graph=True), torch.autograd.grad(expected, gates), strict=True
-    ):
+    for got, want in zip(torch.autograd.grad(out.loss, gates, retain_graph=True), torch.autograd.grad(expected, gates), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     with torch.no_grad():
         out = model.eval()(**inputs)
@@ -160,7 +158,7 @@ def test_gradient_checkpointing_recomputation_is_not_counted_twice() -> None:
             model.activation_checkpointing_enable()
         handle = attach_router_losses(model, RouterLossConfig(balance_coef=0.5, mi_coef=0.5))
         calls = []
-        model.model.layers[1].mlp.gate.register_forward_hook(lambda *_: calls.append(1))
+        model.model.layers[1].mlp.gate.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         out = model(**inputs)
         out.loss.backward()
         assert len(calls) == (2 if checkpointing else 1)  # the router really ran again during backward
@@ -170,7 +168,7 @@ def test_gradient_checkpointing_recomputation_is_not_counted_twice() -> None:
     (loss_a, grad_a, load_a), (loss_b, grad_b, load_b) = results
     torch.testing.assert_close(loss_b, loss_a)
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-7)
-    assert all(torch.equal(a, b) for a, b in zip(load_a, load_b))
+    assert all(torch.equal(a, b) for a, b in zip(load_a, load_b, strict=True))
 
 
 def test_generation_with_cache_and_left_padding_counts_only_real_tokens() -> None:
@@ -181,9 +179,7 @@ def test_generation_with_cache_and_left_padding_counts_only_real_tokens() -> Non
     mask[2, :4] = 0
     new = 4
     with torch.no_grad(), observe_routers(model) as handle:
-        model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
-        )
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         stats = handle.pop_stats()
     # the prompt's real tokens, then one token per row for each generated token fed back (all but the last)
     expected = int(mask.sum()) + 3 * (new - 1)

@@ -31,7 +31,8 @@ def hand_aux(logits: list[torch.Tensor], mask: torch.Tensor, config: RouterLossC
 
 def test_routers_are_found_in_layer_order_and_dense_layers_skipped() -> None:
     assert [(r.name, r.num_experts, r.top_k) for r in find_routers(mixtral_model())] == [
-        ("model.layers.0.mlp.gate", 4, 2), ("model.layers.1.mlp.gate", 4, 2),
+        ("model.layers.0.mlp.gate", 4, 2),
+        ("model.layers.1.mlp.gate", 4, 2),
     ]
     assert [r.label for r in find_routers(qwen2_moe_model())] == ["1", "2"]  # layer 0 is mlp_only
 

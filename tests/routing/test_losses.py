@@ -32,11 +32,11 @@ def top_k(row: list[float], k: int) -> set[int]:
 
 
 def hand_balance(rows: list[list[float]], k: int, mask: list[bool]) -> float:
-    valid = [r for r, m in zip(rows, mask) if m]
+    valid = [r for r, m in zip(rows, mask, strict=True) if m]
     n, experts = len(valid), len(rows[0])
     f = [sum(e in top_k(r, k) for r in valid) / n for e in range(experts)]
     p = [sum(softmax(r)[e] for r in valid) / n for e in range(experts)]
-    return experts * sum(fe * pe for fe, pe in zip(f, p))
+    return experts * sum(fe * pe for fe, pe in zip(f, p, strict=True))
 
 
 def entropy(p: list[float]) -> float:
@@ -44,12 +44,12 @@ def entropy(p: list[float]) -> float:
 
 
 def hand_z(rows: list[list[float]], mask: list[bool]) -> float:
-    valid = [r for r, m in zip(rows, mask) if m]
+    valid = [r for r, m in zip(rows, mask, strict=True) if m]
     return sum(math.log(sum(math.exp(x) for x in r)) ** 2 for r in valid) / len(valid)
 
 
 def hand_mi(rows: list[list[float]], mask: list[bool]) -> float:
-    probs = [softmax(r) for r, m in zip(rows, mask) if m]
+    probs = [softmax(r) for r, m in zip(rows, mask, strict=True) if m]
     mean = [sum(p[e] for p in probs) / len(probs) for e in range(len(probs[0]))]
     return sum(entropy(p) for p in probs) / len(probs) - entropy(mean)
 
@@ -123,8 +123,10 @@ def test_mi_prefers_confident_and_balanced_routing() -> None:
     confident_balanced = torch.tensor([[10.0, -10.0], [-10.0, 10.0]])
     uniform = torch.zeros(2, 2)
     confident_collapsed = torch.tensor([[10.0, -10.0], [10.0, -10.0]])
-    values = {name: mutual_information_loss([x]).item() for name, x in
-              [("balanced", confident_balanced), ("uniform", uniform), ("collapsed", confident_collapsed)]}
+    values = {
+        name: mutual_information_loss([x]).item()
+        for name, x in [("balanced", confident_balanced), ("uniform", uniform), ("collapsed", confident_collapsed)]
+    }
     assert values["balanced"] == pytest.approx(-math.log(2), abs=1e-6)  # the minimum, −log E
     assert values["uniform"] == pytest.approx(0.0, abs=1e-6)
     assert values["collapsed"] == pytest.approx(0.0, abs=1e-6)
@@ -138,12 +140,12 @@ def test_padding_changes_nothing() -> None:
     padded_mask = torch.cat([mask, torch.zeros(5, dtype=torch.bool)])
     for loss_fn in (lambda x, m: switch_balance_loss(x, [1, 2], m), z_loss, mutual_information_loss):
         clean = [x.clone().requires_grad_() for x in logits]
-        padded = [torch.cat([x, j]).requires_grad_() for x, j in zip(logits, junk)]
+        padded = [torch.cat([x, j]).requires_grad_() for x, j in zip(logits, junk, strict=True)]
         a, b = loss_fn(clean, mask), loss_fn(padded, padded_mask)
         torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
         a.backward()
         b.backward()
-        for c, p in zip(clean, padded):
+        for c, p in zip(clean, padded, strict=True):
             torch.testing.assert_close(p.grad[: len(c)], c.grad, rtol=1e-5, atol=1e-7)
             assert torch.all(p.grad[len(c) :] == 0)
             # the padding token of the original logits gets no gradient either
@@ -160,7 +162,11 @@ def test_all_padding_gives_zero_not_nan() -> None:
 def test_config_defaults_and_unknown_keys() -> None:
     config = RouterLossConfig()
     assert (config.balance_coef, config.z_coef, config.mi_coef, config.aux_free, config.aux_free_rate) == (
-        0.01, 0.0, 0.0, False, 1e-3,
+        0.01,
+        0.0,
+        0.0,
+        False,
+        1e-3,
     )
     with pytest.raises(ValueError, match="extra"):
         RouterLossConfig(balance=0.1)

@@ -18,8 +18,12 @@ from tests.routing.tiny import batch, moeforge_model
 # two sequences of 3 tokens, the last token of the second one padding
 LAYER_A = [[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [3.0, 0.0, 1.0], [5.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 9.0]]
 LAYER_B = [
-    [1.0, 2.0, 0.0, 0.5], [2.0, 1.0, 0.0, 0.5], [0.0, 1.0, 2.0, 0.5],
-    [1.0, 0.0, 2.0, 0.5], [2.0, 0.0, 1.0, 0.5], [0.0, 0.0, 0.0, 9.0],
+    [1.0, 2.0, 0.0, 0.5],
+    [2.0, 1.0, 0.0, 0.5],
+    [0.0, 1.0, 2.0, 0.5],
+    [1.0, 0.0, 2.0, 0.5],
+    [2.0, 0.0, 1.0, 0.5],
+    [0.0, 0.0, 0.0, 9.0],
 ]
 MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
 
@@ -51,7 +55,7 @@ class ToyLM(nn.Module):
 
 
 def hand_load(rows: list[list[float]], k: int) -> list[int]:
-    valid = [r for r, m in zip(rows, MASK.reshape(-1).tolist()) if m]
+    valid = [r for r, m in zip(rows, MASK.reshape(-1).tolist(), strict=True) if m]
     load = [0] * len(rows[0])
     for r in valid:
         for e in sorted(range(len(r)), key=lambda e: -r[e])[:k]:
@@ -60,7 +64,7 @@ def hand_load(rows: list[list[float]], k: int) -> list[int]:
 
 
 def hand_entropy(rows: list[list[float]]) -> float:
-    valid = [r for r, m in zip(rows, MASK.reshape(-1).tolist()) if m]
+    valid = [r for r, m in zip(rows, MASK.reshape(-1).tolist(), strict=True) if m]
     total = 0.0
     for r in valid:
         p = [math.exp(x) / sum(math.exp(y) for y in r) for x in r]
@@ -116,7 +120,7 @@ def test_moeforge_loads_sum_to_real_tokens_times_k() -> None:
     assert [int(load.sum()) for load in stats.load] == [tokens * 2, tokens * 1]
     assert [len(load) for load in stats.load] == [4, 3]
     assert stats.names == ["1", "2"]
-    assert all(0 < e < math.log(n) for e, n in zip(stats.entropy, (4, 3)))
+    assert all(0 < e < math.log(n) for e, n in zip(stats.entropy, (4, 3), strict=True))
 
 
 def test_observing_a_dense_model_gives_empty_stats() -> None:

@@ -21,9 +21,17 @@ def router_update(tmp_path: Path, batch_size: int, accumulation: int) -> torch.T
     gate = model.model.layers[1].mlp.gate.weight
     before = gate.detach().clone()
     args = TrainingArguments(
-        output_dir=str(tmp_path / f"run-{batch_size}"), per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation, max_steps=1, max_grad_norm=0, lr_scheduler_type="constant",
-        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path / f"run-{batch_size}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        max_grad_norm=0,
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     Trainer(model=model, args=args, train_dataset=[row] * 4, optimizers=(optimizer, None)).train()

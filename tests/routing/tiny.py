@@ -75,8 +75,13 @@ def moeforge_model(seed: int = 0, **overrides: Any):
 def mixtral_model(seed: int = 0) -> MixtralForCausalLM:
     torch.manual_seed(seed)
     config = MixtralConfig(
-        **COMMON, intermediate_size=24, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
-        output_router_logits=True, router_aux_loss_coef=0.05,
+        **COMMON,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.05,
     )
     return sharpen(MixtralForCausalLM(config), seed + 1)
 
@@ -85,9 +90,16 @@ def qwen2_moe_model(seed: int = 0) -> Qwen2MoeForCausalLM:
     """Three layers, the first dense (``mlp_only_layers``): routers must be found in layers 1 and 2 only."""
     torch.manual_seed(seed)
     config = Qwen2MoeConfig(
-        **COMMON, intermediate_size=48, num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
-        moe_intermediate_size=16, shared_expert_intermediate_size=16, mlp_only_layers=[0],
-        output_router_logits=True, router_aux_loss_coef=0.05,
+        **COMMON,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        mlp_only_layers=[0],
+        output_router_logits=True,
+        router_aux_loss_coef=0.05,
     )
     return sharpen(Qwen2MoeForCausalLM(config), seed + 1)
 
@@ -95,8 +107,16 @@ def qwen2_moe_model(seed: int = 0) -> Qwen2MoeForCausalLM:
 def qwen3_moe_model(seed: int = 0) -> Qwen3MoeForCausalLM:
     torch.manual_seed(seed)
     config = Qwen3MoeConfig(
-        **COMMON, head_dim=8, intermediate_size=48, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
-        moe_intermediate_size=16, norm_topk_prob=True, output_router_logits=True, router_aux_loss_coef=0.05,
+        **COMMON,
+        head_dim=8,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        norm_topk_prob=True,
+        output_router_logits=True,
+        router_aux_loss_coef=0.05,
     )
     return sharpen(Qwen3MoeForCausalLM(config), seed + 1)
 

@@ -65,8 +65,13 @@ def make_recipe(stage: str, model: Path | str, output: Path, data: dict[str, Any
         "dpo": {"builtin": "dpo-demo", "max_rows": 16, "max_length": 64},
     }[stage]
     training = {
-        "max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "learning_rate": 1e-3,
-        "lr_scheduler_type": "constant", "telemetry_steps": 1, "report_to": [],
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "logging_steps": 1,
+        "learning_rate": 1e-3,
+        "lr_scheduler_type": "constant",
+        "telemetry_steps": 1,
+        "report_to": [],
         **extra.pop("training", {}),
     }
     return parse_recipe(
@@ -117,9 +122,7 @@ def data_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             root / "messages.jsonl",
             [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}] * 8,
         ),
-        "preference": _jsonl(
-            root / "preference.jsonl", [{"prompt": question, "chosen": answer, "rejected": "5, I think."}] * 8
-        ),
+        "preference": _jsonl(root / "preference.jsonl", [{"prompt": question, "chosen": answer, "rejected": "5, I think."}] * 8),
     }
     files["txt"].write_text((sentence * 3 + "\n\n") * 8)
     return files

@@ -25,7 +25,9 @@ def _tokens() -> torch.Tensor:
 
 def test_moe_lora_sft_trains_only_the_adapter_and_reloads(models, data_files, tmp_path: Path) -> None:
     recipe = make_recipe(
-        "sft", models["dense"], tmp_path / "run",
+        "sft",
+        models["dense"],
+        tmp_path / "run",
         data={"train": str(data_files["prompt_completion"]), "max_length": 64},
         adapter={**ADAPTER, "targets": ["gate_proj", "up_proj", "down_proj", "q_proj"], "balance_coef": 0.02},
         training={"max_steps": 6, "learning_rate": 5e-3},
@@ -67,10 +69,15 @@ def test_router_losses_use_the_adapter_coefficient(models, tmp_path: Path) -> No
     assert _router_losses(explicit).balance_coef == 0.0
 
 
-@pytest.mark.parametrize(("kind", "method"), [("mixtral", "lora"), ("mixtral", "moe_lora"), ("qwen2_moe", "moe_lora"), ("moeforge", "moe_lora")])
+@pytest.mark.parametrize(
+    ("kind", "method"), [("mixtral", "lora"), ("mixtral", "moe_lora"), ("qwen2_moe", "moe_lora"), ("moeforge", "moe_lora")]
+)
 def test_moe_base_gets_lora_on_its_fused_experts_with_the_router_frozen(models, tmp_path: Path, kind: str, method: str) -> None:
     recipe = make_recipe(
-        "pt", models[kind], tmp_path / "run", adapter={**ADAPTER, "method": method, "targets": ["experts"]},
+        "pt",
+        models[kind],
+        tmp_path / "run",
+        adapter={**ADAPTER, "method": method, "targets": ["experts"]},
         training={"max_steps": 2, "learning_rate": 1e-2},
     )
     result = train(recipe, log=lambda _line: None)

@@ -37,9 +37,19 @@ def _recipe(models, data_files, output: Path, kind: str = "moeforge", training: 
     if kind == "adapter":
         kind, extra = "dense", {**extra, "adapter": ADAPTER}
     return make_recipe(
-        "pt", models[kind], output, {"train": [str(data_files["text"])], "max_length": 32},
-        training={"max_steps": STEPS, "save_steps": SAVE_STEPS, "logging_steps": 1, "telemetry_steps": 100,
-                  "lr_scheduler_type": "cosine", "warmup_ratio": 0.2, **(training or {})},
+        "pt",
+        models[kind],
+        output,
+        {"train": [str(data_files["text"])], "max_length": 32},
+        training={
+            "max_steps": STEPS,
+            "save_steps": SAVE_STEPS,
+            "logging_steps": 1,
+            "telemetry_steps": 100,
+            "lr_scheduler_type": "cosine",
+            "warmup_ratio": 0.2,
+            **(training or {}),
+        },
         **extra,
     )
 

@@ -51,8 +51,14 @@ def _write_recipe(path: Path, model: Path, output: Path, data: Path, per_device:
         "output": str(output),
         "data": {"train": [str(data)], "max_length": 32},
         "training": {
-            "max_steps": STEPS, "per_device_train_batch_size": per_device, "logging_steps": 1, "learning_rate": 1e-3,
-            "lr_scheduler_type": "constant", "save_steps": STEPS, "telemetry_steps": TELEMETRY_STEPS, "report_to": [],
+            "max_steps": STEPS,
+            "per_device_train_batch_size": per_device,
+            "logging_steps": 1,
+            "learning_rate": 1e-3,
+            "lr_scheduler_type": "constant",
+            "save_steps": STEPS,
+            "telemetry_steps": TELEMETRY_STEPS,
+            "report_to": [],
         },
         **extra,
     }
@@ -64,8 +70,17 @@ def _torchrun(recipe: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        "-m", "moeforge.cli.main", "train", str(recipe),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "moeforge.cli.main",
+        "train",
+        str(recipe),
     ]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 

@@ -106,8 +106,12 @@ def test_presets_train_only_what_they_name(freeze_runs, models, preset: str) -> 
 
 def test_counts_line_is_logged_by_default(models, data_files, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     recipe = make_recipe(
-        "pt", models["moeforge"], tmp_path / "out", {"train": [str(data_files["text"])], "max_length": 32},
-        freeze=["attention"], training={"max_steps": 1},
+        "pt",
+        models["moeforge"],
+        tmp_path / "out",
+        {"train": [str(data_files["text"])], "max_length": 32},
+        freeze=["attention"],
+        training={"max_steps": 1},
     )
     caplog.set_level(logging.INFO, logger="moeforge")
     result = train(recipe)
@@ -142,7 +146,10 @@ def test_freezing_everything_is_an_error_naming_the_groups(models, data_files, t
 def test_router_learning_rate_is_a_separate_param_group(models, data_files, tmp_path: Path, kind: str) -> None:
     """lr 1e-9 for everything but the routers, 1e-2 for them: only the routers move measurably."""
     recipe = make_recipe(
-        "pt", models[kind], tmp_path / "out", {"train": [str(data_files["text"])], "max_length": 32},
+        "pt",
+        models[kind],
+        tmp_path / "out",
+        {"train": [str(data_files["text"])], "max_length": 32},
         training={"max_steps": 2, "learning_rate": 1e-9, "router_learning_rate": 1e-2},
     )
     result = train(recipe, log=lambda _line: None)

@@ -18,7 +18,11 @@ from tests.training.conftest import make_recipe, provenance, state_dict
 
 def test_moice_preset_trains_only_the_routers_and_reloads(models, tmp_path: Path) -> None:
     recipe = make_recipe(
-        "pt", models["dense"], tmp_path / "run", preset="moice", moice={"topk": 3},
+        "pt",
+        models["dense"],
+        tmp_path / "run",
+        preset="moice",
+        moice={"topk": 3},
         training={"max_steps": 3, "learning_rate": 1e-2},
     )
     result = train(recipe, log=lambda _line: None)

@@ -45,7 +45,10 @@ def runs(models, data_files, tmp_path_factory):
     results = {}
     for stage, kind in CASES:
         recipe = make_recipe(
-            stage, models[kind], root / f"{stage}-{kind}", _data(stage, data_files),
+            stage,
+            models[kind],
+            root / f"{stage}-{kind}",
+            _data(stage, data_files),
             training={"max_steps": STEPS, "save_steps": STEPS, "telemetry_steps": TELEMETRY_STEPS},
         )
         lines: list[str] = []
@@ -133,7 +136,10 @@ SFT_FORMATS = ["prompt_completion", "alpaca", "sharegpt", "messages"]
 def test_every_data_format_trains(models, data_files, tmp_path: Path, fmt: str) -> None:
     stage = "pt" if fmt == "txt" else "sft"
     recipe = make_recipe(
-        stage, models["dense"], tmp_path / "out", {"train": [str(data_files[fmt])], "max_length": 64},
+        stage,
+        models["dense"],
+        tmp_path / "out",
+        {"train": [str(data_files[fmt])], "max_length": 64},
         training={"max_steps": 2},
     )
     result = train(recipe, log=lambda _line: None)
@@ -154,7 +160,10 @@ def test_dpo_trains_a_moeforge_moe(models, data_files, tmp_path: Path) -> None:
 
 def test_every_step_loss_is_logged_also_at_telemetry_steps(models, data_files, tmp_path: Path) -> None:
     recipe = make_recipe(
-        "pt", models["mixtral"], tmp_path / "out", _data("pt", data_files),
+        "pt",
+        models["mixtral"],
+        tmp_path / "out",
+        _data("pt", data_files),
         training={"max_steps": 4, "save_steps": 4, "logging_steps": 1, "telemetry_steps": 2},
     )
     train(recipe, log=lambda _line: None)

@@ -41,10 +41,7 @@ def runs(models, tmp_path_factory) -> dict[tuple[str, str], dict]:
         ("dpo", "zero"): ("mixtral", {"balance_coef": 0.0}),
         ("dpo", "huge"): ("mixtral", {"balance_coef": COEF}),
     }
-    return {
-        (stage, name): _run(stage, models[kind], root / f"{stage}-{name}", losses)
-        for (stage, name), (kind, losses) in cases.items()
-    }
+    return {(stage, name): _run(stage, models[kind], root / f"{stage}-{name}", losses) for (stage, name), (kind, losses) in cases.items()}
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])

@@ -75,17 +75,29 @@ def adapter_config(model: nn.Module, spec: AdapterSpec) -> PeftConfig:
     ffn, linear, experts = _targets(model, spec)
     if spec.method == "lora":
         return LoraConfig(
+            r=spec.rank,
             # PEFT annotates lora_alpha as int but only divides by it (scaling = alpha / r): a float alpha works
-            r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type="CAUSAL_LM",  # type: ignore[arg-type]
+            lora_alpha=spec.alpha,  # type: ignore[arg-type]
+            lora_dropout=spec.dropout,
+            task_type="CAUSAL_LM",
             target_modules=linear or None,
             target_parameters=[f"{name}.{p}" for name in experts for p in ("gate_up_proj", "down_proj")] or None,
         )
     return MoeLoraConfig(
-        task_type="CAUSAL_LM", method=spec.method, num_experts=spec.num_experts,
-        layer_experts={str(k): v for k, v in spec.layer_experts.items()}, top_k=spec.top_k, rank=spec.rank,
-        alpha=spec.alpha, dropout=spec.dropout, ffn_targets=spec.ffn_targets, target_modules=ffn + linear + experts,
-        shared_expert=spec.shared_expert, router_init_std=spec.router_init_std,
-        router_aux_loss_coef=spec.balance_coef, router_z_loss_coef=spec.z_coef,
+        task_type="CAUSAL_LM",
+        method=spec.method,
+        num_experts=spec.num_experts,
+        layer_experts={str(k): v for k, v in spec.layer_experts.items()},
+        top_k=spec.top_k,
+        rank=spec.rank,
+        alpha=spec.alpha,
+        dropout=spec.dropout,
+        ffn_targets=spec.ffn_targets,
+        target_modules=ffn + linear + experts,
+        shared_expert=spec.shared_expert,
+        router_init_std=spec.router_init_std,
+        router_aux_loss_coef=spec.balance_coef,
+        router_z_loss_coef=spec.z_coef,
     )
 
 

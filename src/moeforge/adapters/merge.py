@@ -31,9 +31,9 @@ from moeforge.conversion.fidelity import FidelityReport
 from moeforge.conversion.layerwise import LAYERS_PREFIX
 from moeforge.conversion.plan import build_plan
 from moeforge.errors import MoeforgeError
-from moeforge.io.publish import staged_directory
 from moeforge.families import DenseFamily, dense_family
 from moeforge.io.loading import save_config
+from moeforge.io.publish import staged_directory
 from moeforge.io.safetensors_writer import ShardedWriter
 
 
@@ -44,6 +44,7 @@ def _base_model(model: PeftModel) -> PreTrainedModel:
         raise MoeforgeError(f"merge: the adapter sits on a {type(base).__name__}, not a transformers model")
     return base
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,7 +54,9 @@ def _mixture_layers(model: PeftModel) -> dict[int, tuple[str, MoeLoraLayer]]:
         if isinstance(module, MoeLoraLayer):
             index = layer_index(name)
             if index is None:
-                raise MoeforgeError(f"merge: the MoE adapter on {name} is outside the decoder layers (model.layers.N); it cannot become an MoE layer")
+                raise MoeforgeError(
+                    f"merge: the MoE adapter on {name} is outside the decoder layers (model.layers.N); it cannot become an MoE layer"
+                )
             layers[index] = (name, module)
     return layers
 
@@ -97,9 +100,11 @@ def _write_moe(
     source = base.config
     layers = sorted(experts)
     recipe = ConvertRecipe(
-        source=str(getattr(source, "_name_or_path", "") or "base"), output=Path("unused"),
-        moe=MoESpec(num_experts=[experts[i]["gate.weight"].shape[0] for i in layers], top_k=top_k, scale=1.0,
-                    placement=Placement(layers=layers)),
+        source=str(getattr(source, "_name_or_path", "") or "base"),
+        output=Path("unused"),
+        moe=MoESpec(
+            num_experts=[experts[i]["gate.weight"].shape[0] for i in layers], top_k=top_k, scale=1.0, placement=Placement(layers=layers)
+        ),
     )
     state = {name: tensor.detach() for name, tensor in base.state_dict().items()}
     if source.tie_word_embeddings:
@@ -115,7 +120,7 @@ def _write_moe(
             writer.add(name, tensor)
         for index in range(source.num_hidden_layers):
             layer_prefix = f"{prefix}{index}."
-            layer = {k[len(layer_prefix):]: v for k, v in state.items() if k.startswith(layer_prefix)}
+            layer = {k[len(layer_prefix) :]: v for k, v in state.items() if k.startswith(layer_prefix)}
             if index in experts:
                 layer = {k: v for k, v in layer.items() if k not in ffn_names}
             for name, tensor in layer_tensors(target, layer_prefix, layer, experts.get(index), family.ffn.module).items():
@@ -152,17 +157,21 @@ def merge_to_directory(
     return MergeResult(output, *result)
 
 
-def _merge_into(tmp: Path, adapter_dir: Path, base: str | None, dtype: torch.dtype, log: Callable[[str], None]) -> tuple[str, FidelityReport]:
+def _merge_into(
+    tmp: Path, adapter_dir: Path, base: str | None, dtype: torch.dtype, log: Callable[[str], None]
+) -> tuple[str, FidelityReport]:
     from moeforge.config.recipe import Calibration
-    from moeforge.data.calibration import calibration_ids
     from moeforge.conversion.fidelity import compare, default_tolerance
+    from moeforge.data.calibration import calibration_ids
     from moeforge.io.loading import load_model
 
     model, tokenizer = load_model(base, adapter=adapter_dir, dtype=dtype) if base else load_model(adapter_dir, dtype=dtype)
     if not isinstance(model, PeftModel):  # load_model puts the adapter on the base it loads
         raise MoeforgeError(f"merge: {adapter_dir} did not load as an adapter model")
     config = _base_model(model).config
-    ids, _ = calibration_ids(Calibration(num_sequences=2, sequence_length=64), tokenizer, config.vocab_size, torch.Generator().manual_seed(0))
+    ids, _ = calibration_ids(
+        Calibration(num_sequences=2, sequence_length=64), tokenizer, config.vocab_size, torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         reference = model(ids).logits.float()
         merged = merge_adapter(model, tmp)
@@ -170,10 +179,14 @@ def _merge_into(tmp: Path, adapter_dir: Path, base: str | None, dtype: torch.dty
     tolerance = default_tolerance(reference, config.num_hidden_layers) * (1 if dtype == torch.float32 else 1e3)
     check = compare(reference, logits, ids, exact_expected=True, tolerance=tolerance)
     architecture = merged.config.architectures[0] if merged.config.architectures else type(merged).__name__
-    log(f"merged into {architecture}: max |Δlogit| vs the adapter model {check.max_abs_logit_diff:.3e} "
-        f"(tolerance {tolerance:.2e}), top-1 agreement {check.top1_agreement * 100:.2f}% on {check.tokens} tokens")
+    log(
+        f"merged into {architecture}: max |Δlogit| vs the adapter model {check.max_abs_logit_diff:.3e} "
+        f"(tolerance {tolerance:.2e}), top-1 agreement {check.top1_agreement * 100:.2f}% on {check.tokens} tokens"
+    )
     if not check.passed:
-        raise MoeforgeError(f"merge: the merged model differs from the adapter model (max |Δlogit| {check.max_abs_logit_diff:.3e}); nothing was written")
+        raise MoeforgeError(
+            f"merge: the merged model differs from the adapter model (max |Δlogit| {check.max_abs_logit_diff:.3e}); nothing was written"
+        )
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     record = {"merged_from": {"adapter": str(adapter_dir.resolve()), "base": base or "recorded in the adapter"}, "check": check.to_dict()}

@@ -32,6 +32,7 @@ from moeforge.experts import SlotPlan, combine, dispatch, grouped_linear, plan_s
 
 LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
+
 class SwiGLUMLP(Protocol):
     """The MLP a :class:`MoeLoraLayer` wraps (what :func:`~moeforge.adapters.peft_method.is_swiglu_mlp` checks)."""
 
@@ -293,7 +294,9 @@ class MoeLoraLayer(AdapterLayer):
         frozen weight plus that expert's (and the shared) scaled LoRA delta, for a Mixtral-style export."""
         settings = self.moe_lora_settings[adapter]
         if settings["method"] != "moe_lora":
-            raise MoeforgeError(f"a {settings['method']} adapter is not a set of FFNs and cannot be merged into experts; use method moe_lora")
+            raise MoeforgeError(
+                f"a {settings['method']} adapter is not a set of FFNs and cannot be merged into experts; use method moe_lora"
+            )
         merged: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name in LORA_TARGETS:

@@ -90,8 +90,16 @@ class MoeLoraModel(BaseTuner):
             raise ValueError("MoeLoraConfig.target_modules is empty: build it with moeforge.adapters.build.adapter_config(model, spec)")
         return config
 
-    def _create_and_replace(self, peft_config: PeftConfig, adapter_name: str, target: nn.Module, target_name: str,
-                            parent: nn.Module, current_key: str, parameter_name: str | None = None) -> None:
+    def _create_and_replace(
+        self,
+        peft_config: PeftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
         """(``parameter_name`` is PEFT's ``target_parameters``, which ``MOE_LORA`` does not use.)"""
         kwargs = self._layer_kwargs(_own_config(peft_config), target, current_key)
         if isinstance(target, (MoeLoraLayer, LoraLinear, FusedExpertsLora)):
@@ -115,9 +123,15 @@ class MoeLoraModel(BaseTuner):
         base = target.get_base_layer() if isinstance(target, (MoeLoraLayer, LoraLinear, FusedExpertsLora)) else target
         if is_swiglu_mlp(base):
             return dict(
-                method=config.method, num_experts=config.experts_in_layer(layer_index(key)), top_k=config.top_k,
-                rank=config.rank, alpha=config.alpha, dropout=config.dropout, targets=tuple(config.ffn_targets),
-                shared_expert=config.shared_expert, router_init_std=config.router_init_std,
+                method=config.method,
+                num_experts=config.experts_in_layer(layer_index(key)),
+                top_k=config.top_k,
+                rank=config.rank,
+                alpha=config.alpha,
+                dropout=config.dropout,
+                targets=tuple(config.ffn_targets),
+                shared_expert=config.shared_expert,
+                router_init_std=config.router_init_std,
             )
         if isinstance(base, nn.Linear):
             return dict(rank=config.rank, alpha=config.alpha, dropout=config.dropout)

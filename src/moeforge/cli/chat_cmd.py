@@ -119,7 +119,11 @@ def run(args: argparse.Namespace) -> int:
         if not prompt.strip():
             raise MoeforgeError("no prompt: pass --prompt TEXT, pipe text on stdin, or run on a terminal")
     model, tokenizer = load_model(
-        args.path, dtype=DTYPES[args.dtype], gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code, adapter=args.adapter,
+        args.path,
+        dtype=DTYPES[args.dtype],
+        gguf_file=args.gguf_file,
+        trust_remote_code=args.trust_remote_code,
+        adapter=args.adapter,
         experts_backend=args.experts_backend,
     )
     if tokenizer is None:

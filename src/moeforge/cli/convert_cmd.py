@@ -35,7 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "into an MoE model, check its fidelity, and write it.",
     )
     parser.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/); flags below override its values")
-    parser.add_argument("--source", help="local HF dir, hub id, .gguf file, 'default' (embedded SmolLM2-135M-Instruct) or 'gemma3' (Gemma 3 270M)")
+    parser.add_argument(
+        "--source", help="local HF dir, hub id, .gguf file, 'default' (embedded SmolLM2-135M-Instruct) or 'gemma3' (Gemma 3 270M)"
+    )
     parser.add_argument("--output", "-o", help="output directory")
     parser.add_argument("--num-experts", type=int)
     parser.add_argument("--top-k", type=int)
@@ -45,7 +47,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shared-experts", type=int, help="number of always-on shared experts carved from the FFN")
     parser.add_argument("--gate-type", choices=field_choices(Routing, "gate_type"))
     parser.add_argument("--router-init", choices=field_choices(Routing, "router_init"))
-    parser.add_argument("--export", choices=field_choices(ConvertRecipe, "export"), help="target architecture (auto: the most portable that holds the conversion exactly)")
+    parser.add_argument(
+        "--export",
+        choices=field_choices(ConvertRecipe, "export"),
+        help="target architecture (auto: the most portable that holds the conversion exactly)",
+    )
     parser.add_argument("--dtype", choices=field_choices(ConvertRecipe, "dtype"))
     parser.add_argument("--calibration-file", help="plain-text file for calibration (default: built-in sample)")
     parser.add_argument("--seed", type=int)

@@ -17,9 +17,7 @@ def parse_columns(text: str) -> dict[str, str]:
     for item in text.split(","):
         field, sep, column = item.partition("=")
         if not sep or not field.strip() or not column.strip():
-            raise argparse.ArgumentTypeError(
-                f"{item!r} is not field=column (e.g. --columns prompt=question,completion=answer)"
-            )
+            raise argparse.ArgumentTypeError(f"{item!r} is not field=column (e.g. --columns prompt=question,completion=answer)")
         columns[field.strip()] = column.strip()
     return columns
 
@@ -109,14 +107,10 @@ def run_check(args: argparse.Namespace) -> int:
     from moeforge.data.check import check_file
 
     tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
-    report = check_file(
-        args.file, stage=args.stage, fmt=args.format, columns=args.columns, tokenizer=tokenizer, split=args.split
-    )
+    report = check_file(args.file, stage=args.stage, fmt=args.format, columns=args.columns, tokenizer=tokenizer, split=args.split)
     print("\n".join(summary_lines(report)))
     if report["bad_rows"]:
-        print(
-            f"moeforge data check: {report['first_bad_row']} ({_count(report['bad_rows'], 'bad row')})", file=sys.stderr
-        )
+        print(f"moeforge data check: {report['first_bad_row']} ({_count(report['bad_rows'], 'bad row')})", file=sys.stderr)
         return 2
     return 0
 

@@ -65,12 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     probes.add_argument(
         "--probe-positions", metavar="I,J,...", help="where the fact goes, 0-based (default 5 spread evenly, first and last)"
     )
-    probes.add_argument(
-        "--probe-samples", type=int, metavar="N", help="prompts per position (default 50; mdqa: the first N rows)"
-    )
-    probes.add_argument(
-        "--probe-seed", type=int, metavar="S", help="kv: seed of the prompts (default 0; another seed = held-out prompts)"
-    )
+    probes.add_argument("--probe-samples", type=int, metavar="N", help="prompts per position (default 50; mdqa: the first N rows)")
+    probes.add_argument("--probe-seed", type=int, metavar="S", help="kv: seed of the prompts (default 0; another seed = held-out prompts)")
     probes.add_argument(
         "--chat-template", action="store_true", help="ask the probe question as a user turn with the tokenizer's chat template"
     )
@@ -147,10 +143,22 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and args.data is None:
             raise MoeforgeError(f"{flag} only applies to --data FILE")
     result = evaluate(
-        args.model, text=args.text, data=args.data, stage=args.stage or "pt", columns=args.columns, compare=args.compare,
-        output=args.output, max_length=args.max_length, batch_size=args.batch_size, max_batches=args.max_batches,
-        dtype=args.dtype, experts_backend=args.experts_backend, probe=_probe_spec(args),
-        lm_eval_tasks=_tasks(args), lm_eval_include=args.lm_eval_include, lm_eval_limit=args.limit,
+        args.model,
+        text=args.text,
+        data=args.data,
+        stage=args.stage or "pt",
+        columns=args.columns,
+        compare=args.compare,
+        output=args.output,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        dtype=args.dtype,
+        experts_backend=args.experts_backend,
+        probe=_probe_spec(args),
+        lm_eval_tasks=_tasks(args),
+        lm_eval_include=args.lm_eval_include,
+        lm_eval_limit=args.limit,
     )
     print(f"evaluated on {result.data}")
     print(f"{args.model}: {result_line(result.model.perplexity)}")

@@ -31,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from moeforge.adapters.merge import merge_to_directory
 
     merge_to_directory(
-        args.adapter, args.output, base=args.base, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+        args.adapter,
+        args.output,
+        base=args.base,
+        dtype=DTYPES[args.dtype],
+        overwrite=args.overwrite,
     )
     return 0

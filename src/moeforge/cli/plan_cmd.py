@@ -89,20 +89,22 @@ def to_json(plan: Plan, verdicts: dict[int, str]) -> dict[str, Any]:
     rows = []
     for index, row in enumerate(plan.rows):
         memory = asdict(row.memory) | {"total": row.memory.total}
-        rows.append({
-            "name": row.scenario.name,
-            "primary": row.scenario.primary,
-            "setup": asdict(row.scenario.setup),
-            "parameters": {"total": row.counts.total, "trainable": row.counts.trainable, "active_per_token": row.counts.active},
-            "memory_bytes": memory,
-            "sources": {
-                "parameters": f"counted on the meta device from {row.scenario.origin}",
-                "weights_gradients_optimizer": "parameter counts x bytes per parameter (docs/plan.md)",
-                "activations": "formula per decoder layer (docs/plan.md)",
-            },
-            "fits": None if plan.gpu_bytes is None else row.memory.total <= plan.gpu_bytes,
-            "verdict": verdicts.get(index),
-        })
+        rows.append(
+            {
+                "name": row.scenario.name,
+                "primary": row.scenario.primary,
+                "setup": asdict(row.scenario.setup),
+                "parameters": {"total": row.counts.total, "trainable": row.counts.trainable, "active_per_token": row.counts.active},
+                "memory_bytes": memory,
+                "sources": {
+                    "parameters": f"counted on the meta device from {row.scenario.origin}",
+                    "weights_gradients_optimizer": "parameter counts x bytes per parameter (docs/plan.md)",
+                    "activations": "formula per decoder layer (docs/plan.md)",
+                },
+                "fits": None if plan.gpu_bytes is None else row.memory.total <= plan.gpu_bytes,
+                "verdict": verdicts.get(index),
+            }
+        )
     return {"target": plan.target, "gpu_memory_bytes": plan.gpu_bytes, "scenarios": rows, "assumptions": assumptions(plan)}
 
 
@@ -116,8 +118,15 @@ def render(plan: Plan, verdicts: dict[int, str], console: Console) -> None:
         m = row.memory
         name = ("* " if row.scenario.primary and len(plan.rows) > 1 else "") + row.scenario.name
         table.add_row(
-            name, human_count(row.counts.total), human_count(row.counts.trainable), human_count(row.counts.active),
-            gb(m.weights), gb(m.gradients), gb(m.optimizer), gb(m.activations), gb(m.total),
+            name,
+            human_count(row.counts.total),
+            human_count(row.counts.trainable),
+            human_count(row.counts.active),
+            gb(m.weights),
+            gb(m.gradients),
+            gb(m.optimizer),
+            gb(m.activations),
+            gb(m.total),
         )
     console.print(table)
     setups = {describe_setup(row.scenario.setup): row.scenario.name for row in plan.rows}
@@ -133,7 +142,7 @@ def render(plan: Plan, verdicts: dict[int, str], console: Console) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeforge.planning.report import plan_scenarios, parse_gpu_memory, verdict
+    from moeforge.planning.report import parse_gpu_memory, plan_scenarios, verdict
     from moeforge.planning.sources import scenarios
 
     gpu_bytes = parse_gpu_memory(args.gpu_memory) if args.gpu_memory is not None else None

@@ -54,11 +54,15 @@ class AdapterSpec(BaseModel):
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit exclude each other: pick one")
         if not self.targets:
-            raise ValueError("targets is empty: name at least one of gate_proj, up_proj, down_proj, q_proj, k_proj, v_proj, o_proj, experts")
+            raise ValueError(
+                "targets is empty: name at least one of gate_proj, up_proj, down_proj, q_proj, k_proj, v_proj, o_proj, experts"
+            )
         if self.method != "lora":
             counts = [self.num_experts, *self.layer_experts.values()]
             if self.top_k > min(counts):
-                raise ValueError(f"top_k (expert_capacity) {self.top_k} exceeds the number of experts {min(counts)}: use top_k <= num_experts")
+                raise ValueError(
+                    f"top_k (expert_capacity) {self.top_k} exceeds the number of experts {min(counts)}: use top_k <= num_experts"
+                )
             if self.method == "moe_lora" and not set(self.targets) & {*FFN_TARGETS, EXPERTS_TARGET}:
                 raise ValueError("method moe_lora needs FFN targets (gate_proj, up_proj, down_proj): the experts live on the FFN")
         if self.layers is not None and any(layer < 0 for layer in self.layers):

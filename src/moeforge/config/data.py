@@ -32,6 +32,7 @@ FIELDS = (
 )
 """The keys of every format: what a ``columns:`` mapping may fill."""
 
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

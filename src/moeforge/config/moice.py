@@ -54,8 +54,13 @@ class MoiceSpec(BaseModel):
             raise MoeforgeError(f"moice.topk {topk} exceeds the {len(bases)} bases in base_set; use at most {len(bases)}")
         layers = _parse_layers(self.layers, num_layers)
         return ResolvedMoice(
-            base_set=bases, topk=topk, router_aux_loss_coef=self.router_aux_loss_coef, router_scope=self.router_scope,
-            router_input=self.router_input, layers=layers, router_init_std=self.router_init_std,
+            base_set=bases,
+            topk=topk,
+            router_aux_loss_coef=self.router_aux_loss_coef,
+            router_scope=self.router_scope,
+            router_input=self.router_input,
+            layers=layers,
+            router_init_std=self.router_init_std,
         )
 
 

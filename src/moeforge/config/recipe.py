@@ -20,7 +20,14 @@ from moeforge.errors import MoeforgeError
 ExpertCount = int | list[int] | dict[str, int]
 ExportTarget = Literal[
     "auto",
-    "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe_text", "granitemoe", "granitemoeshared", "flex_olmo", "ernie4_5_moe",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_5_moe_text",
+    "granitemoe",
+    "granitemoeshared",
+    "flex_olmo",
+    "ernie4_5_moe",
     "moeforge",
 ]
 """``auto``, a native transformers MoE architecture (:mod:`moeforge.families.natives`) or moeforge's own.
@@ -211,9 +218,7 @@ def parse_recipe(data: dict[str, Any], *, origin: str = "recipe", model: type[Ba
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> ConvertRecipe: ...
 @overload
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, *, model: type[Recipe]) -> Recipe: ...
-def load_recipe(
-    path: str | Path, overrides: dict[str, Any] | None = None, *, model: type[BaseModel] = ConvertRecipe
-) -> BaseModel:
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, *, model: type[BaseModel] = ConvertRecipe) -> BaseModel:
     """Read a YAML recipe; ``overrides`` (dotted keys, e.g. from CLI flags) replace values in it."""
     path = Path(path)
     if not path.is_file():

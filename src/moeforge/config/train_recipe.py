@@ -14,14 +14,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moeforge.config.adapter import AdapterSpec
-from moeforge.config.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS
 from moeforge.config.data import DataSpec
+from moeforge.config.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS
 from moeforge.config.moice import MoiceSpec
 from moeforge.config.router_losses import RouterLossConfig
 
-FreezeGroup = Literal[
-    "router", "attention_router", "experts", "attention", "embeddings", "dense_layers", "norms", "all_but_new"
-]
+FreezeGroup = Literal["router", "attention_router", "experts", "attention", "embeddings", "dense_layers", "norms", "all_but_new"]
 PRESETS: dict[str, tuple[FreezeGroup, ...]] = {
     # train only the routers, FFN and attention (MoICE) ones, e.g. to settle routing before touching experts
     "router_only": ("experts", "attention", "embeddings", "dense_layers", "norms"),
@@ -118,7 +116,9 @@ class TrainRecipe(_Strict):
             defaults = {k: v for k, v in MOICE_SCHEDULE.items() if k not in self.training.model_fields_set}
             object.__setattr__(self, "training", self.training.model_copy(update=defaults))
         if self.adapter is not None and self.moice is not None:
-            raise ValueError("adapter and moice exclude each other in one run: train the MoICE routers first, then an adapter on that model")
+            raise ValueError(
+                "adapter and moice exclude each other in one run: train the MoICE routers first, then an adapter on that model"
+            )
         if self.adapter is not None and self.freeze_layers is not None:
             raise ValueError("freeze_layers has no effect with an adapter (the base is frozen): choose adapter.layers instead")
         if self.training.router_learning_rate and self.deepspeed:

@@ -28,9 +28,7 @@ def kmeans(points: torch.Tensor, num_clusters: int, generator: torch.Generator, 
     assignment = torch.zeros(len(points), dtype=torch.long)
     for _ in range(iters):
         assignment = torch.cdist(points, centers).argmin(dim=1)
-        updated = torch.stack(
-            [points[assignment == c].mean(0) if (assignment == c).any() else centers[c] for c in range(num_clusters)]
-        )
+        updated = torch.stack([points[assignment == c].mean(0) if (assignment == c).any() else centers[c] for c in range(num_clusters)])
         if torch.allclose(updated, centers):
             break
         centers = updated

@@ -66,9 +66,7 @@ def build_experts(
         pool = torch.arange(intermediate)
 
     if moe.init == "partition":
-        groups = split_neurons(
-            moe.partition.method, pool, plan.num_experts, up_proj=up_proj, activations=activations, generator=generator
-        )
+        groups = split_neurons(moe.partition.method, pool, plan.num_experts, up_proj=up_proj, activations=activations, generator=generator)
     else:  # copy, granular: every copy holds the whole pool, granular splits each copy into shards
         shards = split_neurons("contiguous", pool, plan.n_split, up_proj=up_proj, activations=None, generator=generator)
         groups = shards * (plan.num_experts // plan.n_split)

@@ -23,7 +23,6 @@ import transformers
 from transformers.activations import ACT2FN
 
 from moeforge.config.recipe import ConvertRecipe
-from moeforge.data.calibration import calibration_ids
 from moeforge.conversion.experts import build_experts
 from moeforge.conversion.export import (
     MOEFORGE,
@@ -39,14 +38,14 @@ from moeforge.conversion.fidelity import FidelityReport, compare, default_tolera
 from moeforge.conversion.layerwise import LAYERS_PREFIX, LayerInputs, LayerwiseModel
 from moeforge.conversion.plan import ConversionPlan, LayerPlan, build_plan
 from moeforge.conversion.router_init import init_router
+from moeforge.data.calibration import calibration_ids
 from moeforge.errors import FidelityError, MoeforgeError
 from moeforge.families import source_family
-from moeforge.modeling import MoeforgeSparseMoeBlock, moeforge_config
-from moeforge.io.publish import check_output, staged_directory
 from moeforge.io.loading import TORCH_DTYPES, copy_tokenizer_files, load_tokenizer, read_config, resolve_checkpoint, save_config
+from moeforge.io.publish import check_output, staged_directory
 from moeforge.io.safetensors_reader import CheckpointReader
 from moeforge.io.safetensors_writer import ShardedWriter
-
+from moeforge.modeling import MoeforgeSparseMoeBlock, moeforge_config
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,9 @@ class _Converter:
         # others, so its figures are held out. Nothing fitted: every sequence serves the report.
         sequences = recipe.calibration.num_sequences
         if self.plan.needs_calibration and sequences < 2:
-            raise MoeforgeError("calibration.num_sequences: this recipe fits to calibration text and needs at least 2 sequences (half fit, half report)")
+            raise MoeforgeError(
+                "calibration.num_sequences: this recipe fits to calibration text and needs at least 2 sequences (half fit, half report)"
+            )
         self.fit_sequences = sequences // 2 if self.plan.needs_calibration else 0
         # config of the canonical MoE block that runs the MoE stream (eager experts: stored-dtype weights, fp32 compute)
         self.block_config = moeforge_config(self.source_config)
@@ -108,7 +109,11 @@ class _Converter:
                     "where config.json says; re-download it or check that it is a plain dense checkpoint"
                 )
             sizes.append(self.ffn.intermediate_size(lambda name, p=prefix: self.reader.shape_of(p + name)))
-        biases = [name for name in self.reader.keys() if name.startswith(LAYERS_PREFIX) and f".{self.ffn.module}." in name and name.endswith(".bias")]
+        biases = [
+            name
+            for name in self.reader.keys()
+            if name.startswith(LAYERS_PREFIX) and f".{self.ffn.module}." in name and name.endswith(".bias")
+        ]
         if biases:
             raise MoeforgeError(f"source: {self.recipe.source} has FFN biases ({biases[0]}); moeforge converts bias-free gated FFNs only")
         return sizes
@@ -161,7 +166,7 @@ class _Converter:
         """Write layer ``index`` of the converted model while advancing the dense and MoE streams (when running)."""
         plan = self.plan
         prefix = f"{LAYERS_PREFIX}{index}."
-        stored = {name[len(prefix):]: self._read(name) for name in self._layer_names(index)}
+        stored = {name[len(prefix) :]: self._read(name) for name in self._layer_names(index)}
         weights = {name: tensor.float() for name, tensor in stored.items()} if dense is not None else {}
         dense_ffn_in = None
         if dense is not None:
@@ -180,7 +185,7 @@ class _Converter:
                 moe.hidden, _ = runner.run_layer(index, attention, moe, mlp=block)
             layer = {name: tensor for name, tensor in stored.items() if name not in ffn_names}
             disk = layer_tensors(self.target, prefix, layer, mlp, self.ffn.module)
-            created = sorted(name for name in disk if created_by_conversion(self.target, name[len(prefix):], self.ffn.module))
+            created = sorted(name for name in disk if created_by_conversion(self.target, name[len(prefix) :], self.ffn.module))
         for name, tensor in disk.items():
             writer.add(name, tensor)
         self.log(f"  layer {index + 1}/{plan.num_layers} {'moe' if layer_plan else 'dense'}")
@@ -214,8 +219,13 @@ class _Converter:
         router_inputs = moe_ffn_in if layer_plan.router_init == "kmeans" else None
         mlp = build_experts(layer_plan, moe_spec, *self.ffn.split(stored), activations, self.generator)
         router = init_router(
-            layer_plan, moe_spec.routing.gate_type, moe_spec.routing.gate_hidden_size, config.hidden_size,
-            moe_spec.routing.router_init_std, router_inputs, self.generator,
+            layer_plan,
+            moe_spec.routing.gate_type,
+            moe_spec.routing.gate_hidden_size,
+            config.hidden_size,
+            moe_spec.routing.router_init_std,
+            router_inputs,
+            self.generator,
         )
         mlp.update({f"gate.{name}": tensor.to(self.out_dtype) for name, tensor in router.items()})
         block = self._block(layer_plan, mlp)
@@ -232,7 +242,8 @@ class _Converter:
             block = MoeforgeSparseMoeBlock(self.block_config, layer_plan.spec(self.recipe.moe))
         block.load_state_dict(
             {name: tensor if name.startswith("experts.") else tensor.float() for name, tensor in mlp.items()},
-            strict=True, assign=True,
+            strict=True,
+            assign=True,
         )
         return block
 
@@ -253,9 +264,7 @@ def _least_squares_scale(
     return float(((target - shared) * routed).sum() / denominator) if denominator > 0 else 1.0
 
 
-def _provenance(
-    recipe: ConvertRecipe, converter: _Converter, report: FidelityReport | None, new_params: list[str], tmp: Path
-) -> dict:
+def _provenance(recipe: ConvertRecipe, converter: _Converter, report: FidelityReport | None, new_params: list[str], tmp: Path) -> dict:
     plan = converter.plan
     return {
         "moeforge_version": version("moeforge"),
@@ -266,12 +275,18 @@ def _provenance(
         "recipe": recipe.model_dump(mode="json", by_alias=True),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "safetensors": safetensors.__version__},
         "layers": [
-            None if layer is None else {
-                "num_experts": layer.num_experts, "top_k": layer.top_k,
+            None
+            if layer is None
+            else {
+                "num_experts": layer.num_experts,
+                "top_k": layer.top_k,
                 "expert_intermediate_size": layer.expert_intermediate_size,
-                "shared_intermediate_size": layer.shared_intermediate_size, "num_shared_experts": layer.num_shared_experts,
-                "scale": converter.scales.get(index, layer.scale), "scale_calibrated": index in converter.scales,
-                "router_init": layer.router_init, "exact": layer.exact,
+                "shared_intermediate_size": layer.shared_intermediate_size,
+                "num_shared_experts": layer.num_shared_experts,
+                "scale": converter.scales.get(index, layer.scale),
+                "scale_calibrated": index in converter.scales,
+                "router_init": layer.router_init,
+                "exact": layer.exact,
             }
             for index, layer in enumerate(plan.layers)
         ],

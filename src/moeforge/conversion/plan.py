@@ -60,7 +60,7 @@ class ConversionPlan:
     @property
     def intermediate_size(self) -> int:
         """The dense FFN size of the layers that stay dense (the first layer's when none does)."""
-        dense = [size for size, layer in zip(self.ffn_sizes, self.layers) if layer is None]
+        dense = [size for size, layer in zip(self.ffn_sizes, self.layers, strict=True) if layer is None]
         return (dense or self.ffn_sizes)[0]
 
     @property
@@ -86,9 +86,7 @@ class ConversionPlan:
     @property
     def needs_calibration(self) -> bool:
         """Whether the conversion itself (not only the fidelity report) runs the model on calibration text."""
-        return self.needs_activations or any(
-            layer.router_init == "kmeans" or layer.calibrate_scale for layer in self.moe_layers
-        )
+        return self.needs_activations or any(layer.router_init == "kmeans" or layer.calibrate_scale for layer in self.moe_layers)
 
 
 def _parse_layer_key(key: str) -> range:
@@ -101,7 +99,9 @@ def select_moe_layers(moe: MoESpec, num_layers: int) -> list[int]:
     if placement.layers != "all":
         bad = [i for i in placement.layers if not 0 <= i < num_layers]
         if bad:
-            raise MoeforgeError(f"moe.placement.layers: layer {bad[0]} does not exist (the model has {num_layers} layers, 0-{num_layers - 1})")
+            raise MoeforgeError(
+                f"moe.placement.layers: layer {bad[0]} does not exist (the model has {num_layers} layers, 0-{num_layers - 1})"
+            )
         chosen = sorted(set(placement.layers))
     else:
         chosen = list(range(placement.moe_start_layer, num_layers, placement.moe_layer_freq))
@@ -118,7 +118,9 @@ def experts_per_layer(moe: MoESpec, layers: list[int]) -> dict[int, int]:
         return dict.fromkeys(layers, value)
     if isinstance(value, list):
         if len(value) != len(layers):
-            raise MoeforgeError(f"moe.num_experts: the list has {len(value)} entries but {len(layers)} layers are MoE ({layers}); give one count per MoE layer")
+            raise MoeforgeError(
+                f"moe.num_experts: the list has {len(value)} entries but {len(layers)} layers are MoE ({layers}); give one count per MoE layer"
+            )
         return dict(zip(layers, value, strict=True))
     counts: dict[int, int] = {}
     for key, count in value.items():
@@ -126,7 +128,9 @@ def experts_per_layer(moe: MoESpec, layers: list[int]) -> dict[int, int]:
             counts[layer] = count
     missing = [i for i in layers if i not in counts]
     if missing:
-        raise MoeforgeError(f"moe.num_experts: no expert count given for MoE layer {missing[0]}; cover every MoE layer with the mapping's ranges")
+        raise MoeforgeError(
+            f"moe.num_experts: no expert count given for MoE layer {missing[0]}; cover every MoE layer with the mapping's ranges"
+        )
     return {i: counts[i] for i in layers}
 
 
@@ -164,7 +168,9 @@ def _plan_layer(moe: MoESpec, layer: int, num_experts: int, intermediate: int) -
         exact = (normalized or router_init == "zeros") and not perturbed
     elif moe.init == "partition":
         if pool % num_experts:
-            raise MoeforgeError(f"moe.num_experts: the {pool} routed neurons of {where} do not split evenly into {num_experts} experts; pick a divisor of {pool}")
+            raise MoeforgeError(
+                f"moe.num_experts: the {pool} routed neurons of {where} do not split evenly into {num_experts} experts; pick a divisor of {pool}"
+            )
         n_split, expert_size = num_experts, pool // num_experts
         full = top_k == num_experts
         if full and routing.router_init not in ("auto", "zeros"):
@@ -177,9 +183,13 @@ def _plan_layer(moe: MoESpec, layer: int, num_experts: int, intermediate: int) -
     else:  # granular
         granularity = moe.granularity
         if num_experts % granularity:
-            raise MoeforgeError(f"moe.num_experts: {num_experts} ({where}) must be a multiple of granularity {granularity} (experts = copies x shards)")
+            raise MoeforgeError(
+                f"moe.num_experts: {num_experts} ({where}) must be a multiple of granularity {granularity} (experts = copies x shards)"
+            )
         if top_k % granularity:
-            raise MoeforgeError(f"moe.top_k: {top_k} must be a multiple of granularity {granularity}, so whole copies are selected together")
+            raise MoeforgeError(
+                f"moe.top_k: {top_k} must be a multiple of granularity {granularity}, so whole copies are selected together"
+            )
         if pool % granularity:
             raise MoeforgeError(f"moe.granularity: the {pool} routed neurons of {where} do not split evenly into {granularity} shards")
         n_split, expert_size = granularity, pool // granularity

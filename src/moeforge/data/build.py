@@ -6,11 +6,11 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from moeforge.config.data import Builtin, DataSource, DataSpec
 from moeforge.data.builtin import BUILTIN_STAGE, builtin_records
 from moeforge.data.formats import Stage
 from moeforge.data.mixing import hold_out_each, mix, mix_counts
 from moeforge.data.source import KEPT_MESSAGES, LoadedSource, load_source
-from moeforge.config.data import Builtin, DataSource, DataSpec
 from moeforge.errors import MoeforgeError
 
 if TYPE_CHECKING:
@@ -38,9 +38,7 @@ def _load_all(sources: list[DataSource], spec: DataSpec, stage: Stage, key: str)
 def _builtin(name: Builtin, stage: Stage) -> LoadedSource:
     if BUILTIN_STAGE[name] != stage:
         wanted = next(n for n, s in BUILTIN_STAGE.items() if s == stage)
-        raise MoeforgeError(
-            f"data.builtin: {name} is {BUILTIN_STAGE[name]} data but the stage is {stage}; use {wanted}"
-        )
+        raise MoeforgeError(f"data.builtin: {name} is {BUILTIN_STAGE[name]} data but the stage is {stage}; use {wanted}")
     return LoadedSource(path=f"builtin:{name}", format="builtin", stage=stage, records=builtin_records(name))
 
 
@@ -71,10 +69,7 @@ def build_datasets(spec: DataSpec, stage: Stage) -> BuiltData:
     eval_rows = eval_rows[: spec.max_rows]
 
     counts = mix_counts([len(p) for p in parts], weights)
-    sources = [
-        _source_stats(item) | {"weight": w, "mixed_rows": n}
-        for item, w, n in zip(train_sources, weights, counts, strict=True)
-    ]
+    sources = [_source_stats(item) | {"weight": w, "mixed_rows": n} for item, w, n in zip(train_sources, weights, counts, strict=True)]
     every = train_sources + eval_sources
     stats: dict[str, Any] = {
         "stage": stage,

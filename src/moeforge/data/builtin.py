@@ -52,8 +52,7 @@ def builtin_records(name: str) -> list[dict[str, Any]]:
         return [{"prompt": _user(e.question), "completion": _assistant(e.answer)} for e in exercises()]
     if name == "dpo-demo":
         return [
-            {"prompt": _user(e.question), "chosen": _assistant(e.answer), "rejected": _assistant(e.wrong)}
-            for e in exercises()[:DPO_ROWS]
+            {"prompt": _user(e.question), "chosen": _assistant(e.answer), "rejected": _assistant(e.wrong)} for e in exercises()[:DPO_ROWS]
         ]
     raise MoeforgeError(f"data.builtin: unknown dataset {name!r}; choose one of {', '.join(BUILTIN_STAGE)}")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -17,9 +16,31 @@ from moeforge.config.recipe import Calibration
 from moeforge.errors import MoeforgeError
 
 _BUILTIN_MODULES = (
-    "json", "collections", "argparse", "pathlib", "textwrap", "datetime", "functools", "itertools",
-    "statistics", "fractions", "decimal", "csv", "heapq", "bisect", "string", "calendar", "random",
-    "shutil", "tempfile", "logging", "unittest", "dataclasses", "enum", "typing", "contextlib",
+    "json",
+    "collections",
+    "argparse",
+    "pathlib",
+    "textwrap",
+    "datetime",
+    "functools",
+    "itertools",
+    "statistics",
+    "fractions",
+    "decimal",
+    "csv",
+    "heapq",
+    "bisect",
+    "string",
+    "calendar",
+    "random",
+    "shutil",
+    "tempfile",
+    "logging",
+    "unittest",
+    "dataclasses",
+    "enum",
+    "typing",
+    "contextlib",
 )
 
 
@@ -42,9 +63,7 @@ def _module_docs(module) -> list[str]:
     return parts
 
 
-def calibration_ids(
-    spec: Calibration, tokenizer, vocab_size: int, generator: torch.Generator
-) -> tuple[torch.Tensor, str]:
+def calibration_ids(spec: Calibration, tokenizer, vocab_size: int, generator: torch.Generator) -> tuple[torch.Tensor, str]:
     """``[num_sequences, sequence_length]`` token ids and a one-line description of where they came from.
 
     Without a tokenizer (tiny test models) the tokens are seeded random ids: still a valid input for
@@ -55,7 +74,9 @@ def calibration_ids(
         return torch.randint(vocab_size, shape, generator=generator), "random token ids (the source has no tokenizer)"
     if spec.file is not None:
         if not spec.file.is_file():
-            raise MoeforgeError(f"calibration.file: {spec.file} does not exist; give a plain-text file or remove the key to use the built-in sample")
+            raise MoeforgeError(
+                f"calibration.file: {spec.file} does not exist; give a plain-text file or remove the key to use the built-in sample"
+            )
         text, origin = spec.file.read_text(errors="replace"), str(spec.file)
     else:
         text, origin = builtin_text(), "built-in sample (Python standard-library documentation)"

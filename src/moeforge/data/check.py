@@ -7,9 +7,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from moeforge.config.data import make_source
 from moeforge.data.formats import Stage
 from moeforge.data.source import load_source
-from moeforge.config.data import make_source
 from moeforge.errors import MoeforgeError
 
 
@@ -20,8 +20,7 @@ def token_length(record: dict[str, Any], stage: Stage, tokenizer) -> int:
         return len(tokenizer(record["text"], add_special_tokens=False, verbose=False)["input_ids"])
     replies = [record["completion"]] if stage == "sft" else [record["chosen"], record["rejected"]]
     return max(
-        len(tokenizer.apply_chat_template(record["prompt"] + reply, tokenize=True, return_dict=True)["input_ids"])
-        for reply in replies
+        len(tokenizer.apply_chat_template(record["prompt"] + reply, tokenize=True, return_dict=True)["input_ids"]) for reply in replies
     )
 
 
@@ -67,8 +66,7 @@ def check_file(
     if tokenizer is not None:
         if loaded.stage != "pt" and not getattr(tokenizer, "chat_template", None):
             raise MoeforgeError(
-                f"the tokenizer has no chat template, which {loaded.stage} rows are rendered with; "
-                "use a chat model's tokenizer"
+                f"the tokenizer has no chat template, which {loaded.stage} rows are rendered with; use a chat model's tokenizer"
             )
         lengths = [token_length(record, loaded.stage, tokenizer) for record in loaded.records]
         report["tokens"] = length_stats(lengths) if lengths else None

@@ -137,19 +137,14 @@ def _arithmetic(rng: random.Random) -> list[Exercise]:
 
 def _capitals() -> list[Exercise]:
     return [
-        Exercise(
-            question.format(country), f"The capital of {country} is {capital}.", f"The capital of {country} is {decoy}."
-        )
+        Exercise(question.format(country), f"The capital of {country} is {capital}.", f"The capital of {country} is {decoy}.")
         for question in CAPITAL_QUESTIONS
         for country, capital, decoy in CAPITALS
     ]
 
 
 def _words() -> list[Exercise]:
-    reverse = [
-        Exercise(f"Reverse the word '{w}'.", f"The reversed word is '{w[::-1]}'.", f"The reversed word is '{w}'.")
-        for w in WORDS
-    ]
+    reverse = [Exercise(f"Reverse the word '{w}'.", f"The reversed word is '{w[::-1]}'.", f"The reversed word is '{w}'.") for w in WORDS]
     spell = [Exercise(f"Spell '{w}' letter by letter.", "-".join(w), "-".join(w[:1] + w[2:])) for w in WORDS]
     return reverse + spell
 

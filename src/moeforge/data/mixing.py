@@ -54,8 +54,6 @@ def hold_out_each(parts: list[list[Any]], ratio: float, rng: random.Random) -> t
         evals.extend(held)
     if not evals:
         total = sum(len(rows) for rows in parts)
-        raise MoeforgeError(
-            f"data.eval_ratio: {ratio} of {total} rows is less than one row; raise eval_ratio or add rows"
-        )
+        raise MoeforgeError(f"data.eval_ratio: {ratio} of {total} rows is less than one row; raise eval_ratio or add rows")
     rng.shuffle(evals)
     return trains, evals

@@ -50,9 +50,7 @@ class _BlockCutter:
         return {"input_ids": blocks, "labels": blocks}
 
 
-def pack_texts(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, split: str | None = None
-) -> Dataset:
+def pack_texts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, split: str | None = None) -> Dataset:
     """``{"input_ids", "labels"}`` blocks of ``max_length`` tokens from ``dataset``'s ``text`` column.
 
     Texts are tokenised without special tokens and each is followed by EOS; the final partial block is
@@ -61,14 +59,10 @@ def pack_texts(
     """
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise MoeforgeError(
-            "data: the tokenizer has no EOS token to separate packed texts; use a tokenizer that has one"
-        )
+        raise MoeforgeError("data: the tokenizer has no EOS token to separate packed texts; use a tokenizer that has one")
     texts = f"{split} texts" if split else "texts"
     if "text" not in dataset.column_names:
-        raise MoeforgeError(
-            f"data: the {texts} have no 'text' column (columns: {dataset.column_names}); pretraining packs text rows"
-        )
+        raise MoeforgeError(f"data: the {texts} have no 'text' column (columns: {dataset.column_names}); pretraining packs text rows")
     packed = dataset.map(
         _BlockCutter(tokenizer, eos, max_length),
         batched=True,
@@ -78,7 +72,5 @@ def pack_texts(
         desc=f"Packing {texts}",
     )
     if len(packed) == 0:
-        raise MoeforgeError(
-            f"data: the {texts} make fewer than max_length={max_length} tokens; lower data.max_length or add text"
-        )
+        raise MoeforgeError(f"data: the {texts} make fewer than max_length={max_length} tokens; lower data.max_length or add text")
     return packed

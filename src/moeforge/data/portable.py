@@ -14,10 +14,10 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
+from moeforge.config.data import make_source
 from moeforge.data.formats import Stage
 from moeforge.data.mixing import hold_out
 from moeforge.data.source import load_source
-from moeforge.config.data import make_source
 from moeforge.errors import MoeforgeError
 from moeforge.io.publish import write_texts
 
@@ -48,9 +48,7 @@ def _out_format(path: Path, out_format: OutFormat | None) -> OutFormat:
         return out_format
     suffix = path.suffix.lower()
     if suffix not in (".json", ".jsonl"):
-        raise MoeforgeError(
-            f"{path}: cannot infer the output format from {suffix or 'no suffix'}; name it .json or .jsonl"
-        )
+        raise MoeforgeError(f"{path}: cannot infer the output format from {suffix or 'no suffix'}; name it .json or .jsonl")
     return suffix[1:]  # type: ignore[return-value]
 
 
@@ -80,9 +78,7 @@ def convert_file(
     if not 0.0 <= eval_ratio < 1.0:
         raise MoeforgeError(f"eval_ratio: {eval_ratio} must be at least 0 and below 1")
     if (eval_ratio > 0) != (eval_dst is not None):
-        raise MoeforgeError(
-            "give both an eval ratio and an eval output, or neither"
-        )
+        raise MoeforgeError("give both an eval ratio and an eval output, or neither")
     outputs = {dst: _out_format(dst, out_format)}
     if eval_dst is not None:
         eval_dst = Path(eval_dst)
@@ -96,9 +92,7 @@ def convert_file(
     records = portable_records(loaded.records, loaded.stage)
     train, held = hold_out(records, eval_ratio, random.Random(seed)) if eval_ratio > 0 else (records, [])
     if eval_ratio > 0 and not held:
-        raise MoeforgeError(
-            f"eval_ratio: {eval_ratio} of {len(records)} rows is less than one row; raise it or add rows"
-        )
+        raise MoeforgeError(f"eval_ratio: {eval_ratio} of {len(records)} rows is less than one row; raise it or add rows")
     texts = {dst: _serialise(train, outputs[dst])}
     if eval_dst is not None:
         texts[eval_dst] = _serialise(held, outputs[eval_dst])

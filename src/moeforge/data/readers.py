@@ -32,9 +32,7 @@ class RawRow:
     """The parsed row (usually a dict), or the :class:`BadRow` that stopped it from parsing."""
 
 
-def read_rows(
-    path: Path, fmt: str = "auto", columns: dict[str, str] | None = None, split: str | None = None
-) -> Iterator[RawRow]:
+def read_rows(path: Path, fmt: str = "auto", columns: dict[str, str] | None = None, split: str | None = None) -> Iterator[RawRow]:
     """Every row of ``path``, read as a plain-text document, CSV, JSON, JSONL or HF dataset directory."""
     if path.is_dir():
         rows = _hf_rows(path, split)
@@ -96,9 +94,7 @@ def _json_rows(path: Path) -> Iterator[RawRow]:
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":
             return _jsonl_rows(path, text)
-        raise MoeforgeError(
-            f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); fix the file"
-        ) from None
+        raise MoeforgeError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); fix the file") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -134,10 +130,7 @@ def _csv_rows(path: Path, columns: dict[str, str]) -> Iterator[RawRow]:
 def _column_index(path: Path, header: list[str], columns: dict[str, str]) -> dict[str, int]:
     for field, column in columns.items():
         if column not in header:
-            raise MoeforgeError(
-                f"{path}: column {column!r} (for field {field!r}) is not in the header ({', '.join(header)}); "
-                "fix columns"
-            )
+            raise MoeforgeError(f"{path}: column {column!r} (for field {field!r}) is not in the header ({', '.join(header)}); fix columns")
     return {field: header.index(column) for field, column in columns.items()}
 
 

@@ -8,11 +8,11 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from moeforge.config.data import DataSource
 from moeforge.data.bad_row import BadRow
 from moeforge.data.formats import EXPECTED_KEYS, FORMAT_STAGE, Stage, detect_format, to_record
 from moeforge.data.messages import describe_keys, type_name
 from moeforge.data.readers import RawRow, read_rows
-from moeforge.config.data import DataSource
 from moeforge.errors import MoeforgeError
 
 KEPT_MESSAGES = 5
@@ -37,9 +37,7 @@ class LoadedSource:
     """The first few bad rows' messages, each starting with the row's location."""
 
 
-def load_source(
-    source: DataSource, *, stage: Stage | None = None, skip_bad_rows: bool = False, hint: str = RECIPE_HINT
-) -> LoadedSource:
+def load_source(source: DataSource, *, stage: Stage | None = None, skip_bad_rows: bool = False, hint: str = RECIPE_HINT) -> LoadedSource:
     """Read ``source`` into canonical records for ``stage`` (None: the stage its format implies).
 
     A bad row stops with a :class:`MoeforgeError` that names its location and ends with ``hint``, unless

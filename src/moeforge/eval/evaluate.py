@@ -89,8 +89,16 @@ class _Settings(TypedDict):
 
 
 def _measure(
-    source: str, inputs: EvalInputs, probe: ProbeSpec | None, *, dtype: str, device: str, experts_backend: str,
-    max_length: int, batch_size: int, max_batches: int | None,
+    source: str,
+    inputs: EvalInputs,
+    probe: ProbeSpec | None,
+    *,
+    dtype: str,
+    device: str,
+    experts_backend: str,
+    max_length: int,
+    batch_size: int,
+    max_batches: int | None,
 ) -> ModelEval:
     """Load ``source``, measure it (and probe it), and free it before the next model is loaded."""
     model, tokenizer = load_model(source, dtype=TORCH_DTYPES[dtype], device=device, experts_backend=experts_backend)
@@ -101,7 +109,12 @@ def _measure(
         logger.info("%s: %s", source, line)
 
     result = perplexity(
-        model, tokenizer, max_length=max_length, batch_size=batch_size, max_batches=max_batches, log=log,
+        model,
+        tokenizer,
+        max_length=max_length,
+        batch_size=batch_size,
+        max_batches=max_batches,
+        log=log,
         **inputs.perplexity_kwargs(),
     )
     probed = run_probe(model, tokenizer, probe, batch_size=batch_size, log=log) if probe is not None else None
@@ -161,8 +174,12 @@ def evaluate(
     out = Path(output) if output is not None else default_output(source)
     inputs = load_inputs([Path(p) for p in text], str(data) if data is not None else None, stage, columns)
     settings: _Settings = {
-        "dtype": dtype, "device": device or _device(), "experts_backend": experts_backend,
-        "max_length": max_length, "batch_size": batch_size, "max_batches": max_batches,
+        "dtype": dtype,
+        "device": device or _device(),
+        "experts_backend": experts_backend,
+        "max_length": max_length,
+        "batch_size": batch_size,
+        "max_batches": max_batches,
     }
     logger.info("evaluating %s on %s", source, inputs.description)
     first = _measure(source, inputs, probe, **settings)
@@ -194,8 +211,14 @@ def evaluate(
         logger.info("lm-eval: %s", ", ".join(tasks))
         limit = int(lm_eval_limit) if lm_eval_limit is not None and lm_eval_limit >= 1 else lm_eval_limit
         scores = run_lm_eval(
-            source, tasks, include_path=include, limit=limit, batch_size=batch_size, output=out / "lm_eval.json",
-            dtype=TORCH_DTYPES[dtype], device=settings["device"],
+            source,
+            tasks,
+            include_path=include,
+            limit=limit,
+            batch_size=batch_size,
+            output=out / "lm_eval.json",
+            dtype=TORCH_DTYPES[dtype],
+            device=settings["device"],
         )
         report["lm_eval"] = scores
         written.append(out / "lm_eval.json")

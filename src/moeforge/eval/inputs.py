@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 from moeforge.errors import MoeforgeError
 
-
 BUILTIN_DESCRIPTION = "built-in sample (Python standard-library documentation)"
 EvalStage = Literal["pt", "sft"]
 """How a data file is read for perplexity: pt scores every token, sft only the completions (preference rows
@@ -41,9 +40,8 @@ def _read_text(path: Path) -> str:
 
 def _data_rows(path: str, stage: EvalStage, columns: dict[str, str] | None) -> Any:
     """Every row of the file: no evaluation split is held out, since here the whole file is the test set."""
-    from moeforge.config.data import DataSpec
+    from moeforge.config.data import DataSpec, make_source
     from moeforge.data import build_datasets
-    from moeforge.config.data import make_source
 
     return build_datasets(DataSpec(train=[make_source(path=path, columns=columns)]), stage).train
 

@@ -59,9 +59,7 @@ def loss_figure(log_history: list[dict]) -> Figure:
 
     Router losses (any other numeric ``*_loss`` key, e.g. ``aux_loss``, ``balance_loss``) are on their
     own scale, orders of magnitude below the LM loss, so they get a second panel below."""
-    router_keys = sorted(
-        {k for e in log_history for k, v in e.items() if k.endswith("_loss") and k not in _SUMMARY_KEYS and _is_number(v)}
-    )
+    router_keys = sorted({k for e in log_history for k, v in e.items() if k.endswith("_loss") and k not in _SUMMARY_KEYS and _is_number(v)})
     fig = Figure(figsize=(8, 6 if router_keys else 4))
     axes = fig.subplots(2 if router_keys else 1, 1, sharex=True, squeeze=False)[:, 0]
     for key, label, style in (("loss", "train loss", ".-"), ("eval_loss", "eval loss", "o-")):

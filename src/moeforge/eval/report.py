@@ -27,12 +27,8 @@ def comparison_lines(name: str, result: PerplexityResult, other_name: str, other
     delta = other.perplexity - result.perplexity
     lines = [
         f"{'model':<{width}}  {'perplexity':>12}  {'nll':>8}  {'tokens':>8}",
-        *(
-            f"{label:<{width}}  {r.perplexity:>12.4f}  {r.nll:>8.4f}  {r.tokens:>8}"
-            for label, r in ((name, result), (other_name, other))
-        ),
-        f"{'Δ (second − first)':<{width}}  {delta:>+12.4f}  {other.nll - result.nll:>+8.4f}"
-        f"  ({delta / result.perplexity:+.2%} perplexity)",
+        *(f"{label:<{width}}  {r.perplexity:>12.4f}  {r.nll:>8.4f}  {r.tokens:>8}" for label, r in ((name, result), (other_name, other))),
+        f"{'Δ (second − first)':<{width}}  {delta:>+12.4f}  {other.nll - result.nll:>+8.4f}  ({delta / result.perplexity:+.2%} perplexity)",
     ]
     if other.tokens != result.tokens:
         lines.append(

@@ -58,9 +58,7 @@ def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, ad
     return text
 
 
-def _render_chat(
-    tokenizer: PreTrainedTokenizerBase, prompt: list[Message], completion: list[Message]
-) -> tuple[list[int], list[int]]:
+def _render_chat(tokenizer: PreTrainedTokenizerBase, prompt: list[Message], completion: list[Message]) -> tuple[list[int], list[int]]:
     """Prompt and completion token ids of one row, split exactly where the completion starts.
 
     The prompt (with the generation prompt) must render as a prefix of prompt + completion; the two
@@ -102,6 +100,4 @@ def dataset_stream(dataset: Any, tokenizer: PreTrainedTokenizerBase) -> TokenStr
         return text_stream([row["text"] for row in rows], tokenizer)
     if {"prompt", "completion"} <= columns:
         return chat_stream(rows, tokenizer)
-    raise MoeforgeError(
-        f"evaluation rows have columns {sorted(columns)}; expected 'text' or 'prompt' + 'completion'"
-    )
+    raise MoeforgeError(f"evaluation rows have columns {sorted(columns)}; expected 'text' or 'prompt' + 'completion'")

@@ -27,7 +27,6 @@ _REGISTERED = {
 }
 
 
-
 def register() -> None:
     """Add moeforge's experts functions to transformers' ``ExpertsInterface`` (its documented extension
     point; idempotent). Runs on ``import moeforge``."""

@@ -59,9 +59,7 @@ def _looped(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.T
     """The fallback. ``weight.unbind(0)`` is one view op for autograd: indexing ``weight[e]`` per expert
     would zero-fill a full ``[E, ...]`` gradient for every expert in backward (cost growing with E²)."""
     per_expert = weight.unbind(0)
-    outputs = [
-        torch.nn.functional.linear(rows, per_expert[e]) for e, rows in enumerate(x.split(counts)) if rows.shape[0]
-    ]
+    outputs = [torch.nn.functional.linear(rows, per_expert[e]) for e, rows in enumerate(x.split(counts)) if rows.shape[0]]
     if not outputs:
         return x.new_zeros(0, weight.shape[1])
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]

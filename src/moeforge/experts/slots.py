@@ -51,8 +51,12 @@ def plan_slots(top_k_index: torch.Tensor, num_experts: int) -> SlotPlan:
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.shape[0], device=order.device)
     return SlotPlan(
-        order=order, inverse=inverse, tokens=order // top_k,
-        rows_per_expert=torch.bincount(flat, minlength=num_experts), num_tokens=num_tokens, top_k=top_k,
+        order=order,
+        inverse=inverse,
+        tokens=order // top_k,
+        rows_per_expert=torch.bincount(flat, minlength=num_experts),
+        num_tokens=num_tokens,
+        top_k=top_k,
     )
 
 

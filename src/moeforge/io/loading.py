@@ -36,9 +36,16 @@ MOE_MODEL_TYPES = (*NATIVE_MODEL_TYPES, MOEFORGE_MODEL_TYPE, *LEGACY_MODEL_TYPES
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "chat_template.jinja", "chat_template.json", "generation_config.json", "added_tokens.json",
-    "vocab.json", "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
 )
 """What travels with a checkpoint besides its config and weights."""
 _TOKENIZER_PRESENT = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -177,9 +184,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: Path | None, gguf_f
 
     def fetch(patterns: list[str]) -> Path:
         try:
-            return Path(
-                snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
-            )
+            return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns))
         except (HfHubHTTPError, OSError, ValueError) as err:
             raise not_on_hub(repo_id, err) from None
 
@@ -256,9 +261,7 @@ def _refuse_unsupported(model_type: object, architectures: object, text_model_ty
             f"model_type {model_type!r}{arch} is a multimodal model; moeforge works on text decoders: "
             f"use a {text_model_type} checkpoint (its language model alone)"
         )
-    raise MoeforgeError(
-        f"model_type {model_type!r}{arch} is not supported; moeforge supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
-    )
+    raise MoeforgeError(f"model_type {model_type!r}{arch} is not supported; moeforge supports: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 def check_supported(config: PretrainedConfig) -> None:
@@ -301,9 +304,7 @@ def load_tokenizer(directory: Path, *, trust_remote_code: bool = False) -> PreTr
     try:
         return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError, TypeError) as err:
-        raise MoeforgeError(
-            f"could not load the tokenizer in {directory} ({_first_line(err)}); fix or re-download it"
-        ) from None
+        raise MoeforgeError(f"could not load the tokenizer in {directory} ({_first_line(err)}); fix or re-download it") from None
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -382,12 +383,18 @@ def load_model(
         adapter, tokenizer_dir = Path(source), Path(source)
         base = base_model_of(source)
         if not base:
-            raise MoeforgeError(f"adapter {adapter} records no base model (base_model_name_or_path): load the base model with {adapter} as its adapter")
+            raise MoeforgeError(
+                f"adapter {adapter} records no base model (base_model_name_or_path): load the base model with {adapter} as its adapter"
+            )
         source = base
     directory = resolve_checkpoint(source, gguf_file=gguf_file)
     config = read_config(directory, trust_remote_code=trust_remote_code)
     model = from_pretrained(
-        directory, config=config, dtype=dtype, trust_remote_code=trust_remote_code, quantization=quantization,
+        directory,
+        config=config,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        quantization=quantization,
         experts_backend=experts_backend,
     )
     if quantization is None:

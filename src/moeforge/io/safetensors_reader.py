@@ -162,9 +162,7 @@ class CheckpointReader:
                 if not self._shards:
                     self.metadata = dict(metadata)
             else:
-                entries = {
-                    name: _Entry(shard, t.dtype, tuple(t.shape), -1, -1) for name, t in _load_bin(shard).items()
-                }
+                entries = {name: _Entry(shard, t.dtype, tuple(t.shape), -1, -1) for name, t in _load_bin(shard).items()}
             per_shard[shard] = entries
             self._shards.append(shard)
         for entries in per_shard.values():
@@ -182,9 +180,7 @@ class CheckpointReader:
         for tensor, shard_name in weight_map.items():
             entry = per_shard[self.directory / shard_name].get(tensor)
             if entry is None:
-                raise MoeforgeError(
-                    f"{index} says {tensor!r} is in {shard_name}, but that shard lacks it; download the checkpoint again"
-                )
+                raise MoeforgeError(f"{index} says {tensor!r} is in {shard_name}, but that shard lacks it; download the checkpoint again")
             entries[tensor] = entry
         self._entries = entries
 

@@ -188,7 +188,7 @@ class ShardedWriter:
             final = [self.directory / SAFE_SINGLE]
         else:
             final = [self.directory / f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-        for shard, path, digest in zip(self._shards, final, digests):
+        for shard, path, digest in zip(self._shards, final, digests, strict=True):
             os.replace(shard.path, path)
             self.checksums[path.name] = digest
         self._shards = []
@@ -213,9 +213,7 @@ class ShardedWriter:
     def __enter__(self) -> ShardedWriter:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is None:
             self.close()
         else:

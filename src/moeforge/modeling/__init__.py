@@ -17,8 +17,8 @@ from moeforge.modeling.configuration import (
     moeforge_config,
 )
 from moeforge.modeling.modeling import Architecture, MoeforgeForCausalLM, architecture, causal_lm_class, install_moe_blocks
-from moeforge.modeling.moice import install_moice  # also registers the ``moice`` config extension
 from moeforge.modeling.moe_block import MoeforgeExperts, MoeforgeSharedExperts, MoeforgeSparseMoeBlock
+from moeforge.modeling.moice import install_moice  # also registers the ``moice`` config extension
 from moeforge.modeling.routers import GMMRouter, LinearRouter, MLPRouter, TopKRouter, build_router, route
 
 AutoConfig.register(MoeforgeConfig.model_type, MoeforgeConfig, exist_ok=True)

@@ -132,6 +132,7 @@ class _MoeforgeForCausalLM(_MoeforgePreTrained):
 def _with_signature(forward: Callable[..., Any], signature_of: Callable[..., Any]) -> Callable[..., Any]:
     """``forward`` showing ``signature_of``'s signature: Trainer reads a model's forward parameters to choose the
     dataset columns it keeps, ``generate`` the kwargs it passes, so a per-family class must show its family's."""
+
     @functools.wraps(forward)
     def shown(*args: Any, **kwargs: Any) -> Any:
         return forward(*args, **kwargs)

@@ -31,9 +31,7 @@ class MoeforgeExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, config.hidden_size, intermediate_size))
         self.act_fn = ACT2FN[config.ffn_activation]
 
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Eager path: tokens sorted by expert, one matmul pair per active expert.
 
         The fused weights are unbound once, so autograd sees one view op instead of E indexing ops (whose
@@ -85,9 +83,7 @@ class MoeforgeSparseMoeBlock(nn.Module):
         if config.router_aux_free:
             self.gate.enable_expert_bias()
         self.experts = MoeforgeExperts(config, spec.num_experts, spec.expert_intermediate_size)
-        self.shared_expert = (
-            MoeforgeSharedExperts(config, spec.shared_intermediate_size) if spec.shared_intermediate_size else None
-        )
+        self.shared_expert = MoeforgeSharedExperts(config, spec.shared_intermediate_size) if spec.shared_intermediate_size else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

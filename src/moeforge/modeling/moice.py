@@ -132,7 +132,11 @@ class MoiceAttention(nn.Module):
         self.register_buffer("inv_freqs", inv_freqs, persistent=False)
         weight = attention.q_proj.weight
         self.moice_router = MoiceRouter(
-            self.head_dim, settings.num_bases, settings.topk, self.num_heads, settings.router_scope == "per_head",
+            self.head_dim,
+            settings.num_bases,
+            settings.topk,
+            self.num_heads,
+            settings.router_scope == "per_head",
             settings.router_aux_loss_coef,
         ).to(device=weight.device, dtype=weight.dtype)
 
@@ -199,8 +203,15 @@ class MoiceAttention(nn.Module):
         extra = {"sliding_window": self.sliding_window} if self.sliding_window is not None else {}
         values = value.repeat(1, len(used), 1, 1) if len(used) > 1 else value
         out, _ = attention(
-            self, _heads_by_base(queries), _heads_by_base(keys), values, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
+            self,
+            _heads_by_base(queries),
+            _heads_by_base(keys),
+            values,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **extra,
+            **kwargs,
         )  # [B, T, n·H, d]
         out = out.view(batch, length, len(used), self.num_heads, self.head_dim)
         output = (out * mix.transpose(2, 3).unsqueeze(-1).to(out.dtype)).sum(2)
@@ -284,7 +295,6 @@ def describe(settings: ResolvedMoice) -> str:
         f"MoICE on {len(settings.layers)} layers: bases [{bases}], top-{settings.topk}, "
         f"{settings.router_scope} routers reading {settings.router_input}, balance coef {settings.router_aux_loss_coef:g}"
     )
-
 
 
 def restore_moice(model: PreTrainedModel, entry: object, reader: CheckpointReader, directory: Path) -> None:

@@ -68,8 +68,8 @@ def build_meta_model(config: PretrainedConfig, dtype: str = "float32") -> PreTra
     """The architecture of ``config`` with storage-less weights (buffers stay real: MoICE derives its RoPE
     tables from the model's own); a MoICE checkpoint gets its attention back,
     as :func:`moeforge.io.loading.from_pretrained` does."""
-    from moeforge.modeling.moice import install_moice
     from moeforge.config.moice import ResolvedMoice
+    from moeforge.modeling.moice import install_moice
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[dtype])
@@ -85,11 +85,7 @@ def _quantizable(model: nn.Module) -> list[torch.Tensor]:
     precision (the output embeddings, tied and fp32-pinned modules). Fused expert tensors are no Linear and
     stay in the compute dtype."""
     skip = [*get_keys_to_not_convert(model), *(getattr(model, "_keep_in_fp32_modules", None) or [])]
-    return [
-        module.weight
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and should_convert_module(name, skip)
-    ]
+    return [module.weight for name, module in model.named_modules() if type(module) is nn.Linear and should_convert_module(name, skip)]
 
 
 def _inactive(model: nn.Module) -> int:
@@ -116,9 +112,12 @@ def _mixture(module: MoeLoraLayer, layer: int | None) -> AdapterPart:
     settings, base = module.moe_lora_settings[adapter], module.mlp
     bottleneck = module.part("ffn", adapter)
     return AdapterPart(
-        "mixture", layer, in_features=base.gate_proj.in_features,
+        "mixture",
+        layer,
+        in_features=base.gate_proj.in_features,
         width=bottleneck.down.shape[1] if isinstance(bottleneck, BottleneckExperts) else base.gate_proj.out_features,
-        num_experts=module.router(adapter).num_experts, top_k=settings["top_k"],
+        num_experts=module.router(adapter).num_experts,
+        top_k=settings["top_k"],
     )
 
 

@@ -150,8 +150,10 @@ def assumptions(plan: Plan) -> list[str]:
     if any(setup.dtype != "float32" and not setup.mixed_precision for setup in setups):
         lines.append("16-bit weights are trained directly (the Trainer keeps no fp32 master copy)")
     if any(setup.quantization for setup in setups):
-        lines.append("quantised base: NF4 ≈ 0.516 B/param (double-quantised absmax), int8 1 B/param; embeddings, norms, "
-                     "lm_head and fused experts stay in the compute dtype; needs CUDA + bitsandbytes")
+        lines.append(
+            "quantised base: NF4 ≈ 0.516 B/param (double-quantised absmax), int8 1 B/param; embeddings, norms, "
+            "lm_head and fused experts stay in the compute dtype; needs CUDA + bitsandbytes"
+        )
     if any(setup.stage == "dpo" for setup in setups):
         lines.append("dpo: chosen + rejected run together (2 x batch); without an adapter the reference model is a second copy")
     lines.append("not included: the CUDA context and allocator fragmentation (~0.5-1 GB): keep ~10% headroom")

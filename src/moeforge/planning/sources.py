@@ -15,11 +15,11 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig, PretrainedConfig
 
+from moeforge.config.data import DataSpec
 from moeforge.config.recipe import ConvertRecipe, load_recipe
 from moeforge.config.train_recipe import Schedule, TrainRecipe
 from moeforge.conversion.export import build_config, resolve_export
 from moeforge.conversion.plan import build_plan
-from moeforge.config.data import DataSpec
 from moeforge.errors import MoeforgeError
 from moeforge.families import source_family
 from moeforge.io.loading import check_supported, is_hub_id, not_on_hub, read_config, resolve_checkpoint
@@ -65,7 +65,9 @@ def _gguf_config(path: Path) -> ModelConfig:
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, KeyError, OSError, TypeError) as err:
-        raise MoeforgeError(f"could not read the metadata of GGUF file {path} ({type(err).__name__}): check that it is a complete GGUF") from None
+        raise MoeforgeError(
+            f"could not read the metadata of GGUF file {path} ({type(err).__name__}): check that it is a complete GGUF"
+        ) from None
     check_supported(config)
     return ModelConfig(config, f"GGUF metadata of {path}")
 
@@ -114,7 +116,11 @@ def _provenance_source(directory: Path | None) -> ModelConfig | None:
         resolved = Path(json.loads(record.read_text())["source"]["resolved"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return ModelConfig(read_config(resolved), f"config.json of {resolved} (source in moeforge.json)") if (resolved / "config.json").is_file() else None
+    return (
+        ModelConfig(read_config(resolved), f"config.json of {resolved} (source in moeforge.json)")
+        if (resolved / "config.json").is_file()
+        else None
+    )
 
 
 def _recipe_type(path: Path) -> type[ConvertRecipe] | type[TrainRecipe]:
@@ -155,9 +161,7 @@ def _train_name(recipe: TrainRecipe) -> str:
 
 def _train_scenarios(recipe: TrainRecipe, model: ModelConfig, setup: TrainingSetup) -> list[Scenario]:
     """The recipe's own run, after a plain full fine-tune of the same model when the recipe trains less."""
-    own = ModelSpec(
-        model.config, setup.dtype, recipe.adapter, recipe.moice, recipe.frozen_groups, frozenset(recipe.frozen_layers)
-    )
+    own = ModelSpec(model.config, setup.dtype, recipe.adapter, recipe.moice, recipe.frozen_groups, frozenset(recipe.frozen_layers))
     primary = Scenario(f"recipe: {_train_name(recipe)}", own, setup, model.origin, primary=True)
     if recipe.adapter is None and recipe.moice is None and not recipe.frozen_groups and not recipe.frozen_layers:
         return [primary]
@@ -175,7 +179,9 @@ def scenarios(target: str, setup_overrides: dict, model_override: str | None = N
             try:
                 model = model_config(model_override or recipe.model, None if model_override else recipe.gguf_file)
             except MoeforgeError as err:
-                raise MoeforgeError(f"model: {err}; if a convert recipe writes this model, plan with that recipe as the model override") from None
+                raise MoeforgeError(
+                    f"model: {err}; if a convert recipe writes this model, plan with that recipe as the model override"
+                ) from None
             setup = replace(_train_setup(recipe), **setup_overrides)
             return _train_scenarios(recipe, model, setup)
         if model_override:

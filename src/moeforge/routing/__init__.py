@@ -6,9 +6,9 @@ padding-masked router losses to ``loss``, weighted like the LM loss under gradie
 training loop gets them; ``observe_routers(model)`` collects statistics only.
 """
 
+from moeforge.config.router_losses import RouterLossConfig
 from moeforge.routing.aux_free import AuxFreeBalancer
 from moeforge.routing.hooks import RouterLossHandle, attach_router_losses, find_routers, observe_routers
-from moeforge.config.router_losses import RouterLossConfig
 from moeforge.routing.losses import mutual_information_loss, switch_balance_loss, z_loss
 from moeforge.routing.stats import RoutingStats
 

@@ -26,9 +26,7 @@ class RoutingAccumulator:
         self.entropy_sum: list[torch.Tensor | None] = [None] * layers
         self.balance_sum: list[torch.Tensor | None] = [None] * layers
 
-    def add(
-        self, layer: int, counts: torch.Tensor, tokens: torch.Tensor, entropy: torch.Tensor, balance: torch.Tensor
-    ) -> None:
+    def add(self, layer: int, counts: torch.Tensor, tokens: torch.Tensor, entropy: torch.Tensor, balance: torch.Tensor) -> None:
         """One router call: ``counts [E]`` selections of valid tokens, ``tokens`` valid tokens, and that call's
         mean ``entropy`` and ``balance`` (weighted by ``tokens`` so windows average per token)."""
         tokens = tokens.to(torch.float64, copy=True)  # copies: the sums are updated in place below

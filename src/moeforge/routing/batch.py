@@ -31,9 +31,7 @@ class BatchContext:
             labels = kwargs["labels"][..., 1:]
         mask = kwargs.get("attention_mask")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
-            warnings.warn(
-                "router losses: attention_mask is not a [batch, seq] tensor; every token counts as real", stacklevel=3
-            )
+            warnings.warn("router losses: attention_mask is not a [batch, seq] tensor; every token counts as real", stacklevel=3)
             mask = None
         return cls(
             attention_mask=mask,
@@ -51,8 +49,7 @@ class BatchContext:
         batch, columns = self.attention_mask.shape
         if num_tokens % batch or num_tokens // batch > columns:
             raise ValueError(
-                f"router call over {num_tokens} tokens does not match attention_mask of shape "
-                f"{tuple(self.attention_mask.shape)}"
+                f"router call over {num_tokens} tokens does not match attention_mask of shape {tuple(self.attention_mask.shape)}"
             )
         return self.attention_mask[:, columns - num_tokens // batch :].reshape(-1).bool()
 

@@ -55,8 +55,13 @@ def find_routers(model: nn.Module) -> list[RouterRef]:
     inner = {name for name, _ in candidates}
     return [
         RouterRef(
-            name, _label(name), module, module.num_experts, module.top_k,
-            getattr(module, "decisions_per_token", 1), getattr(module, "balance_coef", None),
+            name,
+            _label(name),
+            module,
+            module.num_experts,
+            module.top_k,
+            getattr(module, "decisions_per_token", 1),
+            getattr(module, "balance_coef", None),
         )
         for name, module in candidates
         if not any(other.startswith(f"{name}.") for other in inner)

@@ -261,10 +261,7 @@ def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = Non
     an :class:`AuxFreeBalancer` to step after each optimizer step."""
     config = config or RouterLossConfig()
     routers = find_routers(model)
-    constant = [
-        r for r in routers
-        if r.top_k == r.num_experts and (config.balance_coef if r.balance_coef is None else r.balance_coef) > 0
-    ]
+    constant = [r for r in routers if r.top_k == r.num_experts and (config.balance_coef if r.balance_coef is None else r.balance_coef) > 0]
     if constant:
         labels = [r.label for r in constant]
         shown = ", ".join(labels) if len(labels) <= 6 else f"{', '.join(labels[:3])}, ... ({len(labels)} in all)"

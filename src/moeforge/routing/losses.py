@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def token_weights(mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
     """``[T]`` fp32 weights, 1 for a valid token and 0 for padding, on the logits' device."""
     if mask is None:
@@ -39,9 +38,7 @@ def expert_counts(indices: torch.Tensor, num_experts: int, weights: torch.Tensor
     return counts.index_add_(0, indices.reshape(-1), slot_weights)
 
 
-def layer_balance(
-    logits: torch.Tensor, top_k: int, mask: torch.Tensor | None = None, indices: torch.Tensor | None = None
-) -> torch.Tensor:
+def layer_balance(logits: torch.Tensor, top_k: int, mask: torch.Tensor | None = None, indices: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/Mixtral balance ``E · Σ_e f_e · P_e`` of one layer.
 
     ``f_e`` is the share of valid tokens whose top-k holds ``e`` (so ``Σ f = k``; it carries no gradient) and
@@ -90,9 +87,7 @@ def layer_mean(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.to(device) for v in values]).mean()
 
 
-def switch_balance_loss(
-    logits: Sequence[torch.Tensor], top_k: Sequence[int] | int, mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def switch_balance_loss(logits: Sequence[torch.Tensor], top_k: Sequence[int] | int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`layer_balance` of each layer (``logits[l] [T, E_l]``, ``top_k`` per layer or shared), averaged."""
     ks = [top_k] * len(logits) if isinstance(top_k, int) else list(top_k)
     return layer_mean([layer_balance(x, k, mask) for x, k in zip(logits, ks, strict=True)])

@@ -39,16 +39,18 @@ class RoutingStats:
             return self
         sizes = [len(load) for load in self.load]
         packed = torch.cat(
-            [torch.cat([load.double().cpu() for load in self.load]),
-             torch.tensor([float(self.tokens)], dtype=torch.float64),
-             torch.tensor(self.entropy, dtype=torch.float64) * self.tokens,
-             torch.tensor(self.balance, dtype=torch.float64) * self.tokens]
+            [
+                torch.cat([load.double().cpu() for load in self.load]),
+                torch.tensor([float(self.tokens)], dtype=torch.float64),
+                torch.tensor(self.entropy, dtype=torch.float64) * self.tokens,
+                torch.tensor(self.balance, dtype=torch.float64) * self.tokens,
+            ]
         )
         device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
         packed = packed.to(device)
         torch.distributed.all_reduce(packed)
         packed = packed.cpu()
-        loads, rest = packed[: sum(sizes)], packed[sum(sizes):]
+        loads, rest = packed[: sum(sizes)], packed[sum(sizes) :]
         tokens, layers = rest[0].item(), len(sizes)
         denominator = max(tokens, 1.0)
         return RoutingStats(
@@ -98,7 +100,7 @@ class RoutingStats:
             for name, f, dead, h in columns
         ]
         widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-        lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in (header, *rows)]
+        lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in (header, *rows)]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"{self.tokens} tokens")
         return "\n".join(lines)

@@ -18,7 +18,13 @@ from moeforge.errors import MoeforgeError
 ROLES = ("router", "attention_router", "experts", "attention", "embeddings", "dense_layers", "norms")
 NEW_ROLES = ("router", "attention_router")
 # a MoE adapter's expert deltas (moeforge.adapters): moe_lora_{gate,up,down}_proj, moe_lora_ffn, moe_lora_shared_*
-ADAPTER_EXPERT_PARTS = ("moe_lora_gate", "moe_lora_up", "moe_lora_down", "moe_lora_ffn", "moe_lora_shared")  # what conversion / MoICE create; all_but_new trains only these
+ADAPTER_EXPERT_PARTS = (
+    "moe_lora_gate",
+    "moe_lora_up",
+    "moe_lora_down",
+    "moe_lora_ffn",
+    "moe_lora_shared",
+)  # what conversion / MoICE create; all_but_new trains only these
 
 
 def _role_of_module(name: str, module: nn.Module) -> str | None:

@@ -16,8 +16,8 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import version
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +27,16 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments, default_data_collator
 
+from moeforge.config.router_losses import RouterLossConfig
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.data import build_datasets, pack_texts
 from moeforge.errors import MoeforgeError
 from moeforge.io.loading import load_model, resolve_checkpoint
 from moeforge.io.publish import check_output, staged_directory, staging_path
 from moeforge.io.quantization import Bits
-from moeforge.modeling import is_moeforge_config
 from moeforge.io.safetensors_writer import sha256_file
+from moeforge.modeling import is_moeforge_config
 from moeforge.routing.hooks import attach_router_losses, find_routers
-from moeforge.config.router_losses import RouterLossConfig
 from moeforge.training.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
 from moeforge.training.freeze import apply_freeze, router_parameters
 from moeforge.training.telemetry import TelemetryCallback
@@ -149,20 +149,34 @@ def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trai
         train = pack_texts(data.train, tokenizer, recipe.data.max_length, split="train")
         evaluation = None if data.eval is None else pack_texts(data.eval, tokenizer, recipe.data.max_length, split="eval")
         return MoeTrainer(
-            model=model, args=TrainingArguments(**kwargs), train_dataset=train, eval_dataset=evaluation,
-            data_collator=default_data_collator, processing_class=tokenizer, optimizers=optimizers, callbacks=callbacks,
+            model=model,
+            args=TrainingArguments(**kwargs),
+            train_dataset=train,
+            eval_dataset=evaluation,
+            data_collator=default_data_collator,
+            processing_class=tokenizer,
+            optimizers=optimizers,
+            callbacks=callbacks,
         )
     # TRL's own MoE aux loss (transformers' all-layer version) off: moeforge supplies the router losses
     if recipe.stage == "sft":
         from trl import SFTConfig
 
         sft_args = SFTConfig(
-            **kwargs, max_length=recipe.data.max_length, completion_only_loss=recipe.data.completion_only_loss,
-            packing=False, router_aux_loss_coef=0.0,
+            **kwargs,
+            max_length=recipe.data.max_length,
+            completion_only_loss=recipe.data.completion_only_loss,
+            packing=False,
+            router_aux_loss_coef=0.0,
         )
         return RouterAwareSFTTrainer(
-            model=model, args=sft_args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-            optimizers=optimizers, callbacks=callbacks,
+            model=model,
+            args=sft_args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            optimizers=optimizers,
+            callbacks=callbacks,
         )
     from trl import DPOConfig
 
@@ -171,8 +185,14 @@ def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trai
     # An adapter model needs none: TRL runs the reference as the same model with the adapter disabled.
     reference = None if isinstance(model, PeftModel) else copy.deepcopy(model).eval().requires_grad_(False)
     return RouterAwareDPOTrainer(
-        model=model, ref_model=reference, args=dpo_args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-        optimizers=optimizers, callbacks=callbacks,
+        model=model,
+        ref_model=reference,
+        args=dpo_args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        optimizers=optimizers,
+        callbacks=callbacks,
     )
 
 
@@ -213,16 +233,20 @@ def _save_final(trainer: Trainer, tokenizer, recipe: TrainRecipe, training_entry
 def _add_moice(model: PreTrainedModel, recipe: TrainRecipe, log: Callable[[str], None]) -> None:
     """Install MoICE attention when the recipe asks for it (new routers, listed), and check that the
     ``moice`` preset has routers to train."""
-    from moeforge.modeling.moice import apply_moice, describe
     from moeforge.config.moice import ResolvedMoice
+    from moeforge.modeling.moice import apply_moice, describe
 
     if recipe.moice is not None:
         names = apply_moice(model, recipe.moice, seed=recipe.training.seed)
         count = sum(model.get_parameter(name).numel() for name in names)
-        log(f"{describe(ResolvedMoice.model_validate(model.config.moice))}; newly initialised: {len(names)} router tensors "
-            f"({count:,} parameters), e.g. {names[0]}")
+        log(
+            f"{describe(ResolvedMoice.model_validate(model.config.moice))}; newly initialised: {len(names)} router tensors "
+            f"({count:,} parameters), e.g. {names[0]}"
+        )
     elif recipe.preset == "moice" and not getattr(model.config, "moice", None):
-        raise MoeforgeError(f"preset: moice needs MoICE routers: add a 'moice:' section, or train a MoICE checkpoint ({recipe.model} has none)")
+        raise MoeforgeError(
+            f"preset: moice needs MoICE routers: add a 'moice:' section, or train a MoICE checkpoint ({recipe.model} has none)"
+        )
 
 
 def _add_adapter(model: nn.Module, recipe: TrainRecipe, log: Callable[[str], None]) -> nn.Module:
@@ -244,8 +268,10 @@ def _add_adapter(model: nn.Module, recipe: TrainRecipe, log: Callable[[str], Non
         config.router_aux_loss_coef, config.router_z_loss_coef = losses.balance_coef, losses.z_coef
     routed = "" if spec.method == "lora" else f", {spec.num_experts} experts top-{spec.top_k}" + (" + shared" if spec.shared_expert else "")
     wrapped = sum(isinstance(module, BaseTunerLayer) for module in model.modules())
-    log(f"adapter: {spec.method}{routed}, rank {spec.rank}, alpha {spec.alpha:g}, dropout {spec.dropout:g} on {wrapped} "
-        f"modules ({', '.join(spec.targets)})")
+    log(
+        f"adapter: {spec.method}{routed}, rank {spec.rank}, alpha {spec.alpha:g}, dropout {spec.dropout:g} on {wrapped} "
+        f"modules ({', '.join(spec.targets)})"
+    )
     return model
 
 
@@ -276,7 +302,10 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> T
     _prepare_output(recipe)
     dtype = torch.bfloat16 if recipe.dtype == "bfloat16" else torch.float32
     loaded, tokenizer = load_model(
-        recipe.model, dtype=dtype, gguf_file=recipe.gguf_file, quantization=_quantization(recipe),
+        recipe.model,
+        dtype=dtype,
+        gguf_file=recipe.gguf_file,
+        quantization=_quantization(recipe),
         experts_backend=recipe.experts_backend,
     )
     if tokenizer is None:
@@ -290,15 +319,15 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> T
 
     trainable, total = apply_freeze(model, recipe.frozen_groups, recipe.frozen_layers, keep_frozen=recipe.adapter is not None)
     frozen = [*recipe.frozen_groups, *([f"layers {recipe.freeze_layers}"] if recipe.frozen_layers else [])]
-    log(f"trainable parameters: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"
-        + (f", frozen: {', '.join(frozen)}" if frozen else ""))
+    log(
+        f"trainable parameters: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"
+        + (f", frozen: {', '.join(frozen)}" if frozen else "")
+    )
     model.train()
 
     telemetry = TelemetryCallback(None, recipe.output, recipe.training.telemetry_steps)
     native_coef = getattr(model.config, "router_aux_loss_coef", None)
-    trainer = _build_trainer(
-        recipe, model, tokenizer, data, _optimizer(model, recipe), [telemetry, CompleteCheckpointMarker()]
-    )
+    trainer = _build_trainer(recipe, model, tokenizer, data, _optimizer(model, recipe), [telemetry, CompleteCheckpointMarker()])
     _record_router_coefficients(model.config, recipe, native_coef)
     # attached after the trainer is built: DPO's reference model (a copy) must not report routing
     trained = trainer.model
@@ -337,7 +366,13 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> T
         handle.detach()
     log(f"saved {final}; plots: {', '.join(str(p) for p in plots)}")
     return TrainResult(
-        output=recipe.output, model_dir=final, steps=trainer.state.global_step,
-        train_loss=train_loss, eval_loss=eval_loss,
-        trainable_parameters=trainable, total_parameters=total, plots=plots, log_history=history,
+        output=recipe.output,
+        model_dir=final,
+        steps=trainer.state.global_step,
+        train_loss=train_loss,
+        eval_loss=eval_loss,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        plots=plots,
+        log_history=history,
     )

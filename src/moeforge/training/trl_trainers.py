@@ -63,9 +63,7 @@ class ExactResumeMixin:
         model = model or self.model
         if isinstance(model, PeftModel):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        loaded = from_pretrained(
-            Path(resume_from_checkpoint), model_class=type(model), dtype=next(model.parameters()).dtype
-        )
+        loaded = from_pretrained(Path(resume_from_checkpoint), model_class=type(model), dtype=next(model.parameters()).dtype)
         model.load_state_dict(loaded.state_dict(), strict=True)
 
 
