@@ -158,6 +158,13 @@ def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trai
             optimizers=optimizers,
             callbacks=callbacks,
         )
+    shared: dict[str, Any] = {
+        "train_dataset": data.train,
+        "eval_dataset": data.eval,
+        "processing_class": tokenizer,
+        "optimizers": optimizers,
+        "callbacks": callbacks,
+    }
     # TRL's own MoE aux loss (transformers' all-layer version) off: moeforge supplies the router losses
     if recipe.stage == "sft":
         from trl import SFTConfig
@@ -169,31 +176,14 @@ def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trai
             packing=False,
             router_aux_loss_coef=0.0,
         )
-        return RouterAwareSFTTrainer(
-            model=model,
-            args=sft_args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            optimizers=optimizers,
-            callbacks=callbacks,
-        )
+        return RouterAwareSFTTrainer(model=model, args=sft_args, **shared)
     from trl import DPOConfig
 
     dpo_args = DPOConfig(**kwargs, max_length=recipe.data.max_length, beta=recipe.training.beta, router_aux_loss_coef=0.0)
     # TRL 1.16 would reload the reference from the policy's path (failing on moeforge models): hand it a copy.
     # An adapter model needs none: TRL runs the reference as the same model with the adapter disabled.
     reference = None if isinstance(model, PeftModel) else copy.deepcopy(model).eval().requires_grad_(False)
-    return RouterAwareDPOTrainer(
-        model=model,
-        ref_model=reference,
-        args=dpo_args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        optimizers=optimizers,
-        callbacks=callbacks,
-    )
+    return RouterAwareDPOTrainer(model=model, ref_model=reference, args=dpo_args, **shared)
 
 
 def _record_router_coefficients(config, recipe: TrainRecipe, native_coef: float | None) -> None:
