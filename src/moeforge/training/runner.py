@@ -31,7 +31,7 @@ from moeforge.config.router_losses import RouterLossConfig
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.data import build_datasets, pack_texts
 from moeforge.errors import MoeforgeError
-from moeforge.io.loading import load_model, resolve_checkpoint
+from moeforge.io.loading import TORCH_DTYPES, load_model, resolve_checkpoint
 from moeforge.io.publish import check_output, staged_directory, staging_path
 from moeforge.io.quantization import Bits
 from moeforge.io.safetensors_writer import sha256_file
@@ -290,7 +290,7 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> T
     """Train as the recipe says; raises MoeforgeError on bad input before any step runs."""
     start = time.perf_counter()
     _prepare_output(recipe)
-    dtype = torch.bfloat16 if recipe.dtype == "bfloat16" else torch.float32
+    dtype = TORCH_DTYPES[recipe.dtype]
     loaded, tokenizer = load_model(
         recipe.model,
         dtype=dtype,
