@@ -3,7 +3,7 @@
 The layers, top to bottom (a package may import its own layer's packages and anything below):
 
     cli
-    api                                          (moeforge/__init__.py, moeforge/api.py)
+    api                                          (moeforge/__init__.py, api.py, registration.py)
     conversion  training  eval  adapters  planning  (the workflows)
     data                                         (datasets, tokenisation, calibration text)
     modeling                                     (moeforge's architecture over any family)
@@ -42,9 +42,9 @@ RANK = {name: len(LAYERS) - i for i, names in enumerate(LAYERS) for name in name
 
 
 def unit_of(module: str) -> str:
-    """``moeforge.conversion.pipeline`` -> ``convert``; the package root and ``moeforge.api`` -> ``api``."""
+    """``moeforge.conversion.pipeline`` -> ``conversion``; the package root and its modules -> ``api``."""
     parts = module.split(".")
-    if len(parts) == 1 or parts[1] in ("__init__", "api"):
+    if len(parts) == 1 or parts[1] in ("__init__", "api", "registration"):
         return "api"
     return parts[1]
 

@@ -4,11 +4,12 @@ The Python API (:mod:`moeforge.api`, docs/api.md): :func:`convert`, :func:`train
 :func:`merge`, :func:`load_model`, :func:`load_recipe` with :class:`ConvertRecipe` / :class:`TrainRecipe`,
 resolved on first use.
 
-Importing moeforge registers its architecture (``model_type: moeforge``, over any supported family) with
-transformers' Auto classes, so ``import moeforge; AutoModelForCausalLM.from_pretrained(path)`` loads any
-checkpoint moeforge wrote, without ``trust_remote_code``. It also registers the ``MOE_LORA`` PEFT method,
-so ``import moeforge; PeftModel.from_pretrained(base, adapter_dir)`` loads a MoE adapter, and adds its
-experts backends to transformers' experts interface (``experts_implementation="moeforge_auto"``, ...).
+Importing moeforge is light (no torch): it registers its architecture (``model_type: moeforge``, over any
+supported family) with transformers' Auto classes as soon as transformers is imported, so ``import moeforge;
+AutoModelForCausalLM.from_pretrained(path)`` loads any checkpoint moeforge wrote, without
+``trust_remote_code``; likewise the ``MOE_LORA`` PEFT method once PEFT is imported (``import moeforge;
+PeftModel.from_pretrained(base, adapter_dir)``), and its experts backends in transformers' experts interface
+(``experts_implementation="moeforge_auto"``, ...). How: :mod:`moeforge.registration`.
 
 Progress and notes go to the ``moeforge`` logger (a child per module, ``logging.getLogger(__name__)``) and
 stay silent until the application configures logging; the ``moeforge`` command shows them on stderr.
@@ -21,9 +22,7 @@ from importlib import import_module
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
-from moeforge import adapters as _adapters  # noqa: F401  (registers the MOE_LORA PEFT method and the adapter loader)
-from moeforge import experts as _experts
-from moeforge import modeling as _modeling  # noqa: F401  (registers the Auto classes and the MoICE loader)
+from moeforge import registration
 from moeforge.errors import MoeforgeError
 
 if TYPE_CHECKING:
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
 
 __version__ = version("moeforge")
 
-_experts.register()
+registration.install()
 # a library stays quiet unless its user configures logging (Python's last-resort handler would print warnings)
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

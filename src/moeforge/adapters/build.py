@@ -18,7 +18,7 @@ from moeforge.adapters.lora_layers import fused_expert_parameters
 from moeforge.adapters.peft_method import MoeLoraConfig, is_swiglu_mlp, layer_index
 from moeforge.config.adapter import EXPERTS_TARGET, AdapterSpec
 from moeforge.errors import MoeforgeError
-from moeforge.io.loading import is_adapter_dir
+from moeforge.io.adapter_dirs import is_adapter_dir
 
 
 def _decoder_layers(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:

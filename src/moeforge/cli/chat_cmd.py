@@ -10,15 +10,15 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
-from typing import cast
-
-import torch
-from transformers import GenerationMixin, PreTrainedModel, TextStreamer
-from transformers.tokenization_utils_base import BatchEncoding, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, cast
 
 from moeforge.cli.dtypes import DTYPES
 from moeforge.cli.experts_option import add_experts_backend
 from moeforge.errors import MoeforgeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, TextStreamer
+    from transformers.tokenization_utils_base import BatchEncoding, PreTrainedTokenizerBase
 
 Message = dict[str, str]
 
@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) means greedy decoding")
     parser.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature > 0)")
     parser.add_argument("--seed", type=int, help="random seed for sampling")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--gguf-file", help="GGUF file name inside PATH (a directory or hub id)")
     parser.add_argument("--adapter", help="adapter directory to put on PATH (PATH may also be an adapter directory itself)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the checkpoint to run")
@@ -51,7 +51,7 @@ def build_inputs(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) ->
     """Token ids for the conversation so far, ending where the assistant's reply starts."""
     if tokenizer.chat_template:
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        return cast(BatchEncoding, encoded)  # return_dict=True: the stubs list every return form
+        return cast("BatchEncoding", encoded)  # return_dict=True: the stubs list every return form
     return tokenizer("\n\n".join(m["content"] for m in messages), return_tensors="pt")
 
 
@@ -74,6 +74,9 @@ def chat_once(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is not None:
         sampling["pad_token_id"] = pad
+    import torch
+    from transformers import GenerationMixin
+
     with torch.inference_mode():
         output = cast(GenerationMixin, model).generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
     return str(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
@@ -109,7 +112,10 @@ def _interactive(reply: Callable[[list[Message]], str], system: list[Message]) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeforge.io.loading import load_model
+    import torch
+    from transformers import TextStreamer
+
+    from moeforge.io.loading import TORCH_DTYPES, load_model
 
     _check_args(args)
     prompt = args.prompt
@@ -120,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             raise MoeforgeError("no prompt: pass --prompt TEXT, pipe text on stdin, or run on a terminal")
     model, tokenizer = load_model(
         args.path,
-        dtype=DTYPES[args.dtype],
+        dtype=TORCH_DTYPES[args.dtype],
         gguf_file=args.gguf_file,
         trust_remote_code=args.trust_remote_code,
         adapter=args.adapter,

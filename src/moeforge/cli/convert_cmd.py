@@ -64,8 +64,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeforge.conversion import convert
-
     overrides = _overrides(args)
     if args.recipe:
         recipe = load_recipe(args.recipe, overrides)
@@ -74,5 +72,7 @@ def run(args: argparse.Namespace) -> int:
         for dotted, value in overrides.items():
             set_dotted(data, dotted, value)
         recipe = parse_recipe(data, origin="flags")
+    from moeforge.conversion import convert  # torch and transformers: only once the recipe is valid
+
     convert(recipe, overwrite=args.overwrite)
     return 0

@@ -6,6 +6,6 @@ convert's, whose ``auto`` and ``float16`` describe the checkpoint it writes.
 
 from moeforge.cli.choices import field_choices
 from moeforge.config.train_recipe import TrainRecipe
-from moeforge.io.loading import TORCH_DTYPES
 
-DTYPES = {name: TORCH_DTYPES[name] for name in field_choices(TrainRecipe, "dtype")}
+DTYPES: list[str] = field_choices(TrainRecipe, "dtype")
+"""Names only: the commands map them to torch dtypes when they run (``--help`` must not import torch)."""

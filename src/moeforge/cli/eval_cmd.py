@@ -53,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lm-eval-include", type=Path, metavar="DIR", help="directory of extra lm-eval task YAMLs")
     parser.add_argument("--limit", type=float, help="lm-eval: at most N examples per task (a fraction when < 1)")
     parser.add_argument("--compare", metavar="OTHER_MODEL", help="evaluate a second model on the same text, side by side")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     probes = parser.add_argument_group("position probes", "where in a long prompt a model finds a fact (docs/probes.md)")
     probes.add_argument(
         "--probe",

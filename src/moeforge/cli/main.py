@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -59,10 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # moeforge prints its own progress; transformers' per-load bars would bury it
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    # moeforge prints its own progress; transformers' per-load bars would bury it. transformers reads this when
+    # it is imported, which the commands do later (the parser and --help must not pay for it)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     configure_logging()
     try:
         return int(args.func(args) or 0)

@@ -22,19 +22,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--base", help="base model (default: the one the adapter records)")
     parser.add_argument("--output", "-o", required=True, help="output directory")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the merge and the written weights")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the merge and the written weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from moeforge.adapters.merge import merge_to_directory
+    from moeforge.io.loading import TORCH_DTYPES
 
     merge_to_directory(
         args.adapter,
         args.output,
         base=args.base,
-        dtype=DTYPES[args.dtype],
+        dtype=TORCH_DTYPES[args.dtype],
         overwrite=args.overwrite,
     )
     return 0

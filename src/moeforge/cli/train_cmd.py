@@ -47,15 +47,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moeforge.config.recipe import load_recipe
-    from moeforge.training import train
 
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     if args.resume:
         overrides["resume"] = True
     if args.overwrite:
         overrides["overwrite"] = True
+    recipe = load_recipe(args.recipe, overrides, model=TrainRecipe)
+    from moeforge.training import train  # torch and transformers: only once the recipe is valid
+
     try:
-        train(load_recipe(args.recipe, overrides, model=TrainRecipe))
+        train(recipe)
     except BaseException:
         _leave_process_group(together=False)  # a failed rank's peers may be gone: waiting for them could hang
         raise

@@ -27,15 +27,15 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeGuard, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard, get_args
 
 import numpy as np
-import torch
-from transformers import PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from moeforge.errors import MoeforgeError
-from moeforge.eval.token_stream import chat_text
+
+if TYPE_CHECKING:  # torch and transformers are imported where a probe runs: the CLI's parser reads the kinds
+    from transformers import PreTrainedModel
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 DEFAULT_POSITIONS = 5
 BOOTSTRAP_RESAMPLES = 1000
@@ -86,6 +86,8 @@ class ProbeItem:
             return f"{self.user}\n{self.answer_prefix}"
         if not getattr(tokenizer, "chat_template", None):
             raise MoeforgeError("the tokenizer has no chat template; score the plain prompt (chat_template off)")
+        from moeforge.eval.token_stream import chat_text
+
         turn = [{"role": "user", "content": self.user}]
         return chat_text(tokenizer, turn, add_generation_prompt=True) + self.answer_prefix
 
@@ -389,6 +391,8 @@ def _score_batch(model: PreTrainedModel, batch: Sequence[_Encoded], pad_id: int,
     Right padding leaves every real token's position and (causal) context as in an unpadded pass. Only
     the logits that predict target tokens are projected onto the vocabulary (``logits_to_keep`` with
     their indices, when the model takes it): a 128k vocabulary over a long prompt is gigabytes."""
+    import torch
+
     length = max(len(e.ids) for e in batch)
     ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), length), dtype=torch.long)
@@ -424,6 +428,8 @@ def run_probe(
 ) -> ProbeResult:
     """Score every prompt of ``spec`` on ``model`` (teacher-forced, batches of ``batch_size``) and
     summarise per position. Runs under ``torch.no_grad()`` in eval mode; the model's mode is restored."""
+    import torch
+
     if batch_size < 1:
         raise MoeforgeError(f"batch_size {batch_size} must be at least 1")
     prompts = spec.prompts()

@@ -29,9 +29,12 @@ _REGISTERED = {
 
 def register() -> None:
     """Add moeforge's experts functions to transformers' ``ExpertsInterface`` (its documented extension
-    point; idempotent). Runs on ``import moeforge``."""
+    point; idempotent). Runs when this package is imported (see :mod:`moeforge.registration`)."""
     for name, function in _REGISTERED.items():
         ALL_EXPERTS_FUNCTIONS.register(name, function)
+
+
+register()
 
 
 __all__ = [

@@ -51,6 +51,11 @@ def config_extensions(config: object) -> list[tuple[str, object, ConfigExtension
 
 
 def adapter_loader() -> AdapterLoader:
+    """The registered adapter loader. moeforge registers PEFT's when PEFT is imported
+    (:mod:`moeforge.registration`), so importing PEFT here is what registers it."""
+    if not _ADAPTER_LOADERS:
+        import peft  # noqa: F401
+
     if not _ADAPTER_LOADERS:
         raise MoeforgeError("loading an adapter needs moeforge's adapter support: `import moeforge` first")
     return _ADAPTER_LOADERS[-1]

@@ -25,6 +25,7 @@ from transformers.utils import logging as transformers_logging
 from moeforge.config.experts import DEFAULT_BACKEND, implementation_name
 from moeforge.errors import MoeforgeError
 from moeforge.families import DENSE_MODEL_TYPES, LEGACY_MODEL_TYPES, MOEFORGE_MODEL_TYPE, NATIVE_MODEL_TYPES
+from moeforge.io.adapter_dirs import base_model_of, is_adapter_dir
 from moeforge.io.extensions import adapter_loader, config_extensions
 from moeforge.io.publish import staged_directory
 from moeforge.io.quantization import Bits, quantization_config
@@ -305,20 +306,6 @@ def load_tokenizer(directory: Path, *, trust_remote_code: bool = False) -> PreTr
         return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError, TypeError) as err:
         raise MoeforgeError(f"could not load the tokenizer in {directory} ({_first_line(err)}); fix or re-download it") from None
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def base_model_of(adapter_dir: str | Path) -> str | None:
-    """The base model an adapter directory records (``base_model_name_or_path``), if any."""
-    config_path = Path(adapter_dir) / "adapter_config.json"
-    try:
-        recorded = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
-        raise MoeforgeError(f"{config_path} is not readable JSON ({type(err).__name__}); re-save the adapter") from None
-    return recorded if isinstance(recorded, str) and recorded else None
 
 
 def from_pretrained(
