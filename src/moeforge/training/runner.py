@@ -102,9 +102,9 @@ def _training_kwargs(recipe: TrainRecipe, has_eval: bool) -> dict:
         use_cpu=not torch.cuda.is_available(),
         ddp_backend=recipe.ddp_backend or (_default_ddp_backend() if _distributed() else None),
         deepspeed=str(recipe.deepspeed) if recipe.deepspeed else None,
+        # always given, by its transformers 5 name: TRL's configs default the deprecated alias to True
+        activation_checkpointing=t.gradient_checkpointing,
     )
-    if t.gradient_checkpointing:
-        kwargs["gradient_checkpointing"] = True
     return kwargs
 
 
