@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeforge.config.recipe import Calibration
+from moeforge.config.recipe import Calibration, parse_recipe
+from moeforge.conversion import convert
 from moeforge.data.calibration import calibration_ids
 from moeforge.io.loading import load_tokenizer
 from tests.conversion.conftest import dense_logits, load_logits, run_convert
@@ -153,3 +154,11 @@ def test_provenance_file(tiny_sources, tmp_path):
     for name, digest in info["checksums"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
     assert (out / "tokenizer.json").is_file()
+
+
+def test_layer_progress_is_0_based_like_placement_layers(tiny_sources, tmp_path):
+    lines: list[str] = []
+    moe = {"num_experts": 4, "top_k": 2, "placement": {"layers": [1]}}
+    recipe = parse_recipe({"source": str(tiny_sources["gqa"]), "output": str(tmp_path / "moe"), "moe": moe})
+    convert(recipe, log=lines.append)
+    assert [line for line in lines if line.startswith("  layer ")] == ["  layer 0 dense", "  layer 1 moe", "  layer 2 dense"]

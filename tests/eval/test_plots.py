@@ -82,6 +82,22 @@ def test_expert_load_heatmap_with_uneven_expert_counts(tmp_path: Path) -> None:
     _assert_png_of(path, plot_expert_load(stats, path, title="tiny"), fig)
 
 
+def test_expert_load_says_when_routing_is_dense() -> None:
+    # MoICE at top_k = num_experts: every one of the 4 experts gets every one of the 100 tokens
+    dense = RoutingStats(load=[torch.full((4,), 100)] * 2, tokens=100, entropy=[1.0] * 2, balance=[4.0] * 2, names=["0.attn", "1.attn"])
+    title = expert_load_figure(dense, title="step 4").axes[0].get_title()
+    assert title.splitlines() == [
+        "step 4",
+        "dense routing in every layer (top_k = num_experts): every expert gets every token, so the load is flat by construction",
+    ]
+    # one dense layer among sparse ones is named; perfectly balanced top-2 routing (50 each of 100) is not dense
+    mixed = RoutingStats(
+        load=[torch.full((4,), 50), torch.full((4,), 100)], tokens=100, entropy=[1.0] * 2, balance=[2.0, 4.0], names=["3", "7"]
+    )
+    assert expert_load_figure(mixed).axes[0].get_title().splitlines()[1].startswith("dense routing in layer 7 (top_k")
+    assert expert_load_figure(_stats(0), title="tiny").axes[0].get_title() == "tiny"  # sparse: no note
+
+
 def test_expert_load_refuses_a_dense_model(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dense"):
         plot_expert_load(RoutingStats(), tmp_path / "x.png")
@@ -116,25 +132,41 @@ def test_load_over_time_thins_step_ticks() -> None:
     assert len(ticks) == 12 and ticks[0] == "0" and ticks[-1] == "490"
 
 
-def test_loss_curves_put_router_losses_on_their_own_panel(tmp_path: Path) -> None:
+def test_loss_curves_draw_the_lm_loss_and_each_nonzero_router_loss(tmp_path: Path) -> None:
     steps = list(range(1, 11))
+    # a MoICE run at top_k = num_experts: 0.3 × 7 = 2.1 of constant aux in every logged loss
     log_history = [
-        {"loss": 3.0 - 0.1 * step, "aux_loss": 2.1e-3 - 1e-4 * step, "learning_rate": 1e-4, "step": step, "epoch": step / 10}
+        {
+            "loss": 5.1 - 0.1 * step,
+            "lm_loss": 3.0 - 0.1 * step,
+            "router/attention_balance": 7.0,
+            "router/balance": 2.0 + 0.01 * step,
+            "router/z": 0.0,
+            "router/aux": 2.1,
+            "learning_rate": 1e-4,
+            "step": step,
+            "epoch": step / 10,
+        }
         for step in steps
     ]
     log_history += [{"eval_loss": 2.5, "eval_runtime": 1.0, "step": 5}, {"eval_loss": 2.2, "step": 10}]
-    log_history.append({"train_runtime": 9.0, "train_loss": 2.5, "step": 10})  # the Trainer's final summary
+    log_history += [{"router/entropy": 1.3, "tokens_per_second": 50.0, "step": 10}]  # telemetry: no curve
+    log_history.append({"train_runtime": 9.0, "train_loss": 4.5, "step": 10})  # the Trainer's final summary
     fig = loss_figure(log_history)
     lm, router = fig.axes
     lines = _lines(lm)
-    assert lines.keys() == {"train loss", "eval loss"} and _legend(lm) == ["train loss", "eval loss"]
-    assert lines["train loss"] == (steps, pytest.approx([3.0 - 0.1 * s for s in steps]))  # no summary point at the end
+    assert lines.keys() == {"train LM loss", "eval loss"} and _legend(lm) == ["train LM loss", "eval loss"]
+    assert lines["train LM loss"] == (steps, pytest.approx([3.0 - 0.1 * s for s in steps]))  # not the loss with the aux in it
     assert lines["eval loss"] == ([5, 10], [2.5, 2.2])
-    # the router loss, three orders of magnitude smaller, has a panel (and a scale) of its own
-    assert _lines(router) == {"aux_loss": (steps, pytest.approx([2.1e-3 - 1e-4 * s for s in steps]))}
-    assert _legend(router) == ["aux_loss"] and router.get_ylabel() == "router loss"
+    assert lm.get_ylabel() == "LM loss"
+    # the router losses, each on the router panel; z is zero throughout, so it has no curve
+    assert _lines(router) == {
+        "balance": (steps, pytest.approx([2.0 + 0.01 * s for s in steps])),
+        "attention balance": (steps, [7.0] * 10),
+        "aux (weighted sum)": (steps, [2.1] * 10),
+    }
+    assert _legend(router) == ["balance", "attention balance", "aux (weighted sum)"] and router.get_ylabel() == "router loss"
     assert router.get_shared_x_axes().joined(lm, router) and router.get_xlabel() == "step"
-    assert router.get_ylim()[1] < 0.01 < lm.get_ylim()[0]
     path = tmp_path / "plots" / "loss.png"
     _assert_png_of(path, plot_loss_curves(log_history, path), fig)
 
@@ -143,7 +175,7 @@ def test_loss_curves_without_router_losses_have_one_panel(tmp_path: Path) -> Non
     log_history = [{"loss": 1.0, "step": 1}, {"loss": 0.5, "step": 2}, {"eval_loss": 0.7, "step": 2}]
     (ax,) = loss_figure(log_history).axes
     assert _lines(ax) == {"train loss": ([1, 2], [1.0, 0.5]), "eval loss": ([2], [0.7])}
-    assert ax.get_xlabel() == "step"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "loss")
 
 
 def test_loss_curves_overwrite_in_place(tmp_path: Path) -> None:

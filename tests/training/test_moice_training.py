@@ -64,10 +64,15 @@ def test_released_recipe_warns_and_logs_a_zero_gradient(models, tmp_path: Path) 
     recipe = make_recipe("pt", models["dense"], tmp_path / "run", preset="moice", moice={}, training={"max_steps": 2})
     with pytest.warns(UserWarning, match="constant .*MoICE's released recipe"):
         result = train(recipe, log=lambda _line: None)
-    logs = [entry for entry in result.log_history if "router/attention_balance" in entry]
-    assert len(logs) == 2
-    assert all(entry["router/attention_balance"] == pytest.approx(7.0, abs=1e-4) for entry in logs)
-    assert all(entry["router/attention_balance_grad_norm"] == 0.0 for entry in logs)
+    losses = [entry for entry in result.log_history if "loss" in entry]
+    assert len(losses) == 2
+    for entry in losses:  # the constant 0.3 × 7 is in the loss, and taken out of lm_loss
+        assert entry["router/attention_balance"] == pytest.approx(7.0, abs=1e-4)
+        assert entry["router/aux"] == pytest.approx(0.3 * 7.0, abs=1e-4)
+        assert entry["lm_loss"] == pytest.approx(entry["loss"] - 2.1, abs=1e-4)
+    telemetry = [entry for entry in result.log_history if "router/attention_balance_grad_norm" in entry]
+    assert len(telemetry) == 2
+    assert all(entry["router/attention_balance_grad_norm"] == 0.0 for entry in telemetry)
 
 
 def test_moice_preset_without_routers_is_an_error(models, tmp_path: Path) -> None:

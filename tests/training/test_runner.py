@@ -124,9 +124,17 @@ def test_stage_trains_and_saves_the_same_architecture(runs, models, stage: str, 
         for load in report["load"]:
             assert len(load) == MOE["num_experts"]
             assert sum(load) == report["tokens"] * MOE["top_k"]  # every valid token picks top_k experts
-    logged = [e for e in history if "router/balance" in e]
+    logged = [e for e in history if "router/entropy" in e]
     assert [e["step"] for e in logged] == [r["step"] for r in reports]
-    assert all(math.isfinite(e["router/balance"]) for e in logged)
+    assert all(math.isfinite(e["router/entropy"]) for e in logged)
+    # every logged loss comes with its split: the LM loss plus the weighted router aux make up the loss
+    for entry in (e for e in history if "loss" in e):
+        assert entry["lm_loss"] == pytest.approx(entry["loss"] - entry["router/aux"], abs=1e-9)
+        assert entry["router/balance"] == pytest.approx(MOE["top_k"], abs=0.5)  # near-uniform routers
+        assert {"router/z", "router/mi"} <= entry.keys()
+    # one line per logged step, through the runner's log
+    steps = [line.split()[1] for line in lines if line.startswith("step ") and " lm_loss " in line]
+    assert steps == [f"{e['step']}/{STEPS}" for e in history if "loss" in e]
 
 
 SFT_FORMATS = ["prompt_completion", "alpaca", "sharegpt", "messages"]
@@ -168,5 +176,6 @@ def test_every_step_loss_is_logged_also_at_telemetry_steps(models, data_files, t
     )
     train(recipe, log=lambda _line: None)
     history = json.loads((recipe.output / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-    assert [e["step"] for e in history if "router/balance" in e] == [2, 4]
+    assert [e["step"] for e in history if "router/entropy" in e] == [2, 4]
     assert sorted(logged_losses(history)) == [1, 2, 3, 4]
+    assert [e["step"] for e in history if "router/balance" in e] == [1, 2, 3, 4]  # the router losses go with each loss

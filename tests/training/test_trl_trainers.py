@@ -3,7 +3,7 @@
 TRL's SFT (fused LM head) and DPO (preference loss) compute their loss without ``output.loss``, so the aux
 loss must be added by moeforge's trainer subclasses. Two one-step runs that differ only in
 ``balance_coef`` (0 vs 10) see the same weights and batch in that step, so their losses must differ by
-exactly ``10 × balance``, where ``balance`` is the telemetry's ``router/balance`` of that step (≈ top_k = 2 for
+exactly ``10 × balance``, where ``balance`` is the ``router/balance`` logged with that step's loss (≈ top_k = 2 for
 near-uniform routers, so the gap is ≈ 20): a missing aux would give 0, a double-counted one 2×.
 """
 
@@ -26,9 +26,9 @@ def _run(stage: str, model: Path, output: Path, router_losses: dict | None) -> d
     recipe = make_recipe(stage, model, output, training={"max_steps": 1, "save_steps": 1, "telemetry_steps": 1}, **extra)
     result = train(recipe, log=lambda _line: None)
     history = json.loads((output / "checkpoint-1" / "trainer_state.json").read_text())["log_history"]
-    (balance,) = [e["router/balance"] for e in history if "router/balance" in e]
+    (entry,) = [e for e in history if "loss" in e]
     config = json.loads((result.model_dir / "config.json").read_text())
-    return {"loss": result.train_loss, "balance": balance, "config": config}
+    return {"loss": result.train_loss, "balance": entry["router/balance"], "lm_loss": entry["lm_loss"], "config": config}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,10 @@ def test_logged_loss_includes_the_balance_loss_once(runs, stage: str) -> None:
     assert huge["balance"] == pytest.approx(MOE["top_k"], abs=0.35)  # near-uniform routers after copy upcycling
     gap = huge["loss"] - zero["loss"]
     assert gap > 5
-    # telemetry rounds router/balance to 4 decimals
-    assert gap == pytest.approx(COEF * huge["balance"], abs=COEF * 1e-4 + 1e-4)
+    assert gap == pytest.approx(COEF * huge["balance"], rel=1e-4)
+    # the logged lm_loss is the loss without the weighted aux: the same in both runs
+    assert huge["lm_loss"] == pytest.approx(zero["lm_loss"], rel=1e-4)
+    assert zero["lm_loss"] == pytest.approx(zero["loss"], rel=1e-6)
 
 
 def test_moeforge_config_records_the_coefficients_it_trained_with(runs, models) -> None:

@@ -3,7 +3,8 @@
 Each subcommand lives in its own module exposing ``add_parser(subparsers)``; the parser it adds sets
 ``func(args) -> int``. User errors (:class:`~moeforge.errors.MoeforgeError`) become one line on stderr
 and exit code 2; anything else is a bug and keeps its traceback. The library's progress lines, logged to
-the ``moeforge`` logger, are shown on stderr as plain lines.
+the ``moeforge`` logger, are shown on stderr as plain lines, and moeforge's own warnings as
+``moeforge: warning: ...`` lines (:func:`moeforge_warnings`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,13 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
 
+import moeforge
 from moeforge import __version__
 from moeforge.cli import chat_cmd, convert_cmd, data_cmd, eval_cmd, fetch_cmd, inspect_cmd, merge_cmd, plan_cmd, train_cmd
 from moeforge.errors import MoeforgeError
@@ -44,6 +50,42 @@ def configure_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
+_PACKAGE_DIR = Path(moeforge.__file__).resolve().parent
+
+
+def _is_moeforge_warning(category: type[Warning], filename: str) -> bool:
+    """A ``UserWarning`` that Python attributes to a line of moeforge's code: the library's own warnings (its
+    ``stacklevel`` points at moeforge's caller, which on the command line is moeforge too). Deprecation and
+    future warnings, which concern the libraries moeforge calls, keep their usual form."""
+    try:
+        inside = Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
+    return issubclass(category, UserWarning) and inside
+
+
+@contextmanager
+def moeforge_warnings() -> Iterator[None]:
+    """While a command runs, show moeforge's warnings as ``moeforge: warning: MESSAGE``: a user of the command
+    needs the message, not the file, line and source text of the library code that raised it. Only the
+    command installs this (and puts the previous hook back): library use from Python keeps standard warnings."""
+    previous = warnings.showwarning
+
+    def show(
+        message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None, line: str | None = None
+    ) -> None:
+        if _is_moeforge_warning(category, filename):
+            print(f"moeforge: warning: {message}", file=file or sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moeforge",
@@ -65,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     configure_logging()
     try:
-        return int(args.func(args) or 0)
+        with moeforge_warnings():
+            return int(args.func(args) or 0)
     except MoeforgeError as err:
         print(f"moeforge {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -188,7 +188,7 @@ class _Converter:
             created = sorted(name for name in disk if created_by_conversion(self.target, name[len(prefix) :], self.ffn.module))
         for name, tensor in disk.items():
             writer.add(name, tensor)
-        self.log(f"  layer {index + 1}/{plan.num_layers} {'moe' if layer_plan else 'dense'}")
+        self.log(f"  layer {index} {'moe' if layer_plan else 'dense'}")  # 0-based, as recipes' placement.layers
         return created
 
     def _convert_layer(

@@ -27,8 +27,14 @@ if TYPE_CHECKING:
     from moeforge.eval.probes import ProbeResult
     from moeforge.routing import RoutingStats
 
-# log_history keys that are losses but not curves: the run's mean train loss in the final summary
-_SUMMARY_KEYS = {"loss", "eval_loss", "train_loss"}
+# the router losses training logs next to each loss (moeforge.training.telemetry), in panel order
+_ROUTER_LOSSES = {
+    "router/balance": "balance",
+    "router/z": "z",
+    "router/mi": "mi",
+    "router/attention_balance": "attention balance",
+    "router/aux": "aux (weighted sum)",
+}
 _MAX_TICKS = 12
 
 
@@ -55,21 +61,27 @@ def plot_loss_curves(log_history: list[dict], path: Path) -> Path:
 
 
 def loss_figure(log_history: list[dict]) -> Figure:
-    """Train ``loss`` and ``eval_loss`` against ``step`` (a transformers ``TrainerState.log_history``).
+    """The LM loss, train and eval, against ``step`` (a transformers ``TrainerState.log_history``), and the router
+    losses in a panel of their own below.
 
-    Router losses (any other numeric ``*_loss`` key, e.g. ``aux_loss``, ``balance_loss``) are on their
-    own scale, orders of magnitude below the LM loss, so they get a second panel below."""
-    router_keys = sorted({k for e in log_history for k, v in e.items() if k.endswith("_loss") and k not in _SUMMARY_KEYS and _is_number(v)})
+    The train curve is ``lm_loss`` where training logged it (the logged ``loss`` minus the weighted router
+    aux): the aux is on its own scale and can be a large constant (MoICE at top_k = num_experts adds 2.1),
+    so ``loss`` itself would not show how the language model learns. An eval loss is the LM loss already.
+    The router panel has a curve per router loss that is non-zero somewhere (unscaled, and their weighted
+    sum ``aux``); a model without router losses gets the LM panel only."""
+    lm_key = "lm_loss" if any(_is_number(e.get("lm_loss")) for e in log_history) else "loss"
+    router_keys = [k for k in _ROUTER_LOSSES if any(_is_number(e.get(k)) and e[k] != 0 for e in log_history)]
     fig = Figure(figsize=(8, 6 if router_keys else 4))
     axes = fig.subplots(2 if router_keys else 1, 1, sharex=True, squeeze=False)[:, 0]
-    for key, label, style in (("loss", "train loss", ".-"), ("eval_loss", "eval loss", "o-")):
+    train_label = "train LM loss" if lm_key == "lm_loss" else "train loss"
+    for key, label, style in ((lm_key, train_label, ".-"), ("eval_loss", "eval loss", "o-")):
         steps, values = _series(log_history, key)
         if steps:
             axes[0].plot(steps, values, style, label=label, markersize=3)
-    axes[0].set_ylabel("loss")
+    axes[0].set_ylabel("LM loss" if lm_key == "lm_loss" else "loss")
     axes[0].set_title("loss curves")
     for key in router_keys:
-        axes[1].plot(*_series(log_history, key), "-", label=key)
+        axes[1].plot(*_series(log_history, key), "-", label=_ROUTER_LOSSES[key])
     if router_keys:
         axes[1].set_ylabel("router loss")
     for ax in axes:
@@ -99,7 +111,9 @@ def plot_expert_load(stats: RoutingStats, path: Path, title: str = "") -> Path:
 def expert_load_figure(stats: RoutingStats, title: str = "") -> Figure:
     """Heatmap of the share of top-k selections each expert received, one row per MoE layer.
 
-    Cells past a layer's own expert count (models with per-layer expert counts) are grey."""
+    Cells past a layer's own expert count (models with per-layer expert counts) are grey. Layers that route
+    densely (top_k = num_experts: every expert gets every token) are flat by construction, not balanced;
+    the title says so (:func:`_dense_note`) rather than let the flat rows pass for balance."""
     grid = _fraction_grid(stats)
     layers, experts = grid.shape
     fig = Figure(figsize=(min(16, 3 + 0.4 * experts), min(14, 2 + 0.3 * layers)))
@@ -109,8 +123,32 @@ def expert_load_figure(stats: RoutingStats, title: str = "") -> Figure:
     fig.colorbar(image, ax=ax, label="share of routed tokens")
     _layer_ticks(ax, stats.names, layers)
     ax.set_xlabel("expert")
-    ax.set_title(title or f"expert load over {stats.tokens} tokens")
+    heading = title or f"expert load over {stats.tokens} tokens"
+    note = _dense_note(stats)
+    ax.set_title(f"{heading}\n{note}" if note else heading)
     return fig
+
+
+def _dense_layers(stats: RoutingStats) -> list[str]:
+    """Labels of the layers where every expert got every token: each expert's count equals the tokens seen.
+
+    Routing statistics do not carry top_k, but at top_k < num_experts no expert can reach that count (a
+    layer's counts add up to tokens · top_k), so the test has no false positives. ``stats.tokens`` is the
+    largest layer's count of routing rows; a dense layer with fewer rows (an FFN router next to per-head
+    attention routers) is not flagged and keeps its plain, flat row."""
+    if not stats.tokens:
+        return []
+    names = stats.names if len(stats.names) == len(stats.load) else [str(i) for i in range(len(stats.load))]
+    return [name for name, load in zip(names, stats.load, strict=True) if bool((load == stats.tokens).all())]
+
+
+def _dense_note(stats: RoutingStats) -> str:
+    """The subtitle for dense layers, or ``""`` when every layer routes sparsely."""
+    dense = _dense_layers(stats)
+    if not dense:
+        return ""
+    which = "every layer" if len(dense) == len(stats.load) else ("layer " if len(dense) == 1 else "layers ") + ", ".join(dense)
+    return f"dense routing in {which} (top_k = num_experts): every expert gets every token, so the load is flat by construction"
 
 
 def _layer_ticks(ax: Any, names: Sequence[str], layers: int) -> None:

@@ -25,7 +25,7 @@ import torch
 import transformers
 from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainingArguments, default_data_collator
+from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainingArguments, default_data_collator
 
 from moeforge.config.router_losses import RouterLossConfig
 from moeforge.config.train_recipe import TrainRecipe
@@ -39,8 +39,8 @@ from moeforge.modeling import is_moeforge_config
 from moeforge.routing.hooks import attach_router_losses, find_routers
 from moeforge.training.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
 from moeforge.training.freeze import apply_freeze, router_parameters
-from moeforge.training.telemetry import TelemetryCallback
-from moeforge.training.trl_trainers import MoeTrainer, RouterAwareDPOTrainer, RouterAwareSFTTrainer
+from moeforge.training.telemetry import LogLineCallback, RouterLossMeter, TelemetryCallback
+from moeforge.training.trl_trainers import LossBreakdownMixin, MoeTrainer, RouterAwareDPOTrainer, RouterAwareSFTTrainer
 
 FINAL_DIR = "model"
 
@@ -102,9 +102,10 @@ def _training_kwargs(recipe: TrainRecipe, has_eval: bool) -> dict:
         use_cpu=not torch.cuda.is_available(),
         ddp_backend=recipe.ddp_backend or (_default_ddp_backend() if _distributed() else None),
         deepspeed=str(recipe.deepspeed) if recipe.deepspeed else None,
+        # always given, by its transformers 5 name: TRL's configs default the deprecated alias to True
+        activation_checkpointing=t.gradient_checkpointing,
+        disable_tqdm=True,  # LogLineCallback prints one line per log; a progress bar would garble them
     )
-    if t.gradient_checkpointing:
-        kwargs["gradient_checkpointing"] = True
     return kwargs
 
 
@@ -317,13 +318,18 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> T
 
     telemetry = TelemetryCallback(None, recipe.output, recipe.training.telemetry_steps)
     native_coef = getattr(model.config, "router_aux_loss_coef", None)
-    trainer = _build_trainer(recipe, model, tokenizer, data, _optimizer(model, recipe), [telemetry, CompleteCheckpointMarker()])
+    callbacks = [telemetry, CompleteCheckpointMarker(), LogLineCallback(log)]
+    trainer = _build_trainer(recipe, model, tokenizer, data, _optimizer(model, recipe), callbacks)
+    trainer.remove_callback(PrinterCallback)  # its raw dicts, in place of LogLineCallback's lines
     _record_router_coefficients(model.config, recipe, native_coef)
     # attached after the trainer is built: DPO's reference model (a copy) must not report routing
     trained = trainer.model
     assert trained is not None  # the trainer was given the model
     handle = attach_router_losses(trained, _router_losses(recipe)) if find_routers(trained) else None
     telemetry.handle, telemetry.trainer = handle, trainer
+    meter = RouterLossMeter(trained) if handle is not None else None
+    assert isinstance(trainer, LossBreakdownMixin)  # every trainer _build_trainer makes
+    trainer.router_loss_meter = meter
     if handle is not None and handle.balancer is not None:
         handle.balancer.hook_optimizer(trainer.create_optimizer())
     if recipe.deepspeed:
@@ -354,6 +360,8 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> T
     plots = telemetry.write_plots(history) if trainer.is_world_process_zero() else []
     if handle is not None:
         handle.detach()
+    if meter is not None:
+        meter.detach()
     log(f"saved {final}; plots: {', '.join(str(p) for p in plots)}")
     return TrainResult(
         output=recipe.output,

@@ -1,5 +1,5 @@
-"""transformers' Trainer and TRL's SFT / DPO trainers, with exact resume and moeforge's router loss added to
-the loss TRL computes.
+"""transformers' Trainer and TRL's SFT / DPO trainers, with exact resume, moeforge's router loss added to
+the loss TRL computes, and every logged loss split into the LM loss and the router losses.
 
 Both compute their loss from the model's log-probs (SFT's fused LM head, DPO's preference loss) rather
 than from ``output.loss``, so the router aux loss that moeforge puts on the output
@@ -17,6 +17,7 @@ from transformers import Trainer
 from trl import DPOTrainer, SFTTrainer
 
 from moeforge.io.loading import from_pretrained
+from moeforge.training.telemetry import RouterLossMeter
 
 
 class RouterAuxLossMixin:
@@ -67,13 +68,27 @@ class ExactResumeMixin:
         model.load_state_dict(loaded.state_dict(), strict=True)
 
 
-class MoeTrainer(ExactResumeMixin, Trainer):
+class LossBreakdownMixin:
+    """Puts ``lm_loss`` and ``router/*`` (:meth:`RouterLossMeter.breakdown`) into every log that carries the
+    training ``loss``, before ``Trainer.log`` records it: so they land in ``log_history`` and reach every
+    reporting callback (TensorBoard, W&B, the console line) in the same entry as the loss they explain. A
+    callback's ``on_log`` could not do this: the history entry is copied before callbacks run."""
+
+    router_loss_meter: RouterLossMeter | None = None  # set by the runner when the model has router losses
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.router_loss_meter is not None and "loss" in logs:
+            logs.update(self.router_loss_meter.breakdown(logs["loss"]))
+        super().log(logs, start_time)  # type: ignore[misc]
+
+
+class MoeTrainer(LossBreakdownMixin, ExactResumeMixin, Trainer):
     pass
 
 
-class RouterAwareSFTTrainer(ExactResumeMixin, RouterAuxLossMixin, SFTTrainer):
+class RouterAwareSFTTrainer(LossBreakdownMixin, ExactResumeMixin, RouterAuxLossMixin, SFTTrainer):
     pass
 
 
-class RouterAwareDPOTrainer(ExactResumeMixin, RouterAuxLossMixin, DPOTrainer):
+class RouterAwareDPOTrainer(LossBreakdownMixin, ExactResumeMixin, RouterAuxLossMixin, DPOTrainer):
     pass
