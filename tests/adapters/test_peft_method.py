@@ -16,6 +16,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from moeforge.adapters.build import apply_adapter, load_adapter
+from moeforge.adapters.peft_method import SAVED_PEFT_TYPE
 from moeforge.config.adapter import AdapterSpec
 from moeforge.errors import MoeforgeError
 from moeforge.io.loading import load_model
@@ -65,7 +66,7 @@ def test_directory_is_peft_format(saved) -> None:
     _, adapter, _ = saved
     assert sorted(p.name for p in adapter.iterdir() if p.suffix != ".md") == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["peft_type"] == "MOE_LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["peft_type"] == SAVED_PEFT_TYPE and config["task_type"] == "CAUSAL_LM"
     assert (config["num_experts"], config["layer_experts"], config["top_k"], config["router_aux_loss_coef"]) == (4, {"2": 3}, 2, 0.03)
 
 
@@ -97,6 +98,35 @@ print("ok")
     with recording_base(adapter, dense):  # the one-liner reads the base from there
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_without_moeforge_peft_says_to_import_it(saved) -> None:
+    """PEFT's own error for a method it does not know is `KeyError: '<peft_type>'`; the saved value makes
+    that line say what to do, on every plain loading path."""
+    dense, adapter, _ = saved
+    loads = {
+        "PeftModel": f"from peft import PeftModel; PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(dense)!r}), {str(adapter)!r})",
+        "AutoPeftModel": f"from peft import AutoPeftModelForCausalLM; AutoPeftModelForCausalLM.from_pretrained({str(adapter)!r})",
+        "one-liner": f"AutoModelForCausalLM.from_pretrained({str(adapter)!r})",
+    }
+    with recording_base(adapter, dense):
+        for how, load in loads.items():
+            script = f"import sys\nfrom transformers import AutoModelForCausalLM\n{load}\nassert 'moeforge' not in sys.modules"
+            result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+            assert result.returncode == 1, how
+            assert result.stderr.strip().splitlines()[-1] == f"KeyError: {SAVED_PEFT_TYPE!r}", (how, result.stderr[-2000:])
+            assert "moeforge" not in result.stderr.replace(SAVED_PEFT_TYPE, "").replace(str(adapter), ""), how  # moeforge never ran
+
+
+def test_adapters_saved_as_plain_moe_lora_still_load(saved, tmp_path: Path) -> None:
+    dense, adapter, logits = saved
+    for file in adapter.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "MOE_LORA"}))  # as moeforge saved before
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dense), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(_tokens()).logits, logits)
 
 
 def test_moeforge_loader_takes_adapter_dirs(saved) -> None:

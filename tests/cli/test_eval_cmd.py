@@ -92,6 +92,15 @@ def test_csv_data_with_columns(dense_dir: Path, tmp_path: Path) -> None:
         (["--stage", "sft"], "--stage only applies to --data FILE"),
         (["--columns", "text=body"], "--columns only applies to --data FILE"),
         (["--limit", "5"], "--limit only applies to lm-eval; add --lm-eval TASKS"),
+        (["--no-perplexity"], "--no-perplexity only applies to lm-eval; add --lm-eval TASKS"),
+        (
+            ["--no-perplexity", "--lm-eval", "my_task", "--text", "{tmp}/a.txt"],
+            "--text needs the perplexity pass; drop it or --no-perplexity",
+        ),
+        (
+            ["--no-perplexity", "--lm-eval", "my_task", "--compare", "other"],
+            "--compare needs the perplexity pass; drop it or --no-perplexity",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(
@@ -126,6 +135,28 @@ def test_lm_eval_results_join_the_report(
     assert report["lm_eval"]["results"]["my_task"]["acc,none"] == pytest.approx(0.25)
     assert (out / "lm_eval.json").is_file()
     assert "my_task: acc,none 0.2500" in capsys.readouterr().out
+
+
+def test_lm_eval_only_with_a_task_yaml(harness: FakeHarness, mixtral_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    task = tmp_path / "tasks" / "qa.yaml"
+    task.parent.mkdir()
+    task.write_text("task: custom_qa\ndataset_path: json\n")
+    out = tmp_path / "bench"
+    assert main(["eval", str(mixtral_dir), "-o", str(out), "--lm-eval", f"{task},hellaswag", "--no-perplexity"]) == 0
+    assert harness.calls["evaluate"]["tasks"] == ["custom_qa", "hellaswag"]
+    assert harness.calls["include_path"] == [str(task.parent)]
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report) == {"model", "lm_eval"} and report["lm_eval"]["results"]["my_task"]["acc,none"] == pytest.approx(0.25)
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "lm_eval.json"]  # no perplexity, no expert-load plot
+    assert capsys.readouterr().out == f"  my_task: acc,none 0.2500\nwrote {out / 'eval.json'}, {out / 'lm_eval.json'}\n"
+
+
+def test_unknown_lm_eval_task_exits_2_before_loading(harness: FakeHarness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "none"
+    assert main(["eval", str(tmp_path / "no-model"), "--lm-eval", "helaswag", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moeforge eval: error: lm-eval: unknown task(s) helaswag;") and err.count("\n") == 1
+    assert "hflm" not in harness.calls and not out.exists()
 
 
 PROBE = ["--probe", "kv", "--probe-pairs", "3", "--probe-samples", "2", "--max-batches", "1"]

@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from moeforge.adapters.peft_method import SAVED_PEFT_TYPE
 from moeforge.io.loading import load_model
 from moeforge.training.runner import train
 from tests.training.conftest import logged_losses, make_recipe, provenance, state_dict
@@ -45,7 +46,7 @@ def test_moe_lora_sft_trains_only_the_adapter_and_reloads(models, data_files, tm
     assert any("trainable parameters" in line and "%" in line for line in lines)
 
     config = json.loads((result.model_dir / "adapter_config.json").read_text())
-    assert config["peft_type"] == "MOE_LORA" and config["router_aux_loss_coef"] == 0.02
+    assert config["peft_type"] == SAVED_PEFT_TYPE and config["router_aux_loss_coef"] == 0.02
     assert Path(config["base_model_name_or_path"]) == Path(models["dense"]).resolve()
     assert provenance(result.model_dir)["training"][-1]["recipe"]["adapter"]["num_experts"] == 4
 

@@ -10,12 +10,20 @@ Registration: PEFT 0.21's ``register_peft_method`` accepts only names that alrea
 ``PeftType`` enum and offers no way to add one. :func:`register` therefore adds the ``MOE_LORA`` member
 to that enum (the one shim; it touches nothing else) and then registers through PEFT's own function, so
 all of PEFT's mappings and save/load paths treat it as a first-class method.
+
+Loading without moeforge: PEFT (``PeftModel.from_pretrained``, ``AutoPeftModel``, and transformers'
+adapter one-liner) looks the saved ``peft_type`` up in its method table and, for a method it does not
+know, fails with a bare ``KeyError`` that shows the value and nothing else; no field of
+``adapter_config.json`` makes PEFT import a package first. So the saved value is
+:data:`SAVED_PEFT_TYPE`, which says what to do, and :func:`register` maps it (and the plain ``MOE_LORA``
+of adapters saved before) to :class:`MoeLoraConfig`.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
@@ -27,6 +35,8 @@ from moeforge.adapters.moe_lora import LORA_TARGETS, AdapterLayer, MoeLoraLayer
 
 PEFT_NAME = "moe_lora"
 PREFIX = "moe_lora_"
+# what adapter_config.json records: without moeforge, PEFT's error is `KeyError: '<this>'`
+SAVED_PEFT_TYPE = "MOE_LORA (import moeforge before loading this adapter; pip install moeforge)"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
@@ -51,6 +61,10 @@ class MoeLoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = _peft_type()
+
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's dict, with ``peft_type`` as :data:`SAVED_PEFT_TYPE` so that the saved file explains itself."""
+        return {**super().to_dict(), "peft_type": SAVED_PEFT_TYPE}
 
     def experts_in_layer(self, layer: int | None) -> int:
         return int(self.layer_experts.get(str(layer), self.num_experts))
@@ -162,8 +176,10 @@ def _add_peft_type(name: str) -> None:
 
 def register() -> None:
     """Make ``MOE_LORA`` a PEFT method (idempotent; runs on ``import moeforge``)."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     _add_peft_type(PEFT_NAME.upper())
     if _peft_type() not in PEFT_TYPE_TO_TUNER_MAPPING:
         register_peft_method(name=PEFT_NAME, config_cls=MoeLoraConfig, model_cls=MoeLoraModel, prefix=PREFIX)
+    # PEFT looks the saved string up in this table as it is, so it is a key of its own beside the member
+    PEFT_TYPE_TO_CONFIG_MAPPING[SAVED_PEFT_TYPE] = MoeLoraConfig  # type: ignore[index]

@@ -48,10 +48,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-batches", type=int, help="evaluate at most this many batches")
     parser.add_argument("--output", "-o", type=Path, metavar="DIR", help="where eval.json and expert_load.png go")
     parser.add_argument(
-        "--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks, run on MODEL (needs moeforge[eval])"
+        "--lm-eval",
+        metavar="TASKS",
+        help="comma-separated lm-evaluation-harness tasks, run on MODEL (needs moeforge[eval]): names, task .yaml files or directories",
     )
     parser.add_argument("--lm-eval-include", type=Path, metavar="DIR", help="directory of extra lm-eval task YAMLs")
     parser.add_argument("--limit", type=float, help="lm-eval: at most N examples per task (a fraction when < 1)")
+    parser.add_argument(
+        "--no-perplexity",
+        dest="perplexity",
+        action="store_false",
+        help="run only the --lm-eval tasks: no perplexity pass, no expert-load plot (eval.json holds the lm-eval scores)",
+    )
     parser.add_argument("--compare", metavar="OTHER_MODEL", help="evaluate a second model on the same text, side by side")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     probes = parser.add_argument_group("position probes", "where in a long prompt a model finds a fact (docs/probes.md)")
@@ -76,7 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _tasks(args: argparse.Namespace) -> list[str]:
     """The requested lm-eval tasks, after checking that the lm-eval flags come together."""
     if args.lm_eval is None:
-        for flag, value in (("--lm-eval-include", args.lm_eval_include), ("--limit", args.limit)):
+        given = {"--lm-eval-include": args.lm_eval_include, "--limit": args.limit, "--no-perplexity": None if args.perplexity else True}
+        for flag, value in given.items():
             if value is not None:
                 raise MoeforgeError(f"{flag} only applies to lm-eval; add --lm-eval TASKS")
         return []
@@ -142,6 +151,17 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--stage", args.stage), ("--columns", args.columns)):
         if value is not None and args.data is None:
             raise MoeforgeError(f"{flag} only applies to --data FILE")
+    if not args.perplexity:
+        perplexity_flags = {
+            "--text": args.text,
+            "--data": args.data,
+            "--compare": args.compare,
+            "--max-batches": args.max_batches,
+            "--probe": args.probe,
+        }
+        for flag, value in perplexity_flags.items():
+            if value:
+                raise MoeforgeError(f"{flag} needs the perplexity pass; drop it or --no-perplexity")
     result = evaluate(
         args.model,
         text=args.text,
@@ -159,11 +179,13 @@ def run(args: argparse.Namespace) -> int:
         lm_eval_tasks=_tasks(args),
         lm_eval_include=args.lm_eval_include,
         lm_eval_limit=args.limit,
+        perplexity=args.perplexity,
     )
-    print(f"evaluated on {result.data}")
-    print(f"{args.model}: {result_line(result.model.perplexity)}")
-    print(routing_text(result.model.perplexity.routing))
-    if result.compare is not None:
+    if result.model is not None:
+        print(f"evaluated on {result.data}")
+        print(f"{args.model}: {result_line(result.model.perplexity)}")
+        print(routing_text(result.model.perplexity.routing))
+    if result.model is not None and result.compare is not None:
         print(f"{args.compare}:")
         print(routing_text(result.compare.perplexity.routing))
         print("\n".join(comparison_lines(args.model, result.model.perplexity, args.compare, result.compare.perplexity)))

@@ -86,5 +86,5 @@ def _format(source: DataSource, rows: Iterator[RawRow]) -> tuple[str, list[RawRo
         raise MoeforgeError(f"{head[0].where}: {problem}; no row of the file could be read")
     raise MoeforgeError(
         f"{first.where}: cannot tell the format from the row keys ({describe_keys(first.value)}); expected "
-        f"{EXPECTED_KEYS}: rename the keys, map them with columns:, or set format:"
+        f"{EXPECTED_KEYS}: rename the keys, map them with columns:, or set format: (docs/data.md)"
     )
