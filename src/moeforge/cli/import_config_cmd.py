@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moeforge.cli.choices import literal_values
+from moeforge.config.importers.imported import Kind
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -20,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("file", help="the original tool's config (.json, .yaml, or a .sh / .py with its variables)")
     parser.add_argument("--output", "-o", type=Path, help="recipe file to write (default: print it)")
-    parser.add_argument("--kind", choices=("convert", "train"), help="recipe kind (default: what the file is mainly about)")
+    parser.add_argument("--kind", choices=literal_values(Kind), help="recipe kind (default: what the file is mainly about)")
     parser.add_argument("--model", help="the model the recipe starts from, over what the file names")
     parser.add_argument("--rope-theta", type=float, help="MoICE: the target model's RoPE base, to rescale base_set")
     parser.set_defaults(func=run)
