@@ -12,6 +12,7 @@ from moeforge.cli.choices import field_choices, literal_values
 from moeforge.cli.main import build_parser
 from moeforge.config.data import DataSource
 from moeforge.config.experts import EXPERTS_BACKENDS
+from moeforge.config.importers.imported import Kind
 from moeforge.config.recipe import ConvertRecipe, MoESpec, PartitionInit, Routing
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.data.formats import STAGES
@@ -40,6 +41,7 @@ EXPECTED = {
     ("chat", "--experts-backend"): list(EXPERTS_BACKENDS),
     ("merge", "--dtype"): field_choices(TrainRecipe, "dtype"),
     ("fetch-default", "name"): list(EMBEDDED_ALIASES),
+    ("import-config", "--kind"): literal_values(Kind),
 }
 
 

@@ -21,10 +21,21 @@ from typing import TextIO
 
 import moeforge
 from moeforge import __version__
-from moeforge.cli import chat_cmd, convert_cmd, data_cmd, eval_cmd, fetch_cmd, inspect_cmd, merge_cmd, plan_cmd, train_cmd
+from moeforge.cli import (
+    chat_cmd,
+    convert_cmd,
+    data_cmd,
+    eval_cmd,
+    fetch_cmd,
+    import_config_cmd,
+    inspect_cmd,
+    merge_cmd,
+    plan_cmd,
+    train_cmd,
+)
 from moeforge.errors import MoeforgeError
 
-SUBCOMMANDS = (convert_cmd, train_cmd, eval_cmd, data_cmd, inspect_cmd, chat_cmd, merge_cmd, fetch_cmd, plan_cmd)
+SUBCOMMANDS = (convert_cmd, train_cmd, eval_cmd, data_cmd, inspect_cmd, chat_cmd, merge_cmd, fetch_cmd, plan_cmd, import_config_cmd)
 
 
 class _StderrHandler(logging.StreamHandler):

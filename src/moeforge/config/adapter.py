@@ -7,7 +7,7 @@ top-2, router init N(0, 0.02), balance coefficient 0.01).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
@@ -25,6 +25,7 @@ class AdapterSpec(BaseModel):
     LoRA; the FFN projections of dense layers get the mixture."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    KEYS_DOC: ClassVar[str] = 'docs/adapters.md, section "The adapter: section"'
 
     method: Literal["moe_lora", "lora", "moe_bottleneck"] = "moe_lora"
     num_experts: Annotated[int, Field(ge=1, le=256)] = 8

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moeforge.config.seed import Seed
 from moeforge.errors import MoeforgeError
 
 Format = Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference", "csv", "hf"]
@@ -98,7 +99,7 @@ class DataSpec(_Strict):
     max_length: Annotated[int, Field(ge=8)] = 512
     skip_bad_rows: bool = False
     completion_only_loss: bool = True
-    mix_seed: int = 0
+    mix_seed: Seed = 0
     max_rows: Annotated[int, Field(ge=1)] | None = None
     """Keep at most this many train rows after mixing (and eval rows): quick demos on big files."""
     builtin: Builtin | None = None

@@ -10,7 +10,7 @@ the same ratios apply, which is the default here. The resolved settings are stor
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +23,7 @@ class MoiceSpec(BaseModel):
     """What a user writes; :meth:`resolve` fills in the model-dependent defaults."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    KEYS_DOC: ClassVar[str] = 'docs/moice.md, section "The moice: section"'
 
     base_set: list[float] | None = None
     """RoPE bases, the model's native θ first (default: θ · [1, 1.75, 1.8, 1.9, 2.0, 2.25, 2.5])."""

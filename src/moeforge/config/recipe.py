@@ -9,12 +9,15 @@ from Dense2MoE (``expert_top_k``, ``moe_start_layer``, ``moe_layer_freq``, ``gat
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, overload
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, overload
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moeforge.config.errors import describe
+from moeforge.config.seed import Seed
 from moeforge.errors import MoeforgeError
 
 ExpertCount = int | list[int] | dict[str, int]
@@ -151,6 +154,8 @@ class Fidelity(_Strict):
 class ConvertRecipe(_Strict):
     """Everything ``moeforge convert`` needs, validated."""
 
+    KEYS_DOC: ClassVar[str] = 'README.md, section "Recipe reference"'
+
     source: str
     """Local HF directory, hub id, path to a .gguf file, or "default" (the embedded SmolLM2-135M-Instruct)."""
     gguf_file: str | None = None
@@ -158,7 +163,7 @@ class ConvertRecipe(_Strict):
     export: ExportTarget = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_shard_size: str = "2GB"
-    seed: int = 0
+    seed: Seed = 0
     moe: MoESpec = Field(default_factory=MoESpec)
     calibration: Calibration = Field(default_factory=Calibration)
     fidelity: Fidelity = Field(default_factory=Fidelity)
@@ -185,18 +190,21 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
-def _describe(error: ValidationError) -> str:
-    """The first problem, as `key.path: message (got value)`, so the user knows what to edit."""
-    first = error.errors()[0]
-    path = ".".join(str(part) for part in first["loc"]) or "recipe"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        return f"{path}: unknown key; check the spelling against the recipe reference in the README"
-    if first["type"] == "missing":
-        return f"{path}: required key is missing"
-    got = first.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
-    return f"{path}: {message}{shown}"
+NEWLINE = b"\n"
+INT64 = 2**63
+"""Integers a recipe may hold: anything larger overflows torch and numpy mid-run instead of failing here."""
+
+
+def _out_of_range(data: Any, path: str = "") -> Iterator[str]:
+    """The dotted keys of integers beyond 64 bits, anywhere in ``data``."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _out_of_range(value, f"{path}{key}.")
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield from _out_of_range(value, f"{path}{index}.")
+    elif isinstance(data, int) and not -INT64 <= data < INT64:
+        yield f"{path.rstrip('.')}: {data} is out of range (at most {INT64 - 1})"
 
 
 Recipe = TypeVar("Recipe", bound=BaseModel)
@@ -207,11 +215,15 @@ def parse_recipe(data: dict[str, Any], *, origin: str = "recipe") -> ConvertReci
 @overload
 def parse_recipe(data: dict[str, Any], *, origin: str = "recipe", model: type[Recipe]) -> Recipe: ...
 def parse_recipe(data: dict[str, Any], *, origin: str = "recipe", model: type[BaseModel] = ConvertRecipe) -> BaseModel:
-    """Validate a mapping into ``model`` (a convert recipe by default); the first problem becomes a MoeforgeError."""
+    """Validate a mapping into ``model`` (a convert recipe by default); its problems, all of them, become one
+    line of a MoeforgeError (see :func:`moeforge.config.errors.describe`)."""
+    huge = list(_out_of_range(data))
+    if huge:
+        raise MoeforgeError(f"{origin}: {'; '.join(huge)}")
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise MoeforgeError(f"{origin}: {_describe(error)}") from None
+        raise MoeforgeError(f"{origin}: {describe(error, model)}") from None
 
 
 @overload
@@ -224,7 +236,12 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, *, mo
     if not path.is_file():
         raise MoeforgeError(f"recipe {path} does not exist: pass the path of a YAML recipe (see recipes/)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise MoeforgeError(
+            f"recipe {path}: not UTF-8 text (byte {error.object[error.start]:#04x} on line "
+            f"{error.object.count(NEWLINE, 0, error.start) + 1}); save it as UTF-8"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,6 +18,7 @@ from moeforge.config.data import DataSpec
 from moeforge.config.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS
 from moeforge.config.moice import MoiceSpec
 from moeforge.config.router_losses import RouterLossConfig
+from moeforge.config.seed import Seed
 
 FreezeGroup = Literal["router", "attention_router", "experts", "attention", "embeddings", "dense_layers", "norms", "all_but_new"]
 PRESETS: dict[str, tuple[FreezeGroup, ...]] = {
@@ -55,7 +56,7 @@ class Schedule(_Strict):
     eval_steps: Annotated[int, Field(ge=1)] | None = None
     save_steps: Annotated[int, Field(ge=1)] | None = None
     save_total_limit: Annotated[int, Field(ge=1)] | None = 2
-    seed: int = 42
+    seed: Seed = 42
     bf16: bool = False
     gradient_checkpointing: bool = False
     dataloader_num_workers: Annotated[int, Field(ge=0)] = 0
@@ -67,6 +68,8 @@ class Schedule(_Strict):
 
 
 class TrainRecipe(_Strict):
+    KEYS_DOC: ClassVar[str] = 'README.md, section "Training"'
+
     stage: Literal["pt", "sft", "dpo"]
     model: str
     """Any model moeforge loads: local dir, hub id, .gguf, 'default', a dense or MoE checkpoint."""
