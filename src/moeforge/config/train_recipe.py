@@ -30,6 +30,11 @@ PRESETS: dict[str, tuple[FreezeGroup, ...]] = {
 }
 # the MoICE paper's released recipe: lr 1e-4, constant, a few steps
 MOICE_SCHEDULE = {"learning_rate": 1e-4, "lr_scheduler_type": "constant", "warmup_ratio": 0.0}
+Optim = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_8bit", "paged_adamw_8bit"]
+"""transformers' ``OptimizerNames`` worth a recipe (tests/training/test_optim.py keeps them a subset): the
+full-precision ones run anywhere; the 8-bit ones are bitsandbytes' (:data:`BITSANDBYTES_OPTIMS`)."""
+BITSANDBYTES_OPTIMS: tuple[Optim, ...] = ("adamw_8bit", "paged_adamw_8bit")
+"""Optimizers that need bitsandbytes and a CUDA GPU (the ``moeforge[cuda]`` extra)."""
 
 
 class _Strict(BaseModel):
@@ -39,6 +44,9 @@ class _Strict(BaseModel):
 class Schedule(_Strict):
     """Optimiser and loop settings, passed to transformers' TrainingArguments (same names)."""
 
+    optim: Optim = "adamw_torch_fused"
+    """The optimizer transformers builds (default: its own default with torch >= 2.8, so recipes without the key
+    train as before); with ``router_learning_rate`` the same optimizer gets the routers as their own group."""
     learning_rate: Annotated[float, Field(gt=0)] = 2e-5
     router_learning_rate: Annotated[float, Field(gt=0)] | None = None
     """A separate learning rate for router parameters (None: same as learning_rate)."""
