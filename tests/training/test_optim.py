@@ -88,14 +88,14 @@ def test_8bit_optimizers_are_refused_before_anything_loads(models, tmp_path: Pat
 
     monkeypatch.setattr(runner, "load_model", no_load)
     out = tmp_path / "out"
-    recipe = make_recipe("pt", models["dense"], out, training={"optim": optim})
+    recipe = make_recipe("pt", None, out, convert={"source": str(models["dense"])}, training={"optim": optim})
     with pytest.raises(MoeforgeError) as err:
         train(recipe, log=lambda _: None)
     assert str(err.value) == (
         f"training.optim: {optim} keeps 8-bit optimizer states with bitsandbytes, which needs a CUDA GPU; this machine has none: "
         "use adamw_torch (or adafactor, whose states are small) or run on a CUDA machine with pip install 'moeforge[cuda]'"
     )
-    assert not out.exists()
+    assert not out.exists()  # not even the conversion ran
 
 
 def test_8bit_optimizer_without_bitsandbytes_names_the_extra(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

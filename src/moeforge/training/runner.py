@@ -1,9 +1,10 @@
 """``train(recipe)``: one recipe → transformers' Trainer (pt) or TRL's SFTTrainer / DPOTrainer (sft / dpo).
 
-moeforge adds only what those trainers lack for MoE models: router losses in the model's forward
-(per layer, padding masked, weighted like the LM loss), freezing by role, a separate router learning
-rate, routing telemetry and plots, checkpoints that count only when complete, and a final checkpoint in
-the model's own (native where possible) architecture with its provenance.
+moeforge adds only what those trainers lack for MoE models: converting a dense model first (Dense2MoE in
+one run), router losses in the model's forward (per layer, padding masked, weighted like the LM loss),
+freezing by role, a separate router learning rate, routing telemetry and plots, checkpoints that count only
+when complete, and a final checkpoint in the model's own (native where possible) architecture with its
+provenance, chained to the conversion's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments, default_da
 
 from moeforge.config.router_losses import RouterLossConfig
 from moeforge.config.train_recipe import BITSANDBYTES_OPTIMS, TrainRecipe
+from moeforge.conversion import convert
 from moeforge.data import build_datasets, pack_texts
 from moeforge.errors import MoeforgeError
 from moeforge.io.loading import TORCH_DTYPES, load_model, resolve_checkpoint
@@ -43,6 +45,8 @@ from moeforge.training.telemetry import TelemetryCallback
 from moeforge.training.trl_trainers import MoeTrainer, RouterAwareDPOTrainer, RouterAwareSFTTrainer
 
 FINAL_DIR = "model"
+CONVERSION_FILES = ("config.json", "moeforge.json")
+"""What a finished conversion holds (it is renamed into place only when complete, moeforge.json among the last)."""
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,28 @@ def _check_optim(recipe: TrainRecipe) -> None:
         require_bitsandbytes(
             f"training.optim: {optim}", "keeps 8-bit optimizer states", "use adamw_torch (or adafactor, whose states are small)"
         )
+
+
+def _convert_first(recipe: TrainRecipe, log: Callable[[str], None]) -> None:
+    """Dense2MoE in one run: write the MoE the ``convert`` section describes, with the fidelity check it asks
+    for (a failed exact check raises FidelityError and nothing trains); on ``resume``, reuse a complete
+    conversion instead of converting again."""
+    spec = recipe.convert
+    if spec is None:
+        return
+    output = spec.output
+    complete = all((output / name).is_file() for name in CONVERSION_FILES)
+    if recipe.resume and complete:
+        log(f"convert: reusing the conversion in {output} (resume)")
+        return
+    if output.exists() and not recipe.overwrite:
+        state = "holds a conversion: set resume: true to train on it" if complete else "holds no complete conversion: remove it"
+        raise MoeforgeError(f"convert.output {output} {state}, or set overwrite: true to convert again")
+    log(f"convert: converting {spec.source} into {output} before training")
+    try:
+        convert(spec, overwrite=recipe.overwrite, log=log)
+    except MoeforgeError as error:  # the conversion's own messages name keys of the convert section
+        raise type(error)(f"convert: {error}") from None
 
 
 def _training_kwargs(recipe: TrainRecipe, has_eval: bool) -> dict:
@@ -311,10 +337,12 @@ def _last(history: list[dict[str, Any]], key: str) -> float | None:
 
 
 def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> TrainResult:
-    """Train as the recipe says; raises MoeforgeError on bad input before any step runs."""
+    """Train as the recipe says (converting first when it has a ``convert`` section); raises MoeforgeError on
+    bad input before any step runs."""
     start = time.perf_counter()
     _check_optim(recipe)
     _prepare_output(recipe)
+    _convert_first(recipe, log)
     dtype = TORCH_DTYPES[recipe.dtype]
     loaded, tokenizer = load_model(
         recipe.model,
