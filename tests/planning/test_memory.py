@@ -197,6 +197,19 @@ def test_cli_table_for_a_convert_recipe(tiny_llama_dir: Path, tmp_path: Path, ca
     assert "dense base" in out and "MoE (mixtral)" in out and "fits (" in out and "meta device" in out
 
 
+def test_a_train_recipe_that_converts_first_plans_the_converted_moe(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Inline ``convert:`` or ``model: convert.yaml``: nothing is written yet, the plan is of the MoE it will train."""
+    conversion = {"source": str(tiny_llama_dir), "output": str(tmp_path / "moe"), "moe": ROUTED}
+    (tmp_path / "convert.yaml").write_text(yaml.safe_dump(conversion))
+    common = {"stage": "pt", "output": str(tmp_path / "run"), "data": {"builtin": "pt-demo"}}
+    for name, form in (("inline", {"convert": conversion}), ("file", {"model": str(tmp_path / "convert.yaml")})):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**common, **form}))
+        (row,) = scenarios(str(tmp_path / f"{name}.yaml"), {})
+        assert row.model.config.model_type == "mixtral" and row.primary
+        assert list(model_shape(row.model.config).ffn) == [FfnShape(96, ROUTED["num_experts"], ROUTED["top_k"])] * 3
+        assert not (tmp_path / "moe").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "culprit"),
     [
@@ -242,6 +255,8 @@ def _base_model(path: Path) -> str:
     data = _recipe(path)
     if "stage" not in data:
         return data["source"]
+    if "convert" in data:
+        return data["convert"]["source"]
     writer = _convert_recipe_of(data["model"])
     return _recipe(writer)["source"] if writer else data["model"]
 
@@ -310,6 +325,11 @@ MOE_LAYOUTS = {
     "llama-moe-partition.yaml": ("mixtral", [FfnShape(704, 8, 2)] * 22),  # the FFN split 8 ways
     "pmoe.yaml": ("moeforge", [FfnShape(1536, 4, 2)] * 15 + [FfnShape(1536, 8, 2)] * 15),  # per-layer expert counts
     "qwen3-moe.yaml": ("qwen3_moe", [FfnShape(3072, 8, 2)] * 28),
+    # the inline convert section of a train recipe: 4 copies from layer 16, every second layer
+    "train-dense2moe-one-command.yaml": (
+        "qwen2_moe",
+        [FfnShape(1536, 4, 2, 1) if i >= 16 and i % 2 == 0 else FfnShape(1536) for i in range(30)],
+    ),
     "residual-1-plus-7.yaml": ("granitemoeshared", [FfnShape(1344, 7, 1, 192)] * 30),  # 7 routed eighths + 1 shared
 }
 """What each convert recipe asks for, per decoder layer: the MoE the planner must have planned."""
@@ -357,8 +377,9 @@ def test_convert_recipes_plan_the_moe_they_ask_for(recipe: Path) -> None:
 @pytest.mark.parametrize("recipe", TRAIN_RECIPES)
 def test_train_recipes_plan_their_own_run(recipe: Path) -> None:
     data = _recipe(recipe)
-    writer = _convert_recipe_of(data["model"])
-    if data["model"] in WRITTEN_BY:  # not written yet: one line that names it and says how to plan anyway
+    inline = "convert" in data  # converts first: plans the MoE its convert section writes
+    writer = None if inline else _convert_recipe_of(data["model"])
+    if not inline and data["model"] in WRITTEN_BY:  # not written yet: one line that names it and says how to plan anyway
         with pytest.raises(MoeforgeError) as err:
             scenarios(str(recipe), {})
         message = str(err.value)
@@ -373,7 +394,9 @@ def test_train_recipes_plan_their_own_run(recipe: Path) -> None:
         data["training"]["per_device_train_batch_size"],
         data["data"]["max_length"],
     )
-    model_type, layout = MOE_LAYOUTS[writer.name] if writer else ("llama", DENSE_LAYOUTS[data["model"]])
+    model_type, layout = (
+        MOE_LAYOUTS[recipe.name] if inline else MOE_LAYOUTS[writer.name] if writer else ("llama", DENSE_LAYOUTS[data["model"]])
+    )
     assert (row.scenario.model.config.model_type, list(row.shape.ffn)) == (model_type, layout)
     if not {"adapter", "moice", "preset", "freeze", "freeze_layers", "freeze_gate"} & data.keys():
         assert plan.rows == [row] and row.counts.trainable == row.counts.total

@@ -57,8 +57,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def make_recipe(stage: str, model: Path | str, output: Path, data: dict[str, Any] | None = None, **extra: Any) -> TrainRecipe:
-    """A small recipe: ``training`` keys in ``extra['training']`` are merged over quick defaults."""
+def make_recipe(stage: str, model: Path | str | None, output: Path, data: dict[str, Any] | None = None, **extra: Any) -> TrainRecipe:
+    """A small recipe: ``training`` keys in ``extra['training']`` are merged over quick defaults; ``model``
+    None leaves the key out (a ``convert`` section in ``extra`` names the model)."""
     default_data = {
         "pt": {"builtin": "pt-demo", "max_rows": 16, "max_length": 32},
         "sft": {"builtin": "sft-demo", "max_rows": 16, "max_length": 64},
@@ -75,7 +76,14 @@ def make_recipe(stage: str, model: Path | str, output: Path, data: dict[str, Any
         **extra.pop("training", {}),
     }
     return parse_recipe(
-        {"stage": stage, "model": str(model), "output": str(output), "data": data or default_data, "training": training, **extra},
+        {
+            "stage": stage,
+            **({} if model is None else {"model": str(model)}),
+            "output": str(output),
+            "data": data or default_data,
+            "training": training,
+            **extra,
+        },
         model=TrainRecipe,
     )
 

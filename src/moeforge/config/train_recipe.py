@@ -2,23 +2,27 @@
 
 Names follow the tools moeforge replaces: Dense2MoE's ``stage: pt | sft`` (its ``aux_loss_type: mi |
 switch`` with ``aux_loss_weight`` become ``router_losses.mi_coef`` / ``balance_coef``), LLaMA-MoE v2's
-``freeze_gate``, transformers' TrainingArguments names under ``training``.
+``freeze_gate``, transformers' TrainingArguments names under ``training``. Dense2MoE's ``--Dense2MoE
+--MoE_config_path`` (convert, then train, in one run) is ``model: convert.yaml`` or a ``convert:`` section.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moeforge.config.adapter import AdapterSpec
 from moeforge.config.data import DataSpec
 from moeforge.config.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS
 from moeforge.config.moice import MoiceSpec
+from moeforge.config.recipe import ConvertRecipe, load_recipe
 from moeforge.config.router_losses import RouterLossConfig
 from moeforge.config.seed import Seed
+from moeforge.errors import MoeforgeError
 
 FreezeGroup = Literal["router", "attention_router", "experts", "attention", "embeddings", "dense_layers", "norms", "all_but_new"]
 PRESETS: dict[str, tuple[FreezeGroup, ...]] = {
@@ -31,6 +35,14 @@ PRESETS: dict[str, tuple[FreezeGroup, ...]] = {
 }
 # the MoICE paper's released recipe: lr 1e-4, constant, a few steps
 MOICE_SCHEDULE = {"learning_rate": 1e-4, "lr_scheduler_type": "constant", "warmup_ratio": 0.0}
+Optim = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_8bit", "paged_adamw_8bit"]
+"""transformers' ``OptimizerNames`` worth a recipe (tests/training/test_optim.py keeps them a subset): the
+full-precision ones run anywhere; the 8-bit ones are bitsandbytes' (:data:`BITSANDBYTES_OPTIMS`)."""
+BITSANDBYTES_OPTIMS: tuple[Optim, ...] = ("adamw_8bit", "paged_adamw_8bit")
+"""Optimizers that need bitsandbytes and a CUDA GPU (the ``moeforge[cuda]`` extra)."""
+RECIPE_SUFFIXES = (".yaml", ".yml")
+CONVERTED_DIR = "converted"
+"""Where an inline ``convert:`` section writes by default, inside the run's ``output``."""
 
 
 class _Strict(BaseModel):
@@ -40,6 +52,9 @@ class _Strict(BaseModel):
 class Schedule(_Strict):
     """Optimiser and loop settings, passed to transformers' TrainingArguments (same names)."""
 
+    optim: Optim = "adamw_torch_fused"
+    """The optimizer transformers builds (default: its own default with torch >= 2.8, so recipes without the key
+    train as before); with ``router_learning_rate`` the same optimizer gets the routers as their own group."""
     learning_rate: Annotated[float, Field(gt=0)] = 2e-5
     router_learning_rate: Annotated[float, Field(gt=0)] | None = None
     """A separate learning rate for router parameters (None: same as learning_rate)."""
@@ -67,12 +82,29 @@ class Schedule(_Strict):
     """DPO temperature (TRL's beta)."""
 
 
+def _convert_recipe(path: Path) -> ConvertRecipe:
+    """``model: PATH.yaml``, read as the convert recipe it must be (a training recipe there is a mistake)."""
+    if not path.is_file():
+        raise MoeforgeError(f"model: {path} does not exist: name a model, or an existing convert recipe (see recipes/)")
+    try:
+        keys = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        keys = None  # load_recipe reports it
+    if isinstance(keys, dict) and "stage" in keys:
+        raise MoeforgeError(f"model: {path} is a training recipe; name the model it trains, or a convert recipe (keys source:, moe:)")
+    return load_recipe(path)
+
+
 class TrainRecipe(_Strict):
     KEYS_DOC: ClassVar[str] = 'README.md, section "Training"'
 
     stage: Literal["pt", "sft", "dpo"]
     model: str
-    """Any model moeforge loads: local dir, hub id, .gguf, 'default', a dense or MoE checkpoint."""
+    """Any model moeforge loads: local dir, hub id, .gguf, 'default', a dense or MoE checkpoint; or a convert
+    recipe (``.yaml``), which becomes ``convert`` (and ``model`` its output)."""
+    convert: ConvertRecipe | None = None
+    """Convert first (Dense2MoE in one run), then train the converted model; ``output`` defaults to
+    ``<output>/converted``, and ``resume: true`` reuses a complete conversion there."""
     gguf_file: str | None = None
     output: Path
     data: DataSpec
@@ -100,6 +132,30 @@ class TrainRecipe(_Strict):
     """A DeepSpeed JSON config, passed through to transformers (MoE blocks become ZeRO-3 leaf modules)."""
     ddp_backend: Literal["gloo", "nccl"] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _conversion(cls, data: Any) -> Any:
+        """Both Dense2MoE forms become one: a ``convert`` section and ``model`` naming its output, so the
+        convert recipe is validated here (errors name ``convert.moe.top_k``) and the rest of training sees a
+        checkpoint path like any other."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        model, convert = data.get("model"), data.get("convert")
+        if isinstance(model, str) and Path(model).suffix in RECIPE_SUFFIXES:
+            if convert is not None:
+                raise ValueError(f"model: {model} is a convert recipe and the recipe has a convert: section too; keep one")
+            recipe = _convert_recipe(Path(model))
+            return {**data, "convert": recipe, "model": str(recipe.output)}
+        if model is None and convert is None:
+            raise ValueError("model: required key is missing; name the model to train, or add a convert: section that makes it")
+        if isinstance(convert, dict):
+            if "output" not in convert and data.get("output") is not None:
+                convert = data["convert"] = {**convert, "output": str(Path(str(data["output"])) / CONVERTED_DIR)}
+            if model is None and convert.get("output") is not None:
+                data["model"] = str(convert["output"])
+        return data
+
     @field_validator("experts_backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
@@ -109,6 +165,12 @@ class TrainRecipe(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TrainRecipe:
+        if self.convert is not None and Path(self.model) != self.convert.output:
+            raise ValueError(
+                f"model: {self.model} is not convert.output {self.convert.output}: leave model out (the converted model trains) or make them equal"
+            )
+        if self.convert is not None and self.gguf_file is not None:
+            raise ValueError("gguf_file: the converted model is safetensors; a GGUF source belongs in convert.gguf_file")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues the run in output, overwrite starts afresh")
         if self.stage == "dpo" and self.data.builtin not in (None, "dpo-demo"):

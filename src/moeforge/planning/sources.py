@@ -3,7 +3,8 @@
 Only configs are read. A model directory gives its ``config.json``; a ``.gguf`` file its metadata; a hub
 id just its ``config.json``; a convert recipe the config of the MoE it would write (the same plan and
 export code ``moeforge convert`` runs, so the planned model is the converted one); a train recipe its
-model plus its stage, adapter, freezing, quantisation, batch, length and dtype.
+model (the MoE its ``convert`` section writes, when it converts first) plus its stage, adapter, freezing,
+quantisation, batch, length and dtype.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from moeforge.config.data import DataSpec
 from moeforge.config.recipe import ConvertRecipe, load_recipe
-from moeforge.config.train_recipe import Schedule, TrainRecipe
+from moeforge.config.train_recipe import RECIPE_SUFFIXES, Schedule, TrainRecipe
 from moeforge.conversion.export import build_config, resolve_export
 from moeforge.conversion.plan import build_plan
 from moeforge.errors import MoeforgeError
@@ -25,8 +26,6 @@ from moeforge.families import source_family
 from moeforge.io.loading import check_supported, is_hub_id, not_on_hub, read_config, resolve_checkpoint
 from moeforge.planning.counting import ModelSpec
 from moeforge.planning.memory import TrainingSetup
-
-RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
 @dataclass(frozen=True)
@@ -176,12 +175,15 @@ def scenarios(target: str, setup_overrides: dict, model_override: str | None = N
         kind = _recipe_type(path)
         recipe = load_recipe(path, model=kind)
         if isinstance(recipe, TrainRecipe):
-            try:
-                model = model_config(model_override or recipe.model, None if model_override else recipe.gguf_file)
-            except MoeforgeError as err:
-                raise MoeforgeError(
-                    f"model: {err}; if a convert recipe writes this model, plan with that recipe as the model override"
-                ) from None
+            if recipe.convert is not None and not model_override:  # converts first: plan the MoE it will train
+                model = converted_config(recipe.convert, f"{path} (convert)")[1]
+            else:
+                try:
+                    model = model_config(model_override or recipe.model, None if model_override else recipe.gguf_file)
+                except MoeforgeError as err:
+                    raise MoeforgeError(
+                        f"model: {err}; if a convert recipe writes this model, plan with that recipe as the model override"
+                    ) from None
             setup = replace(_train_setup(recipe), **setup_overrides)
             return _train_scenarios(recipe, model, setup)
         if model_override:

@@ -1,9 +1,10 @@
 """``train(recipe)``: one recipe → transformers' Trainer (pt) or TRL's SFTTrainer / DPOTrainer (sft / dpo).
 
-moeforge adds only what those trainers lack for MoE models: router losses in the model's forward
-(per layer, padding masked, weighted like the LM loss), freezing by role, a separate router learning
-rate, routing telemetry and plots, checkpoints that count only when complete, and a final checkpoint in
-the model's own (native where possible) architecture with its provenance.
+moeforge adds only what those trainers lack for MoE models: converting a dense model first (Dense2MoE in
+one run), router losses in the model's forward (per layer, padding masked, weighted like the LM loss),
+freezing by role, a separate router learning rate, routing telemetry and plots, checkpoints that count only
+when complete, and a final checkpoint in the model's own (native where possible) architecture with its
+provenance, chained to the conversion's.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from torch import nn
 from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainingArguments, default_data_collator
 
 from moeforge.config.router_losses import RouterLossConfig
-from moeforge.config.train_recipe import TrainRecipe
+from moeforge.config.train_recipe import BITSANDBYTES_OPTIMS, TrainRecipe
+from moeforge.conversion import convert
 from moeforge.data import build_datasets, pack_texts
 from moeforge.errors import MoeforgeError
 from moeforge.io.loading import TORCH_DTYPES, load_model, resolve_checkpoint
 from moeforge.io.publish import check_output, staged_directory, staging_path
-from moeforge.io.quantization import Bits
+from moeforge.io.quantization import Bits, require_bitsandbytes
 from moeforge.io.safetensors_writer import sha256_file
 from moeforge.modeling import is_moeforge_config
 from moeforge.routing.hooks import attach_router_losses, find_routers
@@ -43,6 +45,8 @@ from moeforge.training.telemetry import LogLineCallback, RouterLossMeter, Teleme
 from moeforge.training.trl_trainers import LossBreakdownMixin, MoeTrainer, RouterAwareDPOTrainer, RouterAwareSFTTrainer
 
 FINAL_DIR = "model"
+CONVERSION_FILES = ("config.json", "moeforge.json")
+"""What a finished conversion holds (it is renamed into place only when complete, moeforge.json among the last)."""
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +75,42 @@ def _prepare_output(recipe: TrainRecipe) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
+def _check_optim(recipe: TrainRecipe) -> None:
+    """bitsandbytes' 8-bit optimizers run on CUDA only: said before any conversion or model load."""
+    optim = recipe.training.optim
+    if optim in BITSANDBYTES_OPTIMS:
+        require_bitsandbytes(
+            f"training.optim: {optim}", "keeps 8-bit optimizer states", "use adamw_torch (or adafactor, whose states are small)"
+        )
+
+
+def _convert_first(recipe: TrainRecipe, log: Callable[[str], None]) -> None:
+    """Dense2MoE in one run: write the MoE the ``convert`` section describes, with the fidelity check it asks
+    for (a failed exact check raises FidelityError and nothing trains); on ``resume``, reuse a complete
+    conversion instead of converting again."""
+    spec = recipe.convert
+    if spec is None:
+        return
+    output = spec.output
+    complete = all((output / name).is_file() for name in CONVERSION_FILES)
+    if recipe.resume and complete:
+        log(f"convert: reusing the conversion in {output} (resume)")
+        return
+    if output.exists() and not recipe.overwrite:
+        state = "holds a conversion: set resume: true to train on it" if complete else "holds no complete conversion: remove it"
+        raise MoeforgeError(f"convert.output {output} {state}, or set overwrite: true to convert again")
+    log(f"convert: converting {spec.source} into {output} before training")
+    try:
+        convert(spec, overwrite=recipe.overwrite, log=log)
+    except MoeforgeError as error:  # the conversion's own messages name keys of the convert section
+        raise type(error)(f"convert: {error}") from None
+
+
 def _training_kwargs(recipe: TrainRecipe, has_eval: bool) -> dict:
     t = recipe.training
     kwargs = dict(
         output_dir=str(recipe.output),
+        optim=t.optim,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_ratio,
@@ -118,18 +154,21 @@ def _default_ddp_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer | None:
-    """AdamW with the routers in their own parameter group when a router learning rate is set."""
+def _optimizer(model: nn.Module, recipe: TrainRecipe, args: TrainingArguments) -> torch.optim.Optimizer | None:
+    """With a router learning rate, the optimizer ``training.optim`` names, built as Trainer builds it
+    (class and settings from transformers) but with the routers in their own parameter group; otherwise
+    None, and Trainer builds its own."""
     t = recipe.training
     if t.router_learning_rate is None:
         return None
     routers = set(router_parameters(model))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
-        {"params": [p for n, p in named if n not in routers], "lr": t.learning_rate},
-        {"params": [p for n, p in named if n in routers], "lr": t.router_learning_rate},
+        {"params": [p for n, p in named if n not in routers], "lr": t.learning_rate, "weight_decay": t.weight_decay},
+        {"params": [p for n, p in named if n in routers], "lr": t.router_learning_rate, "weight_decay": t.weight_decay},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate, weight_decay=t.weight_decay)
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    return optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
 
 
 def _register_zero3_leaves(model: nn.Module) -> None:
@@ -143,15 +182,36 @@ def _register_zero3_leaves(model: nn.Module) -> None:
         set_z3_leaf_modules(model, list(blocks))
 
 
-def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trainer:
-    kwargs = _training_kwargs(recipe, data.eval is not None)
-    optimizers = (optimizer, None)
+def _trainer_args(recipe: TrainRecipe, has_eval: bool) -> TrainingArguments:
+    """The stage's arguments: TrainingArguments (pt), or TRL's SFTConfig / DPOConfig over the same names.
+    TRL's own MoE aux loss (transformers' all-layer version) is off: moeforge supplies the router losses."""
+    kwargs = _training_kwargs(recipe, has_eval)
+    if recipe.stage == "pt":
+        return TrainingArguments(**kwargs)
+    if recipe.stage == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig(
+            **kwargs,
+            max_length=recipe.data.max_length,
+            completion_only_loss=recipe.data.completion_only_loss,
+            packing=False,
+            router_aux_loss_coef=0.0,
+        )
+    from trl import DPOConfig
+
+    return DPOConfig(**kwargs, max_length=recipe.data.max_length, beta=recipe.training.beta, router_aux_loss_coef=0.0)
+
+
+def _build_trainer(recipe, model, tokenizer, data, callbacks) -> Trainer:
+    args = _trainer_args(recipe, data.eval is not None)
+    optimizers = (_optimizer(model, recipe, args), None)
     if recipe.stage == "pt":
         train = pack_texts(data.train, tokenizer, recipe.data.max_length, split="train")
         evaluation = None if data.eval is None else pack_texts(data.eval, tokenizer, recipe.data.max_length, split="eval")
         return MoeTrainer(
             model=model,
-            args=TrainingArguments(**kwargs),
+            args=args,
             train_dataset=train,
             eval_dataset=evaluation,
             data_collator=default_data_collator,
@@ -166,25 +226,15 @@ def _build_trainer(recipe, model, tokenizer, data, optimizer, callbacks) -> Trai
         "optimizers": optimizers,
         "callbacks": callbacks,
     }
-    # TRL's own MoE aux loss (transformers' all-layer version) off: moeforge supplies the router losses
     if recipe.stage == "sft":
-        from trl import SFTConfig
-
-        sft_args = SFTConfig(
-            **kwargs,
-            max_length=recipe.data.max_length,
-            completion_only_loss=recipe.data.completion_only_loss,
-            packing=False,
-            router_aux_loss_coef=0.0,
-        )
-        return RouterAwareSFTTrainer(model=model, args=sft_args, **shared)
+        return RouterAwareSFTTrainer(model=model, args=args, **shared)
     from trl import DPOConfig
 
-    dpo_args = DPOConfig(**kwargs, max_length=recipe.data.max_length, beta=recipe.training.beta, router_aux_loss_coef=0.0)
+    assert isinstance(args, DPOConfig)  # _trainer_args built it for stage dpo
     # TRL 1.16 would reload the reference from the policy's path (failing on moeforge models): hand it a copy.
     # An adapter model needs none: TRL runs the reference as the same model with the adapter disabled.
     reference = None if isinstance(model, PeftModel) else copy.deepcopy(model).eval().requires_grad_(False)
-    return RouterAwareDPOTrainer(model=model, ref_model=reference, args=dpo_args, **shared)
+    return RouterAwareDPOTrainer(model=model, ref_model=reference, args=args, **shared)
 
 
 def _record_router_coefficients(config, recipe: TrainRecipe, native_coef: float | None) -> None:
@@ -288,9 +338,12 @@ def _last(history: list[dict[str, Any]], key: str) -> float | None:
 
 
 def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> TrainResult:
-    """Train as the recipe says; raises MoeforgeError on bad input before any step runs."""
+    """Train as the recipe says (converting first when it has a ``convert`` section); raises MoeforgeError on
+    bad input before any step runs."""
     start = time.perf_counter()
+    _check_optim(recipe)
     _prepare_output(recipe)
+    _convert_first(recipe, log)
     dtype = TORCH_DTYPES[recipe.dtype]
     loaded, tokenizer = load_model(
         recipe.model,
@@ -319,7 +372,7 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> T
     telemetry = TelemetryCallback(None, recipe.output, recipe.training.telemetry_steps)
     native_coef = getattr(model.config, "router_aux_loss_coef", None)
     callbacks = [telemetry, CompleteCheckpointMarker(), LogLineCallback(log)]
-    trainer = _build_trainer(recipe, model, tokenizer, data, _optimizer(model, recipe), callbacks)
+    trainer = _build_trainer(recipe, model, tokenizer, data, callbacks)
     trainer.remove_callback(PrinterCallback)  # its raw dicts, in place of LogLineCallback's lines
     _record_router_coefficients(model.config, recipe, native_coef)
     # attached after the trainer is built: DPO's reference model (a copy) must not report routing
