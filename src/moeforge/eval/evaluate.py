@@ -25,8 +25,8 @@ from moeforge.eval.inputs import EvalInputs, EvalStage, load_inputs
 from moeforge.eval.perplexity import PerplexityResult, perplexity
 from moeforge.eval.probes import ProbeResult, ProbeSpec, run_probe
 from moeforge.eval.report import has_routers
-from moeforge.io.loading import TORCH_DTYPES, load_model
-from moeforge.io.publish import write_json
+from moeforge.io.loading import TORCH_DTYPES, load_model, resolve_checkpoint
+from moeforge.io.publish import check_output, write_json
 
 if TYPE_CHECKING:
     from moeforge.eval.lm_eval import HarnessTasks
@@ -231,6 +231,10 @@ def evaluate(
     if probe is not None:
         probe.prompts()  # a malformed probe fails before any model is loaded
     out = Path(output) if output is not None else default_output(source)
+    check_output(out, overwrite=True)  # a file in the way or an unwritable parent: before any model loads
+    for model_source in (source, other):
+        if model_source is not None:
+            resolve_checkpoint(model_source)  # a missing second model fails now, not after the first is measured
     settings: _Settings = {
         "dtype": dtype,
         "device": device or _device(),

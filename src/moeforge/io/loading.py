@@ -247,10 +247,28 @@ def read_config(directory: Path, *, trust_remote_code: bool = False) -> Pretrain
         raise MoeforgeError(f"{config_path} is not a JSON object; fix or re-download it")
     text = raw.get("text_config")
     _refuse_unsupported(raw.get("model_type"), raw.get("architectures"), text.get("model_type") if isinstance(text, dict) else None)
+    _refuse_unknown_activation(raw, config_path)
     try:
         return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, TypeError, OSError) as err:
         raise MoeforgeError(f"{config_path} is not a valid config ({_first_line(err)}); fix or re-download it") from None
+
+
+_ACTIVATION_FIELDS = ("hidden_act", "hidden_activation")
+"""Where the families moeforge knows name their FFN activation (:attr:`DenseFamily.activation_field`)."""
+
+
+def _refuse_unknown_activation(raw: dict[str, Any], config_path: Path) -> None:
+    """An activation transformers does not know fails deep inside model construction (``KeyError``): name it."""
+    from transformers.activations import ACT2FN
+
+    for field in _ACTIVATION_FIELDS:
+        value = raw.get(field)
+        if isinstance(value, str) and value not in ACT2FN:
+            raise MoeforgeError(
+                f"{config_path}: {field} {value!r} is not an activation transformers knows "
+                f"(e.g. silu, gelu_pytorch_tanh, gelu); fix config.json"
+            )
 
 
 def _refuse_unsupported(model_type: object, architectures: object, text_model_type: object = None) -> None:
@@ -332,7 +350,7 @@ def from_pretrained(
     if extensions:  # their weights are "unexpected" to the plain architecture; the extension loads them
         transformers_logging.set_verbosity_error()
     try:
-        model = model_class.from_pretrained(
+        model, info = model_class.from_pretrained(
             directory,
             config=config,
             dtype=dtype,
@@ -340,10 +358,28 @@ def from_pretrained(
             weights_only=True,
             trust_remote_code=trust_remote_code,
             experts_implementation=implementation_name(experts_backend),
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below in one line, instead of transformers' report and traceback
             **extra,
         )
     finally:
         transformers_logging.set_verbosity(verbosity)
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        name, *shapes = mismatched[0]
+        found = f" (weights {tuple(shapes[0])}, config {tuple(shapes[1])})" if len(shapes) == 2 else ""
+        raise MoeforgeError(
+            f"{directory}: config.json disagrees with the weights at {name}{found}"
+            + (f" and {len(mismatched) - 1} more tensors" if len(mismatched) > 1 else "")
+            + "; fix config.json or re-download the checkpoint"
+        )
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise MoeforgeError(
+            f"{directory}: the weights lack {missing[0]}{more}, which config.json requires (they would start random); "
+            "fix config.json or re-download the checkpoint"
+        )
     for _, entry, install in extensions:
         install(model, entry, reader, directory)
     return model

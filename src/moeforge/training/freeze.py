@@ -66,12 +66,22 @@ def _layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _layer_count(model: nn.Module) -> int:
+    """The decoder's layer count: one more than the highest layer index among the parameter names."""
+    indices = [index for name, _ in model.named_parameters() if (index := _layer_of(name)) is not None]
+    return max(indices, default=-1) + 1
+
+
 def apply_freeze(model: nn.Module, groups: Iterable[str], layers: Iterable[int] = (), *, keep_frozen: bool = False) -> tuple[int, int]:
     """Freeze the parameters of ``groups`` and every parameter of the decoder ``layers``; with
     ``keep_frozen`` a parameter already frozen stays frozen (an adapter model: only adapter parts train). ``all_but_new``
     freezes everything a dense source already had, i.e. all but the routers (the only parameters an
     upcycling conversion or MoICE creates; norms freeze too). Returns ``(trainable, total)`` parameter counts."""
     groups, layers = set(groups), set(layers)
+    count = _layer_count(model)
+    beyond = sorted(i for i in layers if not 0 <= i < count)
+    if beyond:
+        raise MoeforgeError(f"freeze_layers: layer {beyond[0]} is not in this model (layers 0-{count - 1}); fix the range")
     roles = parameter_roles(model)
     if "all_but_new" in groups:
         if not set(roles.values()) & (set(NEW_ROLES) - groups):

@@ -9,7 +9,9 @@ provenance, chained to the conversion's.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -339,10 +341,26 @@ def _last(history: list[dict[str, Any]], key: str) -> float | None:
 
 def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> TrainResult:
     """Train as the recipe says (converting first when it has a ``convert`` section); raises MoeforgeError on
-    bad input before any step runs."""
+    bad input before any step runs. A run that fails before writing anything leaves no output directory."""
     start = time.perf_counter()
     _check_optim(recipe)
+    _check_deepspeed(recipe)
     _prepare_output(recipe)
+    try:
+        return _train(recipe, log, start)
+    except BaseException:
+        with contextlib.suppress(OSError):  # only when empty: checkpoints of a failed run stay for resume
+            recipe.output.rmdir()
+        raise
+
+
+def _check_deepspeed(recipe: TrainRecipe) -> None:
+    """A ``deepspeed:`` recipe needs the optional package: said before any model loads."""
+    if recipe.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
+        raise MoeforgeError("deepspeed: this recipe trains with DeepSpeed, which is not installed: pip install 'moeforge[deepspeed]'")
+
+
+def _train(recipe: TrainRecipe, log: Callable[[str], None], start: float) -> TrainResult:
     _convert_first(recipe, log)
     dtype = TORCH_DTYPES[recipe.dtype]
     loaded, tokenizer = load_model(
