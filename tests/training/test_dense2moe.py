@@ -74,7 +74,7 @@ def test_a_failed_exact_check_trains_nothing(models, tmp_path: Path, monkeypatch
     message = str(err.value)
     assert message.startswith("convert: the conversion should reproduce the dense model exactly but max |Δlogit| is ")
     assert message.endswith("(tolerance 1.00e-30); nothing was written. Please report this with your recipe")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # nothing trained, and no empty output directory left
 
 
 def test_an_existing_conversion_elsewhere_needs_resume_or_overwrite(models, tmp_path: Path) -> None:
