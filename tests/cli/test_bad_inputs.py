@@ -109,3 +109,25 @@ def test_deepspeed_without_the_extra(
     assert main(["train", str(_train_recipe(tmp_path, tiny_llama_dir, deepspeed=str(config)))]) == 2
     _one_line(capsys, "train", "pip install 'moeforge[deepspeed]'")
     assert not (tmp_path / "run").exists()
+
+
+def test_too_many_shared_experts_names_the_key_that_was_set(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "moe"
+    args = [
+        "convert",
+        "--source",
+        str(tiny_llama_dir),
+        "--output",
+        str(out),
+        "--num-experts",
+        "4",
+        "--top-k",
+        "1",
+        "--shared-experts",
+        "200",
+    ]
+    assert main(args) == 2
+    _one_line(capsys, "convert", "moe.shared.num_experts: 200 shared next to 4 routed experts", "use fewer experts")
+    assert not out.exists()

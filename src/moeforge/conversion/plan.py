@@ -148,6 +148,11 @@ def _plan_layer(moe: MoESpec, layer: int, num_experts: int, intermediate: int) -
         else:  # an equal share per expert, rounded down to 8 neurons per shared expert (aligned GEMM rows)
             per_expert = intermediate // total_units
             shared_size = shared.num_experts * (per_expert - per_expert % 8 if per_expert >= 8 else per_expert)
+        if shared.intermediate_size is None and shared_size == 0:  # the default share rounds to nothing
+            raise MoeforgeError(
+                f"moe.shared.num_experts: {shared.num_experts} shared next to {routed_experts_for_default} routed experts leaves "
+                f"each fewer than one of the FFN's {intermediate} neurons ({where}); use fewer experts"
+            )
         if shared_size % shared.num_experts:
             raise MoeforgeError(f"moe.shared.intermediate_size: {shared_size} is not divisible by shared.num_experts {shared.num_experts}")
         if not 0 < shared_size < intermediate:
