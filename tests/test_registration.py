@@ -57,7 +57,16 @@ def test_a_moeforge_checkpoint_loads_with_plain_auto_classes_after_import_moefor
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["--version"], ["train", "--help"], ["convert", "--help"], ["eval", "--help"], ["convert", "{bad}"], ["train", "{bad}"]],
+    [
+        ["--help"],
+        ["--version"],
+        ["train", "--help"],
+        ["convert", "--help"],
+        ["eval", "--help"],
+        ["convert", "{bad}"],
+        ["train", "{bad}"],
+        ["plan", "{bad}"],
+    ],
 )
 def test_the_first_answer_needs_no_torch(argv: list[str], tmp_path) -> None:
     bad = tmp_path / "bad.yaml"

@@ -6,6 +6,7 @@ import argparse
 import json
 from collections.abc import Iterable
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from rich.console import Console
@@ -142,6 +143,10 @@ def render(plan: Plan, verdicts: dict[int, str], console: Console) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if Path(args.target).suffix in (".yaml", ".yml"):
+        from moeforge.api import load_recipe
+
+        load_recipe(args.target)  # a bad recipe is reported before torch and transformers are imported
     from moeforge.planning.report import parse_gpu_memory, plan_scenarios, verdict
     from moeforge.planning.sources import scenarios
 
