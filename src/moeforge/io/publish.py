@@ -119,6 +119,9 @@ def staged_file(path: Path) -> Iterator[Path]:
 
     Readable by everyone like a normally created file (``mkstemp`` would make it private)."""
     path = Path(path)
+    parent = _existing_ancestor(path.parent)
+    if not parent.is_dir():
+        raise MoeforgeError(f"{path} lies under {parent}, which is a file: choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
