@@ -12,54 +12,11 @@ import yaml
 import moeforge
 from moeforge.cli.main import main
 
-DENSE2MOE = """{
-  "num_experts": 8, //每一层复制的 experts 数
-  "expert_top_k": 2, //每一层选取的 topk
-  "moe_start_layer": 16,  //从多少层开始转成 MoEs
-  "moe_layer_freq":2,  //每隔多少层转 MoEs
-  "gate_type": "mlp", // gate 类型
-  "aux_loss_type": "mi",
-  "aux_loss_weight": 1e-2,
-  "hidden_size": 4096,
-  "_name_or_path": "meta-llama/Llama-2-7b-hf"
-}
-"""
-MOE_ADAPTER = {
-    "model_name_or_path": "meta-llama/Llama-4-Maverick-8B",
-    "use_lora": True,
-    "lora_rank": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.1,
-    "use_moe": True,
-    "num_experts": 4,
-    "expert_capacity": 1,
-    "load_in_8bit": True,
-    "train_file": "data/train.json",
-    "validation_file": "data/validation.json",
-    "max_seq_length": 512,
-    "output_dir": "output",
-    "per_device_train_batch_size": 2,
-    "gradient_accumulation_steps": 16,
-    "learning_rate": 2e-4,
-    "num_train_epochs": 3,
-    "fp16": True,
-}
-LLAMA_MOE_V2 = """#!/usr/bin/bash
-#SBATCH --job-name=convert
-{
-  model_path="/models/Meta-Llama-3-8B-Instruct"
-  num_experts=7
-  num_residual=1
-  top_k=1
-  scale_factor=4.0   # we suggest this value to be 4.0 for 8 experts
-  num_moe_contract_layers=1
-  moe_implementation_type="modulelist"
-  save_path="/out/Top${top_k}-Scale${scale_factor}"
-  neuron_indices_file="/res/neuron_indices.pt"
- srun python smoe/entrypoint/expert_construction/convert/convert_mixtral_v2.py --model_path ${model_path}
-}
-"""
-OFFICIAL_BASES = [10000, 17500, 18000, 19000, 20000, 22500, 25000]
+SEEDS = Path(__file__).parents[2] / "examples" / "seed-configs"  # the original tools' own files
+DENSE2MOE = (SEEDS / "dense2moe-config.json").read_text(encoding="utf-8")
+MOE_ADAPTER = json.loads((SEEDS / "moe-adapter-config.json").read_text())
+LLAMA_MOE_V2 = (SEEDS / "llama-moe-v2-convert.sh").read_text(encoding="utf-8")
+OFFICIAL_BASES = json.loads((SEEDS / "moice-config.json").read_text())["base_set"]
 
 
 def _import(tmp_path: Path, name: str, text: str, *args: str) -> tuple[str, object]:
