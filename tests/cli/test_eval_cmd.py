@@ -61,6 +61,14 @@ def test_compare_prints_both_models(
     assert "dense model: no routers" in stdout
     assert report["compare"]["tokens"] == report["tokens"]
     assert not (out / "expert_load.png").exists()  # the evaluated model is dense
+    assert not (out / "expert_load_difference.png").exists()  # nothing to compare cell by cell
+
+
+def test_compare_of_two_routed_models_draws_the_difference(mixtral_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    args = ["eval", str(mixtral_dir), "--compare", str(mixtral_dir), "--dtype", "bfloat16", "--text", str(text_file), "-o", str(out), *FAST]
+    assert main(args) == 0
+    assert (out / "expert_load_difference.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_sft_data_file(dense_dir: Path, tmp_path: Path) -> None:

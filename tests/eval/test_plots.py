@@ -13,7 +13,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from moeforge.eval.plots import (
+    can_compare_load,
     expert_load_figure,
+    load_difference_figure,
     load_over_time_figure,
     loss_figure,
     plot_expert_load,
@@ -80,6 +82,24 @@ def test_expert_load_heatmap_with_uneven_expert_counts(tmp_path: Path) -> None:
     assert expert_load_figure(stats).axes[0].get_title() == "expert load over 100 tokens"
     path = tmp_path / "plots" / "expert_load.png"  # parent created on demand
     _assert_png_of(path, plot_expert_load(stats, path, title="tiny"), fig)
+
+
+def test_load_difference_is_second_minus_first_in_points() -> None:
+    first, second = _stats(0), _stats(1)
+    fig = load_difference_figure(first, second, title="trained − base")
+    cells = _image(fig)
+    for layer, (a, b) in enumerate(zip(first.load_fraction(), second.load_fraction(), strict=True)):
+        np.testing.assert_allclose(cells[layer, : len(a)], 100 * (b - a).numpy(), rtol=1e-5, atol=1e-9)
+        assert cells.mask[layer, len(a) :].all()
+    (image,) = fig.axes[0].get_images()
+    low, high = image.get_clim()
+    assert low == -high and high == pytest.approx(float(np.abs(cells).max()))  # centred: red busier, blue idler
+    assert fig.axes[0].get_title() == "trained − base"
+    assert fig.axes[1].get_ylabel() == "change in share of routed tokens (percentage points)"
+    other_layers = RoutingStats(load=first.load, tokens=100, entropy=first.entropy, balance=first.balance, names=["1", "2", "3"])
+    assert not can_compare_load(first, other_layers)
+    with pytest.raises(ValueError, match="cannot be compared cell by cell"):
+        load_difference_figure(first, other_layers)
 
 
 def test_expert_load_says_when_routing_is_dense() -> None:

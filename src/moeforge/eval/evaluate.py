@@ -3,7 +3,7 @@
 
 One call measures perplexity and per-layer routing on the chosen text, runs an optional position probe
 and lm-evaluation-harness tasks, and writes ``eval.json`` (every figure), ``expert_load.png`` (and
-``expert_load_compare.png``) and ``position_curve.png`` into ``output``. Everything that can be checked
+``expert_load_compare.png``, and ``expert_load_difference.png`` when both models route the same layers) and ``position_curve.png`` into ``output``. Everything that can be checked
 without a model (inputs, probe prompts, the harness being installed) is checked before the first load;
 each model is freed before the next one is loaded, so two large models never share memory.
 """
@@ -182,6 +182,12 @@ def _perplexity_pass(
 
             path = out / "expert_load_compare.png"
             written.append(plot_expert_load(second.perplexity.routing, path, title=f"{other}: expert load"))
+        from moeforge.eval.plots import can_compare_load, plot_load_difference
+
+        if can_compare_load(first.perplexity.routing, second.perplexity.routing):
+            path = out / "expert_load_difference.png"
+            title = f"expert load: {other} − {source} (percentage points)"
+            written.append(plot_load_difference(first.perplexity.routing, second.perplexity.routing, path, title))
     probes = _probe_results(first, second)
     if probes:
         from moeforge.eval.plots import plot_position_curve

@@ -129,6 +129,39 @@ def expert_load_figure(stats: RoutingStats, title: str = "") -> Figure:
     return fig
 
 
+def can_compare_load(first: RoutingStats, second: RoutingStats) -> bool:
+    """Two models' loads can be set side by side cell by cell: the same MoE layers with the same expert counts
+    (base vs trained from one conversion), not merely two MoE models."""
+    return bool(first.load) and first.names == second.names and [len(x) for x in first.load] == [len(x) for x in second.load]
+
+
+def plot_load_difference(first: RoutingStats, second: RoutingStats, path: Path, title: str = "") -> Path:
+    """:func:`load_difference_figure` as a PNG at ``path``."""
+    return save_png(load_difference_figure(first, second, title), path)
+
+
+def load_difference_figure(first: RoutingStats, second: RoutingStats, title: str = "") -> Figure:
+    """Heatmap of how each expert's share of the routed tokens moved from ``first`` to ``second``
+    (second − first, in percentage points), on a scale centred at zero: which experts training made busier
+    (red) or idler (blue). Only for loads :func:`can_compare_load` accepts."""
+    if not can_compare_load(first, second):
+        raise ValueError("the two models' MoE layers differ; their expert loads cannot be compared cell by cell")
+    difference = 100 * (_fraction_grid(second) - _fraction_grid(first))
+    layers, experts = difference.shape
+    bound = float(np.nanmax(np.abs(difference))) if np.isfinite(difference).any() else 0.0
+    fig = Figure(figsize=(min(16, 3 + 0.4 * experts), min(14, 2 + 0.3 * layers)))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="lightgrey")
+    image = ax.imshow(
+        np.ma.masked_invalid(difference), aspect="auto", cmap=cmap, vmin=-bound or -1.0, vmax=bound or 1.0, interpolation="nearest"
+    )
+    fig.colorbar(image, ax=ax, label="change in share of routed tokens (percentage points)")
+    _layer_ticks(ax, first.names, layers)
+    ax.set_xlabel("expert")
+    ax.set_title(title or "expert load: second − first")
+    return fig
+
+
 def _dense_layers(stats: RoutingStats) -> list[str]:
     """Labels of the layers where every expert got every token: each expert's count equals the tokens seen.
 
