@@ -191,3 +191,17 @@ def moeforge_llama_config(moe_layers: list | None = None, **fields: Any):
 
     settings = {key: fields.pop(key) for key in list(fields) if key.startswith("router_")}
     return moeforge_config(LlamaConfig(**fields), moe_layers, **settings)
+
+
+def sharpen(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Random weights of unit-ish scale everywhere (norms near 1), so routing is far from ties and uneven."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("log_scales"):
+                p.copy_(torch.rand(p.shape, generator=g) - 0.5)
+            elif p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    return model

@@ -24,7 +24,7 @@ from moeforge.modeling import (
     architecture,
     moeforge_config,
 )
-from tests.helpers import moeforge_llama_config
+from tests.helpers import moeforge_llama_config, sharpen
 
 LLAMA = architecture("llama")
 
@@ -55,20 +55,6 @@ def make_config(**overrides: Any):
 def build(config=None, seed: int = 0):
     torch.manual_seed(seed)
     return MoeforgeForCausalLM(config or make_config()).eval()
-
-
-def sharpen(model: torch.nn.Module, seed: int = 1) -> None:
-    """Replace every parameter by random values of a larger scale (log_scales and norms included), so logits
-    are far from ties and nothing is left at a value an initialiser would reproduce."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("log_scales"):
-                p.copy_(torch.rand(p.shape, generator=g) - 0.5)
-            elif p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
 
 
 def input_ids(batch: int = 2, length: int = 7, seed: int = 2) -> torch.Tensor:

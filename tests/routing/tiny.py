@@ -21,7 +21,7 @@ from transformers import (
 
 import moeforge  # noqa: F401  (registers moeforge's architecture)
 from moeforge.modeling import MoeforgeForCausalLM, MoeLayerSpec
-from tests.helpers import moeforge_llama_config
+from tests.helpers import moeforge_llama_config, sharpen
 
 VOCAB = 96
 COMMON: dict[str, Any] = dict(
@@ -35,20 +35,6 @@ COMMON: dict[str, Any] = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
-
-
-def sharpen(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Random weights of unit-ish scale everywhere (norms near 1), so routing is far from ties and uneven."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("log_scales"):
-                p.copy_(torch.rand(p.shape, generator=g) - 0.5)
-            elif p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-    return model
 
 
 def moeforge_config(**overrides: Any):
