@@ -40,6 +40,8 @@ def test_import_moeforge_imports_nothing_heavy() -> None:
         "import moeforge.adapters",
         "import moeforge.io.loading",
         "import moeforge.training.runner",
+        # a look without an import (transformers checks whether PEFT is installed) must not spend the hook
+        "import moeforge, importlib.util; importlib.util.find_spec('peft'); importlib.util.find_spec('transformers')",
     ],
 )
 def test_registered_whichever_comes_first(first: str) -> None:

@@ -47,22 +47,33 @@ class _AfterImport(importlib.abc.MetaPathFinder):
     """Runs a callback right after a watched top-level package finishes executing (once per package).
 
     It finds nothing itself: it asks the other finders for the package's spec and wraps that spec's
-    loader so the callback follows ``exec_module``."""
+    loader so the callback follows ``exec_module``. A spec that is only looked at (``importlib.util.find_spec``,
+    as transformers does to see whether PEFT is installed) is never executed, so the callback is spent only
+    when the package really runs."""
 
     def __init__(self, callbacks: dict[str, Callable[[], None]]) -> None:
         self.callbacks = callbacks
+        self._searching: set[str] = set()
 
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> ModuleSpec | None:
-        callback = self.callbacks.pop(fullname, None)
-        if callback is None:
+        if fullname not in self.callbacks or fullname in self._searching:
             return None
-        if not self.callbacks and self in sys.meta_path:
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)  # the real finders (this one no longer answers for it)
+        self._searching.add(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)  # the real finders (this one does not answer while it asks)
+        finally:
+            self._searching.discard(fullname)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        spec.loader = _ThenCall(spec.loader, callback)
+        spec.loader = _ThenCall(spec.loader, lambda: self._ran(fullname))
         return spec
+
+    def _ran(self, fullname: str) -> None:
+        callback = self.callbacks.pop(fullname, None)
+        if not self.callbacks and self in sys.meta_path:
+            sys.meta_path.remove(self)
+        if callback is not None:
+            callback()
 
 
 class _ThenCall(importlib.abc.Loader):
