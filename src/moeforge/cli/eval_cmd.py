@@ -102,9 +102,9 @@ def _positions(text: str) -> tuple[int, ...]:
 
 
 def _probe_spec(args: argparse.Namespace) -> ProbeSpec | None:
-    """The requested probe, with its prompts built once here so that a bad flag or a malformed
-    --probe-docs row fails before any model is loaded."""
-    from moeforge.eval.probes import KVProbe, MDQAProbe, ProbeValueError
+    """The requested probe, after checking that its flags come together; evaluate() builds its prompts before
+    any model loads, so a value out of range or a malformed --probe-docs row still fails first."""
+    from moeforge.eval.probes import KVProbe, MDQAProbe
 
     given = {
         "--probe-docs": args.probe_docs,
@@ -136,16 +136,12 @@ def _probe_spec(args: argparse.Namespace) -> ProbeSpec | None:
         spec: ProbeSpec = KVProbe(chat_template=args.chat_template, **settings)
     else:
         spec = MDQAProbe(args.probe_docs, chat_template=args.chat_template, **settings)
-    try:
-        spec.prompts()
-    except ProbeValueError as err:
-        raise MoeforgeError(f"--probe-{err.field} {err.detail}") from None
     return spec
 
 
 def run(args: argparse.Namespace) -> int:
     from moeforge.eval.evaluate import evaluate
-    from moeforge.eval.probes import format_table
+    from moeforge.eval.probes import ProbeValueError, format_table
     from moeforge.eval.report import comparison_lines, result_line, routing_text
 
     for flag, value in (("--stage", args.stage), ("--columns", args.columns)):
@@ -162,25 +158,28 @@ def run(args: argparse.Namespace) -> int:
         for flag, value in perplexity_flags.items():
             if value:
                 raise MoeforgeError(f"{flag} needs the perplexity pass; drop it or --no-perplexity")
-    result = evaluate(
-        args.model,
-        text=args.text,
-        data=args.data,
-        stage=args.stage or "pt",
-        columns=args.columns,
-        compare=args.compare,
-        output=args.output,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        max_batches=args.max_batches,
-        dtype=args.dtype,
-        experts_backend=args.experts_backend,
-        probe=_probe_spec(args),
-        lm_eval_tasks=_tasks(args),
-        lm_eval_include=args.lm_eval_include,
-        lm_eval_limit=args.limit,
-        perplexity=args.perplexity,
-    )
+    try:
+        result = evaluate(
+            args.model,
+            text=args.text,
+            data=args.data,
+            stage=args.stage or "pt",
+            columns=args.columns,
+            compare=args.compare,
+            output=args.output,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            max_batches=args.max_batches,
+            dtype=args.dtype,
+            experts_backend=args.experts_backend,
+            probe=_probe_spec(args),
+            lm_eval_tasks=_tasks(args),
+            lm_eval_include=args.lm_eval_include,
+            lm_eval_limit=args.limit,
+            perplexity=args.perplexity,
+        )
+    except ProbeValueError as err:  # a probe setting, checked by evaluate() before any load: named by its flag
+        raise MoeforgeError(f"--probe-{err.field} {err.detail}") from None
     if result.model is not None:
         print(f"evaluated on {result.data}")
         print(f"{args.model}: {result_line(result.model.perplexity)}")
