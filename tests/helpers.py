@@ -22,22 +22,24 @@ CHAT_TEMPLATE = (
 )
 
 
+TINY_SHAPE: dict[str, Any] = dict(
+    vocab_size=TINY_VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+)
+"""The tiny models' shared shape and special token ids (those of :func:`make_tiny_tokenizer`), any family."""
+
+
 def make_tiny_llama_config(**overrides: Any) -> LlamaConfig:
     """A LLaMA small enough to build and run instantly; token ids match :func:`make_tiny_tokenizer`."""
-    values: dict[str, Any] = dict(
-        vocab_size=TINY_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    values.update(overrides)
+    values: dict[str, Any] = {**TINY_SHAPE, "tie_word_embeddings": False, **overrides}
     return LlamaConfig(**values)
 
 

@@ -14,20 +14,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from tests.helpers import TINY_VOCAB_SIZE, make_tiny_tokenizer
+from tests.helpers import TINY_SHAPE, TINY_VOCAB_SIZE, make_tiny_tokenizer
 
-COMMON: dict[str, Any] = dict(
-    vocab_size=TINY_VOCAB_SIZE,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=3,
-)
+COMMON: dict[str, Any] = dict(TINY_SHAPE)
 _HYBRID = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
 
 FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
