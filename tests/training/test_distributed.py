@@ -8,16 +8,12 @@ float round-off and so do the weights. Adam turns a float-noise sign flip of a n
 the whole update's relative error (MoE). The switch balance loss is *not* additive over ranks (it is a
 product of per-rank means), so the MoE runs set ``balance_coef: 0``.
 
-The ranks run ``python -m moeforge.cli.main train RECIPE`` under ``python -m torch.distributed.run``.
+The ranks run ``python -m moeforge.cli.main train RECIPE`` under torchrun (:mod:`tests.training.launch`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +24,7 @@ from moeforge.config.recipe import load_recipe
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.training import train
 from tests.training.conftest import logged_losses, provenance, state_dict
+from tests.training.launch import check, torchrun
 
 pytestmark = pytest.mark.timeout(900)  # two process starts per run on a 2-core machine
 
@@ -36,12 +33,6 @@ GLOBAL_BATCH = 4
 # not the last step: a telemetry step's loss is left out of the per-step log (see test_stages), and at the last
 # step Trainer would then add that rank's own, ungathered loss to train_loss
 TELEMETRY_STEPS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _write_recipe(path: Path, model: Path, output: Path, data: Path, per_device: int, **extra) -> Path:
@@ -64,25 +55,6 @@ def _write_recipe(path: Path, model: Path, output: Path, data: Path, per_device:
     }
     path.write_text(yaml.safe_dump(recipe))
     return path
-
-
-def _torchrun(recipe: Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "moeforge.cli.main",
-        "train",
-        str(recipe),
-    ]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _history(output: Path) -> list[dict]:
@@ -111,8 +83,7 @@ def pairs(models, data_files, tmp_path_factory):
         ddp = _write_recipe(
             base / "ddp.yaml", models[kind], base / "ddp", data_files["text"], GLOBAL_BATCH // 2, ddp_backend="gloo", **extra
         )
-        done = _torchrun(ddp, base)
-        assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        check(torchrun(ddp, base))
         cache[name] = (base / "single", base / "ddp", models[kind])
         return cache[name]
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from moeforge.config.adapter import AdapterSpec
 from moeforge.config.data import DataSpec
+from moeforge.config.distributed import ExpertParallelSpec, FsdpSpec
 from moeforge.config.experts import DEFAULT_BACKEND, EXPERTS_BACKENDS
 from moeforge.config.moice import MoiceSpec
 from moeforge.config.recipe import ConvertRecipe, load_recipe
@@ -131,6 +132,10 @@ class TrainRecipe(_Strict):
     deepspeed: Path | None = None
     """A DeepSpeed JSON config, passed through to transformers (MoE blocks become ZeRO-3 leaf modules)."""
     ddp_backend: Literal["gloo", "nccl"] | None = None
+    fsdp: FsdpSpec | None = None
+    """Shard the model over the data-parallel ranks with FSDP (launch with torchrun); see :class:`FsdpSpec`."""
+    expert_parallel: ExpertParallelSpec | None = None
+    """Split each MoE layer's experts over ranks; see :class:`ExpertParallelSpec`."""
 
     @model_validator(mode="before")
     @classmethod
@@ -186,6 +191,9 @@ class TrainRecipe(_Strict):
             )
         if self.adapter is not None and self.freeze_layers is not None:
             raise ValueError("freeze_layers has no effect with an adapter (the base is frozen): choose adapter.layers instead")
+        engines = [key for key in ("deepspeed", "fsdp", "expert_parallel") if getattr(self, key) is not None]
+        if len(engines) > 1:
+            raise ValueError(f"{' and '.join(engines)} exclude each other: choose one way to shard the run (docs/distributed.md)")
         if self.training.router_learning_rate and self.deepspeed:
             raise ValueError("training.router_learning_rate is not supported with deepspeed (DeepSpeed builds its own optimizer)")
         return self

@@ -1,0 +1,59 @@
+"""Running ``moeforge train`` on several CPU processes (gloo) from a test: torchrun or ``accelerate launch``.
+
+Each launcher starts ``python -m <module> train RECIPE`` on every rank; ``module`` is ``moeforge.cli.main``, or
+:mod:`tests.training.skewed_routing` to starve some experts on one rank. The launcher's own rank variables are
+removed from the environment first, so a test run under an outer launcher still starts a fresh group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+CLI = "moeforge.cli.main"
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
+"""The accelerate and DeepSpeed configs shipped with the repository (the tests use the files users use)."""
+
+_RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES and not k.startswith("ACCELERATE_")}
+    env["OMP_NUM_THREADS"] = "1"
+    # this checkout's moeforge and tests, whichever checkout the environment's editable install points at
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _run(command: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=_environment(), capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(recipe: Path, cwd: Path, processes: int = 2, module: str = CLI, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m MODULE train RECIPE``: DDP, or whatever the recipe's own keys set up."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port())]
+    return _run([*command, "-m", module, "train", str(recipe)], cwd, timeout)
+
+
+def accelerate_launch(
+    config: Path, recipe: Path, cwd: Path, processes: int = 2, module: str = CLI, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file CONFIG -m MODULE train RECIPE`` with one of the shipped configs."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    command += ["--num_processes", str(processes), "--main_process_port", str(free_port())]
+    return _run([*command, "-m", module, "train", str(recipe)], cwd, timeout)
+
+
+def check(done: subprocess.CompletedProcess) -> None:
+    """Fail with both streams' tails when a launch failed."""
+    assert done.returncode == 0, f"launch failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
