@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the planner imports torch and transformers; the parser must
     from moeforge.planning.report import Plan
 
 SETUP_FLAGS = {"batch_size": "batch size", "seq_len": "sequence length"}
+SHARDING_FLAGS = {"gpus": "number of GPUs", "expert_parallel": "expert-parallel size"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +38,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", metavar=_metavar(DTYPE_BYTES), help="dtype the weights are trained in")
     parser.add_argument("--optimizer", metavar=_metavar(get_args(Optimizer)), help="optimizer (default adamw)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--gpus", type=int, help="GPUs the run is launched on, one process each (default 1)")
+    parser.add_argument(
+        "--zero", type=int, metavar="{0,1,2,3}", help="what the GPUs split: ZeRO stage (3 = FSDP full shard; default: the recipe's engine)"
+    )
+    parser.add_argument(
+        "--offload", action=argparse.BooleanOptionalAction, default=None, help="optimizer states (and sharded weights) in host memory"
+    )
+    parser.add_argument(
+        "--expert-parallel", type=int, metavar="N", help="ranks that split each MoE layer's experts (the rest fully sharded)"
+    )
     parser.add_argument("--model", help="train recipe only: plan with this model instead (a model or a convert recipe)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(func=run)
@@ -68,7 +79,25 @@ def setup_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["optimizer"] = args.optimizer
     if args.gradient_checkpointing is not None:
         overrides["gradient_checkpointing"] = args.gradient_checkpointing
-    return overrides
+    sharding = _sharding_overrides(args)
+    return overrides | ({"sharding": sharding} if sharding else {})
+
+
+def _sharding_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    sharding: dict[str, Any] = {}
+    for flag, what in SHARDING_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise MoeforgeError(f"--{flag.replace('_', '-')} {value}: the {what} must be at least 1")
+        if value is not None:
+            sharding[flag] = value
+    if args.zero is not None:
+        if args.zero not in (0, 1, 2, 3):
+            raise MoeforgeError(f"--zero {args.zero}: ZeRO stages are 0 (nothing split), 1 (optimizer), 2 (+ gradients), 3 (+ weights)")
+        sharding["stage"] = args.zero
+    if args.offload is not None:
+        sharding["offload"] = args.offload
+    return sharding
 
 
 def describe_setup(setup: TrainingSetup) -> str:
@@ -81,6 +110,14 @@ def describe_setup(setup: TrainingSetup) -> str:
     ]
     if setup.quantization:
         parts.append(f"{setup.quantization} base")
+    sharding = setup.sharding
+    if sharding.gpus > 1 or sharding.stage or sharding.expert_parallel > 1:
+        split = ["nothing (replicas)", "optimizer states", "gradients + optimizer", "weights + gradients + optimizer"][sharding.stage]
+        parts.append(f"per GPU of {sharding.gpus}: ZeRO-{sharding.stage} ({split} split)")
+        if sharding.expert_parallel > 1:
+            parts.append(f"experts split over {sharding.expert_parallel} ranks")
+        if sharding.offload:
+            parts.append("offloaded to host memory")
     return ", ".join(parts)
 
 
@@ -113,22 +150,16 @@ def render(plan: Plan, verdicts: dict[int, str], console: Console) -> None:
     from moeforge.planning.report import assumptions, gb
 
     table = Table(title=f"memory plan: {plan.target}", title_justify="left")
-    for column in ("scenario", "total params", "trainable", "active/token", "weights", "gradients", "optimizer", "activations", "total"):
+    offloaded = any(row.memory.host for row in plan.rows)
+    columns = ["scenario", "total params", "trainable", "active/token", "weights", "gradients", "optimizer", "activations", "total"]
+    for column in columns + (["host (offload)"] if offloaded else []):
         table.add_column(column, justify="left" if column == "scenario" else "right")
     for row in plan.rows:
         m = row.memory
         name = ("* " if row.scenario.primary and len(plan.rows) > 1 else "") + row.scenario.name
-        table.add_row(
-            name,
-            human_count(row.counts.total),
-            human_count(row.counts.trainable),
-            human_count(row.counts.active),
-            gb(m.weights),
-            gb(m.gradients),
-            gb(m.optimizer),
-            gb(m.activations),
-            gb(m.total),
-        )
+        counts = [human_count(row.counts.total), human_count(row.counts.trainable), human_count(row.counts.active)]
+        sizes = [gb(m.weights), gb(m.gradients), gb(m.optimizer), gb(m.activations), gb(m.total)]
+        table.add_row(name, *counts, *sizes, *([gb(m.host)] if offloaded else []))
     console.print(table)
     setups = {describe_setup(row.scenario.setup): row.scenario.name for row in plan.rows}
     for text, name in setups.items():

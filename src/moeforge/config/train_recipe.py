@@ -161,6 +161,13 @@ class TrainRecipe(_Strict):
                 data["model"] = str(convert["output"])
         return data
 
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_config_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file: name a DeepSpeed JSON config, e.g. configs/deepspeed/zero3.json")
+        return value
+
     @field_validator("experts_backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:

@@ -27,7 +27,7 @@ from moeforge.config.moice import MoiceSpec
 from moeforge.io.inspection import layer_plan
 from moeforge.io.loading import TORCH_DTYPES
 from moeforge.planning.memory import AdapterPart, FfnShape, ModelShape, ParameterCounts
-from moeforge.routing.detection import find_routers
+from moeforge.routing.detection import RouterRef, find_routers
 from moeforge.training.freeze import apply_freeze
 
 _MOE_BLOCK = re.compile(r"^(.*(?:^|\.)layers\.\d+\.mlp)\.")
@@ -88,23 +88,46 @@ def _quantizable(model: nn.Module) -> list[torch.Tensor]:
     return [module.weight for name, module in model.named_modules() if type(module) is nn.Linear and should_convert_module(name, skip)]
 
 
-def _inactive(model: nn.Module) -> int:
-    """Routed-expert parameters a token skips: (E - k) / E of each block's per-expert tensors (leading dim
-    E), for model routers and adapter routers alike. Shared experts and the routers themselves always run."""
-    inactive = 0
+def _routed_experts(model: nn.Module) -> list[tuple[str, nn.Parameter, RouterRef]]:
+    """Each routed-expert tensor with its router: the block's per-expert tensors (leading dim E), for model
+    routers and adapter routers alike. Shared experts and the routers themselves are not routed."""
+    found = []
     for router in find_routers(model):
         if router.per_token != 1:  # MoICE attention routers pick RoPE bases, not parameter blocks
             continue
         match = _MOE_BLOCK.match(router.name)
-        block = model.get_submodule(match.group(1) if match else router.name.rpartition(".")[0])
+        prefix = match.group(1) if match else router.name.rpartition(".")[0]
+        block = model.get_submodule(prefix)
         own = {id(p) for p in router.module.parameters()}
-        routed = sum(
-            p.numel()
+        found += [
+            (f"{prefix}.{name}", p, router)
             for name, p in block.named_parameters()
             if id(p) not in own and "shared" not in name and p.dim() >= 2 and p.shape[0] == router.num_experts
-        )
-        inactive += routed * (router.num_experts - router.top_k) // router.num_experts
-    return inactive
+        ]
+    return found
+
+
+def _inactive(routed: list[tuple[str, nn.Parameter, RouterRef]]) -> int:
+    """Routed-expert parameters a token skips: (E - k) / E of each per-expert tensor."""
+    return sum(p.numel() * (router.num_experts - router.top_k) // router.num_experts for _, p, router in routed)
+
+
+def _largest_layer(model: nn.Module, routed: list[tuple[str, nn.Parameter, RouterRef]]) -> tuple[int, int]:
+    """``(bytes, routed-expert bytes)`` of the decoder layer with the most parameter bytes."""
+    total: dict[int, int] = {}
+    experts: dict[int, int] = {}
+    for name, p in model.named_parameters():
+        layer = layer_index(name)
+        if layer is not None:
+            total[layer] = total.get(layer, 0) + p.numel() * p.element_size()
+    for name, p, _ in routed:
+        layer = layer_index(name)
+        if layer is not None:
+            experts[layer] = experts.get(layer, 0) + p.numel() * p.element_size()
+    if not total:
+        return 0, 0
+    largest = max(total, key=lambda layer: total[layer])
+    return total[largest], experts.get(largest, 0)
 
 
 def _mixture(module: MoeLoraLayer, layer: int | None) -> AdapterPart:
@@ -167,14 +190,18 @@ def count_parameters(spec: ModelSpec) -> ParameterCounts:
             model = apply_adapter(model, spec.adapter)
     trainable, total = apply_freeze(model, spec.frozen_groups, spec.frozen_layers, keep_frozen=spec.adapter is not None)
     parameters = list(model.parameters())
+    routed = _routed_experts(model)
+    layer_bytes, layer_expert_bytes = _largest_layer(model, routed)
     return ParameterCounts(
         total=total,
         trainable=trainable,
-        active=total - _inactive(model),
+        active=total - _inactive(routed),
         total_bytes=sum(p.numel() * p.element_size() for p in parameters),
         trainable_bytes=sum(p.numel() * p.element_size() for p in parameters if p.requires_grad),
         quantizable=sum(p.numel() for p in quantizable),
         quantizable_bytes=sum(p.numel() * p.element_size() for p in quantizable),
         first_trained_layer=_first_trained_layer(model),
         adapter_parts=_adapter_parts(model),
+        layer_bytes=layer_bytes,
+        layer_expert_bytes=layer_expert_bytes,
     )

@@ -3,7 +3,9 @@
 Four parts add up to the estimate: weights, gradients, optimizer states and activations. The first three
 follow from parameter counts and dtypes (counted on a ``meta``-device model, :mod:`moeforge.planning.counting`);
 activations follow from the per-layer formulas below, which were checked against the tensors autograd
-actually saves on small models (``tests/planning``). docs/plan.md states every formula and assumption.
+actually saves on small models (``tests/planning``). Spread over several GPUs (:class:`Sharding`: ZeRO /
+FSDP stages, CPU offload, expert parallelism), each part is what one GPU holds. docs/plan.md states every
+formula and assumption.
 Nothing here imports torch: the functions are plain arithmetic so they can be reasoned about and tested alone.
 """
 
@@ -92,6 +94,28 @@ class ParameterCounts:
     first_trained_layer: int | None
     """Lowest decoder layer autograd records (0 when embeddings train; None: nothing below the head trains)."""
     adapter_parts: tuple[AdapterPart, ...] = ()
+    layer_bytes: int = 0
+    """The largest decoder layer's parameters: what ZeRO-3 / FSDP gathers whole to run it."""
+    layer_expert_bytes: int = 0
+    """The routed-expert share of that layer (expert parallelism gathers only the rank's own experts)."""
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How a run spreads over GPUs, one process each. ``stage`` says what the data-parallel ranks split
+    among themselves, in ZeRO's terms: 0 nothing (DDP), 1 optimizer states, 2 also gradients (ZeRO-2, FSDP
+    without resharding after forward), 3 also weights (ZeRO-3, FSDP full shard)."""
+
+    gpus: int = 1
+    stage: Literal[0, 1, 2, 3] = 0
+    offload: bool = False
+    """Sharded weights, gradients and optimizer states live in host memory (ZeRO-3 offload, FSDP cpu_offload)."""
+    expert_parallel: int = 1
+    """Ranks that hold distinct experts of each MoE layer (transformers' EP: the rest is FSDP-sharded)."""
+
+    @property
+    def shards(self) -> int:
+        return self.gpus if self.stage or self.expert_parallel > 1 else 1
 
 
 @dataclass(frozen=True)
@@ -107,6 +131,7 @@ class TrainingSetup:
     gradient_checkpointing: bool = False
     quantization: Quantization | None = None
     adapter: bool = False
+    sharding: Sharding = Sharding()
 
     @property
     def compute_bytes(self) -> int:
@@ -125,6 +150,8 @@ class MemoryEstimate:
     gradients: int
     optimizer: int
     activations: int
+    host: int = 0
+    """Bytes per GPU moved to host memory by offloading (not part of the GPU total)."""
 
     @property
     def total(self) -> int:
@@ -224,14 +251,48 @@ def optimizer_bytes(counts: ParameterCounts, optimizer: Optimizer) -> int:
     return 0
 
 
+def gathered_layer_bytes(counts: ParameterCounts, sharding: Sharding) -> int:
+    """One decoder layer's parameters as ZeRO-3 / FSDP gather them to run it; under expert parallelism only
+    the rank's own experts are gathered (the others run on their ranks)."""
+    experts = counts.layer_expert_bytes
+    return counts.layer_bytes - experts + experts // sharding.expert_parallel
+
+
+def shard(full: MemoryEstimate, counts: ParameterCounts, sharding: Sharding) -> MemoryEstimate:
+    """One GPU's share of a single-GPU estimate. Split parts are divided by the number of GPUs (with expert
+    parallelism the experts are split over the EP ranks and their FSDP groups, which again makes all GPUs).
+    Fully sharded runs gather each layer whole to run it, and prefetch the next one: two layers' weights,
+    and one layer's unsharded gradient before it is reduce-scattered, are the working set. Offloading moves
+    the optimizer states and the other split parts to host memory; the working set stays on the GPU."""
+    if sharding.shards == 1:
+        return full
+    n, split = sharding.shards, sharding.stage == 3 or sharding.expert_parallel > 1
+    weights = full.weights // n if split else full.weights
+    gradients = full.gradients // n if split or sharding.stage == 2 else full.gradients
+    optimizer = full.optimizer // n
+    host = 0
+    if sharding.offload:  # the optimizer's states always; what else is split goes with them
+        host, optimizer = optimizer, 0
+        if gradients < full.gradients:
+            host, gradients = host + gradients, 0
+        if split:
+            host, weights = host + weights, 0
+    if split:
+        gathered = gathered_layer_bytes(counts, sharding)
+        weights += 2 * gathered
+        gradients += gathered if counts.trainable_bytes else 0
+    return MemoryEstimate(weights, gradients, optimizer, full.activations, host)
+
+
 def estimate(counts: ParameterCounts, shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
-    """The four parts of one training step's peak (gradients share the trainable parameters' dtype)."""
-    return MemoryEstimate(
+    """The four parts of one training step's peak on one GPU (gradients share the trainable parameters' dtype)."""
+    full = MemoryEstimate(
         weights=weight_bytes(counts, setup),
         gradients=counts.trainable_bytes,
         optimizer=optimizer_bytes(counts, setup.optimizer),
         activations=activation_bytes(shape, setup, counts.first_trained_layer, counts.adapter_parts),
     )
+    return shard(full, counts, setup.sharding)
 
 
 def largest_fitting_batch(counts: ParameterCounts, shape: ModelShape, setup: TrainingSetup, budget: int) -> int | None:

@@ -61,7 +61,24 @@ def gb(size: int) -> str:
 def build_row(scenario: Scenario) -> Row:
     counts = count_parameters(scenario.model)
     shape = model_shape(scenario.model.config)
+    _check_expert_parallel(scenario, shape)
     return Row(scenario, shape, counts, estimate(counts, shape, scenario.setup))
+
+
+def _check_expert_parallel(scenario: Scenario, shape: ModelShape) -> None:
+    """Expert parallelism splits every MoE layer's experts evenly: a model without experts, or a layer whose
+    expert count the EP size does not divide, cannot run that way (the dense base of a convert recipe is
+    planned without it)."""
+    size = scenario.setup.sharding.expert_parallel
+    counts = {ffn.num_experts for ffn in shape.ffn if ffn.num_experts}
+    if size == 1:
+        return
+    if not counts:
+        raise MoeforgeError(f"{scenario.name}: expert parallelism needs an MoE model; this one has no routed experts")
+    if any(n % size for n in counts):
+        raise MoeforgeError(
+            f"{scenario.name}: expert parallelism over {size} ranks must divide every MoE layer's experts ({sorted(counts)})"
+        )
 
 
 def plan_scenarios(target: str, scenarios: list[Scenario], gpu_bytes: int | None) -> Plan:
@@ -78,8 +95,8 @@ def _with_adapter(row: Row, setup: TrainingSetup) -> tuple[ParameterCounts, Trai
 
 def suggestions(row: Row, budget: int) -> list[tuple[str, int]]:
     """Changes to the row's run that lower its total, each with the total it would need: gradient
-    checkpointing (with the largest batch that then fits), the largest batch that fits as is, an adapter on
-    a frozen base, a 4-bit base under the adapter."""
+    checkpointing (with the largest batch that then fits), the largest batch that fits as is, on several GPUs
+    ZeRO-3 and offloading, an adapter on a frozen base, a 4-bit base under the adapter."""
     setup, counts, shape = row.scenario.setup, row.counts, row.shape
     options: list[tuple[str, ParameterCounts, TrainingSetup]] = []
     if not setup.gradient_checkpointing:
@@ -91,6 +108,11 @@ def suggestions(row: Row, budget: int) -> list[tuple[str, int]]:
     batch = largest_fitting_batch(counts, shape, setup, budget)
     if batch:
         options.append((f"--batch-size {batch}", counts, replace(setup, batch_size=batch)))
+    sharding = setup.sharding
+    if sharding.gpus > 1 and sharding.stage < 3:
+        options.append(("--zero 3", counts, replace(setup, sharding=replace(sharding, stage=3))))
+    if sharding.shards > 1 and not sharding.offload:
+        options.append(("--offload", counts, replace(setup, sharding=replace(sharding, offload=True))))
     try:
         if not setup.adapter:
             options.append(("an adapter (adapter: {method: moe_lora})", *_with_adapter(row, setup)))
@@ -156,5 +178,12 @@ def assumptions(plan: Plan) -> list[str]:
         )
     if any(setup.stage == "dpo" for setup in setups):
         lines.append("dpo: chosen + rejected run together (2 x batch); without an adapter the reference model is a second copy")
+    if any(setup.sharding.shards > 1 for setup in setups):
+        lines.append(
+            "sharded: split parts / GPUs; fully sharded runs also hold two gathered layers (running + prefetched) and one "
+            "layer's unsharded gradient; activations assume balanced routing"
+        )
+    if any(setup.sharding.offload for setup in setups):
+        lines.append("offload: the host-memory column of --json is per GPU process; host RAM must hold it for every process on the node")
     lines.append("not included: the CUDA context and allocator fragmentation (~0.5-1 GB): keep ~10% headroom")
     return list(dict.fromkeys(lines))

@@ -25,7 +25,7 @@ from moeforge.errors import MoeforgeError
 from moeforge.families import source_family
 from moeforge.io.loading import check_supported, is_hub_id, not_on_hub, read_config, resolve_checkpoint
 from moeforge.planning.counting import ModelSpec
-from moeforge.planning.memory import TrainingSetup
+from moeforge.planning.memory import Sharding, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,48 @@ def _recipe_type(path: Path) -> type[ConvertRecipe] | type[TrainRecipe]:
     return TrainRecipe if isinstance(data, dict) and "stage" in data else ConvertRecipe
 
 
+def deepspeed_sharding(path: Path) -> Sharding:
+    """The ZeRO stage and offloading a DeepSpeed JSON config asks for (``"auto"`` and absent keys: DeepSpeed's
+    defaults, stage 0 and no offload)."""
+    try:
+        zero = json.loads(path.read_text()).get("zero_optimization", {})
+    except (OSError, ValueError, AttributeError) as err:
+        raise MoeforgeError(f"deepspeed: {path} is not a readable DeepSpeed JSON config ({err})") from None
+    stage = zero.get("stage", 0)
+    offloaded = any(zero.get(key, {}).get("device", "none") in ("cpu", "nvme") for key in ("offload_param", "offload_optimizer"))
+    return Sharding(stage=stage if stage in (0, 1, 2, 3) else 0, offload=offloaded)
+
+
+def recipe_sharding(recipe: TrainRecipe) -> Sharding:
+    """How the recipe's engine splits a run (the GPU count comes from the launch: ``--gpus``)."""
+    if recipe.deepspeed is not None:
+        return deepspeed_sharding(recipe.deepspeed)
+    if recipe.fsdp is not None:
+        return Sharding(stage=3 if recipe.fsdp.reshard_after_forward else 2, offload=recipe.fsdp.cpu_offload)
+    if recipe.expert_parallel is not None:
+        size = recipe.expert_parallel.size
+        return Sharding(gpus=size, stage=3, expert_parallel=size)
+    return Sharding()
+
+
+def with_overrides(setup: TrainingSetup, overrides: dict) -> TrainingSetup:
+    """``setup`` with the CLI's overrides; ``sharding`` overrides are merged field by field."""
+    overrides = dict(overrides)
+    sharding = replace(setup.sharding, **overrides.pop("sharding", {}))
+    if sharding.expert_parallel > 1:  # transformers' EP fully shards the rest of the model over all ranks
+        sharding = replace(sharding, stage=3, gpus=sharding.expert_parallel if sharding.gpus == 1 else sharding.gpus)
+        if sharding.gpus % sharding.expert_parallel:
+            raise MoeforgeError(
+                f"expert parallelism over {sharding.expert_parallel} ranks needs a GPU count it divides, not {sharding.gpus}"
+            )
+    return replace(setup, **overrides, sharding=sharding)
+
+
+def _without_experts(setup: TrainingSetup) -> TrainingSetup:
+    """A dense comparison row: the same GPUs and stage, without expert parallelism (it has no experts)."""
+    return replace(setup, sharding=replace(setup.sharding, expert_parallel=1))
+
+
 def _train_setup(recipe: TrainRecipe) -> TrainingSetup:
     adapter = recipe.adapter
     return TrainingSetup(
@@ -142,6 +184,7 @@ def _train_setup(recipe: TrainRecipe) -> TrainingSetup:
         gradient_checkpointing=recipe.training.gradient_checkpointing,
         quantization="4bit" if adapter and adapter.load_in_4bit else "8bit" if adapter and adapter.load_in_8bit else None,
         adapter=adapter is not None,
+        sharding=recipe_sharding(recipe),
     )
 
 
@@ -184,20 +227,20 @@ def scenarios(target: str, setup_overrides: dict, model_override: str | None = N
                     raise MoeforgeError(
                         f"model: {err}; if a convert recipe writes this model, plan with that recipe as the model override"
                     ) from None
-            setup = replace(_train_setup(recipe), **setup_overrides)
+            setup = with_overrides(_train_setup(recipe), setup_overrides)
             return _train_scenarios(recipe, model, setup)
         if model_override:
             raise MoeforgeError(f"a model override applies to train recipes only; {path} is a convert recipe (its source is the model)")
         dense, moe = converted_config(recipe, str(path))
-        setup = replace(default_setup(), **setup_overrides)
+        setup = with_overrides(default_setup(), setup_overrides)
         return [
-            Scenario("dense base", ModelSpec(dense.config, setup.dtype), setup, dense.origin),
+            Scenario("dense base", ModelSpec(dense.config, setup.dtype), _without_experts(setup), dense.origin),
             Scenario(f"MoE ({moe.config.model_type})", ModelSpec(moe.config, setup.dtype), setup, moe.origin, primary=True),
         ]
     if model_override:
         raise MoeforgeError(f"a model override applies to train recipes only; {target} is a model (plan it directly)")
     model = model_config(target)
-    setup = replace(default_setup(), **setup_overrides)
+    setup = with_overrides(default_setup(), setup_overrides)
     own = Scenario(f"{model.config.model_type}, full fine-tune", ModelSpec(model.config, setup.dtype), setup, model.origin, primary=True)
     base = _provenance_source(model.directory)
-    return [Scenario("dense base", ModelSpec(base.config, setup.dtype), setup, base.origin), own] if base else [own]
+    return [Scenario("dense base", ModelSpec(base.config, setup.dtype), _without_experts(setup), base.origin), own] if base else [own]
