@@ -142,3 +142,16 @@ def test_experts_that_the_ep_size_does_not_divide(moe, tmp_path: Path, tiny_llam
         from moeforge.planning.report import plan_scenarios
 
         plan_scenarios(str(recipe), scenarios(str(recipe), {"sharding": {"expert_parallel": 4}}), None)
+
+
+def test_deepspeed_bf16_keeps_fp32_master_weights(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """DeepSpeed casts the model to bf16 and keeps fp32 master weights and AdamW states: 2 + 2 + 12 bytes per
+    trainable parameter (the ZeRO paper's mixed-precision Adam), not the 4 + 4 + 8 of fp32 training."""
+    config = tmp_path / "zero2.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    recipe = _train_recipe(tmp_path, tiny_llama_dir, deepspeed=str(config), training={"bf16": True})
+    (row,) = scenarios(str(recipe), {})
+    assert row.setup.master_weights and row.setup.dtype == "bfloat16" and not row.setup.mixed_precision
+    counts = count_parameters(ModelSpec(row.model.config, row.setup.dtype))
+    memory = estimate(counts, model_shape(row.model.config), row.setup)
+    assert (memory.weights, memory.gradients, memory.optimizer) == (2 * counts.total, 2 * counts.trainable, 12 * counts.trainable)

@@ -72,7 +72,7 @@ def setup_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if args.dtype not in DTYPE_BYTES:
             raise MoeforgeError(f"--dtype {args.dtype!r} is unknown: use {', '.join(DTYPE_BYTES)}")
         overrides["dtype"] = args.dtype
-        overrides["mixed_precision"] = False  # the flag states the training precision outright
+        overrides["mixed_precision"] = overrides["master_weights"] = False  # the flag states the training precision outright
     if args.optimizer is not None:
         if args.optimizer not in get_args(Optimizer):
             raise MoeforgeError(f"--optimizer {args.optimizer!r} is unknown: use {', '.join(get_args(Optimizer))}")

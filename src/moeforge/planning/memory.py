@@ -25,6 +25,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAMW_STATES = 2
 ADAMW8BIT_BYTES_PER_PARAM = 2 + 2 * 4 / 256
 
+MASTER_WEIGHTS_NOTE = "DeepSpeed bf16: bf16 weights and gradients, fp32 master weights + AdamW states in its optimizer (12 B/param)"
+
 OPTIMIZER_NOTES = {
     "adamw": "AdamW: 2 states per trainable parameter in that parameter's dtype (8 B/param for fp32)",
     "adamw8bit": "8-bit AdamW (bitsandbytes): 2 uint8 states + fp32 absmax per 256 values ≈ 2.03 B/param",
@@ -132,6 +134,9 @@ class TrainingSetup:
     quantization: Quantization | None = None
     adapter: bool = False
     sharding: Sharding = Sharding()
+    master_weights: bool = False
+    """16-bit weights whose optimizer keeps fp32 master copies (DeepSpeed's bf16: the ZeRO paper's
+    2 + 2 + 12 bytes per trainable parameter), rather than training the 16-bit weights directly."""
 
     @property
     def compute_bytes(self) -> int:
@@ -241,14 +246,18 @@ def weight_bytes(counts: ParameterCounts, setup: TrainingSetup) -> int:
     return weights
 
 
-def optimizer_bytes(counts: ParameterCounts, optimizer: Optimizer) -> int:
+def optimizer_bytes(counts: ParameterCounts, optimizer: Optimizer, master_weights: bool = False) -> int:
     """AdamW: two states per trainable parameter in its dtype (8 bytes each for fp32); 8-bit AdamW: ~2 bytes;
-    plain SGD (no momentum, transformers' ``sgd``): none."""
+    plain SGD (no momentum, transformers' ``sgd``): none. With fp32 master weights the optimizer also holds
+    the fp32 copy, and AdamW's states are fp32 (12 bytes per trainable parameter)."""
+    master = 4 * counts.trainable if master_weights else 0
+    if optimizer == "adamw" and master_weights:
+        return master + ADAMW_STATES * 4 * counts.trainable
     if optimizer == "adamw":
         return ADAMW_STATES * counts.trainable_bytes
     if optimizer == "adamw8bit":
-        return round(ADAMW8BIT_BYTES_PER_PARAM * counts.trainable)
-    return 0
+        return master + round(ADAMW8BIT_BYTES_PER_PARAM * counts.trainable)
+    return master
 
 
 def gathered_layer_bytes(counts: ParameterCounts, sharding: Sharding) -> int:
@@ -289,7 +298,7 @@ def estimate(counts: ParameterCounts, shape: ModelShape, setup: TrainingSetup) -
     full = MemoryEstimate(
         weights=weight_bytes(counts, setup),
         gradients=counts.trainable_bytes,
-        optimizer=optimizer_bytes(counts, setup.optimizer),
+        optimizer=optimizer_bytes(counts, setup.optimizer, setup.master_weights),
         activations=activation_bytes(shape, setup, counts.first_trained_layer, counts.adapter_parts),
     )
     return shard(full, counts, setup.sharding)

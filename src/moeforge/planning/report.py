@@ -10,6 +10,7 @@ from moeforge.config.recipe import parse_size
 from moeforge.errors import MoeforgeError
 from moeforge.planning.counting import ModelSpec, count_parameters, model_shape
 from moeforge.planning.memory import (
+    MASTER_WEIGHTS_NOTE,
     OPTIMIZER_NOTES,
     MemoryEstimate,
     ModelShape,
@@ -166,10 +167,10 @@ def verdict(row: Row, budget: int) -> str:
 def assumptions(plan: Plan) -> list[str]:
     """The few choices behind the figures that a reader must know to trust them (docs/plan.md has the rest)."""
     setups = {row.scenario.setup for row in plan.rows}
-    lines = [OPTIMIZER_NOTES[setup.optimizer] for setup in setups]
+    lines = [MASTER_WEIGHTS_NOTE if setup.master_weights else OPTIMIZER_NOTES[setup.optimizer] for setup in setups]
     if any(setup.mixed_precision for setup in setups):
         lines.append("bf16 mixed precision: the fp32 weights are the master copy; autocast adds bf16 copies of the trainable ones")
-    if any(setup.dtype != "float32" and not setup.mixed_precision for setup in setups):
+    if any(setup.dtype != "float32" and not setup.mixed_precision and not setup.master_weights for setup in setups):
         lines.append("16-bit weights are trained directly (the Trainer keeps no fp32 master copy)")
     if any(setup.quantization for setup in setups):
         lines.append(

@@ -174,8 +174,11 @@ def _without_experts(setup: TrainingSetup) -> TrainingSetup:
 
 
 def _train_setup(recipe: TrainRecipe) -> TrainingSetup:
+    """The recipe's run. Under DeepSpeed with bf16 (``training.bf16`` or bf16 weights) DeepSpeed casts the
+    model to bf16 and its optimizer keeps fp32 master weights, whatever dtype the weights were loaded in."""
     adapter = recipe.adapter
-    return TrainingSetup(
+    deepspeed_bf16 = recipe.deepspeed is not None and (recipe.training.bf16 or recipe.dtype == "bfloat16")
+    setup = TrainingSetup(
         stage=recipe.stage,
         batch_size=recipe.training.per_device_train_batch_size,
         seq_len=recipe.data.max_length,
@@ -186,6 +189,7 @@ def _train_setup(recipe: TrainRecipe) -> TrainingSetup:
         adapter=adapter is not None,
         sharding=recipe_sharding(recipe),
     )
+    return replace(setup, dtype="bfloat16", mixed_precision=False, master_weights=True) if deepspeed_bf16 else setup
 
 
 def _train_name(recipe: TrainRecipe) -> str:
