@@ -150,3 +150,26 @@ def test_aux_free_bias_follows_the_global_batch(pairs) -> None:
     assert biases and any(float(a[k].abs().max()) > 0 for k in biases)
     for name in biases:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_dense2moe_in_one_command_converts_once_under_torchrun(models, data_files, tmp_path) -> None:
+    """A ``convert:`` recipe under torchrun: rank 0 converts, rank 1 waits for the published MoE, both train it."""
+    recipe = _write_recipe(
+        tmp_path / "one-command.yaml",
+        models["dense"],
+        tmp_path / "run",
+        data_files["text"],
+        GLOBAL_BATCH // 2,
+        ddp_backend="gloo",
+        router_losses={"balance_coef": 0.0},
+    )
+    data = yaml.safe_load(recipe.read_text())
+    data["convert"] = {"source": data.pop("model"), "export": "mixtral", "moe": {"num_experts": 4, "top_k": 2}}
+    recipe.write_text(yaml.safe_dump(data))
+    done = torchrun(recipe, tmp_path)
+    check(done)
+    assert done.stderr.count("convert: converting") == 1 and "waiting for rank 0" in done.stderr
+    converted = tmp_path / "run" / "converted"
+    assert sorted(p.name for p in tmp_path.joinpath("run").iterdir() if p.name.startswith(".")) == []  # no staging left
+    assert json.loads((converted / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    assert provenance(tmp_path / "run" / "model")["training"][-1]["steps"] == STEPS

@@ -98,6 +98,9 @@ def _convert_first(recipe: TrainRecipe, log: Callable[[str], None]) -> None:
     if recipe.resume and complete:
         log(f"convert: reusing the conversion in {output} (resume)")
         return
+    if int(os.environ.get("RANK", "0")) != 0:
+        _wait_for_conversion(output, log)
+        return
     if output.exists() and not recipe.overwrite:
         state = "holds a conversion: set resume: true to train on it" if complete else "holds no complete conversion: remove it"
         raise MoeforgeError(f"convert.output {output} {state}, or set overwrite: true to convert again")
@@ -106,6 +109,19 @@ def _convert_first(recipe: TrainRecipe, log: Callable[[str], None]) -> None:
         convert(spec, overwrite=recipe.overwrite, log=log)
     except MoeforgeError as error:  # the conversion's own messages name keys of the convert section
         raise type(error)(f"convert: {error}") from None
+
+
+def _wait_for_conversion(output: Path, log: Callable[[str], None], poll_seconds: float = 2.0) -> None:
+    """Under torchrun every rank runs the recipe; rank 0 converts and the others wait for its published
+    output (published whole, so complete files mean a complete conversion; written after this process
+    started, so an ``overwrite`` run does not take the old one: torchrun starts all ranks together). A failed
+    conversion ends rank 0, and torchrun ends the rest."""
+    import psutil  # accelerate's dependency
+
+    log(f"convert: waiting for rank 0 to write {output}")
+    started = psutil.Process().create_time()
+    while not all((output / name).is_file() and (output / name).stat().st_mtime >= started for name in CONVERSION_FILES):
+        time.sleep(poll_seconds)
 
 
 def _training_kwargs(recipe: TrainRecipe, has_eval: bool) -> dict:
