@@ -101,7 +101,9 @@ def _history(output: Path) -> list[dict]:
 
 
 def _loads(output: Path) -> list[list[int]]:
+    """Per layer, each expert's selections over both ranks' tokens of the telemetry window."""
     (report,) = [json.loads(line) for line in (output / "routing.jsonl").read_text().splitlines()]
+    assert report["tokens"] == TELEMETRY_STEPS * GLOBAL_BATCH * 32
     return report["load"]
 
 

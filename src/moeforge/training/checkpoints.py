@@ -2,9 +2,9 @@
 
 transformers' Trainer writes ``checkpoint-N`` in place (model, optimizer, RNG, trainer state in turn), so a
 kill mid-save leaves a directory that looks like a checkpoint but is not one. After Trainer finishes a
-save, and every rank has written its own part (a multi-process run writes per-rank files: RNG states,
-DeepSpeed's optimizer shards), :class:`CompleteCheckpointMarker` drops a marker file into it; resuming picks the newest marked
-checkpoint and removes unmarked leftovers (the previous checkpoint is never touched by a failed save).
+save and every rank has written its own files (RNG states, DeepSpeed's optimizer shards),
+:class:`CompleteCheckpointMarker` drops a marker file into it; resuming picks the newest marked checkpoint
+and removes unmarked leftovers (the previous checkpoint is never touched by a failed save).
 """
 
 from __future__ import annotations

@@ -5,10 +5,9 @@ optimizer unless the config names its own, and under ZeRO-3 gathers the full wei
 ``stage3_gather_16bit_weights_on_model_save`` is true). moeforge adds three things:
 
 - the config is checked before any model loads: it is a JSON object, and a ZeRO-3 config gathers the weights
-  on save, because ``OUTPUT/model`` must be the full native export (without the gather, Trainer writes an
-  empty model and DeepSpeed's shards beside it);
-- MoE blocks become ZeRO-3 leaf modules, so a step in which some rank's tokens skip an expert does not leave
-  that rank out of the expert's all-gather (the hang of skewed routing);
+  on save, because ``OUTPUT/model`` must be the full native export (without the gather, Trainer writes
+  DeepSpeed's shards there instead of a model);
+- MoE blocks become ZeRO-3 leaf modules (:func:`register_zero3_leaves`);
 - a checkpoint is resumed only by the engine that wrote it: DeepSpeed's is a ``global_stepN`` directory with
   one optimizer shard per rank, which only DeepSpeed with the same number of ranks reads (a run without
   DeepSpeed would silently restart its optimizer from zero; Trainer or DeepSpeed would fail mid-load).
@@ -55,9 +54,15 @@ def check_config(path: Path | None) -> None:
 
 
 def register_zero3_leaves(model: nn.Module) -> None:
-    """DeepSpeed ZeRO-3 hangs on MoE blocks unless they are leaf modules (experts that get no token skip
-    their parameters' all-gather on some ranks). Register every module that owns a router: the MoE block,
-    or for a MoE-LoRA adapter the MLP that holds the adapter's router."""
+    """Register every module that owns a router (the MoE block; for a MoE-LoRA adapter, the MLP that holds
+    the adapter's router) as a ZeRO-3 leaf: its weights are gathered whole when it starts.
+
+    A block that runs each expert as its own submodule, only for the experts its tokens picked, would
+    otherwise hang ZeRO-3 under skewed routing: a rank whose tokens skip an expert skips that expert's
+    all-gather, which the other ranks wait in. The blocks trained here keep their experts as stacked tensors
+    (transformers 5's natives, moeforge's block, MoE-LoRA), which every forward gathers whole; skewed routing
+    completes on them even without the registration (checked with :mod:`tests.training.skewed_routing`
+    under ZeRO-3); the registration keeps any other block safe."""
     from deepspeed.utils import set_z3_leaf_modules
 
     routers = {id(module) for module in find_routers(model)}
@@ -67,7 +72,7 @@ def register_zero3_leaves(model: nn.Module) -> None:
 
 
 def _shard_count(checkpoint: Path) -> int | None:
-    """The number of ranks that wrote the checkpoint's DeepSpeed state, None if it holds none."""
+    """How many ranks wrote the checkpoint's ZeRO optimizer shards; None if it holds no DeepSpeed state."""
     latest = checkpoint / "latest"
     if not latest.is_file():
         return None
@@ -87,7 +92,7 @@ def check_resume(checkpoint: Path, *, deepspeed: bool, world_size: int) -> None:
             f"resume: {checkpoint} holds DeepSpeed's sharded optimizer state: resume it with the deepspeed: config that wrote it, "
             "or set overwrite: true to start afresh"
         )
-    if deepspeed and shards != world_size:
+    if deepspeed and shards and shards != world_size:  # (ZeRO stage 0 keeps one whole optimizer: no shards)
         raise MoeforgeError(
             f"resume: {checkpoint} was written by {shards} DeepSpeed ranks and this run has {world_size}: launch {shards} "
             "processes to resume it (ZeRO's optimizer shards are per rank), or set overwrite: true to start afresh"
