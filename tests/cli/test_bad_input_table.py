@@ -117,6 +117,18 @@ CASES: list[tuple[str, str, dict[str, str | bytes], str]] = [
     ("train-adapter-method", "train {tmp}/t.yaml", {"t.yaml": _train("adapter: {method: ia3}\n")}, "adapter.method"),
     ("train-moice-base", "train {tmp}/t.yaml", {"t.yaml": _train("moice: {base_set: [5.0, 10.0]}\n")}, "base_set"),
     ("train-deepspeed-config-missing", "train {tmp}/t.yaml", {"t.yaml": _train("deepspeed: {tmp}/ds.json\n")}, "deepspeed"),
+    (
+        "train-deepspeed-config-not-json",
+        "train {tmp}/t.yaml",
+        {"t.yaml": _train("deepspeed: {tmp}/ds.json\n"), "ds.json": "stage: 3\n"},
+        "is not JSON",
+    ),
+    (
+        "train-deepspeed-zero3-no-gather",
+        "train {tmp}/t.yaml",
+        {"t.yaml": _train("deepspeed: {tmp}/ds.json\n"), "ds.json": '{"zero_optimization": {"stage": 3}}'},
+        "stage3_gather_16bit_weights_on_model_save",
+    ),
     ("train-output-holds-a-run", "train {tmp}/t.yaml", {"t.yaml": _train(**{"{out}": "{tmp}/run"}), "run/x": "x"}, "already holds a run"),
     # data
     ("data-check-missing", "data check {tmp}/none.jsonl", {}, "none.jsonl"),

@@ -8,6 +8,7 @@ removed from the environment first, so a test run under an outer launcher still 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +37,18 @@ def _environment() -> dict[str, str]:
 
 
 def _run(command: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, env=_environment(), capture_output=True, text=True, timeout=timeout)
+    """Run the launcher in its own process group: on a timeout (a hang) the whole group is killed, since the
+    ranks of a killed launcher would live on, stuck in their collective."""
+    with subprocess.Popen(
+        command, cwd=cwd, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def torchrun(recipe: Path, cwd: Path, processes: int = 2, module: str = CLI, timeout: int = 600) -> subprocess.CompletedProcess:

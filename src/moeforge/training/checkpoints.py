@@ -2,8 +2,9 @@
 
 transformers' Trainer writes ``checkpoint-N`` in place (model, optimizer, RNG, trainer state in turn), so a
 kill mid-save leaves a directory that looks like a checkpoint but is not one. After Trainer finishes a
-save, :class:`CompleteCheckpointMarker` drops a marker file into it; resuming picks the newest marked
-checkpoint and removes unmarked leftovers (the previous checkpoint is never touched by a failed save).
+save and every rank has written its own files (RNG states, DeepSpeed's optimizer shards),
+:class:`CompleteCheckpointMarker` drops a marker file into it; resuming picks the newest marked checkpoint
+and removes unmarked leftovers (the previous checkpoint is never touched by a failed save).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -23,6 +25,8 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 class CompleteCheckpointMarker(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's own files (its RNG state, DeepSpeed's shards) are written
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from moeforge.io.quantization import Bits, require_bitsandbytes
 from moeforge.io.safetensors_writer import sha256_file
 from moeforge.modeling import is_moeforge_config
 from moeforge.routing.hooks import attach_router_losses, find_routers
+from moeforge.training import deepspeed
 from moeforge.training.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
 from moeforge.training.freeze import apply_freeze, router_parameters
 from moeforge.training.telemetry import LogLineCallback, RouterLossMeter, TelemetryCallback
@@ -187,17 +187,6 @@ def _optimizer(model: nn.Module, recipe: TrainRecipe, args: TrainingArguments) -
     ]
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     return optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
-
-
-def _register_zero3_leaves(model: nn.Module) -> None:
-    """DeepSpeed ZeRO-3 hangs on MoE blocks unless they are leaf modules (experts that get no token skip
-    their parameters' all-gather on some ranks). Register every module that owns a router."""
-    from deepspeed.utils import set_z3_leaf_modules
-
-    routers = {id(module) for module in find_routers(model)}
-    blocks = {type(m) for m in model.modules() if any(id(child) in routers for child in m.children())}
-    if blocks:
-        set_z3_leaf_modules(model, list(blocks))
 
 
 def _trainer_args(recipe: TrainRecipe, has_eval: bool) -> TrainingArguments:
@@ -360,7 +349,7 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> T
     bad input before any step runs. A run that fails before writing anything leaves no output directory."""
     start = time.perf_counter()
     _check_optim(recipe)
-    _check_deepspeed(recipe)
+    deepspeed.check_config(recipe.deepspeed)
     _prepare_output(recipe)
     try:
         return _train(recipe, log, start)
@@ -368,12 +357,6 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> T
         with contextlib.suppress(OSError):  # only when empty: checkpoints of a failed run stay for resume
             recipe.output.rmdir()
         raise
-
-
-def _check_deepspeed(recipe: TrainRecipe) -> None:
-    """A ``deepspeed:`` recipe needs the optional package: said before any model loads."""
-    if recipe.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
-        raise MoeforgeError("deepspeed: this recipe trains with DeepSpeed, which is not installed: pip install 'moeforge[deepspeed]'")
 
 
 def _train(recipe: TrainRecipe, log: Callable[[str], None], start: float) -> TrainResult:
@@ -420,11 +403,13 @@ def _train(recipe: TrainRecipe, log: Callable[[str], None], start: float) -> Tra
     if handle is not None and handle.balancer is not None:
         handle.balancer.hook_optimizer(trainer.create_optimizer())
     if recipe.deepspeed:
-        _register_zero3_leaves(trained)
+        deepspeed.register_zero3_leaves(trained)
 
     checkpoint = latest_complete_checkpoint(recipe.output) if recipe.resume else None
     if recipe.resume:
         log(f"resuming from {checkpoint}" if checkpoint else "resume: no complete checkpoint yet, starting from step 0")
+    if checkpoint:
+        deepspeed.check_resume(checkpoint, deepspeed=recipe.deepspeed is not None, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     history = trainer.state.log_history
