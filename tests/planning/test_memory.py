@@ -288,6 +288,41 @@ HUB_STAND_INS = {
         ),
         1_100_048_384,
     ),
+    "meta-llama/Llama-2-7b-hf": (
+        LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            architectures=["LlamaForCausalLM"],
+        ),
+        6_738_415_616,
+    ),
+    "meta-llama/Meta-Llama-3-8B": (
+        LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128_256,
+            rope_theta=500_000.0,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=128_000,
+            eos_token_id=128_001,
+            architectures=["LlamaForCausalLM"],
+        ),
+        8_030_261_248,
+    ),
     "Qwen/Qwen3-0.6B": (
         Qwen3Config(
             hidden_size=1024,
@@ -315,6 +350,8 @@ DENSE_LAYOUTS = {
     "gemma3": [FfnShape(2048)] * 18,  # Gemma 3 270M
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": [FfnShape(5632)] * 22,
     "Qwen/Qwen3-0.6B": [FfnShape(3072)] * 28,
+    "meta-llama/Llama-2-7b-hf": [FfnShape(11008)] * 32,
+    "meta-llama/Meta-Llama-3-8B": [FfnShape(14336)] * 32,
 }
 MOE_LAYOUTS = {
     "demo.yaml": ("mixtral", [FfnShape(1536, 8, 2)] * 30),  # 8 copies of the FFN, top-2
@@ -329,6 +366,12 @@ MOE_LAYOUTS = {
     "train-dense2moe-one-command.yaml": (
         "qwen2_moe",
         [FfnShape(1536, 4, 2, 1) if i >= 16 and i % 2 == 0 else FfnShape(1536) for i in range(30)],
+    ),
+    "llama-moe-v2-64e-top8.yaml": ("mixtral", [FfnShape(224, 64, 8)] * 32),  # Llama-3-8B's FFN split 64 ways
+    # Dense2MoE on 8 GPUs: 8 copies from layer 16, every second layer (qwen2_moe: placement needs mlp_only_layers)
+    "train-dense2moe-zero3.yaml": (
+        "qwen2_moe",
+        [FfnShape(11008, 8, 2, 1) if i >= 16 and i % 2 == 0 else FfnShape(11008) for i in range(32)],
     ),
     "residual-1-plus-7.yaml": ("granitemoeshared", [FfnShape(1344, 7, 1, 192)] * 30),  # 7 routed eighths + 1 shared
 }
@@ -351,6 +394,7 @@ def stand_in_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", config_json)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_weights)
+    (tmp_path / "configs").symlink_to(Path(__file__).parents[2] / "configs")  # the DeepSpeed configs recipes name
     monkeypatch.chdir(tmp_path)  # where no recipe has run: no out/, runs/ or demo-out/
 
 
