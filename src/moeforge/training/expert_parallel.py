@@ -1,0 +1,112 @@
+"""Expert parallelism (``expert_parallel: {size: N}``) on transformers' own: ``from_pretrained(distributed_config=...)``.
+
+transformers shards the model while it loads it: each MoE layer's experts are split over ``N`` ranks (the model's
+``base_model_ep_plan``: ``grouped_gemm`` on the 3-D expert tensors, ``ep_dispatch_experts`` on the experts
+module, whose tokens travel to their experts' rank and back with two all-to-alls), and FSDP2 shards the rest
+over all ranks. Every rank reads a different batch, as under DDP. Trainer recognises such a model
+(``is_distributed_loading_by_transformers``): it leaves wrapping, placement and gradient reduction to the model,
+and ``save_pretrained`` gathers the full state dict on rank 0, so the final export is the same checkpoint one
+process writes.
+
+What this module adds is the checks, each one line before the model loads, and the load's configuration:
+
+* the run must be launched with several processes (torchrun), ``N`` must divide their number and every MoE
+  layer's expert count;
+* the model must have experts and an EP plan (native MoE architectures with one, and moeforge's own, whose
+  config class declares the same plan as Mixtral's over its family's FFN module);
+* adapters, MoICE and resuming are refused: an adapter or MoICE routers would be added after transformers
+  sharded the model (FSDP2 then leaves them replicated and unreduced), and Trainer cannot checkpoint the
+  optimizer of a model sharded at load time (checkpoints hold the model only, ``save_only_model``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import PretrainedConfig
+from transformers.distributed import DistributedConfig
+
+from moeforge.config.train_recipe import TrainRecipe
+from moeforge.errors import MoeforgeError
+from moeforge.families import native_moe
+from moeforge.io.loading import read_config, resolve_checkpoint
+from moeforge.modeling import is_moeforge_config
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_launch(recipe: TrainRecipe) -> None:
+    """What the recipe and the launch alone decide (before any conversion or load)."""
+    spec = recipe.expert_parallel
+    if spec is None:
+        return
+    world = _world_size()
+    if world < 2 or "RANK" not in os.environ:
+        raise MoeforgeError(
+            f"expert_parallel: size {spec.size} needs a multi-process launch: torchrun --nproc_per_node {spec.size} -m moeforge.cli.main train RECIPE"
+        )
+    if world % spec.size:
+        raise MoeforgeError(
+            f"expert_parallel: size {spec.size} does not divide the {world} processes launched: launch a multiple of {spec.size}"
+        )
+    if recipe.adapter is not None:
+        raise MoeforgeError(
+            "expert_parallel: adapters are not supported with expert parallelism: drop the adapter: section or expert_parallel:"
+        )
+    if recipe.moice is not None:
+        raise MoeforgeError(
+            "expert_parallel: MoICE routers cannot be added to a model sharded at load time: drop the moice: section or expert_parallel:"
+        )
+    if recipe.resume:
+        raise MoeforgeError(
+            "expert_parallel: resume is not supported (Trainer cannot checkpoint the optimizer of a model sharded at load time): "
+            "start afresh with overwrite: true"
+        )
+
+
+def expert_counts(config: PretrainedConfig) -> list[int]:
+    """The expert count of every MoE layer (empty for a dense model)."""
+    if is_moeforge_config(config):
+        layers: list[Any] = config.moe_layers
+        return [entry["num_experts"] for entry in layers if entry is not None]
+    native = native_moe(config.model_type)
+    if native is None:
+        return []
+    return [int(getattr(config, native.fields["num_experts"]))] * int(config.num_hidden_layers)
+
+
+def distributed_config(recipe: TrainRecipe) -> DistributedConfig | None:
+    """The load's ``DistributedConfig`` for the recipe's ``expert_parallel`` section (None without one), after
+    checking that the model has experts that split evenly and an EP plan."""
+    spec = recipe.expert_parallel
+    if spec is None:
+        return None
+    config = read_config(resolve_checkpoint(recipe.model, gguf_file=recipe.gguf_file))
+    counts = sorted(set(expert_counts(config)))
+    if not counts:
+        raise MoeforgeError(
+            f"expert_parallel: {recipe.model} is a dense model ({config.model_type}): it has no experts to split; convert it first"
+        )
+    if not type(config).base_model_ep_plan:
+        raise MoeforgeError(
+            f"expert_parallel: transformers has no expert-parallel plan for {config.model_type}: train it with plain data parallelism or fsdp:"
+        )
+    uneven = [count for count in counts if count % spec.size]
+    if uneven:
+        raise MoeforgeError(
+            f"expert_parallel: size {spec.size} does not divide the {uneven[0]} experts of a MoE layer: choose a divisor of {counts[0]}"
+        )
+    if getattr(config, "moice", None):
+        raise MoeforgeError(
+            "expert_parallel: MoICE attention routers cannot be added to a model sharded at load time: train it without expert_parallel:"
+        )
+    return DistributedConfig(fsdp_size=_world_size(), ep_size=spec.size)
+
+
+def trainer_arguments(recipe: TrainRecipe) -> dict[str, Any]:
+    """TrainingArguments for a run on a model sharded at load time: checkpoints hold the (gathered) model only,
+    since Trainer refuses to checkpoint such a model's optimizer."""
+    return {"save_only_model": True} if recipe.expert_parallel is not None else {}
