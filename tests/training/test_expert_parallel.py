@@ -1,0 +1,230 @@
+"""Expert parallelism (``expert_parallel: {size: N}``, transformers' ``DistributedConfig``) on CPU processes (gloo).
+
+* Forward (:mod:`tests.training.ep_forward` under torchrun): the EP-sharded model's logits equal the whole model's
+  on every rank, each on a batch of its own, for Mixtral, Qwen2-MoE (shared expert) and moeforge's architecture;
+  each rank holds ``num_experts / N`` experts; with every router forced to experts 0..top_k-1 the ranks holding
+  the others receive no token at all and forward and backward still complete (4 ranks too: one expert each).
+* Training: ``torchrun --nproc_per_node 2`` with ``expert_parallel: {size: 2}`` and 2 rows per rank trains what one
+  process with 4 rows per step trains, as plain DDP does (tests/training/test_distributed.py explains why the LM
+  loss splits exactly and why the balance loss is off). The experts run the same rows wherever they are; only
+  the order of float sums changes (all-to-all regroups the rows, FSDP2 reduces the gradients), so losses agree to
+  ~1e-7 relative and weights to ~1e-6. The final ``model/`` is the single-process export: full expert tensors
+  gathered on rank 0, the same names, config and provenance.
+* The skewed-routing entry (rank 1 never sends a token to experts 2 and 3, which live on rank 1) completes.
+* The one-line refusals, before any load: no multi-process launch, sizes that do not divide, a dense model, an
+  architecture without an EP plan, adapters, MoICE, resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import MixtralConfig
+
+from moeforge.config.recipe import load_recipe
+from moeforge.config.train_recipe import TrainRecipe
+from moeforge.errors import MoeforgeError
+from moeforge.io.safetensors_writer import sha256_file
+from moeforge.training import train
+from tests.training.conftest import MOE, logged_losses, make_recipe, provenance, state_dict
+from tests.training.launch import check, run_module, torchrun
+
+pytestmark = pytest.mark.timeout(900)  # several process starts on a 2-core machine
+
+STEPS = 3
+GLOBAL_BATCH = 4
+TELEMETRY_STEPS = 2  # not the last step (see test_distributed)
+FORWARD_MODELS = ("mixtral", "qwen2_moe", "moeforge")
+
+
+@pytest.fixture(scope="module")
+def forward(models, tmp_path_factory):
+    """``forward(processes)``: every rank's report of :mod:`tests.training.ep_forward` (EP size = processes)."""
+    cache: dict[int, list[dict]] = {}
+
+    def run(processes: int) -> list[dict]:
+        if processes not in cache:
+            out = tmp_path_factory.mktemp(f"ep-forward-{processes}")
+            names = FORWARD_MODELS if processes == 2 else ("mixtral",)
+            check(run_module("tests.training.ep_forward", [str(out), str(processes), *(str(models[n]) for n in names)], out, processes))
+            cache[processes] = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(processes)]
+        return cache[processes]
+
+    return run
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_sharded_logits_equal_the_whole_models(forward, processes: int) -> None:
+    reports = forward(processes)
+    for rank, report in enumerate(reports):
+        assert report.keys() == set(FORWARD_MODELS if processes == 2 else ("mixtral",))
+        for name, result in report.items():
+            assert result["logits"] < 1e-6, (rank, name)
+            assert result["starved_logits"] < 1e-6, (rank, name)
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_each_rank_holds_its_share_of_the_experts(forward, processes: int) -> None:
+    for report in forward(processes):
+        for name, result in report.items():
+            shapes = result["experts"]
+            assert len(shapes) == 2 * 3, name  # gate_up_proj and down_proj of 3 MoE layers
+            for tensor, (whole, local) in shapes.items():
+                assert whole[0] == MOE["num_experts"], tensor
+                assert local == [MOE["num_experts"] // processes, *whole[1:]], tensor
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_ranks_whose_experts_get_no_token_complete_the_backward(forward, processes: int) -> None:
+    """Routed to experts 0 and 1 only: their ranks' experts get gradients, the others' exactly zero."""
+    per_rank = MOE["num_experts"] // processes
+    for rank, report in enumerate(forward(processes)):
+        for name, result in report.items():
+            for local, largest in enumerate(result["starved_grads"]):
+                if rank * per_rank + local < MOE["top_k"]:
+                    assert largest > 0, (rank, name, local)
+                else:
+                    assert largest == 0, (rank, name, local)
+
+
+def _write_recipe(path: Path, model: Path, output: Path, data: Path, per_device: int, **extra) -> Path:
+    recipe = {
+        "stage": "pt",
+        "model": str(model),
+        "output": str(output),
+        "data": {"train": [str(data)], "max_length": 32},
+        "training": {
+            "max_steps": STEPS,
+            "per_device_train_batch_size": per_device,
+            "logging_steps": 1,
+            "learning_rate": 1e-3,
+            "lr_scheduler_type": "constant",
+            "save_steps": STEPS,
+            "telemetry_steps": TELEMETRY_STEPS,
+            "report_to": [],
+        },
+        "router_losses": {"balance_coef": 0.0},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(models, data_files, tmp_path_factory) -> dict[str, Path]:
+    """``{"single" | "ep" | "skewed": output}``: one process with 4 rows per step, 2 EP ranks with 2 rows each,
+    and the latter under forced skewed routing."""
+    root = tmp_path_factory.mktemp("ep-train")
+    model, data = models["mixtral"], data_files["text"]
+    single = _write_recipe(root / "single.yaml", model, root / "single", data, GLOBAL_BATCH)
+    train(load_recipe(single, model=TrainRecipe), log=lambda _line: None)
+    ep = {"expert_parallel": {"size": 2}}
+    check(torchrun(_write_recipe(root / "ep.yaml", model, root / "ep", data, GLOBAL_BATCH // 2, **ep), root))
+    skewed = _write_recipe(root / "skewed.yaml", model, root / "skewed", data, GLOBAL_BATCH // 2, **ep)
+    check(torchrun(skewed, root, module="tests.training.skewed_routing", timeout=300))
+    return {"single": root / "single", "ep": root / "ep", "skewed": root / "skewed", "source": model}
+
+
+def _history(output: Path) -> list[dict]:
+    return json.loads((output / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
+
+
+def test_two_ep_ranks_log_the_same_losses_as_one_process(runs) -> None:
+    losses_single, losses_ep = logged_losses(_history(runs["single"])), logged_losses(_history(runs["ep"]))
+    assert losses_single.keys() == losses_ep.keys() and 1 in losses_single
+    for step, loss in losses_single.items():
+        assert losses_ep[step] == pytest.approx(loss, rel=1e-5), step
+    entry_single, entry_ep = provenance(runs["single"] / "model")["training"][-1], provenance(runs["ep"] / "model")["training"][-1]
+    assert entry_ep["train_loss"] == pytest.approx(entry_single["train_loss"], rel=1e-5)
+    assert entry_ep["steps"] == entry_single["steps"] == STEPS
+    assert entry_ep["tokens"] == entry_single["tokens"] == STEPS * GLOBAL_BATCH * 32
+    assert entry_ep["recipe"]["expert_parallel"] == {"size": 2}
+
+
+def test_two_ep_ranks_train_the_same_weights_as_one_process(runs) -> None:
+    a, b, before = state_dict(runs["single"] / "model"), state_dict(runs["ep"] / "model"), state_dict(runs["source"])
+    assert a.keys() == b.keys()
+    update_single = torch.cat([(a[k] - before[k]).flatten() for k in sorted(a)])
+    update_ep = torch.cat([(b[k] - before[k]).flatten() for k in sorted(a)])
+    assert float(update_single.abs().max()) > 2e-3  # it trained (≈ lr per step)
+    # Adam turns a float-noise sign flip of a near-zero gradient into a ±lr step: bound the whole update too
+    assert float((update_ep - update_single).norm() / update_single.norm()) < 1e-4
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_the_final_model_is_the_single_process_export(runs) -> None:
+    """Rank 0 writes the gathered model (full expert tensors under the export's names), its config and the
+    provenance chain; no rank leaves a staging directory behind, and the report covers both ranks."""
+    single, ep = runs["single"] / "model", runs["ep"] / "model"
+    a, b = state_dict(single), state_dict(ep)
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert any(".experts.3." in k for k in b)  # Mixtral's per-expert names, every expert
+    assert json.loads((ep / "config.json").read_text()) == json.loads((single / "config.json").read_text())
+    chain_single, chain_ep = provenance(single), provenance(ep)
+    assert chain_ep.keys() == chain_single.keys()
+    assert chain_ep["checksums"] == {p.name: sha256_file(p) for p in ep.glob("*.safetensors")}
+    assert not list(runs["ep"].glob(".model.partial-*"))
+    (report,) = [json.loads(line) for line in (runs["ep"] / "routing.jsonl").read_text().splitlines()]
+    assert report["tokens"] == TELEMETRY_STEPS * GLOBAL_BATCH * 32
+
+
+def test_checkpoints_hold_the_model_only(runs) -> None:
+    """Trainer cannot checkpoint the optimizer of a model sharded at load time: checkpoints are model snapshots
+    (the gathered weights), not resumable states."""
+    checkpoint = runs["ep"] / f"checkpoint-{STEPS}"
+    assert state_dict(checkpoint).keys() == state_dict(runs["ep"] / "model").keys()
+    assert not (checkpoint / "optimizer.pt").exists()
+
+
+def test_skewed_routing_completes_under_expert_parallelism(runs) -> None:
+    """Rank 1 routes only to experts 0 and 1 (on rank 0): experts 2 and 3, on rank 1, get rank 0's tokens only."""
+    skewed = runs["skewed"]
+    assert provenance(skewed / "model")["training"][-1]["steps"] == STEPS
+    (report,) = [json.loads(line) for line in (skewed / "routing.jsonl").read_text().splitlines()]
+    (even,) = [json.loads(line) for line in (runs["ep"] / "routing.jsonl").read_text().splitlines()]
+    for skewed_load, even_load in zip(report["load"], even["load"], strict=True):
+        assert sum(skewed_load[2:]) < sum(even_load[2:])
+    assert state_dict(skewed / "model").keys() == state_dict(runs["ep"] / "model").keys()
+
+
+def _launched(monkeypatch, world: int) -> None:
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+
+
+@pytest.mark.parametrize(
+    ("world", "size", "kind", "extra", "message"),
+    [
+        (1, 2, "mixtral", {}, "expert_parallel: size 2 needs a multi-process launch: torchrun --nproc_per_node 2"),
+        (3, 2, "mixtral", {}, "expert_parallel: size 2 does not divide the 3 processes launched"),
+        (3, 3, "mixtral", {}, "expert_parallel: size 3 does not divide the 4 experts of a MoE layer"),
+        (2, 2, "dense", {}, "is a dense model (llama): it has no experts to split"),
+        (2, 2, "mixtral", {"adapter": {"num_experts": 4, "rank": 4}}, "expert_parallel: adapters are not supported"),
+        (2, 2, "mixtral", {"moice": {"topk": 3}}, "expert_parallel: MoICE routers cannot be added"),
+        (2, 2, "mixtral", {"resume": True}, "expert_parallel: resume is not supported"),
+    ],
+)
+def test_bad_launches_and_models_are_refused_before_any_load(
+    models, tmp_path: Path, monkeypatch, world: int, size: int, kind: str, extra: dict, message: str
+) -> None:
+    if world > 1:
+        _launched(monkeypatch, world)
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    output = tmp_path / "run"
+    recipe = make_recipe("pt", models[kind], output, expert_parallel={"size": size}, **extra)
+    with pytest.raises(MoeforgeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train(recipe, log=lambda _line: None)
+    assert not output.exists()
+
+
+def test_an_architecture_without_an_ep_plan_is_refused(models, tmp_path: Path, monkeypatch) -> None:
+    _launched(monkeypatch, 2)
+    monkeypatch.setattr(MixtralConfig, "base_model_ep_plan", None)
+    recipe = make_recipe("pt", models["mixtral"], tmp_path / "run", expert_parallel={"size": 2})
+    with pytest.raises(MoeforgeError, match="transformers has no expert-parallel plan for mixtral"):
+        train(recipe, log=lambda _line: None)
