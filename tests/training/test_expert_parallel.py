@@ -10,9 +10,10 @@
   the order of float sums changes (all-to-all regroups the rows, FSDP2 reduces the gradients), so losses agree to
   ~1e-7 relative and weights to ~1e-6. The final ``model/`` is the single-process export: full expert tensors
   gathered on rank 0, the same names, config and provenance.
+* A run killed after its step-2 checkpoint and resumed (:mod:`tests.training.killed_run`) is the uninterrupted run.
 * The skewed-routing entry (rank 1 never sends a token to experts 2 and 3, which live on rank 1) completes.
 * The one-line refusals, before any load: no multi-process launch, sizes that do not divide, a dense model, an
-  architecture without an EP plan, adapters, MoICE, resume.
+  architecture without an EP plan, adapters, MoICE.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from tests.training.launch import check, run_module, torchrun
 
 pytestmark = pytest.mark.timeout(900)  # several process starts on a 2-core machine
 
-STEPS = 3
+STEPS, SAVE_STEPS, KILL_AT = 4, 2, 3
 GLOBAL_BATCH = 4
-TELEMETRY_STEPS = 2  # not the last step (see test_distributed)
+TELEMETRY_STEPS = 3  # not the last step (see test_distributed)
 FORWARD_MODELS = ("mixtral", "qwen2_moe", "moeforge")
 
 
@@ -102,8 +103,9 @@ def _write_recipe(path: Path, model: Path, output: Path, data: Path, per_device:
             "per_device_train_batch_size": per_device,
             "logging_steps": 1,
             "learning_rate": 1e-3,
-            "lr_scheduler_type": "constant",
-            "save_steps": STEPS,
+            "lr_scheduler_type": "cosine",  # a schedule with state for resume to restore
+            "warmup_ratio": 0.25,
+            "save_steps": SAVE_STEPS,
             "telemetry_steps": TELEMETRY_STEPS,
             "report_to": [],
         },
@@ -116,8 +118,8 @@ def _write_recipe(path: Path, model: Path, output: Path, data: Path, per_device:
 
 @pytest.fixture(scope="module")
 def runs(models, data_files, tmp_path_factory) -> dict[str, Path]:
-    """``{"single" | "ep" | "skewed": output}``: one process with 4 rows per step, 2 EP ranks with 2 rows each,
-    and the latter under forced skewed routing."""
+    """``{"single" | "ep" | "skewed" | "resumed": output}``: one process with 4 rows per step, 2 EP ranks with 2
+    rows each, the latter under forced skewed routing, and killed at the end of step 3 then resumed."""
     root = tmp_path_factory.mktemp("ep-train")
     model, data = models["mixtral"], data_files["text"]
     single = _write_recipe(root / "single.yaml", model, root / "single", data, GLOBAL_BATCH)
@@ -126,7 +128,11 @@ def runs(models, data_files, tmp_path_factory) -> dict[str, Path]:
     check(torchrun(_write_recipe(root / "ep.yaml", model, root / "ep", data, GLOBAL_BATCH // 2, **ep), root))
     skewed = _write_recipe(root / "skewed.yaml", model, root / "skewed", data, GLOBAL_BATCH // 2, **ep)
     check(torchrun(skewed, root, module="tests.training.skewed_routing", timeout=300))
-    return {"single": root / "single", "ep": root / "ep", "skewed": root / "skewed", "source": model}
+    killed = _write_recipe(root / "killed.yaml", model, root / "resumed", data, GLOBAL_BATCH // 2, **ep)
+    assert run_module("tests.training.killed_run", [str(KILL_AT), "train", str(killed)], root).returncode != 0
+    resumed = _write_recipe(root / "resumed.yaml", model, root / "resumed", data, GLOBAL_BATCH // 2, resume=True, **ep)
+    check(torchrun(resumed, root))
+    return {"single": root / "single", "ep": root / "ep", "skewed": root / "skewed", "resumed": root / "resumed", "source": model}
 
 
 def _history(output: Path) -> list[dict]:
@@ -172,12 +178,20 @@ def test_the_final_model_is_the_single_process_export(runs) -> None:
     assert report["tokens"] == TELEMETRY_STEPS * GLOBAL_BATCH * 32
 
 
-def test_checkpoints_hold_the_model_only(runs) -> None:
-    """Trainer cannot checkpoint the optimizer of a model sharded at load time: checkpoints are model snapshots
-    (the gathered weights), not resumable states."""
-    checkpoint = runs["ep"] / f"checkpoint-{STEPS}"
-    assert state_dict(checkpoint).keys() == state_dict(runs["ep"] / "model").keys()
-    assert not (checkpoint / "optimizer.pt").exists()
+def test_a_killed_run_resumes_to_the_uninterrupted_one(runs) -> None:
+    """Killed after step 3 (step 2's checkpoint is the last), resumed: the steps after the checkpoint log the same
+    losses and the final weights are the same, bit for bit (the same ranks do the same sums), so the checkpoint
+    restored the model's and the optimizer's shards, the schedule's position and the data order."""
+    ep, resumed = runs["ep"], runs["resumed"]
+    assert logged_losses(_history(resumed)) == logged_losses(_history(ep))
+    a, b = state_dict(ep / "model"), state_dict(resumed / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    checkpoint = resumed / f"checkpoint-{SAVE_STEPS}"
+    assert state_dict(checkpoint).keys() == a.keys()  # the gathered model, as the export names it
+    assert sorted(p.name for p in (checkpoint / "sharded_optimizer").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert provenance(resumed / "model")["training"][-1]["steps"] == STEPS
 
 
 def test_skewed_routing_completes_under_expert_parallelism(runs) -> None:
@@ -205,7 +219,6 @@ def _launched(monkeypatch, world: int) -> None:
         (2, 2, "dense", {}, "is a dense model (llama): it has no experts to split"),
         (2, 2, "mixtral", {"adapter": {"num_experts": 4, "rank": 4}}, "expert_parallel: adapters are not supported"),
         (2, 2, "mixtral", {"moice": {"topk": 3}}, "expert_parallel: MoICE routers cannot be added"),
-        (2, 2, "mixtral", {"resume": True}, "expert_parallel: resume is not supported"),
     ],
 )
 def test_bad_launches_and_models_are_refused_before_any_load(

@@ -22,10 +22,21 @@ What this module adds is the checks, each one line before the model loads, and t
 from __future__ import annotations
 
 import os
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from transformers import PretrainedConfig
-from transformers.distributed import DistributedConfig
+import torch
+from torch import nn
+from transformers import PretrainedConfig, Trainer
+from transformers.distributed import (
+    DistributedConfig,
+    _load_model_checkpoint_distributed,
+    _save_model_checkpoint_distributed,
+    load_optimizer_distributed,
+    save_optimizer_distributed,
+)
+from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.errors import MoeforgeError
@@ -59,11 +70,6 @@ def check_launch(recipe: TrainRecipe) -> None:
     if recipe.moice is not None:
         raise MoeforgeError(
             "expert_parallel: MoICE routers cannot be added to a model sharded at load time: drop the moice: section or expert_parallel:"
-        )
-    if recipe.resume:
-        raise MoeforgeError(
-            "expert_parallel: resume is not supported (Trainer cannot checkpoint the optimizer of a model sharded at load time): "
-            "start afresh with overwrite: true"
         )
 
 
@@ -107,6 +113,58 @@ def distributed_config(recipe: TrainRecipe) -> DistributedConfig | None:
 
 
 def trainer_arguments(recipe: TrainRecipe) -> dict[str, Any]:
-    """TrainingArguments for a run on a model sharded at load time: checkpoints hold the (gathered) model only,
-    since Trainer refuses to checkpoint such a model's optimizer."""
+    """TrainingArguments for a run on a model sharded at load time: Trainer refuses to checkpoint such a
+    model's optimizer itself (``save_only_model``: its checkpoints hold the gathered model, config and trainer
+    state); :class:`ShardedCheckpoints` adds the rest."""
     return {"save_only_model": True} if recipe.expert_parallel is not None else {}
+
+
+MODEL_SHARDS = "sharded_model"
+OPTIMIZER_SHARDS = "sharded_optimizer"
+
+
+# The mixin below is placed before a Trainer class in the MRO; the type checker is told so.
+if TYPE_CHECKING:
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+
+class ShardedCheckpoints(_TrainerBase):
+    """What a checkpoint of a model sharded at load time needs besides the gathered model Trainer writes, so that
+    ``resume`` continues the run: every rank's shard of the model and of the optimizer state (transformers'
+    distributed-checkpoint writers, torch DCP underneath), the scheduler and every rank's RNG state. Resuming
+    reads the shards back into the already sharded model and optimizer (the gathered model's names are the
+    export's, not the model's own, and Trainer's plain ``load_state_dict`` would not reach the DTensors)."""
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        checkpoint = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        _save_model_checkpoint_distributed(self.model, checkpoint / MODEL_SHARDS)
+        save_optimizer_distributed(self.model, _unwrapped(self.optimizer), str(checkpoint / OPTIMIZER_SHARDS))
+        if self.args.should_save:
+            assert self.lr_scheduler is not None  # created with the optimizer, before the first step
+            torch.save(self.lr_scheduler.state_dict(), checkpoint / SCHEDULER_NAME)
+        self._save_rng_state(str(checkpoint))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        _load_model_checkpoint_distributed(model or self.model, Path(resume_from_checkpoint) / MODEL_SHARDS)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        load_optimizer_distributed(self.model, _unwrapped(self.optimizer), str(Path(checkpoint) / OPTIMIZER_SHARDS))
+        assert self.lr_scheduler is not None  # created with the optimizer, which Trainer made before this
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
+
+
+def _unwrapped(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper (DCP steps it once to create empty state)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def resumable(trainer: Trainer, recipe: TrainRecipe) -> None:
+    """Give an expert-parallel run's trainer :class:`ShardedCheckpoints` (its class becomes a subclass mixing it in)."""
+    if recipe.expert_parallel is not None:
+        cls = type(trainer)
+        trainer.__class__ = type(f"ExpertParallel{cls.__name__}", (ShardedCheckpoints, cls), {"__module__": __name__})
