@@ -8,19 +8,22 @@ over all ranks. Every rank reads a different batch, as under DDP. Trainer recogn
 and ``save_pretrained`` gathers the full state dict on rank 0, so the final export is the same checkpoint one
 process writes.
 
-What this module adds is the checks, each one line before the model loads, and the load's configuration:
+What this module adds is the checks, each one line before the model loads, the load's configuration, and
+checkpoints that resume:
 
 * the run must be launched with several processes (torchrun), ``N`` must divide their number and every MoE
   layer's expert count;
 * the model must have experts and an EP plan (native MoE architectures with one, and moeforge's own, whose
   config class declares the same plan as Mixtral's over its family's FFN module);
-* adapters, MoICE and resuming are refused: an adapter or MoICE routers would be added after transformers
-  sharded the model (FSDP2 then leaves them replicated and unreduced), and Trainer cannot checkpoint the
-  optimizer of a model sharded at load time (checkpoints hold the model only, ``save_only_model``).
+* adapters and MoICE are refused: their modules would be added after transformers sharded the model, where
+  FSDP2 would leave them replicated and their gradients unreduced;
+* Trainer refuses to checkpoint the optimizer of a model sharded at load time; :class:`ShardedCheckpoints`
+  writes and restores the sharded state itself.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,7 +106,7 @@ def distributed_config(recipe: TrainRecipe) -> DistributedConfig | None:
     uneven = [count for count in counts if count % spec.size]
     if uneven:
         raise MoeforgeError(
-            f"expert_parallel: size {spec.size} does not divide the {uneven[0]} experts of a MoE layer: choose a divisor of {counts[0]}"
+            f"expert_parallel: size {spec.size} does not divide the {uneven[0]} experts of a MoE layer: choose a divisor of {math.gcd(*counts)}"
         )
     if getattr(config, "moice", None):
         raise MoeforgeError(
