@@ -41,6 +41,7 @@ from transformers.distributed import (
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from moeforge.config.adapter import EXPERTS_TARGET
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.errors import MoeforgeError
 from moeforge.families import native_moe
@@ -66,9 +67,10 @@ def check_launch(recipe: TrainRecipe) -> None:
         raise MoeforgeError(
             f"expert_parallel: size {spec.size} does not divide the {world} processes launched: launch a multiple of {spec.size}"
         )
-    if recipe.adapter is not None:
+    if recipe.adapter is not None and EXPERTS_TARGET in recipe.adapter.targets:
         raise MoeforgeError(
-            "expert_parallel: adapters are not supported with expert parallelism: drop the adapter: section or expert_parallel:"
+            f"expert_parallel: adapter.targets: {EXPERTS_TARGET} puts deltas on the experts this run splits over ranks, which is not "
+            "supported: target attention or dense FFN modules, or drop expert_parallel:"
         )
     if recipe.moice is not None:
         raise MoeforgeError(
@@ -139,6 +141,15 @@ class ShardedCheckpoints(_TrainerBase):
     distributed-checkpoint writers, torch DCP underneath), the scheduler and every rank's RNG state. Resuming
     reads the shards back into the already sharded model and optimizer (the gathered model's names are the
     export's, not the model's own, and Trainer's plain ``load_state_dict`` would not reach the DTensors)."""
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer without empty parameter groups (the no-decay group of an adapter run has no
+        parameter): torch's distributed optimizer checkpoint cannot restore one (``IndexError`` in
+        ``_unflatten_optim_state_dict``), and such a group holds nothing to restore."""
+        optimizer = super().create_optimizer(model)
+        groups = _unwrapped(optimizer).param_groups
+        groups[:] = [group for group in groups if group["params"]]
+        return optimizer
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
