@@ -8,12 +8,14 @@
   process with 4 rows per step trains, as plain DDP does (tests/training/test_distributed.py explains why the LM
   loss splits exactly and why the balance loss is off). The experts run the same rows wherever they are; only
   the order of float sums changes (all-to-all regroups the rows, FSDP2 reduces the gradients), so losses agree to
-  ~1e-7 relative and weights to ~1e-6. The final ``model/`` is the single-process export: full expert tensors
-  gathered on rank 0, the same names, config and provenance.
-* A run killed after its step-2 checkpoint and resumed (:mod:`tests.training.killed_run`) is the uninterrupted run.
+  ~1e-7 relative and weights to ~1e-6. The EP run is killed after step 3 (:mod:`tests.training.killed_run`) and
+  resumed from its step-2 checkpoint, so this also holds the resume to the uninterrupted run. The final
+  ``model/`` is the single-process export: full expert tensors gathered on rank 0, the same names, config and
+  provenance.
+* A LoRA adapter on attention trains on the EP-sharded model as in one process.
 * The skewed-routing entry (rank 1 never sends a token to experts 2 and 3, which live on rank 1) completes.
 * The one-line refusals, before any load: no multi-process launch, sizes that do not divide, a dense model, an
-  architecture without an EP plan, adapters, MoICE.
+  architecture without an EP plan, an adapter on the split experts, MoICE, DPO without an adapter.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from moeforge.config.train_recipe import TrainRecipe
 from moeforge.errors import MoeforgeError
 from moeforge.io.safetensors_writer import sha256_file
 from moeforge.training import train
+from moeforge.training.checkpoints import MARKER
 from tests.training.conftest import MOE, logged_losses, make_recipe, provenance, state_dict
 from tests.training.launch import check, run_module, torchrun
 
@@ -40,6 +43,8 @@ STEPS, SAVE_STEPS, KILL_AT = 4, 2, 3
 GLOBAL_BATCH = 4
 TELEMETRY_STEPS = 3  # not the last step (see test_distributed)
 FORWARD_MODELS = ("mixtral", "qwen2_moe", "moeforge")
+LORA = {"method": "lora", "targets": ["q_proj", "v_proj"], "rank": 4, "dropout": 0.0}
+"""A plain LoRA on attention: replicated parameters beside the sharded model, which Trainer keeps in sync."""
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +97,7 @@ def test_ranks_whose_experts_get_no_token_complete_the_backward(forward, process
                     assert largest == 0, (rank, name, local)
 
 
-def _write_recipe(path: Path, model: Path, output: Path, data: Path, per_device: int, **extra) -> Path:
+def _write_recipe(path: Path, model: Path, output: Path, data: Path, per_device: int, save: bool = True, **extra) -> Path:
     recipe = {
         "stage": "pt",
         "model": str(model),
@@ -105,7 +110,7 @@ def _write_recipe(path: Path, model: Path, output: Path, data: Path, per_device:
             "learning_rate": 1e-3,
             "lr_scheduler_type": "cosine",  # a schedule with state for resume to restore
             "warmup_ratio": 0.25,
-            "save_steps": SAVE_STEPS,
+            "save_steps": SAVE_STEPS if save else None,
             "telemetry_steps": TELEMETRY_STEPS,
             "report_to": [],
         },
@@ -118,21 +123,29 @@ def _write_recipe(path: Path, model: Path, output: Path, data: Path, per_device:
 
 @pytest.fixture(scope="module")
 def runs(models, data_files, tmp_path_factory) -> dict[str, Path]:
-    """``{"single" | "ep" | "skewed" | "resumed": output}``: one process with 4 rows per step, 2 EP ranks with 2
-    rows each, the latter under forced skewed routing, and killed at the end of step 3 then resumed."""
+    """``{name: output}``: one process with 4 rows per step (``single``); 2 EP ranks with 2 rows each, killed at the
+    end of step 3 and resumed from step 2's checkpoint (``ep``: one launch fewer than an uninterrupted run beside
+    it), and under forced skewed routing (``skewed``); a LoRA adapter trained in one process and on 2 EP ranks
+    (``lora-single``, ``lora``)."""
     root = tmp_path_factory.mktemp("ep-train")
     model, data = models["mixtral"], data_files["text"]
     single = _write_recipe(root / "single.yaml", model, root / "single", data, GLOBAL_BATCH)
     train(load_recipe(single, model=TrainRecipe), log=lambda _line: None)
     ep = {"expert_parallel": {"size": 2}}
-    check(torchrun(_write_recipe(root / "ep.yaml", model, root / "ep", data, GLOBAL_BATCH // 2, **ep), root))
-    skewed = _write_recipe(root / "skewed.yaml", model, root / "skewed", data, GLOBAL_BATCH // 2, **ep)
+    skewed = _write_recipe(root / "skewed.yaml", model, root / "skewed", data, GLOBAL_BATCH // 2, save=False, **ep)
     check(torchrun(skewed, root, module="tests.training.skewed_routing", timeout=300))
-    killed = _write_recipe(root / "killed.yaml", model, root / "resumed", data, GLOBAL_BATCH // 2, **ep)
-    assert run_module("tests.training.killed_run", [str(KILL_AT), "train", str(killed)], root).returncode != 0
-    resumed = _write_recipe(root / "resumed.yaml", model, root / "resumed", data, GLOBAL_BATCH // 2, resume=True, **ep)
-    check(torchrun(resumed, root))
-    return {"single": root / "single", "ep": root / "ep", "skewed": root / "skewed", "resumed": root / "resumed", "source": model}
+    killed = _write_recipe(root / "killed.yaml", model, root / "ep", data, GLOBAL_BATCH // 2, **ep)
+    stopped = run_module("tests.training.killed_run", [str(KILL_AT), "train", str(killed)], root)
+    # stopped after step 3: step 2's checkpoint complete, no final model (the CLI exits 130 on the interrupt)
+    assert stopped.returncode != 0 and (root / "ep" / f"checkpoint-{SAVE_STEPS}" / MARKER).is_file()
+    assert not (root / "ep" / "model").exists()
+    check(torchrun(_write_recipe(root / "resumed.yaml", model, root / "ep", data, GLOBAL_BATCH // 2, resume=True, **ep), root))
+    lora = {"adapter": LORA}
+    adapter_single = _write_recipe(root / "lora-single.yaml", model, root / "lora-single", data, GLOBAL_BATCH, **lora)
+    train(load_recipe(adapter_single, model=TrainRecipe), log=lambda _line: None)
+    check(torchrun(_write_recipe(root / "lora.yaml", model, root / "lora", data, GLOBAL_BATCH // 2, **lora, **ep), root))
+    names = ("single", "ep", "skewed", "lora-single", "lora")
+    return {**{name: root / name for name in names}, "source": model}
 
 
 def _history(output: Path) -> list[dict]:
@@ -140,12 +153,13 @@ def _history(output: Path) -> list[dict]:
 
 
 def test_two_ep_ranks_log_the_same_losses_as_one_process(runs) -> None:
+    """Every step, also the two after the resume: a resume that lost the optimizer's shards, the schedule's
+    position or the data order would move them by far more than float noise."""
     losses_single, losses_ep = logged_losses(_history(runs["single"])), logged_losses(_history(runs["ep"]))
     assert losses_single.keys() == losses_ep.keys() and 1 in losses_single
     for step, loss in losses_single.items():
         assert losses_ep[step] == pytest.approx(loss, rel=1e-5), step
     entry_single, entry_ep = provenance(runs["single"] / "model")["training"][-1], provenance(runs["ep"] / "model")["training"][-1]
-    assert entry_ep["train_loss"] == pytest.approx(entry_single["train_loss"], rel=1e-5)
     assert entry_ep["steps"] == entry_single["steps"] == STEPS
     assert entry_ep["tokens"] == entry_single["tokens"] == STEPS * GLOBAL_BATCH * 32
     assert entry_ep["recipe"]["expert_parallel"] == {"size": 2}
@@ -164,7 +178,7 @@ def test_two_ep_ranks_train_the_same_weights_as_one_process(runs) -> None:
 
 def test_the_final_model_is_the_single_process_export(runs) -> None:
     """Rank 0 writes the gathered model (full expert tensors under the export's names), its config and the
-    provenance chain; no rank leaves a staging directory behind, and the report covers both ranks."""
+    provenance chain; no rank leaves a staging directory behind."""
     single, ep = runs["single"] / "model", runs["ep"] / "model"
     a, b = state_dict(single), state_dict(ep)
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
@@ -174,35 +188,44 @@ def test_the_final_model_is_the_single_process_export(runs) -> None:
     assert chain_ep.keys() == chain_single.keys()
     assert chain_ep["checksums"] == {p.name: sha256_file(p) for p in ep.glob("*.safetensors")}
     assert not list(runs["ep"].glob(".model.partial-*"))
-    (report,) = [json.loads(line) for line in (runs["ep"] / "routing.jsonl").read_text().splitlines()]
-    assert report["tokens"] == TELEMETRY_STEPS * GLOBAL_BATCH * 32
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_one(runs) -> None:
-    """Killed after step 3 (step 2's checkpoint is the last), resumed: the steps after the checkpoint log the same
-    losses and the final weights are the same, bit for bit (the same ranks do the same sums), so the checkpoint
-    restored the model's and the optimizer's shards, the schedule's position and the data order."""
-    ep, resumed = runs["ep"], runs["resumed"]
-    assert logged_losses(_history(resumed)) == logged_losses(_history(ep))
-    a, b = state_dict(ep / "model"), state_dict(resumed / "model")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    checkpoint = resumed / f"checkpoint-{SAVE_STEPS}"
-    assert state_dict(checkpoint).keys() == a.keys()  # the gathered model, as the export names it
+def test_checkpoints_hold_the_gathered_model_and_every_ranks_shards(runs) -> None:
+    """What the resume above read: the export-named model Trainer gathers (readable by any loader), and for the
+    run itself every rank's model and optimizer shards, the schedule and every rank's RNG state."""
+    checkpoint = runs["ep"] / f"checkpoint-{SAVE_STEPS}"
+    assert state_dict(checkpoint).keys() == state_dict(runs["ep"] / "model").keys()
+    assert len(list((checkpoint / "sharded_model").glob("*.safetensors"))) == 2
     assert sorted(p.name for p in (checkpoint / "sharded_optimizer").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    assert provenance(resumed / "model")["training"][-1]["steps"] == STEPS
+    assert {"scheduler.pt", "rng_state_0.pth", "rng_state_1.pth", MARKER} <= {p.name for p in checkpoint.iterdir()}
+
+
+def test_an_adapter_trains_under_expert_parallelism_as_in_one_process(runs) -> None:
+    """LoRA on attention of the EP-sharded model: the same losses and adapter weights as one process, saved as
+    the same adapter directory."""
+    single, ep = runs["lora-single"], runs["lora"]
+    losses_single, losses_ep = logged_losses(_history(single)), logged_losses(_history(ep))
+    assert losses_single.keys() == losses_ep.keys() and 1 in losses_single
+    for step, loss in losses_single.items():
+        assert losses_ep[step] == pytest.approx(loss, rel=1e-5), step
+    a, b = state_dict(single / "model"), state_dict(ep / "model")
+    assert a.keys() == b.keys() and all("lora_" in name for name in a)
+    assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3  # B starts at 0: it trained
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert (ep / "model" / "adapter_config.json").is_file() and not (ep / "model" / "model.safetensors").exists()
 
 
 def test_skewed_routing_completes_under_expert_parallelism(runs) -> None:
-    """Rank 1 routes only to experts 0 and 1 (on rank 0): experts 2 and 3, on rank 1, get rank 0's tokens only."""
+    """Rank 1 routes only to experts 0 and 1 (on rank 0): experts 2 and 3, on rank 1, get rank 0's tokens only.
+    The one routing report (rank 0's) counts both ranks' tokens."""
     skewed = runs["skewed"]
     assert provenance(skewed / "model")["training"][-1]["steps"] == STEPS
     (report,) = [json.loads(line) for line in (skewed / "routing.jsonl").read_text().splitlines()]
-    (even,) = [json.loads(line) for line in (runs["ep"] / "routing.jsonl").read_text().splitlines()]
+    (even,) = [json.loads(line) for line in (runs["single"] / "routing.jsonl").read_text().splitlines()]
+    assert report["tokens"] == even["tokens"] == TELEMETRY_STEPS * GLOBAL_BATCH * 32
     for skewed_load, even_load in zip(report["load"], even["load"], strict=True):
         assert sum(skewed_load[2:]) < sum(even_load[2:])
-    assert state_dict(skewed / "model").keys() == state_dict(runs["ep"] / "model").keys()
+    assert state_dict(skewed / "model").keys() == state_dict(runs["single"] / "model").keys()
 
 
 def _launched(monkeypatch, world: int) -> None:
@@ -217,8 +240,9 @@ def _launched(monkeypatch, world: int) -> None:
         (3, 2, "mixtral", {}, "expert_parallel: size 2 does not divide the 3 processes launched"),
         (3, 3, "mixtral", {}, "expert_parallel: size 3 does not divide the 4 experts of a MoE layer"),
         (2, 2, "dense", {}, "is a dense model (llama): it has no experts to split"),
-        (2, 2, "mixtral", {"adapter": {"num_experts": 4, "rank": 4}}, "expert_parallel: adapters are not supported"),
-        (2, 2, "mixtral", {"moice": {"topk": 3}}, "expert_parallel: MoICE routers cannot be added"),
+        (2, 2, "mixtral", {"adapter": {"targets": ["experts"]}}, "expert_parallel: adapter.targets: experts puts deltas on the experts"),
+        (2, 2, "mixtral", {"moice": {"topk": 3}}, "expert_parallel: MoICE attention is not supported"),
+        (2, 2, "mixtral", {"stage": "dpo"}, "expert_parallel: stage dpo needs a frozen copy of the policy"),
     ],
 )
 def test_bad_launches_and_models_are_refused_before_any_load(
@@ -229,7 +253,8 @@ def test_bad_launches_and_models_are_refused_before_any_load(
     else:
         monkeypatch.delenv("WORLD_SIZE", raising=False)
     output = tmp_path / "run"
-    recipe = make_recipe("pt", models[kind], output, expert_parallel={"size": size}, **extra)
+    keys = dict(extra)
+    recipe = make_recipe(keys.pop("stage", "pt"), models[kind], output, expert_parallel={"size": size}, **keys)
     with pytest.raises(MoeforgeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         train(recipe, log=lambda _line: None)
     assert not output.exists()

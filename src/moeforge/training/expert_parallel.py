@@ -15,8 +15,10 @@ checkpoints that resume:
   layer's expert count;
 * the model must have experts and an EP plan (native MoE architectures with one, and moeforge's own, whose
   config class declares the same plan as Mixtral's over its family's FFN module);
-* adapters and MoICE are refused: their modules would be added after transformers sharded the model, where
-  FSDP2 would leave them replicated and their gradients unreduced;
+* an adapter on the split experts (its deltas would meet the expert shards), MoICE attention (added after the
+  sharding, it fails in FSDP2's second step: a freed parameter storage is read) and DPO without an adapter (its
+  reference model is a copy of the policy, and FSDP refuses to copy) are refused;
+  adapters elsewhere train (Trainer keeps their replicated parameters in sync);
 * Trainer refuses to checkpoint the optimizer of a model sharded at load time; :class:`ShardedCheckpoints`
   writes and restores the sharded state itself.
 """
@@ -72,9 +74,14 @@ def check_launch(recipe: TrainRecipe) -> None:
             f"expert_parallel: adapter.targets: {EXPERTS_TARGET} puts deltas on the experts this run splits over ranks, which is not "
             "supported: target attention or dense FFN modules, or drop expert_parallel:"
         )
+    if recipe.stage == "dpo" and recipe.adapter is None:
+        raise MoeforgeError(
+            "expert_parallel: stage dpo needs a frozen copy of the policy as its reference, and a model sharded at load time "
+            "cannot be copied (FSDP refuses deepcopy): train an adapter (the reference is then the model without it), or drop expert_parallel:"
+        )
     if recipe.moice is not None:
         raise MoeforgeError(
-            "expert_parallel: MoICE routers cannot be added to a model sharded at load time: drop the moice: section or expert_parallel:"
+            "expert_parallel: MoICE attention is not supported on a model sharded at load time: drop the moice: section or expert_parallel:"
         )
 
 
@@ -112,7 +119,7 @@ def distributed_config(recipe: TrainRecipe) -> DistributedConfig | None:
         )
     if getattr(config, "moice", None):
         raise MoeforgeError(
-            "expert_parallel: MoICE attention routers cannot be added to a model sharded at load time: train it without expert_parallel:"
+            "expert_parallel: MoICE attention is not supported on a model sharded at load time: train this MoICE model without expert_parallel:"
         )
     return DistributedConfig(fsdp_size=_world_size(), ep_size=spec.size)
 
