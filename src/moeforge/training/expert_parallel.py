@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, Trainer
+from transformers import Trainer
 from transformers.distributed import (
     DistributedConfig,
     _load_model_checkpoint_distributed,
@@ -46,9 +46,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from moeforge.config.adapter import EXPERTS_TARGET
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.errors import MoeforgeError
-from moeforge.families import native_moe
+from moeforge.io.inspection import layer_plan
 from moeforge.io.loading import read_config, resolve_checkpoint
-from moeforge.modeling import is_moeforge_config
 
 
 def _world_size() -> int:
@@ -85,17 +84,6 @@ def check_launch(recipe: TrainRecipe) -> None:
         )
 
 
-def expert_counts(config: PretrainedConfig) -> list[int]:
-    """The expert count of every MoE layer (empty for a dense model)."""
-    if is_moeforge_config(config):
-        layers: list[Any] = config.moe_layers
-        return [entry["num_experts"] for entry in layers if entry is not None]
-    native = native_moe(config.model_type)
-    if native is None:
-        return []
-    return [int(getattr(config, native.fields["num_experts"]))] * int(config.num_hidden_layers)
-
-
 def distributed_config(recipe: TrainRecipe) -> DistributedConfig | None:
     """The load's ``DistributedConfig`` for the recipe's ``expert_parallel`` section (None without one), after
     checking that the model has experts that split evenly and an EP plan."""
@@ -103,7 +91,7 @@ def distributed_config(recipe: TrainRecipe) -> DistributedConfig | None:
     if spec is None:
         return None
     config = read_config(resolve_checkpoint(recipe.model, gguf_file=recipe.gguf_file))
-    counts = sorted(set(expert_counts(config)))
+    counts = sorted({row["num_experts"] for row in layer_plan(config) if row["num_experts"]})
     if not counts:
         raise MoeforgeError(
             f"expert_parallel: {recipe.model} is a dense model ({config.model_type}): it has no experts to split; convert it first"
