@@ -172,7 +172,7 @@ def _unwrapped(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def resumable(trainer: Trainer, recipe: TrainRecipe) -> None:
+def enable_sharded_checkpoints(trainer: Trainer, recipe: TrainRecipe) -> None:
     """Give an expert-parallel run's trainer :class:`ShardedCheckpoints` (its class becomes a subclass mixing it in)."""
     if recipe.expert_parallel is not None:
         cls = type(trainer)

@@ -396,7 +396,7 @@ def _train(recipe: TrainRecipe, log: Callable[[str], None], start: float) -> Tra
     native_coef = getattr(model.config, "router_aux_loss_coef", None)
     callbacks = [telemetry, CompleteCheckpointMarker(), LogLineCallback(log)]
     trainer = _build_trainer(recipe, model, tokenizer, data, callbacks)
-    expert_parallel.resumable(trainer, recipe)
+    expert_parallel.enable_sharded_checkpoints(trainer, recipe)
     trainer.remove_callback(PrinterCallback)  # its raw dicts, in place of LogLineCallback's lines
     _record_router_coefficients(model.config, recipe, native_coef)
     # attached after the trainer is built: DPO's reference model (a copy) must not report routing
