@@ -170,7 +170,7 @@ def test_two_ep_ranks_train_the_same_weights_as_one_process(runs) -> None:
     assert a.keys() == b.keys()
     update_single = torch.cat([(a[k] - before[k]).flatten() for k in sorted(a)])
     update_ep = torch.cat([(b[k] - before[k]).flatten() for k in sorted(a)])
-    assert float(update_single.abs().max()) > 2e-3  # it trained (≈ lr per step)
+    assert float(update_single.abs().max()) > 1e-3  # it trained (≈ 2e-3 over the schedule)
     # Adam turns a float-noise sign flip of a near-zero gradient into a ±lr step: bound the whole update too
     assert float((update_ep - update_single).norm() / update_single.norm()) < 1e-4
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
@@ -210,7 +210,7 @@ def test_an_adapter_trains_under_expert_parallelism_as_in_one_process(runs) -> N
         assert losses_ep[step] == pytest.approx(loss, rel=1e-5), step
     a, b = state_dict(single / "model"), state_dict(ep / "model")
     assert a.keys() == b.keys() and all("lora_" in name for name in a)
-    assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3  # B starts at 0: it trained
+    assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 5e-4  # B starts at 0: it trained
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert (ep / "model" / "adapter_config.json").is_file() and not (ep / "model" / "model.safetensors").exists()
 
