@@ -53,8 +53,13 @@ def _run(command: list[str], cwd: Path, timeout: int) -> subprocess.CompletedPro
 
 def torchrun(recipe: Path, cwd: Path, processes: int = 2, module: str = CLI, timeout: int = 600) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node N -m MODULE train RECIPE``: DDP, or whatever the recipe's own keys set up."""
+    return run_module(module, ["train", str(recipe)], cwd, processes, timeout)
+
+
+def run_module(module: str, args: list[str], cwd: Path, processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m MODULE ARGS...``: any entry module, e.g. a test's own per-rank check."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port())]
-    return _run([*command, "-m", module, "train", str(recipe)], cwd, timeout)
+    return _run([*command, "-m", module, *args], cwd, timeout)
 
 
 def accelerate_launch(

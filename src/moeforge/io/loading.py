@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.distributed import DistributedConfig
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
@@ -335,17 +336,21 @@ def from_pretrained(
     trust_remote_code: bool = False,
     quantization: Bits | None = None,
     experts_backend: str = DEFAULT_BACKEND,
+    distributed_config: DistributedConfig | None = None,
 ) -> PreTrainedModel:
     """``model_class.from_pretrained`` on a validated directory, plus what moeforge adds on top of the
     architecture: a config key registered in :mod:`moeforge.io.extensions` (``moice``: MoICE attention
     and its routers, which transformers alone would drop) gets its modules and weights back.
     ``quantization`` loads the weights in 4/8 bit with bitsandbytes onto the first GPU (a frozen base for
     adapters). ``experts_backend`` (:data:`moeforge.config.experts.EXPERTS_BACKENDS`) runs the experts of
-    any MoE architecture, native or moeforge's, and the MoE adapters put on a dense one."""
+    any MoE architecture, native or moeforge's, and the MoE adapters put on a dense one. ``distributed_config``
+    has transformers shard the model over the launched processes as it loads (expert parallelism)."""
     reader = CheckpointReader(directory)  # validates every weight file before transformers opens it
     config = config or read_config(directory, trust_remote_code=trust_remote_code)
     extensions = config_extensions(config)
-    extra = {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": 0}} if quantization else {}
+    extra: dict[str, Any] = {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": 0}} if quantization else {}
+    if distributed_config is not None:
+        extra["distributed_config"] = distributed_config
     verbosity = transformers_logging.get_verbosity()
     if extensions:  # their weights are "unexpected" to the plain architecture; the extension loads them
         transformers_logging.set_verbosity_error()
@@ -395,6 +400,7 @@ def load_model(
     adapter: str | Path | None = None,
     quantization: Bits | None = None,
     experts_backend: str = DEFAULT_BACKEND,
+    distributed_config: DistributedConfig | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Resolve, validate and load a supported causal LM (in eval mode) and its tokenizer.
 
@@ -419,8 +425,9 @@ def load_model(
         trust_remote_code=trust_remote_code,
         quantization=quantization,
         experts_backend=experts_backend,
+        distributed_config=distributed_config,
     )
-    if quantization is None:
+    if quantization is None and distributed_config is None:  # a sharded model is placed by transformers
         model.to(device)  # type: ignore[arg-type]  # transformers' wrapper around .to hides its signature
     if adapter is not None:
         model = cast(PreTrainedModel, adapter_loader()(model, Path(adapter)))  # a PeftModel forwards the model's interface

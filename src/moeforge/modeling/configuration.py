@@ -81,6 +81,17 @@ _FIELDS: dict[str, tuple[Any, Any]] = {
 }
 
 
+def _ep_plan(ffn: str) -> dict[str, str]:
+    """transformers' expert-parallel plan for moeforge's MoE blocks (at the family's FFN name): the plan of Mixtral
+    and Qwen-MoE, whose experts modules share our layout (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``,
+    ``num_experts``, ``@use_experts_implementation``). Layers left dense match no rule."""
+    return {
+        f"layers.*.{ffn}.experts.gate_up_proj": "grouped_gemm",
+        f"layers.*.{ffn}.experts.down_proj": "grouped_gemm",
+        f"layers.*.{ffn}.experts": "ep_dispatch_experts",
+    }
+
+
 @functools.cache
 def config_class(base_model_type: str) -> type[PretrainedConfig]:
     """The moeforge config class over family ``base_model_type`` (built once, then cached)."""
@@ -94,6 +105,7 @@ def config_class(base_model_type: str) -> type[PretrainedConfig]:
         "model_type": MOEFORGE_MODEL_TYPE,
         "__annotations__": {"base_model_type": str, **{name: kind for name, (kind, _) in _FIELDS.items()}},
         "base_model_type": base_model_type,
+        "base_model_ep_plan": _ep_plan(family.ffn.module),
         **{name: default for name, (_, default) in _FIELDS.items()},
     }
     return strict(type(f"Moeforge{base.__name__}", (MoeforgeConfigMixin, base), namespace))

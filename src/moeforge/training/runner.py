@@ -40,7 +40,7 @@ from moeforge.io.quantization import Bits, require_bitsandbytes
 from moeforge.io.safetensors_writer import sha256_file
 from moeforge.modeling import is_moeforge_config
 from moeforge.routing.hooks import attach_router_losses, find_routers
-from moeforge.training import deepspeed
+from moeforge.training import deepspeed, expert_parallel
 from moeforge.training.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
 from moeforge.training.freeze import apply_freeze, router_parameters
 from moeforge.training.telemetry import LogLineCallback, RouterLossMeter, TelemetryCallback
@@ -192,7 +192,7 @@ def _optimizer(model: nn.Module, recipe: TrainRecipe, args: TrainingArguments) -
 def _trainer_args(recipe: TrainRecipe, has_eval: bool) -> TrainingArguments:
     """The stage's arguments: TrainingArguments (pt), or TRL's SFTConfig / DPOConfig over the same names.
     TRL's own MoE aux loss (transformers' all-layer version) is off: moeforge supplies the router losses."""
-    kwargs = _training_kwargs(recipe, has_eval)
+    kwargs = {**_training_kwargs(recipe, has_eval), **expert_parallel.trainer_arguments(recipe)}
     if recipe.stage == "pt":
         return TrainingArguments(**kwargs)
     if recipe.stage == "sft":
@@ -265,7 +265,9 @@ def _save_final(trainer: Trainer, tokenizer, recipe: TrainRecipe, training_entry
     """Write the trained model next to the checkpoints, atomically, with moeforge.json extended by this run."""
     final = recipe.output / FINAL_DIR
     if not trainer.is_world_process_zero():
-        trainer.save_model(str(staging_path(final)))  # a collective on sharded models; only rank 0 writes
+        staging = staging_path(final)
+        trainer.save_model(str(staging))  # a collective on sharded models; only rank 0 writes
+        shutil.rmtree(staging, ignore_errors=True)  # save_pretrained makes the (empty) directory on every rank
         return final
     with staged_directory(final, overwrite=True) as tmp:
         trainer.save_model(str(tmp))
@@ -350,6 +352,7 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> T
     start = time.perf_counter()
     _check_optim(recipe)
     deepspeed.check_config(recipe.deepspeed)
+    expert_parallel.check_launch(recipe)
     _prepare_output(recipe)
     try:
         return _train(recipe, log, start)
@@ -368,6 +371,7 @@ def _train(recipe: TrainRecipe, log: Callable[[str], None], start: float) -> Tra
         gguf_file=recipe.gguf_file,
         quantization=_quantization(recipe),
         experts_backend=recipe.experts_backend,
+        distributed_config=expert_parallel.distributed_config(recipe),
     )
     if tokenizer is None:
         raise MoeforgeError(f"model: {recipe.model} has no tokenizer files; training needs one to read the data")
@@ -390,6 +394,7 @@ def _train(recipe: TrainRecipe, log: Callable[[str], None], start: float) -> Tra
     native_coef = getattr(model.config, "router_aux_loss_coef", None)
     callbacks = [telemetry, CompleteCheckpointMarker(), LogLineCallback(log)]
     trainer = _build_trainer(recipe, model, tokenizer, data, callbacks)
+    expert_parallel.enable_sharded_checkpoints(trainer, recipe)
     trainer.remove_callback(PrinterCallback)  # its raw dicts, in place of LogLineCallback's lines
     _record_router_coefficients(model.config, recipe, native_coef)
     # attached after the trainer is built: DPO's reference model (a copy) must not report routing
