@@ -124,7 +124,8 @@ def test_bf16_model_keeps_small_steps_in_an_fp32_master_copy() -> None:
     model = moeforge_model().to(torch.bfloat16).train()
     handle = attach_router_losses(model, RouterLossConfig(aux_free=True, aux_free_rate=1e-3))
     router = handle.balancer.routers[0]
-    handle.balancer.bias[0].fill_(1.0)
+    with torch.no_grad():
+        router.expert_bias.fill_(1.0)  # as a loaded checkpoint leaves it: the master copy follows
     for _ in range(3):
         model(**batch())
         handle.balancer.step()
@@ -141,3 +142,21 @@ def test_native_routers_are_refused_and_the_model_left_as_it_was() -> None:
     assert not model._forward_hooks and not model._forward_pre_hooks
     with pytest.raises(MoeforgeError, match="aux_free needs moeforge routers"):
         AuxFreeBalancer(attach_router_losses(moeforge_model(moe_layers=[None, None, None])), 1e-3)
+
+
+def test_a_bias_restored_after_the_balancer_was_built_is_kept() -> None:
+    """Trainer restores a checkpoint's buffers after the balancer exists: the next step continues from the
+    restored bias instead of writing back the one the balancer saw at setup."""
+    model = moeforge_model().train()
+    handle = attach_router_losses(model, RouterLossConfig(aux_free=True, aux_free_rate=0.25))
+    restored = torch.arange(4, dtype=torch.float32) / 10
+    for router in handle.balancer.routers:
+        with torch.no_grad():
+            router.expert_bias.copy_(restored[: router.expert_bias.numel()])
+    model(**batch())
+    loads = handle.pop_stats().load
+    handle.balancer.step()
+    for router, load in zip(handle.balancer.routers, loads, strict=True):
+        load = load.double()
+        expected = restored[: load.numel()] + 0.25 * torch.sign(load.mean() - load).float()
+        torch.testing.assert_close(router.expert_bias, expected)

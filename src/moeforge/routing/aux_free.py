@@ -45,9 +45,13 @@ class AuxFreeBalancer:
     def step(self) -> None:
         """``bias_e += rate · sign(mean_load − load_e)`` per layer, from the loads since the last step.
         A layer that saw no token keeps its bias (sign(0) = 0 for every expert). Under data parallelism the
-        loads of every rank are summed first, so all ranks apply the same update (the global batch's)."""
+        loads of every rank are summed first, so all ranks apply the same update (the global batch's). A bias
+        that no longer matches the master copy was loaded since (Trainer restores a checkpoint after the
+        balancer exists): the master starts again from it rather than writing the stale value back."""
         stats = self._loads.pop().all_reduce()
         for router, bias, load in zip(self.routers, self.bias, stats.load, strict=True):
+            if not torch.equal(bias.to(router.expert_bias), router.expert_bias):  # replaced since (a resumed checkpoint)
+                bias.copy_(router.expert_bias.float())
             load = load.double().to(bias.device)
             bias += self.rate * torch.sign(load.mean() - load).float()
             router.expert_bias.copy_(bias)
