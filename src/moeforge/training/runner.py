@@ -43,6 +43,7 @@ from moeforge.modeling import is_moeforge_config
 from moeforge.routing.hooks import attach_router_losses, find_routers
 from moeforge.training.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
 from moeforge.training.freeze import apply_freeze, router_parameters
+from moeforge.training.fsdp import adopt, check_fsdp, fsdp_arguments
 from moeforge.training.telemetry import LogLineCallback, RouterLossMeter, TelemetryCallback
 from moeforge.training.trl_trainers import LossBreakdownMixin, MoeTrainer, RouterAwareDPOTrainer, RouterAwareSFTTrainer
 
@@ -143,6 +144,7 @@ def _training_kwargs(recipe: TrainRecipe, has_eval: bool) -> dict:
         # always given, by its transformers 5 name: TRL's configs default the deprecated alias to True
         activation_checkpointing=t.gradient_checkpointing,
         disable_tqdm=True,  # LogLineCallback prints one line per log; a progress bar would garble them
+        **fsdp_arguments(recipe),
     )
     return kwargs
 
@@ -345,6 +347,7 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> T
     start = time.perf_counter()
     _check_optim(recipe)
     _check_deepspeed(recipe)
+    check_fsdp(recipe)
     _prepare_output(recipe)
     try:
         return _train(recipe, log, start)
@@ -392,6 +395,7 @@ def _train(recipe: TrainRecipe, log: Callable[[str], None], start: float) -> Tra
     callbacks = [telemetry, CompleteCheckpointMarker(), LogLineCallback(log)]
     trainer = _build_trainer(recipe, model, tokenizer, data, callbacks)
     trainer.remove_callback(PrinterCallback)  # its raw dicts, in place of LogLineCallback's lines
+    adopt(trainer)
     _record_router_coefficients(model.config, recipe, native_coef)
     # attached after the trainer is built: DPO's reference model (a copy) must not report routing
     trained = trainer.model
