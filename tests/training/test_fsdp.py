@@ -1,6 +1,6 @@
 """FSDP2 on 2 CPU processes (gloo) trains what one process trains, by both routes, and writes what one process writes.
 
-The routes: ``accelerate launch --config_file configs/accelerate/fsdp2-cpu.yaml`` (the shipped config) and the
+The routes: ``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` (the shipped config) and the
 recipe's ``fsdp:`` section under torchrun. Same recipe, same global batch of 4 (2 rows per process), 4 steps:
 per-step losses agree to float round-off and the weights' update does too (see tests/training/test_distributed.py
 for why MoE runs set ``balance_coef: 0`` and why the update is compared, not each weight). The final
@@ -44,7 +44,7 @@ HANG = 300  # seconds: a launch that has not finished by then hangs
 ADAPTER = {"num_experts": 4, "top_k": 2, "rank": 4, "dropout": 0.0}  # no dropout: its masks depend on the batch split
 KILLED = "tests.training.killed_run"
 SKEWED = "tests.training.skewed_routing"
-FSDP2_CPU = CONFIGS / "accelerate" / "fsdp2-cpu.yaml"
+FSDP2 = CONFIGS / "accelerate" / "fsdp2.yaml"  # the GPU config, on CPU processes (docs/distributed.md)
 
 
 def _recipe(models, data_files, output: Path, kind: str, per_device: int, **extra) -> dict:
@@ -99,7 +99,7 @@ def runs(models, data_files, tmp_path_factory):
 
     plan = {
         "single": lambda: single("single", "mixtral"),
-        "accelerate": lambda: check(accelerate_launch(FSDP2_CPU, write("accelerate", "mixtral", GLOBAL_BATCH // 2), root, timeout=HANG)),
+        "accelerate": lambda: check(accelerate_launch(FSDP2, write("accelerate", "mixtral", GLOBAL_BATCH // 2), root, timeout=HANG)),
         "recipe": killed_and_resumed,
         "adapter_single": lambda: single("adapter_single", "adapter"),
         "adapter": lambda: launched("adapter", "adapter"),
@@ -154,8 +154,9 @@ def test_fsdp2_writes_the_single_process_export_with_the_same_update(runs, model
     assert not list(sharded.parent.glob(".model.partial-*"))  # rank 1 joined the gather and wrote nothing
 
 
-def test_fsdp2_checkpoints_are_sharded_one_shard_per_rank(runs) -> None:
-    output = runs("recipe")
+@pytest.mark.parametrize("route", ["accelerate", "recipe"])
+def test_fsdp2_checkpoints_are_sharded_one_shard_per_rank(runs, route: str) -> None:
+    output = runs(route)  # (sharded checkpoints also show that the run was FSDP, not a DDP fallback)
     assert sorted(p.name for p in output.glob("checkpoint-*")) == [f"checkpoint-{SAVE_STEPS}", f"checkpoint-{STEPS}"]
     for checkpoint in output.glob("checkpoint-*"):
         assert (checkpoint / MARKER).is_file()
@@ -213,6 +214,16 @@ def test_fsdp_recipe_without_a_launcher_fails_before_loading(models, data_files,
     with pytest.raises(MoeforgeError, match=r"^fsdp: .*launch the run with torchrun") as error:
         train(recipe, log=lambda _l: None)
     assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP1 runs where there is a GPU")
+def test_fsdp1_is_refused_without_a_gpu(models, data_files, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = parse_recipe({**_recipe(models, data_files, tmp_path / "out", "mixtral", 2), "fsdp": {"version": 1}}, model=TrainRecipe)
+    with pytest.raises(MoeforgeError, match=r"^fsdp.version: 1 \(FSDP1\) runs on GPUs only"):
+        train(recipe, log=lambda _l: None)
     assert not (tmp_path / "out").exists()
 
 

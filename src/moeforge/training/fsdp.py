@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from moeforge.config.train_recipe import TrainRecipe
@@ -37,11 +38,13 @@ def _launched() -> bool:
 
 def check_fsdp(recipe: TrainRecipe) -> None:
     """What an FSDP run cannot do, said before any model loads: an ``fsdp:`` recipe in a plain process (Trainer
-    would say "Using fsdp only works in distributed training" only after the load), and a router learning rate
+    would say "Using fsdp only works in distributed training" only after the load), FSDP1 without a GPU, and a router learning rate
     under ``accelerate launch`` FSDP (Trainer refuses an optimizer built before FSDP shards the parameters; the
     recipe's own ``fsdp:`` section refuses the combination when it is read)."""
     if recipe.fsdp is not None and not _launched():
         raise MoeforgeError(f"fsdp: shards the model over processes; launch the run with {LAUNCH}")
+    if recipe.fsdp is not None and recipe.fsdp.version == 1 and not torch.cuda.is_available():
+        raise MoeforgeError("fsdp.version: 1 (FSDP1) runs on GPUs only (accelerate refuses it on CPU processes): use version 2")
     if recipe.training.router_learning_rate and _accelerate_fsdp():
         raise MoeforgeError(
             "training.router_learning_rate is not supported with FSDP (this accelerate launch config shards the model): "
