@@ -7,7 +7,7 @@ layers are the wrapped units: transformer-based auto wrap with no class named ma
 classes from the model's ``_no_split_modules`` (those the model instantiates), so every family (and a PEFT
 adapter on it, which forwards the attribute to its base) is wrapped per decoder layer without a per-family list.
 
-:func:`adopt` covers the rest, on the built trainer:
+:func:`setup_fsdp_trainer` covers the rest, on the built trainer:
 
 - CPU processes: accelerate turns FSDP on only for accelerator devices (on CPU processes it silently falls back
   to DDP), while torch's ``fully_shard`` runs on gloo. The trainer's accelerator is switched to FSDP there, so
@@ -76,7 +76,7 @@ def fsdp_arguments(recipe: TrainRecipe) -> dict[str, Any]:
     return {"fsdp": True, "fsdp_config": config}
 
 
-def adopt(trainer: Trainer) -> None:
+def setup_fsdp_trainer(trainer: Trainer) -> None:
     """Make an FSDP trainer (from either route) shard on CPU processes too and export a gathered final model;
     nothing for other trainers."""
     from accelerate.state import AcceleratorState, PartialState

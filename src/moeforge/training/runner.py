@@ -43,7 +43,7 @@ from moeforge.modeling import is_moeforge_config
 from moeforge.routing.hooks import attach_router_losses, find_routers
 from moeforge.training.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
 from moeforge.training.freeze import apply_freeze, router_parameters
-from moeforge.training.fsdp import adopt, check_fsdp, fsdp_arguments
+from moeforge.training.fsdp import check_fsdp, fsdp_arguments, setup_fsdp_trainer
 from moeforge.training.telemetry import LogLineCallback, RouterLossMeter, TelemetryCallback
 from moeforge.training.trl_trainers import LossBreakdownMixin, MoeTrainer, RouterAwareDPOTrainer, RouterAwareSFTTrainer
 
@@ -395,7 +395,7 @@ def _train(recipe: TrainRecipe, log: Callable[[str], None], start: float) -> Tra
     callbacks = [telemetry, CompleteCheckpointMarker(), LogLineCallback(log)]
     trainer = _build_trainer(recipe, model, tokenizer, data, callbacks)
     trainer.remove_callback(PrinterCallback)  # its raw dicts, in place of LogLineCallback's lines
-    adopt(trainer)
+    setup_fsdp_trainer(trainer)
     _record_router_coefficients(model.config, recipe, native_coef)
     # attached after the trainer is built: DPO's reference model (a copy) must not report routing
     trained = trainer.model
