@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 CLI = "moeforge.cli.main"
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -36,7 +38,19 @@ def _environment() -> dict[str, str]:
 
 
 def _run(command: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, env=_environment(), capture_output=True, text=True, timeout=timeout)
+    """Run a launcher; past ``timeout`` (a hang) kill it and every rank it started, then raise TimeoutExpired.
+    (Killing the launcher alone is not enough: torchrun starts each rank in a session of its own, and the ranks
+    hold the output pipes open, so reading the output would wait for them.)"""
+    with subprocess.Popen(command, cwd=cwd, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for rank in psutil.Process(process.pid).children(recursive=True):
+                rank.kill()
+            process.kill()
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def torchrun(recipe: Path, cwd: Path, processes: int = 2, module: str = CLI, timeout: int = 600) -> subprocess.CompletedProcess:
