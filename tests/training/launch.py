@@ -8,11 +8,12 @@ removed from the environment first, so a test run under an outer launcher still 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 CLI = "moeforge.cli.main"
 REPO = Path(__file__).resolve().parents[2]
@@ -37,15 +38,16 @@ def _environment() -> dict[str, str]:
 
 
 def _run(command: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
-    """Run the launcher in its own process group: on a timeout (a hang) the whole group is killed, since the
-    ranks of a killed launcher would live on, stuck in their collective."""
-    with subprocess.Popen(
-        command, cwd=cwd, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as process:
+    """Run a launcher; past ``timeout`` (a hang) kill it and every rank it started, then raise TimeoutExpired.
+    (Killing the launcher alone is not enough: torchrun starts each rank in a session of its own, and the ranks
+    hold the output pipes open, so reading the output would wait for them.)"""
+    with subprocess.Popen(command, cwd=cwd, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            for rank in psutil.Process(process.pid).children(recursive=True):
+                rank.kill()
+            process.kill()
             process.communicate()
             raise
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

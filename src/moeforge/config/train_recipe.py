@@ -203,6 +203,10 @@ class TrainRecipe(_Strict):
             raise ValueError(f"{' and '.join(engines)} exclude each other: choose one way to shard the run (docs/distributed.md)")
         if self.training.router_learning_rate and self.deepspeed:
             raise ValueError("training.router_learning_rate is not supported with deepspeed (DeepSpeed builds its own optimizer)")
+        if self.training.router_learning_rate and self.fsdp:
+            raise ValueError(
+                "training.router_learning_rate is not supported with fsdp (Trainer refuses an optimizer built before FSDP shards the parameters): remove one"
+            )
         return self
 
     @property

@@ -1,8 +1,8 @@
 """Checkpoints that survive a kill: a checkpoint counts only once it is completely written.
 
-transformers' Trainer writes ``checkpoint-N`` in place (model, optimizer, RNG, trainer state in turn), so a
-kill mid-save leaves a directory that looks like a checkpoint but is not one. After Trainer finishes a
-save and every rank has written its own files (RNG states, DeepSpeed's optimizer shards),
+transformers' Trainer writes ``checkpoint-N`` in place (model, optimizer, RNG, trainer state in turn; under
+FSDP, DeepSpeed and expert parallelism every rank its own model and optimizer shards), so a kill mid-save
+leaves a directory that looks like a checkpoint but is not one. After every rank has finished a save,
 :class:`CompleteCheckpointMarker` drops a marker file into it; resuming picks the newest marked checkpoint
 and removes unmarked leftovers (the previous checkpoint is never touched by a failed save).
 """
@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -24,9 +24,12 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class CompleteCheckpointMarker(TrainerCallback):
+    """Marks a checkpoint once every rank has written its part: with several processes each rank writes files
+    of its own (its RNG state; its model and optimizer shards under FSDP, ZeRO or EP), so rank 0 waits for all of them."""
+
     def on_save(self, args, state, control, **kwargs):
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every rank's own files (its RNG state, DeepSpeed's shards) are written
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():

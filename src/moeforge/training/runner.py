@@ -43,6 +43,7 @@ from moeforge.routing.hooks import attach_router_losses, find_routers
 from moeforge.training import deepspeed, expert_parallel
 from moeforge.training.checkpoints import CompleteCheckpointMarker, latest_complete_checkpoint
 from moeforge.training.freeze import apply_freeze, router_parameters
+from moeforge.training.fsdp import check_fsdp, fsdp_arguments, setup_fsdp_trainer
 from moeforge.training.telemetry import LogLineCallback, RouterLossMeter, TelemetryCallback
 from moeforge.training.trl_trainers import LossBreakdownMixin, MoeTrainer, RouterAwareDPOTrainer, RouterAwareSFTTrainer
 
@@ -159,6 +160,7 @@ def _training_kwargs(recipe: TrainRecipe, has_eval: bool) -> dict:
         # always given, by its transformers 5 name: TRL's configs default the deprecated alias to True
         activation_checkpointing=t.gradient_checkpointing,
         disable_tqdm=True,  # LogLineCallback prints one line per log; a progress bar would garble them
+        **fsdp_arguments(recipe),
     )
     return kwargs
 
@@ -353,6 +355,7 @@ def train(recipe: TrainRecipe, *, log: Callable[[str], None] = logger.info) -> T
     _check_optim(recipe)
     deepspeed.check_config(recipe.deepspeed)
     expert_parallel.check_launch(recipe)
+    check_fsdp(recipe)
     _prepare_output(recipe)
     try:
         return _train(recipe, log, start)
@@ -396,6 +399,7 @@ def _train(recipe: TrainRecipe, log: Callable[[str], None], start: float) -> Tra
     trainer = _build_trainer(recipe, model, tokenizer, data, callbacks)
     expert_parallel.enable_sharded_checkpoints(trainer, recipe)
     trainer.remove_callback(PrinterCallback)  # its raw dicts, in place of LogLineCallback's lines
+    setup_fsdp_trainer(trainer)
     _record_router_coefficients(model.config, recipe, native_coef)
     # attached after the trainer is built: DPO's reference model (a copy) must not report routing
     trained = trainer.model

@@ -58,11 +58,12 @@ class ExactResumeMixin:
     """Resume loads the checkpoint through ``from_pretrained``. Native MoE checkpoints are written in the
     per-expert layout (what engines read) while the live model holds fused experts; Trainer's own resume
     loads the files with ``strict=False`` and silently keeps the old routers and experts. An adapter model's
-    checkpoint holds only the adapter, which Trainer's own resume loads through PEFT."""
+    checkpoint holds only the adapter, which Trainer's own resume loads through PEFT; an FSDP checkpoint holds
+    the live model's own (sharded) state dict, which Trainer's own resume loads exactly."""
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = model or self.model
-        if isinstance(model, PeftModel):
+        if isinstance(model, PeftModel) or getattr(self, "is_fsdp_enabled", False):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         loaded = from_pretrained(Path(resume_from_checkpoint), model_class=type(model), dtype=next(model.parameters()).dtype)
         model.load_state_dict(loaded.state_dict(), strict=True)
