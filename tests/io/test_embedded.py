@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import subprocess
 import zipfile
 from pathlib import Path
@@ -29,16 +30,18 @@ def no_installed_gguf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in packages else real(name, *a))
 
 
-def test_env_var_gguf_is_converted_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_env_var_gguf_is_converted_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     gguf = tmp_path / "stand-in.gguf"
     save_tiny_llama_gguf(gguf)
     monkeypatch.setenv(SMOLLM2.env, str(gguf))
+    caplog.set_level(logging.INFO, logger="moeforge")
     directory = default_model_dir(tmp_path / "cache")
     assert directory == tmp_path / "cache" / "smollm2-135m-instruct"
-    assert "fetching the embedded model SmolLM2-135M-Instruct" in capsys.readouterr().err
+    assert "fetching the embedded model SmolLM2-135M-Instruct" in caplog.text
     assert (directory / "model.safetensors").is_file() and (directory / "tokenizer.json").is_file()
+    caplog.clear()
     assert default_model_dir(tmp_path / "cache") == directory
-    assert capsys.readouterr().err == ""  # cached: no second fetch
+    assert "fetching" not in caplog.text  # cached: no second fetch
 
 
 def test_env_var_pointing_nowhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
