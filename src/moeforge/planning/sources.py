@@ -26,6 +26,7 @@ from moeforge.families import source_family
 from moeforge.io.loading import check_supported, is_hub_id, not_on_hub, read_config, resolve_checkpoint
 from moeforge.planning.counting import ModelSpec
 from moeforge.planning.memory import Sharding, TrainingSetup
+from moeforge.training import deepspeed
 
 
 @dataclass(frozen=True)
@@ -134,12 +135,9 @@ def _recipe_type(path: Path) -> type[ConvertRecipe] | type[TrainRecipe]:
 def deepspeed_sharding(path: Path) -> Sharding:
     """The ZeRO stage and offloading a DeepSpeed JSON config asks for (``"auto"`` and absent keys: DeepSpeed's
     defaults, stage 0 and no offload)."""
-    try:
-        zero = json.loads(path.read_text()).get("zero_optimization", {})
-    except (OSError, ValueError, AttributeError) as err:
-        raise MoeforgeError(f"deepspeed: {path} is not a readable DeepSpeed JSON config ({err})") from None
+    zero = deepspeed.read_config(path).get("zero_optimization") or {}
     stage = zero.get("stage", 0)
-    offloaded = any(zero.get(key, {}).get("device", "none") in ("cpu", "nvme") for key in ("offload_param", "offload_optimizer"))
+    offloaded = any((zero.get(key) or {}).get("device", "none") in ("cpu", "nvme") for key in ("offload_param", "offload_optimizer"))
     return Sharding(stage=stage if stage in (0, 1, 2, 3) else 0, offload=offloaded)
 
 

@@ -29,12 +29,8 @@ _SHARDS = "*zero_pp_rank_*_optim_states.pt"
 """One per data-parallel rank in a ZeRO checkpoint's tag directory (``bf16_`` prefixed under ZeRO-1 bf16)."""
 
 
-def check_config(path: Path | None) -> None:
-    """Fail before any model loads if the recipe's ``deepspeed:`` config cannot train or save the run."""
-    if path is None:
-        return
-    if importlib.util.find_spec("deepspeed") is None:
-        raise MoeforgeError("deepspeed: this recipe trains with DeepSpeed, which is not installed: pip install 'moeforge[deepspeed]'")
+def read_config(path: Path) -> dict:
+    """The DeepSpeed JSON config as a mapping; one-line errors for a file that is unreadable or not one."""
     try:
         config = json.loads(Path(path).read_text())
     except OSError as error:
@@ -45,7 +41,16 @@ def check_config(path: Path | None) -> None:
         raise MoeforgeError(f"deepspeed: {path} is not JSON ({error})") from None
     if not isinstance(config, dict):
         raise MoeforgeError(f"deepspeed: {path} must hold a JSON object (DeepSpeed's config keys)")
-    zero = config.get("zero_optimization") or {}
+    return config
+
+
+def check_config(path: Path | None) -> None:
+    """Fail before any model loads if the recipe's ``deepspeed:`` config cannot train or save the run."""
+    if path is None:
+        return
+    if importlib.util.find_spec("deepspeed") is None:
+        raise MoeforgeError("deepspeed: this recipe trains with DeepSpeed, which is not installed: pip install 'moeforge[deepspeed]'")
+    zero = read_config(path).get("zero_optimization") or {}
     if zero.get("stage") == 3 and not zero.get(GATHER_ON_SAVE, False):
         raise MoeforgeError(
             f"deepspeed: {path} is ZeRO-3 without zero_optimization.{GATHER_ON_SAVE}: true, so the trained model would be "
