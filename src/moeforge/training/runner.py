@@ -69,6 +69,11 @@ class TrainResult:
 
 
 def _prepare_output(recipe: TrainRecipe) -> None:
+    """Check, clear (``overwrite``) and create the output directory: rank 0's job under a launcher. Another rank
+    could find rank 0's conversion already under way there (and take it for an old run, or delete it); rank 0
+    failing here ends the launch, and the others write nothing before they meet it in the first collective."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     output = recipe.output
     check_output(output, overwrite=True)  # a file in the way, an unwritable parent
     if output.exists() and any(output.iterdir()) and not (recipe.resume or recipe.overwrite):
