@@ -7,6 +7,7 @@ removed from the environment first, so a test run under an outer launcher still 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import yaml
 
 CLI = "moeforge.cli.main"
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +78,39 @@ def accelerate_launch(
 def check(done: subprocess.CompletedProcess) -> None:
     """Fail with both streams' tails when a launch failed."""
     assert done.returncode == 0, f"launch failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+def pt_recipe(
+    model: Path, output: Path, data: Path, per_device: int, *, steps: int, save_steps: int | None, telemetry_steps: int, **extra
+) -> dict:
+    """The multi-process tests' recipe: packed pt rows of 32 tokens from ``data``, lr 1e-3 constant, one log line
+    per step; ``extra['training']`` keys are merged over those, other ``extra`` keys are recipe keys."""
+    training = {
+        "max_steps": steps,
+        "per_device_train_batch_size": per_device,
+        "logging_steps": 1,
+        "learning_rate": 1e-3,
+        "lr_scheduler_type": "constant",
+        "save_steps": save_steps,
+        "telemetry_steps": telemetry_steps,
+        "report_to": [],
+        **extra.pop("training", {}),
+    }
+    return {
+        "stage": "pt",
+        "model": str(model),
+        "output": str(output),
+        "data": {"train": [str(data)], "max_length": 32},
+        "training": training,
+        **extra,
+    }
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def history(output: Path, step: int) -> list[dict]:
+    """Trainer's log history as the checkpoint of ``step`` holds it."""
+    return json.loads((output / f"checkpoint-{step}" / "trainer_state.json").read_text())["log_history"]

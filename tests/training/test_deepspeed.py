@@ -46,7 +46,7 @@ from moeforge.training import train
 from moeforge.training.checkpoints import MARKER
 from moeforge.training.deepspeed import check_config, check_resume
 from tests.training.conftest import logged_losses, provenance, state_dict
-from tests.training.launch import CONFIGS, check, torchrun
+from tests.training.launch import CONFIGS, check, history, pt_recipe, torchrun, write_recipe
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.timeout(900)
@@ -78,30 +78,12 @@ class Run:
 
 
 def _write_recipe(path: Path, model: Path, output: Path, data: Path, per_device: int, **extra) -> Path:
-    recipe = {
-        "stage": "pt",
-        "model": str(model),
-        "output": str(output),
-        "data": {"train": [str(data)], "max_length": 32},
-        "router_losses": {"balance_coef": 0.0},
-        "training": {
-            "max_steps": STEPS,
-            "per_device_train_batch_size": per_device,
-            "logging_steps": 1,
-            "learning_rate": 1e-3,
-            "lr_scheduler_type": "constant",
-            "save_steps": SAVE_STEPS,
-            "telemetry_steps": TELEMETRY_STEPS,
-            "report_to": [],
-        },
-        **extra,
-    }
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    recipe = pt_recipe(model, output, data, per_device, steps=STEPS, save_steps=SAVE_STEPS, telemetry_steps=TELEMETRY_STEPS, **extra)
+    return write_recipe(path, {"router_losses": {"balance_coef": 0.0}, **recipe})
 
 
 def _history(output: Path) -> list[dict]:
-    return json.loads((output / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
+    return history(output, STEPS)
 
 
 def _loads(output: Path) -> list[list[int]]:

@@ -24,7 +24,7 @@ from moeforge.config.recipe import load_recipe
 from moeforge.config.train_recipe import TrainRecipe
 from moeforge.training import train
 from tests.training.conftest import logged_losses, provenance, state_dict
-from tests.training.launch import check, torchrun
+from tests.training.launch import check, history, pt_recipe, torchrun, write_recipe
 
 pytestmark = pytest.mark.timeout(900)  # two process starts per run on a 2-core machine
 
@@ -36,29 +36,13 @@ TELEMETRY_STEPS = 2
 
 
 def _write_recipe(path: Path, model: Path, output: Path, data: Path, per_device: int, **extra) -> Path:
-    recipe = {
-        "stage": "pt",
-        "model": str(model),
-        "output": str(output),
-        "data": {"train": [str(data)], "max_length": 32},
-        "training": {
-            "max_steps": STEPS,
-            "per_device_train_batch_size": per_device,
-            "logging_steps": 1,
-            "learning_rate": 1e-3,
-            "lr_scheduler_type": "constant",
-            "save_steps": STEPS,
-            "telemetry_steps": TELEMETRY_STEPS,
-            "report_to": [],
-        },
-        **extra,
-    }
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_recipe(
+        path, pt_recipe(model, output, data, per_device, steps=STEPS, save_steps=STEPS, telemetry_steps=TELEMETRY_STEPS, **extra)
+    )
 
 
 def _history(output: Path) -> list[dict]:
-    return json.loads((output / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
+    return history(output, STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import MixtralConfig
 
 from moeforge.config.recipe import load_recipe
@@ -35,7 +34,7 @@ from moeforge.io.safetensors_writer import sha256_file
 from moeforge.training import train
 from moeforge.training.checkpoints import MARKER
 from tests.training.conftest import MOE, logged_losses, make_recipe, provenance, state_dict
-from tests.training.launch import check, run_module, torchrun
+from tests.training.launch import check, history, pt_recipe, run_module, torchrun, write_recipe
 
 pytestmark = pytest.mark.timeout(900)  # several process starts on a 2-core machine
 
@@ -98,27 +97,19 @@ def test_ranks_whose_experts_get_no_token_complete_the_backward(forward, process
 
 
 def _write_recipe(path: Path, model: Path, output: Path, data: Path, per_device: int, save: bool = True, **extra) -> Path:
-    recipe = {
-        "stage": "pt",
-        "model": str(model),
-        "output": str(output),
-        "data": {"train": [str(data)], "max_length": 32},
-        "training": {
-            "max_steps": STEPS,
-            "per_device_train_batch_size": per_device,
-            "logging_steps": 1,
-            "learning_rate": 1e-3,
-            "lr_scheduler_type": "cosine",  # a schedule with state for resume to restore
-            "warmup_ratio": 0.25,
-            "save_steps": SAVE_STEPS if save else None,
-            "telemetry_steps": TELEMETRY_STEPS,
-            "report_to": [],
-        },
-        "router_losses": {"balance_coef": 0.0},
+    schedule = {"lr_scheduler_type": "cosine", "warmup_ratio": 0.25}  # a schedule with state for resume to restore
+    recipe = pt_recipe(
+        model,
+        output,
+        data,
+        per_device,
+        steps=STEPS,
+        save_steps=SAVE_STEPS if save else None,
+        telemetry_steps=TELEMETRY_STEPS,
+        training=schedule,
         **extra,
-    }
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    )
+    return write_recipe(path, {"router_losses": {"balance_coef": 0.0}, **recipe})
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +140,7 @@ def runs(models, data_files, tmp_path_factory) -> dict[str, Path]:
 
 
 def _history(output: Path) -> list[dict]:
-    return json.loads((output / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
+    return history(output, STEPS)
 
 
 def test_two_ep_ranks_log_the_same_losses_as_one_process(runs) -> None:

@@ -32,7 +32,7 @@ from moeforge.training import train
 from moeforge.training.checkpoints import MARKER
 from moeforge.training.fsdp import fsdp_arguments
 from tests.training.conftest import logged_losses, provenance, state_dict
-from tests.training.launch import CLI, CONFIGS, accelerate_launch, check, run_module, torchrun
+from tests.training.launch import CLI, CONFIGS, accelerate_launch, check, history, pt_recipe, run_module, torchrun
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -49,24 +49,10 @@ FSDP2 = CONFIGS / "accelerate" / "fsdp2.yaml"  # the GPU config, on CPU processe
 def _recipe(models, data_files, output: Path, kind: str, per_device: int, **extra) -> dict:
     if kind == "adapter":
         kind, extra = "dense", {**extra, "adapter": ADAPTER}
-    return {
-        "stage": "pt",
-        "model": str(models[kind]),
-        "output": str(output),
-        "data": {"train": [str(data_files["text"])], "max_length": 32},
-        "router_losses": {"balance_coef": 0.0},
-        "training": {
-            "max_steps": STEPS,
-            "per_device_train_batch_size": per_device,
-            "logging_steps": 1,
-            "learning_rate": 1e-3,
-            "lr_scheduler_type": "constant",
-            "save_steps": SAVE_STEPS,
-            "telemetry_steps": TELEMETRY_STEPS,
-            "report_to": [],
-        },
-        **extra,
-    }
+    recipe = pt_recipe(
+        models[kind], output, data_files["text"], per_device, steps=STEPS, save_steps=SAVE_STEPS, telemetry_steps=TELEMETRY_STEPS, **extra
+    )
+    return {"router_losses": {"balance_coef": 0.0}, **recipe}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +100,7 @@ def runs(models, data_files, tmp_path_factory):
 
 
 def _history(output: Path) -> list[dict]:
-    return json.loads((output / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
+    return history(output, STEPS)
 
 
 def _update(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> torch.Tensor:
