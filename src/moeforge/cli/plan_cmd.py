@@ -61,13 +61,7 @@ def _metavar(values: Iterable[str]) -> str:
 
 def setup_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The flags that change the training setup, validated into one-line errors."""
-    overrides: dict[str, Any] = {}
-    for flag in SETUP_FLAGS:
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise MoeforgeError(f"--{flag.replace('_', '-')} {value}: the {SETUP_FLAGS[flag]} must be at least 1")
-        if value is not None:
-            overrides[flag] = value
+    overrides = _counts(args, SETUP_FLAGS)
     if args.dtype is not None:
         if args.dtype not in DTYPE_BYTES:
             raise MoeforgeError(f"--dtype {args.dtype!r} is unknown: use {', '.join(DTYPE_BYTES)}")
@@ -83,14 +77,20 @@ def setup_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides | ({"sharding": sharding} if sharding else {})
 
 
-def _sharding_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    sharding: dict[str, Any] = {}
-    for flag, what in SHARDING_FLAGS.items():
+def _counts(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    """The given integer flags (``{dest: what it counts}``), each at least 1."""
+    counts: dict[str, Any] = {}
+    for flag, what in flags.items():
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise MoeforgeError(f"--{flag.replace('_', '-')} {value}: the {what} must be at least 1")
         if value is not None:
-            sharding[flag] = value
+            counts[flag] = value
+    return counts
+
+
+def _sharding_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    sharding = _counts(args, SHARDING_FLAGS)
     if args.zero is not None:
         if args.zero not in (0, 1, 2, 3):
             raise MoeforgeError(f"--zero {args.zero}: ZeRO stages are 0 (nothing split), 1 (optimizer), 2 (+ gradients), 3 (+ weights)")
