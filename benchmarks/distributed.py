@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -58,18 +59,26 @@ def _status_kb(key: str) -> int:
         return next(int(line.split()[1]) for line in handle if line.startswith(key + ":"))
 
 
-def rank_main(recipe: str, out: str) -> int:
-    """One rank: train, then write this rank's peak memory to OUT/rank<R>.json."""
+def rank_main(recipe: str, out: str) -> NoReturn:
+    """One rank: train (the library call: the CLI ends a launched rank before returning), write this rank's peak
+    memory to OUT/rank<R>.json, then leave as the CLI does (process group closed, no interpreter teardown)."""
     import torch
+    import torch.distributed as dist
 
-    from moeforge.cli.main import main
+    from moeforge.config.recipe import load_recipe
+    from moeforge.config.train_recipe import TrainRecipe
+    from moeforge.training import train
 
     runtime = _status_kb("VmRSS") * 1024
-    code = main(["train", recipe])
+    train(load_recipe(recipe, model=TrainRecipe))
     rank = int(os.environ.get("RANK", "0"))
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _status_kb("VmHWM") * 1024 - runtime
     Path(out, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "peak_bytes": peak, "runtime_rss_bytes": runtime}))
-    return code
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def build_model(root: Path, layers: int, experts: int) -> Path:
@@ -156,7 +165,7 @@ def main() -> None:
     parser.add_argument("--output", default="distributed")
     args = parser.parse_args()
     if args.rank:
-        sys.exit(rank_main(*args.rank))
+        rank_main(*args.rank)
 
     root = Path(tempfile.mkdtemp(prefix="moeforge-distributed-"))
     try:
