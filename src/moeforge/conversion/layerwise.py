@@ -85,18 +85,23 @@ class LayerwiseModel:
         self.layers: nn.ModuleList = self.model.model.layers
         self.ffn_module = ffn_module
         self.outer_names = [name for name in self.model.state_dict() if not name.startswith(LAYERS_PREFIX)]
+        head = self.model.get_output_embeddings()
+        head_path = next((path for path, module in self.model.named_modules() if module is head), None)
+        # what layer_inputs reads: everything outside the layers but the output head, which it never runs
+        # (at Llama-3's vocabulary the head is 2.1 GB in fp32)
+        self.input_names = [name for name in self.outer_names if head_path is None or not name.startswith(f"{head_path}.")]
 
     @contextmanager
-    def _outer(self, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
-        """Materialise everything outside the decoder layers (embeddings, final norm, head, per-layer input
-        projections) for one forward. A tied head reuses the embedding."""
+    def _outer(self, tensors: dict[str, torch.Tensor], names: list[str]) -> Iterator[None]:
+        """Materialise ``names``, tensors outside the decoder layers (embeddings, final norm, head, per-layer
+        input projections), for one forward. A tied head reuses the embedding."""
         tensors = dict(tensors)
-        if "lm_head.weight" in self.outer_names and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+        if "lm_head.weight" in names and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-        missing = [name for name in self.outer_names if tensors.get(name) is None]
+        missing = [name for name in names if tensors.get(name) is None]
         if missing:
             raise MoeforgeError(f"the checkpoint lacks {missing[0]}, which its config.json requires; re-download or re-save it")
-        _set_parameters(self.model, {name: tensors[name].float() for name in self.outer_names})
+        _set_parameters(self.model, {name: tensors[name].float() for name in names})
         try:
             yield
         finally:
@@ -115,7 +120,8 @@ class LayerwiseModel:
 
     @torch.no_grad()
     def layer_inputs(self, ids: torch.Tensor, outer: dict[str, torch.Tensor]) -> LayerInputs:
-        """The first layer's hidden states for ``ids`` and what every layer is called with."""
+        """The first layer's hidden states for ``ids`` and what every layer is called with; ``outer`` needs
+        :attr:`input_names` only."""
         calls: list[tuple[tuple, dict]] = []
         first: list[torch.Tensor] = []
 
@@ -128,7 +134,7 @@ class LayerwiseModel:
                 raise _Recorded
             return hidden
 
-        with self._outer(outer), self._layers_replaced(record):
+        with self._outer(outer, self.input_names), self._layers_replaced(record):
             try:
                 self.model(input_ids=ids, use_cache=False)
             except _Recorded:
@@ -182,5 +188,5 @@ class LayerwiseModel:
             hidden = args[0] if args else kwargs["hidden_states"]
             return final_hidden if index == len(self.layers) - 1 else hidden
 
-        with self._outer(outer), self._layers_replaced(replay):
+        with self._outer(outer, self.outer_names), self._layers_replaced(replay):
             return self.model(input_ids=ids, use_cache=False).logits.float()
