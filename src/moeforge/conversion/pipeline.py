@@ -129,6 +129,13 @@ class _Converter:
     def _outer_names(self) -> list[str]:
         return [name for name in self.reader.keys() if not name.startswith(LAYERS_PREFIX)]
 
+    def _outer_fp32(self, runner: LayerwiseModel, names: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors outside the layers for a forward, in fp32 but the input embedding, whose rows the runner
+        picks (in the output dtype: the model as it will be stored); read last, so its table and another's
+        fp32 copy are never in memory together."""
+        names = sorted(names, key=lambda name: name == runner.embedding_name)
+        return {name: self._read(name) if name == runner.embedding_name else self._read(name).float() for name in names}
+
     def run(self, tmp: Path) -> tuple[FidelityReport | None, list[str]]:
         recipe, plan, config = self.recipe, self.plan, self.source_config
         tokenizer = load_tokenizer(self.source_dir)
@@ -140,10 +147,8 @@ class _Converter:
         new_params: list[str] = []
         with ShardedWriter(tmp, recipe.max_shard_bytes) as writer:
             dense = None
-            if streams:  # what the first layer gets needs the embedding (in fp32), not the head
-                dense = runner.layer_inputs(
-                    ids, {name: self._read(name).float() for name in self._outer_names() if name in runner.input_names}
-                )
+            if streams:  # what the first layer gets: needs the embedding's rows of the calibration tokens, not the head
+                dense = runner.layer_inputs(ids, self._outer_fp32(runner, [n for n in self._outer_names() if n in runner.input_names]))
             sources = outer_sources(self.target, self._outer_names())
             for name, source in sources.items():  # one at a time: each is written, then released
                 writer.add(name, self._read(source))
@@ -156,7 +161,7 @@ class _Converter:
         if recipe.fidelity.check:
             assert dense is not None and moe is not None  # a fidelity check runs both streams
             held_out = slice(self.fit_sequences, None)  # sequences nothing was fitted on
-            outer = {name: self._read(name).float() for name in self._outer_names()}  # fp32 as the head runs
+            outer = self._outer_fp32(runner, self._outer_names())
             dense_logits = runner.logits(ids[held_out], dense.hidden[held_out], outer)
             moe_logits = runner.logits(ids[held_out], moe.hidden[held_out], outer)
             del outer
