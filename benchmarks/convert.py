@@ -32,26 +32,30 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
 
-def generate_source(path: Path, layers: int, hidden: int, ffn: int, vocab: int, shard_bytes: int) -> None:
-    """A random Llama checkpoint written shard by shard (never whole in memory), with a config.json."""
+def generate_source(
+    path: Path, layers: int, hidden: int, ffn: int, vocab: int, shard_bytes: int, heads: int | None = None, kv_heads: int | None = None
+) -> None:
+    """A random Llama checkpoint written shard by shard (never whole in memory), with a config.json.
+    Heads default to TinyLlama's proportions (head size 64, 4 query heads per KV head)."""
     from transformers import LlamaConfig
 
     path.mkdir(parents=True)
-    heads = hidden // 64
+    heads = heads or hidden // 64
+    kv_heads = kv_heads or max(1, heads // 4)
     LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=ffn,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 4),
+        num_key_value_heads=kv_heads,
         dtype="bfloat16",
     ).save_pretrained(path)
     generator = torch.Generator().manual_seed(0)
 
     def tensors():
         yield "model.embed_tokens.weight", (vocab, hidden)
-        kv = max(1, heads // 4) * 64
+        kv = kv_heads * (hidden // heads)
         for i in range(layers):
             p = f"model.layers.{i}."
             for name, shape in (
@@ -125,27 +129,45 @@ CHILD = """
 import json, sys, time, os
 from moeforge.config.recipe import parse_recipe
 from moeforge.conversion import convert
+
+def status(field):
+    return int([l for l in open('/proc/self/status') if l.startswith(field)][0].split()[1]) * 1024
+
+marks = []  # the peak RSS of each phase: from one log line (one layer) to the next
+
+def mark(line):
+    marks.append({"log": line.strip(), "phase_peak_rss_bytes": status("VmHWM"), "rss_bytes": status("VmRSS")})
+    try:
+        open('/proc/self/clear_refs', 'w').write('5')  # resets VmHWM to the current RSS
+    except OSError:
+        pass  # then each phase's figure is the peak so far
+
 recipe = parse_recipe(json.loads(sys.argv[1]))
 start = time.perf_counter()
-convert(recipe, log=lambda _l: None)
+convert(recipe, log=mark)
 os.sync()
 seconds = time.perf_counter() - start
-hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
-print(json.dumps({"seconds": seconds, "peak_rss_bytes": int(hwm) * 1024}))
+peak = max([status("VmHWM")] + [m["phase_peak_rss_bytes"] for m in marks])
+print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak, "marks": marks}))
 """
 
 
-def run_conversion(source: Path, output: Path, moe: dict, tokens: int, check: bool) -> dict:
+def run_conversion(
+    source: Path, output: Path, moe: dict, tokens: int, check: bool, max_shard_size: str = "500MB", code: Path | None = None
+) -> dict:
+    """One conversion in a fresh process: its time, peak RSS, and the peak of each phase between log lines.
+    ``code``: a moeforge source tree to run instead of the installed one (an earlier version, to compare)."""
     drop_page_cache()
     recipe = {
         "source": str(source),
         "output": str(output),
         "moe": moe,
-        "max_shard_size": "500MB",
+        "max_shard_size": max_shard_size,
         "calibration": {"num_sequences": 2, "sequence_length": tokens},
         "fidelity": {"check": check},
     }
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(recipe)], capture_output=True, text=True, check=False)
+    env = os.environ | ({"PYTHONPATH": f"{code}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"} if code else {})
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(recipe)], capture_output=True, text=True, check=False, env=env)
     if done.returncode:
         raise SystemExit(f"conversion failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

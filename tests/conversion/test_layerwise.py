@@ -58,3 +58,20 @@ def test_a_missing_layer_tensor_is_named():
         runner.run_layer(0, layers[0], stream)
     with pytest.raises(MoeforgeError, match="lacks model.norm.weight"):
         runner.layer_inputs(token_ids(), {k: v for k, v in outer.items() if k != "model.norm.weight"})
+
+
+def test_the_input_embedding_holds_only_the_rows_of_the_tokens():
+    """At Llama-3's vocabulary a whole fp32 table is 2.1 GB; the rows of the calibration tokens give the same
+    embeddings (scaled ones included), and a token outside them fails instead of reading a wrong row."""
+    model = build_family("gemma3_text")  # a scaled embedding with a padding index
+    outer, _ = _split(model)
+    runner = LayerwiseModel(model.config)
+    ids = token_ids()
+    embedding = model.get_input_embeddings()
+    unused = next(token for token in range(embedding.num_embeddings) if token not in ids)
+    with runner._outer(outer, runner.input_names, ids):
+        assert runner.embedding.weight.shape[0] == len(torch.unique(ids))
+        torch.testing.assert_close(runner.embedding(ids), embedding(ids), rtol=0, atol=0)
+        with pytest.raises(IndexError):
+            runner.embedding(torch.tensor([[unused]]))
+    assert "forward" not in vars(runner.embedding) and runner.embedding.padding_idx == embedding.padding_idx

@@ -57,6 +57,16 @@ def test_single_shard_has_no_index_and_writer_handles_shared_storage(tmp_path: P
     assert torch.equal(reader.get("c"), torch.tensor([1.0, 5.0, 9.0]))
 
 
+def test_a_repeated_row_is_written_as_its_copies(tmp_path: Path) -> None:
+    """Copied experts arrive as one expert expanded along dim 0; the file holds every copy."""
+    row = torch.arange(6, dtype=torch.bfloat16).view(1, 2, 3)
+    with ShardedWriter(tmp_path) as writer:
+        writer.add("repeated", row.expand(4, 2, 3))
+        writer.add("after", torch.ones(2))  # offsets after it stay right
+    reader = CheckpointReader(tmp_path)
+    assert torch.equal(reader.get("repeated"), row.repeat(4, 1, 1)) and torch.equal(reader.get("after"), torch.ones(2))
+
+
 def test_writer_context_cleans_up_on_error(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), ShardedWriter(tmp_path, max_shard_bytes=8) as writer:
         writer.add("a", torch.zeros(4))

@@ -51,8 +51,8 @@ def build_experts(
     and "shared_expert.{gate,up,down}_proj.weight" when shared}``, in the dense tensors' dtype.
 
     Experts are gathered straight into preallocated fused tensors (one pass over the output bytes, no fp32
-    copies); only perturbed experts (noise, Drop-Upcycling) go through fp32. ``activations [T, I]`` feed
-    importance-based choices."""
+    copies); only perturbed experts (noise, Drop-Upcycling) go through fp32. Unperturbed copies are built
+    once and repeated (:func:`_repeat`). ``activations [T, I]`` feed importance-based choices."""
     intermediate, hidden = gate_proj.shape
     tensors: dict[str, torch.Tensor] = {}
     if plan.shared_intermediate_size:
@@ -65,16 +65,17 @@ def build_experts(
     else:
         pool = torch.arange(intermediate)
 
+    perturbed = moe.init != "partition" and (moe.copy_.noise > 0 or moe.copy_.drop_ratio > 0)
     if moe.init == "partition":
         groups = split_neurons(moe.partition.method, pool, plan.num_experts, up_proj=up_proj, activations=activations, generator=generator)
     else:  # copy, granular: every copy holds the whole pool, granular splits each copy into shards
-        shards = split_neurons("contiguous", pool, plan.n_split, up_proj=up_proj, activations=None, generator=generator)
-        groups = shards * (plan.num_experts // plan.n_split)
+        groups = split_neurons("contiguous", pool, plan.n_split, up_proj=up_proj, activations=None, generator=generator)
+        if perturbed:  # each copy draws its own noise: all of them exist
+            groups = groups * (plan.num_experts // plan.n_split)
 
     size = plan.expert_intermediate_size
-    gate_up = torch.empty(plan.num_experts, 2 * size, hidden, dtype=gate_proj.dtype)
-    down = torch.empty(plan.num_experts, hidden, size, dtype=down_proj.dtype)
-    perturbed = moe.init != "partition" and (moe.copy_.noise > 0 or moe.copy_.drop_ratio > 0)
+    gate_up = torch.empty(len(groups), 2 * size, hidden, dtype=gate_proj.dtype)
+    down = torch.empty(len(groups), hidden, size, dtype=down_proj.dtype)
     for e, ids in enumerate(groups):
         if perturbed:
             gate_e, up_e, down_e = (w.float() for w in (gate_proj[ids], up_proj[ids], down_proj[:, ids]))
@@ -87,6 +88,23 @@ def build_experts(
             torch.index_select(down_proj, 1, ids, out=down[e])
     if plan.scale != 1.0:
         down.mul_(plan.scale)
-    tensors["experts.gate_up_proj"] = gate_up
-    tensors["experts.down_proj"] = down
+    tensors["experts.gate_up_proj"] = _repeat(gate_up, plan.num_experts)
+    tensors["experts.down_proj"] = _repeat(down, plan.num_experts)
     return tensors
+
+
+def _repeat(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The distinct experts of one copy repeated to ``num_experts``. One expert repeated is a view (stride 0
+    over experts): copy-upcycling an 8B layer into 8 experts then holds one expert's 352 MB, not 2.8 GB, and
+    the writer and the experts' forward read it expert by expert. Several (granular shards) are tiled."""
+    copies = num_experts // experts.shape[0]
+    if copies == 1:
+        return experts
+    if experts.shape[0] == 1:
+        return experts.expand(num_experts, *experts.shape[1:])
+    return experts.repeat(copies, 1, 1)
+
+
+def scale_experts(down_proj: torch.Tensor, factor: float) -> None:
+    """Multiply every expert's ``down_proj`` in place, also when the experts are one repeated view."""
+    (down_proj[:1] if down_proj.stride(0) == 0 else down_proj).mul_(factor)

@@ -155,6 +155,9 @@ def _pad_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tenso
     if not extra:
         return gate_up, down
     experts, hidden = gate_up.shape[0], gate_up.shape[2]
+    if experts > 1 and gate_up.stride(0) == 0 and down.stride(0) == 0:  # one expert repeated (a view): pad it once
+        gate_up, down = _pad_experts(gate_up[:1], down[:1])
+        return gate_up.expand(experts, -1, -1), down.expand(experts, -1, -1)
     rows = gate_up.new_zeros(experts, extra, hidden)
     gate_up = torch.cat([gate_up[:, :size], rows, gate_up[:, size:], rows], dim=1)
     return gate_up, torch.cat([down, down.new_zeros(experts, hidden, extra)], dim=2)
@@ -185,6 +188,8 @@ def _native_moe_tensors(native: NativeMoe, mlp: dict[str, torch.Tensor], hidden:
     if "{e}" in keys.experts[0]:
         for e in range(gate_up.shape[0]):
             out.update(_matrices(tuple(name.format(e=e) for name in keys.experts), gate_up[e, :size], gate_up[e, size:], down[e]))
+    elif len(keys.experts) == 2:  # gate and up stacked: the fused tensor as it is (no copy of every expert)
+        out.update(dict(zip(keys.experts, (gate_up, down), strict=True)))
     else:
         out.update(_matrices(keys.experts, gate_up[:, :size], gate_up[:, size:], down))
     shared: list[torch.Tensor] | None = None
@@ -229,10 +234,17 @@ def layer_tensors(
     return {prefix + name: tensor for name, tensor in out.items()}
 
 
-def outer_tensors(target: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors outside the decoder layers (embeddings, final norm, head), as the target stores them."""
+def outer_sources(target: str, names: list[str]) -> dict[str, str]:
+    """Checkpoint name → source name of the tensors outside the decoder layers (embeddings, final norm,
+    head), as the target stores them (a target that needs an untied head gets the embedding twice). Names
+    rather than tensors, so a converter can read, write and release them one at a time."""
+    out = {name: name for name in names}
     native = native_moe(target)
-    out = dict(tensors)
     if native is not None and native.untied_head and "lm_head.weight" not in out:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        out["lm_head.weight"] = "model.embed_tokens.weight"
     return out
+
+
+def outer_tensors(target: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers, as the target stores them (:func:`outer_sources`)."""
+    return {name: tensors[source] for name, source in outer_sources(target, list(tensors)).items()}

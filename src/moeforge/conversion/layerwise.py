@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -85,22 +85,58 @@ class LayerwiseModel:
         self.layers: nn.ModuleList = self.model.model.layers
         self.ffn_module = ffn_module
         self.outer_names = [name for name in self.model.state_dict() if not name.startswith(LAYERS_PREFIX)]
+        head = self.model.get_output_embeddings()
+        head_path = next((path for path, module in self.model.named_modules() if module is head), None)
+        # what layer_inputs reads: everything outside the layers but the output head, which it never runs
+        # (at Llama-3's vocabulary the head is 2.1 GB in fp32)
+        self.input_names = [name for name in self.outer_names if head_path is None or not name.startswith(f"{head_path}.")]
+        self.embedding = self.model.get_input_embeddings()
+        embedding_path = next(path for path, module in self.model.named_modules() if module is self.embedding)
+        self.embedding_name = f"{embedding_path}.weight"
 
     @contextmanager
-    def _outer(self, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
-        """Materialise everything outside the decoder layers (embeddings, final norm, head, per-layer input
-        projections) for one forward. A tied head reuses the embedding."""
+    def _outer(self, tensors: dict[str, torch.Tensor], names: list[str], ids: torch.Tensor) -> Iterator[None]:
+        """Materialise ``names``, tensors outside the decoder layers (embeddings, final norm, head, per-layer
+        input projections), in fp32 for one forward on ``ids``. A tied head reuses the embedding; an untied
+        input embedding holds only the rows of ``ids`` (:meth:`_rows_of`)."""
         tensors = dict(tensors)
-        if "lm_head.weight" in self.outer_names and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+        if "lm_head.weight" in names and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-        missing = [name for name in self.outer_names if tensors.get(name) is None]
+        missing = [name for name in names if tensors.get(name) is None]
         if missing:
             raise MoeforgeError(f"the checkpoint lacks {missing[0]}, which its config.json requires; re-download or re-save it")
-        _set_parameters(self.model, {name: tensors[name].float() for name in self.outer_names})
+        embedding = tensors.get(self.embedding_name)
+        shared = any(tensors[name] is embedding for name in names if name != self.embedding_name)
+        with self._rows_of(embedding, ids) if embedding is not None and not shared else nullcontext(None) as rows:
+            materialised = {
+                name: tensors[name] if name == self.embedding_name and rows is not None else tensors[name].float() for name in names
+            }
+            if rows is not None:
+                materialised[self.embedding_name] = rows
+            _set_parameters(self.model, materialised)
+            try:
+                yield
+            finally:
+                _release(self.model)
+
+    @contextmanager
+    def _rows_of(self, weight: torch.Tensor, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The input embedding's rows for ``ids`` only, in fp32, with its forward renumbering the tokens to them:
+        a lookup is exact in any dtype, so the family's own embedding forward (scaling included) gives the same
+        result as with the whole table, without a 2.1 GB fp32 copy of Llama-3's 128256 rows. A token outside
+        ``ids`` maps to -1, which the lookup rejects (never a wrong row)."""
+        tokens = torch.unique(ids)
+        position = torch.full((weight.shape[0],), -1, dtype=torch.long)
+        position[tokens] = torch.arange(len(tokens))
+        module, padding = self.embedding, getattr(self.embedding, "padding_idx", None)
+        forward = module.forward
+        module.forward = lambda input_ids, *args, **kwargs: forward(position[input_ids], *args, **kwargs)
+        module.padding_idx = None  # an index into the whole table (it only affects gradients)
         try:
-            yield
+            yield weight[tokens].float()
         finally:
-            _release(self.model)
+            del module.forward
+            module.padding_idx = padding
 
     @contextmanager
     def _layers_replaced(self, forward: Callable[[int, tuple, dict], torch.Tensor]) -> Iterator[None]:
@@ -115,7 +151,8 @@ class LayerwiseModel:
 
     @torch.no_grad()
     def layer_inputs(self, ids: torch.Tensor, outer: dict[str, torch.Tensor]) -> LayerInputs:
-        """The first layer's hidden states for ``ids`` and what every layer is called with."""
+        """The first layer's hidden states for ``ids`` and what every layer is called with; ``outer`` needs
+        :attr:`input_names` only."""
         calls: list[tuple[tuple, dict]] = []
         first: list[torch.Tensor] = []
 
@@ -128,7 +165,7 @@ class LayerwiseModel:
                 raise _Recorded
             return hidden
 
-        with self._outer(outer), self._layers_replaced(record):
+        with self._outer(outer, self.input_names, ids), self._layers_replaced(record):
             try:
                 self.model(input_ids=ids, use_cache=False)
             except _Recorded:
@@ -182,5 +219,5 @@ class LayerwiseModel:
             hidden = args[0] if args else kwargs["hidden_states"]
             return final_hidden if index == len(self.layers) - 1 else hidden
 
-        with self._outer(outer), self._layers_replaced(replay):
+        with self._outer(outer, self.outer_names, ids), self._layers_replaced(replay):
             return self.model(input_ids=ids, use_cache=False).logits.float()

@@ -23,14 +23,14 @@ import transformers
 from transformers.activations import ACT2FN
 
 from moeforge.config.recipe import ConvertRecipe
-from moeforge.conversion.experts import build_experts
+from moeforge.conversion.experts import build_experts, scale_experts
 from moeforge.conversion.export import (
     MOEFORGE,
     build_config,
     created_by_conversion,
     layer_tensors,
     llama_cpp_caveats,
-    outer_tensors,
+    outer_sources,
     padded,
     resolve_export,
 )
@@ -129,6 +129,13 @@ class _Converter:
     def _outer_names(self) -> list[str]:
         return [name for name in self.reader.keys() if not name.startswith(LAYERS_PREFIX)]
 
+    def _outer_fp32(self, runner: LayerwiseModel, names: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors outside the layers for a forward, in fp32 but the input embedding, whose rows the runner
+        picks (in the output dtype: the model as it will be stored); read last, so its table and another's
+        fp32 copy are never in memory together."""
+        names = sorted(names, key=lambda name: name == runner.embedding_name)
+        return {name: self._read(name) if name == runner.embedding_name else self._read(name).float() for name in names}
+
     def run(self, tmp: Path) -> tuple[FidelityReport | None, list[str]]:
         recipe, plan, config = self.recipe, self.plan, self.source_config
         tokenizer = load_tokenizer(self.source_dir)
@@ -139,11 +146,13 @@ class _Converter:
         streams = recipe.fidelity.check or plan.needs_calibration
         new_params: list[str] = []
         with ShardedWriter(tmp, recipe.max_shard_bytes) as writer:
-            outer = {name: self._read(name) for name in self._outer_names()}
-            for name, tensor in outer_tensors(self.target, outer).items():
-                writer.add(name, tensor)
-            dense = runner.layer_inputs(ids, outer) if streams else None
-            del outer
+            dense = None
+            if streams:  # what the first layer gets: needs the embedding's rows of the calibration tokens, not the head
+                dense = runner.layer_inputs(ids, self._outer_fp32(runner, [n for n in self._outer_names() if n in runner.input_names]))
+            sources = outer_sources(self.target, self._outer_names())
+            for name, source in sources.items():  # one at a time: each is written, then released
+                writer.add(name, self._read(source))
+            self.log(f"  outside the layers: {len(sources)} tensors")
             moe = dense.fork() if dense is not None else None
             for index in range(plan.num_layers):
                 new_params += self._stream_layer(index, runner, writer, dense, moe)
@@ -152,7 +161,7 @@ class _Converter:
         if recipe.fidelity.check:
             assert dense is not None and moe is not None  # a fidelity check runs both streams
             held_out = slice(self.fit_sequences, None)  # sequences nothing was fitted on
-            outer = {name: self._read(name) for name in self._outer_names()}
+            outer = self._outer_fp32(runner, self._outer_names())
             dense_logits = runner.logits(ids[held_out], dense.hidden[held_out], outer)
             moe_logits = runner.logits(ids[held_out], moe.hidden[held_out], outer)
             del outer
@@ -232,7 +241,7 @@ class _Converter:
         if layer_plan.calibrate_scale:
             assert moe_ffn_in is not None  # captured above for every calibrated scale
             factor = _least_squares_scale(block, self.ffn.split(weights), moe_ffn_in, self.act)
-            mlp["experts.down_proj"].mul_(factor)  # the block shares this storage (assign=True)
+            scale_experts(mlp["experts.down_proj"], factor)  # the block shares this storage (assign=True)
             self.scales[index] = layer_plan.scale * factor
         return block, mlp
 

@@ -33,6 +33,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _repeated_rows(tensor: torch.Tensor) -> bool:
+    """One contiguous row repeated along dim 0 (``expand``: a layer's copied experts): written row by row
+    from the one row, instead of first materialising every copy."""
+    return tensor.dim() > 1 and tensor.shape[0] > 1 and tensor.stride(0) == 0 and tensor[0].is_contiguous()
+
+
 class _OpenShard:
     """One shard being written: tensor bytes go straight to disk after a reserved header region,
     whose JSON is written (space-padded, as the format allows) when the shard is closed. Bookkeeping
@@ -61,8 +67,9 @@ class _OpenShard:
         self.header_bytes += len(json.dumps({name: entry}, separators=(",", ":")))
 
     def write(self, tensor: torch.Tensor) -> None:
-        if tensor.nbytes:
-            self.handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        for block in [tensor] if tensor.is_contiguous() else tensor.unbind(0):  # a repeated row: row by row
+            if block.nbytes:
+                self.handle.write(block.reshape(-1).view(torch.uint8).numpy().data)
 
     def close(self) -> None:
         header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
@@ -94,7 +101,8 @@ class ShardedWriter:
     """Write tensors as Hugging Face safetensors shards, streaming each tensor to disk as it comes.
 
     Nothing is buffered per shard: each tensor's bytes are written right after a reserved header region,
-    so memory does not grow with the shard size, and views are written without copying. Writing, closing
+    so memory does not grow with the shard size, and views are written without copying (also a row
+    repeated with ``expand``, row by row). Writing, closing
     and checksumming shards happen on one background thread, overlapping the caller's compute; at most
     ``max_inflight_bytes`` of tensors wait for it. Use as a context manager to remove partial output on error.
     ``checksums`` (final file name → sha256) is filled by :meth:`close`.
@@ -136,7 +144,9 @@ class ShardedWriter:
         if name in self._shard_of:
             raise ValueError(f"tensor {name!r} was already added")
         self._raise_worker_error()
-        tensor = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu")
+        if not _repeated_rows(tensor):
+            tensor = tensor.contiguous()
         shard = self._shard
         if shard is None or not shard.fits(name, tensor, self.max_shard_bytes):
             shard = self._next_shard()
