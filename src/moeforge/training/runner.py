@@ -72,7 +72,7 @@ def _prepare_output(recipe: TrainRecipe) -> None:
     """Check, clear (``overwrite``) and create the output directory: rank 0's job under a launcher. Another rank
     could find rank 0's conversion already under way there (and take it for an old run, or delete it); rank 0
     failing here ends the launch, and the others write nothing before they meet it in the first collective."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _rank_zero():
         return
     output = recipe.output
     check_output(output, overwrite=True)  # a file in the way, an unwritable parent
@@ -104,7 +104,7 @@ def _convert_first(recipe: TrainRecipe, log: Callable[[str], None]) -> None:
     if recipe.resume and complete:
         log(f"convert: reusing the conversion in {output} (resume)")
         return
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _rank_zero():
         _wait_for_conversion(output, log)
         return
     if output.exists() and not recipe.overwrite:
@@ -168,6 +168,11 @@ def _training_kwargs(recipe: TrainRecipe, has_eval: bool) -> dict:
         **fsdp_arguments(recipe),
     )
     return kwargs
+
+
+def _rank_zero() -> bool:
+    """This process is rank 0 of a launch, or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _distributed() -> bool:
