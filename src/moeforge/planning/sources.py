@@ -148,8 +148,7 @@ def recipe_sharding(recipe: TrainRecipe) -> Sharding:
     if recipe.fsdp is not None:
         return Sharding(stage=3 if recipe.fsdp.reshard_after_forward else 2, offload=recipe.fsdp.cpu_offload)
     if recipe.expert_parallel is not None:
-        size = recipe.expert_parallel.size
-        return Sharding(gpus=size, stage=3, expert_parallel=size)
+        return Sharding(expert_parallel=recipe.expert_parallel.size)  # with_overrides adds what EP implies
     return Sharding()
 
 

@@ -23,6 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import transformers
 from peft import PeftModel
@@ -122,8 +123,6 @@ def _wait_for_conversion(output: Path, log: Callable[[str], None], poll_seconds:
     output (published whole, so complete files mean a complete conversion; written after this process
     started, so an ``overwrite`` run does not take the old one: torchrun starts all ranks together). A failed
     conversion ends rank 0, and torchrun ends the rest."""
-    import psutil  # accelerate's dependency
-
     log(f"convert: waiting for rank 0 to write {output}")
     started = psutil.Process().create_time()
     while not all((output / name).is_file() and (output / name).stat().st_mtime >= started for name in CONVERSION_FILES):
