@@ -55,16 +55,16 @@ __all__ = [
     "known_native_moe",
     "native_moe",
     "source_family",
-    "supports_moice",
+    "has_llama_attention",
 ]
 
 
-def supports_moice(config) -> bool:
-    """Whether MoICE's attention fits a model of this config: its family's (moeforge's architecture: its base
-    family's) attention is Llama-style with one RoPE."""
+def has_llama_attention(config) -> bool:
+    """Whether a model of this config has Llama's attention (its family's, for moeforge's architecture its base
+    family's): what MoICE and attention MoE take over (:attr:`DenseFamily.llama_attention`)."""
     family = dense_family(getattr(config, "base_model_type", None) or config.model_type)
     native = native_moe(config.model_type)
-    return bool((family and family.moice) or (native and native.moice))
+    return bool((family and family.llama_attention) or (native and native.llama_attention))
 
 
 def source_family(config, source: str) -> DenseFamily:

@@ -49,17 +49,21 @@ _LLAMA_SIBLINGS = (  # llama.cpp runs the first three as exported; Qwen2-MoE onl
 )
 
 DENSE_FAMILIES: tuple[DenseFamily, ...] = (
-    DenseFamily("llama", "Llama", "the reference decoder", siblings=_LLAMA_SIBLINGS, moice=True),
-    DenseFamily("mistral", "Mistral", "sliding-window attention", siblings=(Sibling("mixtral"),), moice=True),
+    DenseFamily("llama", "Llama", "the reference decoder", siblings=_LLAMA_SIBLINGS, llama_attention=True),
+    DenseFamily("mistral", "Mistral", "sliding-window attention", siblings=(Sibling("mixtral"),), llama_attention=True),
     DenseFamily(
         "qwen2",
         "Qwen2 / Qwen2.5",
         "q/k/v biases",
         siblings=(Sibling("qwen2_moe", _no_sliding_window, lambda _config: {"qkv_bias": True}),),
-        moice=True,
+        llama_attention=True,
     ),
     DenseFamily(
-        "qwen3", "Qwen3", "per-head q/k RMSNorm", siblings=(Sibling("qwen3_moe", _one_layer_type, _window_of_all_layers),), moice=True
+        "qwen3",
+        "Qwen3",
+        "per-head q/k RMSNorm",
+        siblings=(Sibling("qwen3_moe", _one_layer_type, _window_of_all_layers),),
+        llama_attention=True,
     ),
     DenseFamily(
         "qwen3_5_text",
@@ -84,7 +88,7 @@ DENSE_FAMILIES: tuple[DenseFamily, ...] = (
         "Granite 3",
         "embedding / residual / attention / logit multipliers",
         siblings=(Sibling("granitemoe"), Sibling("granitemoeshared")),
-        moice=True,
+        llama_attention=True,
     ),
     DenseFamily("smollm3", "SmolLM3", "no RoPE on every 4th layer"),
     DenseFamily("olmo2", "OLMo 2", "post-norms after attention and FFN, q/k RMSNorm over all heads", siblings=(Sibling("flex_olmo"),)),

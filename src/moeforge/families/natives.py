@@ -80,8 +80,8 @@ class NativeMoe:
     """Always write ``lm_head.weight`` (a copy of the embedding for a tied source): llama.cpp's loader for
     this architecture requires it."""
     llama_cpp: LlamaCpp = LlamaCpp()
-    moice: bool = False
-    """Whether MoICE's attention fits its attention (Llama-style, one RoPE)."""
+    llama_attention: bool = False
+    """Its attention is Llama's (see :attr:`DenseFamily.llama_attention`): MoICE can take it over."""
 
 
 _GRANITE = MoeKeys(
@@ -101,7 +101,7 @@ NATIVE_MOES: tuple[NativeMoe, ...] = (
         keys=MoeKeys(router="block_sparse_moe.gate.weight", experts=_per_expert("block_sparse_moe", ("w1", "w3", "w2"))),
         constants={"router_jitter_noise": 0.0},
         llama_cpp=LlamaCpp(sliding_window=False),
-        moice=True,
+        llama_attention=True,
     ),
     NativeMoe(
         "qwen2_moe",
@@ -115,7 +115,7 @@ NATIVE_MOES: tuple[NativeMoe, ...] = (
         norm_flag="norm_topk_prob",
         untied_head=True,
         llama_cpp=LlamaCpp(renormalizes=False),
-        moice=True,
+        llama_attention=True,
         constants={"decoder_sparse_step": 1, "use_sliding_window": False},
     ),
     NativeMoe(
@@ -127,7 +127,7 @@ NATIVE_MOES: tuple[NativeMoe, ...] = (
         dense_layers=True,
         norm_flag="norm_topk_prob",
         constants={"decoder_sparse_step": 1},
-        moice=True,
+        llama_attention=True,
     ),
     NativeMoe(
         "qwen3_5_moe_text",
@@ -146,7 +146,7 @@ NATIVE_MOES: tuple[NativeMoe, ...] = (
         fields=dict(num_experts="num_local_experts", top_k="num_experts_per_tok", expert_size="intermediate_size"),
         keys=_GRANITE,
         llama_cpp=LlamaCpp(head_dim_free=False),
-        moice=True,
+        llama_attention=True,
     ),
     NativeMoe(
         "granitemoeshared",
@@ -162,7 +162,7 @@ NATIVE_MOES: tuple[NativeMoe, ...] = (
         shared="plain",
         keys=_GRANITE,
         llama_cpp=LlamaCpp(head_dim_free=False),
-        moice=True,
+        llama_attention=True,
     ),
     NativeMoe(
         "flex_olmo",

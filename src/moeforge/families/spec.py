@@ -75,8 +75,10 @@ class DenseFamily:
     """Native MoE architectures that can hold a conversion of this family, most portable first (``export: auto``)."""
     activation_field: str = "hidden_act"
     ffn: Ffn = Ffn()
-    moice: bool = False
-    """Whether MoICE's attention (per-head routers over RoPE bases) fits this family's attention."""
+    llama_attention: bool = False
+    """Its attention is Llama's: q/k/v/o projections, optional per-head q/k RMSNorm, one RoPE, optional sliding
+    window, a scaling factor. moeforge's own attention modules (MoICE, attention MoE) take over such an
+    attention module's projections and recompute it; other families keep their attention code untouched."""
 
     def activation(self, config) -> str:
         return getattr(config, self.activation_field)

@@ -9,7 +9,9 @@ registers its config with ``AutoConfig``; each family's model classes are built 
 
 from transformers import AutoConfig
 
+from moeforge.modeling.attention_moe import AttentionRouter, HeadGroupGate, MoeforgeAttentionMoE
 from moeforge.modeling.configuration import (
+    AttentionMoeLayerSpec,
     LegacyMoeforgeLlamaConfig,
     MoeforgeConfig,
     MoeLayerSpec,
@@ -26,6 +28,10 @@ AutoConfig.register(LegacyMoeforgeLlamaConfig.model_type, LegacyMoeforgeLlamaCon
 
 __all__ = [
     "Architecture",
+    "AttentionMoeLayerSpec",
+    "AttentionRouter",
+    "HeadGroupGate",
+    "MoeforgeAttentionMoE",
     "GMMRouter",
     "LinearRouter",
     "MLPRouter",

@@ -41,6 +41,46 @@ class MoeLayerSpec:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class AttentionMoeLayerSpec:
+    """The attention MoE of one decoder layer, as stored in ``config.attention_moe_layers[i]``: the layer's
+    query heads split into ``num_experts`` equal groups of consecutive heads, each group with the KV heads it
+    reads; ``shared_experts`` (group indices) always contribute with weight 1, a router picks ``top_k`` of the
+    others per token, whose renormalised weights are multiplied by ``scale``."""
+
+    num_experts: int
+    top_k: int
+    shared_experts: tuple[int, ...] = ()
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shared_experts", tuple(self.shared_experts))  # JSON gives a list
+
+    @property
+    def routed_experts(self) -> tuple[int, ...]:
+        return tuple(group for group in range(self.num_experts) if group not in self.shared_experts)
+
+    def problems(self, num_heads: int, num_kv_heads: int) -> list[str]:
+        """Why this split does not fit attention with these head counts (empty: it fits)."""
+        if num_heads % self.num_experts:
+            return [f"num_experts {self.num_experts} does not divide the {num_heads} query heads"]
+        size, per_kv = num_heads // self.num_experts, num_heads // num_kv_heads
+        problems = []
+        if per_kv % size and size % per_kv:
+            problems.append(
+                f"groups of {size} heads would split the {per_kv} query heads of a KV head unevenly "
+                f"(use a multiple or a divisor of {num_kv_heads} groups)"
+            )
+        if len(set(self.shared_experts)) != len(self.shared_experts) or not all(0 <= g < self.num_experts for g in self.shared_experts):
+            problems.append(f"shared_experts {list(self.shared_experts)} must be distinct groups 0-{self.num_experts - 1}")
+        if not 1 <= self.top_k <= len(self.routed_experts):
+            problems.append(f"top_k {self.top_k} must be between 1 and the {len(self.routed_experts)} routed groups")
+        return problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "shared_experts": list(self.shared_experts)}
+
+
 class MoeforgeConfigMixin:
     r"""What a moeforge config adds to its family's: ``moe_layers`` (one entry per decoder layer, ``None``
     for the family's dense FFN or a dict of :class:`MoeLayerSpec` fields) and the router loss settings.
@@ -48,12 +88,17 @@ class MoeforgeConfigMixin:
     The loss coefficients live here so a loaded model adds its router losses to ``loss`` in any training
     loop (see :mod:`moeforge.routing.hooks`): ``router_aux_loss_coef`` weighs the per-layer switch balance
     loss (the name Mixtral and TRL use), ``router_z_loss_coef`` the z-loss, ``router_mi_loss_coef`` the
-    mutual-information loss. ``router_aux_free`` records that the routers carry DeepSeek-V3's selection bias
+    mutual-information loss (attention-MoE routers count as router layers like FFN ones). ``attention_moe_layers``
+    (``None`` or one entry per layer: ``None`` or a dict of :class:`AttentionMoeLayerSpec` fields) splits
+    attention heads into routed groups. ``router_aux_free`` records that the routers carry DeepSeek-V3's selection bias
     (``expert_bias``, saved with the weights), so loading creates it before the weights are read."""
 
     base_model_type: str
     moe_layers: list[dict[str, Any] | None]
+    attention_moe_layers: list[dict[str, Any] | None] | None
     num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -61,10 +106,25 @@ class MoeforgeConfigMixin:
             self.moe_layers = [None] * self.num_hidden_layers
         if len(self.moe_layers) != self.num_hidden_layers:
             raise ValueError(f"moe_layers has {len(self.moe_layers)} entries but num_hidden_layers is {self.num_hidden_layers}")
+        if self.attention_moe_layers is not None:
+            if len(self.attention_moe_layers) != self.num_hidden_layers:
+                raise ValueError(
+                    f"attention_moe_layers has {len(self.attention_moe_layers)} entries but num_hidden_layers is {self.num_hidden_layers}"
+                )
+            kv_heads = getattr(self, "num_key_value_heads", None) or self.num_attention_heads
+            for index in range(self.num_hidden_layers):
+                spec = self.attention_layer_spec(index)
+                problems = spec.problems(self.num_attention_heads, kv_heads) if spec else []
+                if problems:
+                    raise ValueError(f"attention_moe_layers[{index}]: {'; '.join(problems)}")
 
     def layer_spec(self, layer_idx: int) -> MoeLayerSpec | None:
         entry = self.moe_layers[layer_idx]
         return None if entry is None else MoeLayerSpec(**entry)
+
+    def attention_layer_spec(self, layer_idx: int) -> AttentionMoeLayerSpec | None:
+        entry = (self.attention_moe_layers or [None] * self.num_hidden_layers)[layer_idx]
+        return None if entry is None else AttentionMoeLayerSpec(**entry)
 
     @property
     def ffn_activation(self) -> str:
@@ -74,6 +134,7 @@ class MoeforgeConfigMixin:
 
 _FIELDS: dict[str, tuple[Any, Any]] = {
     "moe_layers": (list | None, None),
+    "attention_moe_layers": (list | None, None),
     "router_aux_loss_coef": (float, 0.01),
     "router_z_loss_coef": (float, 0.0),
     "router_mi_loss_coef": (float, 0.0),

@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput
 
 from moeforge.config.router_losses import RouterLossConfig
 from moeforge.families import DENSE_FAMILIES, known_dense_family
+from moeforge.modeling.attention_moe import install_attention_moe
 from moeforge.modeling.configuration import config_class
 from moeforge.modeling.moe_block import MoeforgeExperts, MoeforgeSparseMoeBlock
 from moeforge.modeling.routers import GMMRouter, LinearRouter, MLPRouter, TopKRouter
@@ -36,12 +37,14 @@ from moeforge.routing.hooks import attach_router_losses, attached_router_losses
 
 
 def install_moe_blocks(decoder: nn.Module, config: PretrainedConfig) -> None:
-    """Replace the FFN of every layer of ``decoder`` (the module holding ``layers``) that ``config.moe_layers`` makes MoE."""
+    """Replace the FFN of every layer of ``decoder`` (the module holding ``layers``) that ``config.moe_layers`` makes
+    MoE, and the attention of those ``config.attention_moe_layers`` makes attention MoE."""
     module = known_dense_family(config.base_model_type).ffn.module
     for index, layer in enumerate(cast(nn.ModuleList, decoder.layers)):
         spec = config.layer_spec(index)
         if spec is not None:
             setattr(layer, module, MoeforgeSparseMoeBlock(config, spec))
+    install_attention_moe(decoder, config)
 
 
 # The mixins below are placed before a family's transformers classes in the MRO; the type checker is told so.

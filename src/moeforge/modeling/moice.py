@@ -35,7 +35,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from moeforge.config.moice import MoiceSpec, ResolvedMoice
 from moeforge.errors import MoeforgeError
-from moeforge.families import supports_moice
+from moeforge.families import has_llama_attention
 from moeforge.io.extensions import register_config_extension
 from moeforge.io.safetensors_reader import CheckpointReader
 
@@ -271,7 +271,7 @@ def apply_moice(model: PreTrainedModel, spec: MoiceSpec, *, seed: int | None = N
     parameter names, for the load report."""
     if getattr(model.config, "moice", None):
         raise MoeforgeError("this model already has MoICE attention; drop the moice: section to keep training its routers")
-    if not supports_moice(model.config):
+    if not has_llama_attention(model.config):
         kind = getattr(model.config, "base_model_type", None) or model.config.model_type
         raise MoeforgeError(
             f"moice: {kind} attention is not Llama-style with one RoPE; MoICE works on llama, mistral, qwen2, qwen3 and "
