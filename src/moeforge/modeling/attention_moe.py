@@ -28,7 +28,7 @@ families whose attention is Llama's (:attr:`moeforge.families.DenseFamily.llama_
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -172,7 +172,8 @@ def install_attention_moe(decoder: nn.Module, config: Any) -> None:
             "qwen2, qwen3 and granite models (docs/families.md)"
         )
     for index, spec in layers:
-        layer = decoder.layers[index]
-        layer.self_attn = MoeforgeAttentionMoE(layer.self_attn, spec)
+        layer = cast(nn.ModuleList, decoder.layers)[index]
+        attention = MoeforgeAttentionMoE(layer.self_attn, spec)
         if config.router_aux_free:
-            layer.self_attn.head_gate.router.enable_expert_bias()
+            attention.head_gate.router.enable_expert_bias()
+        layer.self_attn = attention
