@@ -1,0 +1,323 @@
+"""Attention MoE (head groups chosen per token): the dense identity at full top-k for every head layout and
+Llama-style family, the cache and batched generation, the skipped-groups path against a masked dense
+reference, gradients, the checkpoint round trip, composition with FFN MoE, and config validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moeforge.errors import MoeforgeError
+from moeforge.modeling import AttentionRouter, HeadGroupGate, MoeforgeAttentionMoE, causal_lm_class, moeforge_config
+from moeforge.modeling import attention_moe as attention_moe_module
+from tests.families.tiny import build_family, token_ids
+from tests.helpers import build_tiny_llama, make_tiny_llama_config, sharpen
+
+pytestmark = pytest.mark.filterwarnings("ignore:router layers .* the balance loss is constant")  # full top-k, on purpose
+
+# (query heads, KV heads, groups): GQA by KV group, finer (one head per group) and coarser (both KV heads in
+# one of two groups), MQA, MHA, and an odd count
+LAYOUTS = [
+    pytest.param(4, 2, 2, id="gqa"),
+    pytest.param(4, 2, 4, id="gqa-finer"),
+    pytest.param(8, 2, 1, id="gqa-coarser"),
+    pytest.param(6, 1, 3, id="mqa"),
+    pytest.param(4, 4, 2, id="mha"),
+    pytest.param(6, 3, 3, id="odd"),
+]
+
+
+def _dense(heads: int = 4, kv_heads: int = 2, **overrides) -> torch.nn.Module:
+    config = make_tiny_llama_config(num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=48, **overrides)
+    return sharpen(build_tiny_llama(config)).eval()
+
+
+def _spec(groups: int, top_k: int | None = None, shared: tuple[int, ...] = (), scale: float | None = None) -> dict:
+    routed = groups - len(shared)
+    return {"num_experts": groups, "top_k": top_k or routed, "shared_experts": list(shared), "scale": float(scale or routed)}
+
+
+def _attention_moe(dense: torch.nn.Module, specs: list, moe_layers: list | None = None, router_std: float = 0.0, **settings):
+    """moeforge's architecture over ``dense``'s weights with ``specs`` per layer (a dict for every layer, or a
+    list); routers zero (``router_std`` 0) or random. Only the head routers (and experts) are new weights."""
+    layers = dense.config.num_hidden_layers
+    specs = specs if isinstance(specs, list) else [specs] * layers
+    config = moeforge_config(dense.config, moe_layers, attention_moe_layers=specs, **settings)
+    model = causal_lm_class(config)(config)
+    missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
+    assert all(".head_gate.router." in name or ".mlp." in name for name in missing) and all(".mlp." in n for n in unexpected)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for router in (m for m in model.modules() if isinstance(m, AttentionRouter)):
+            router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * router_std)
+    return model.eval()
+
+
+def _tokens(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+# ---------------------------------------------------------------------------------------- the dense identity
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "groups"), LAYOUTS)
+def test_full_top_k_with_a_zero_router_is_the_dense_model(heads, kv_heads, groups):
+    dense = _dense(heads, kv_heads)
+    model = _attention_moe(dense, _spec(groups))
+    tokens = _tokens()
+    torch.testing.assert_close(_logits(model, tokens), _logits(dense, tokens), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "groups", "shared"), [(4, 2, 4, (1,)), (6, 3, 3, (0, 2)), (6, 1, 3, (2,))])
+def test_shared_groups_plus_all_routed_is_the_dense_model(heads, kv_heads, groups, shared):
+    dense = _dense(heads, kv_heads)
+    model = _attention_moe(dense, _spec(groups, shared=shared))
+    tokens = _tokens()
+    torch.testing.assert_close(_logits(model, tokens), _logits(dense, tokens), rtol=0, atol=1e-6)
+
+
+def test_below_full_top_k_is_not_the_dense_model():
+    """The identity test's sanity check: with fewer groups selected the output does change."""
+    dense = _dense()
+    model = _attention_moe(dense, _spec(4, top_k=2), router_std=1.0)
+    tokens = _tokens()
+    assert (_logits(model, tokens) - _logits(dense, tokens)).abs().max() > 1e-3
+
+
+def test_gate_weights_per_head():
+    """1 for a shared group, scale · renormalised top-k weight for a selected routed group, 0 otherwise."""
+    spec = attention_moe_module.AttentionMoeLayerSpec(num_experts=4, top_k=2, shared_experts=(3,), scale=3.0)
+    gate = HeadGroupGate(hidden_size=8, num_heads=8, spec=spec)
+    torch.nn.init.normal_(gate.router.weight)
+    hidden = torch.randn(2, 5, 8)
+    gates = gate(hidden)
+    logits = hidden.reshape(-1, 8) @ gate.router.weight.T
+    top = torch.softmax(logits, -1).topk(2, -1)
+    expected = torch.zeros(10, 4).scatter(-1, top.indices, 3.0 * top.values / top.values.sum(-1, keepdim=True))
+    expected[:, 3] = 1.0
+    assert gates.shape == (2, 5, 8)
+    torch.testing.assert_close(gates.reshape(10, 8), expected.repeat_interleave(2, dim=1))
+
+
+# ------------------------------------------------------------------------------------ cache and generation
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "groups", "shared"), [(4, 2, 2, ()), (4, 2, 4, (0,)), (6, 1, 3, ()), (4, 4, 2, ())])
+def test_incremental_decoding_equals_the_full_forward(heads, kv_heads, groups, shared):
+    model = _attention_moe(_dense(heads, kv_heads), _spec(groups, top_k=1, shared=shared), router_std=1.0)
+    tokens = _tokens(length=12)
+    with torch.no_grad():
+        full = model(tokens).logits
+        prefix = model(tokens[:, :7], use_cache=True)
+        cache, steps = prefix.past_key_values, [prefix.logits]
+        for i in range(7, 12):
+            out = model(tokens[:, i : i + 1], cache=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_left_padded_batched_generation_matches_rows_alone():
+    model = _attention_moe(_dense(), _spec(4, top_k=1), router_std=1.0)
+    short, long = _tokens(1, 5, seed=1), _tokens(1, 9, seed=2)
+    pad = 3
+    batch = torch.cat([torch.cat([torch.full((1, 4), pad), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 5)], 1), torch.ones(1, 9)]).long()
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=pad)
+    alone = [model.generate(row, max_new_tokens=6, do_sample=False, pad_token_id=pad) for row in (short, long)]
+    assert torch.equal(together[0, 4:], alone[0][0])
+    assert torch.equal(together[1], alone[1][0])
+    assert len(set(together[1, 9:].tolist())) > 1  # not a degenerate constant continuation
+
+
+# ------------------------------------------------------------------------------ the skipped-groups path
+
+
+def _masked_dense_reference(dense: torch.nn.Module, model: torch.nn.Module) -> list:
+    """Hooks making ``dense`` compute every head and multiply each head's output (the input of ``o_proj``) by
+    the gate ``model``'s head gate gives it: attention MoE by definition, without skipping anything."""
+    hooks, inputs = [], {}
+    for index, layer in enumerate(dense.model.layers):
+        gate = model.model.layers[index].self_attn.head_gate
+
+        def remember(_module, _args, kwargs, index=index):
+            inputs[index] = kwargs["hidden_states"]
+
+        def mask(_module, args, index=index, gate=gate):
+            (heads,) = args
+            weights = gate(inputs[index]).repeat_interleave(heads.shape[-1] // gate.head_group.numel(), dim=-1)
+            return (heads * weights.to(heads.dtype),)
+
+        hooks.append(layer.self_attn.register_forward_pre_hook(remember, with_kwargs=True))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(mask))
+    return hooks
+
+
+class _HeadCountSpy:
+    """Stands in for transformers' attention registry: records the query head count of every call."""
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+        self.heads: list[int] = []
+
+    def get_interface(self, name: str, default):
+        real = self.registry.get_interface(name, default)
+
+        def attention(module, query, *args, **kwargs):
+            self.heads.append(query.shape[1])
+            return real(module, query, *args, **kwargs)
+
+        return attention
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "groups"), [(4, 2, 4), (4, 2, 2), (6, 3, 3), (4, 4, 2)])
+def test_one_token_decoding_attends_only_over_the_selected_groups(heads, kv_heads, groups, monkeypatch):
+    dense = _dense(heads, kv_heads)
+    model = _attention_moe(dense, _spec(groups, top_k=1), router_std=1.0)
+    tokens = _tokens(batch=1, length=10, seed=3)
+    hooks = _masked_dense_reference(dense, model)
+    with torch.no_grad():
+        expected = dense(tokens).logits
+        prefix = model(tokens[:, :9], use_cache=True)
+        spy = _HeadCountSpy(attention_moe_module.ALL_ATTENTION_FUNCTIONS)
+        monkeypatch.setattr(attention_moe_module, "ALL_ATTENTION_FUNCTIONS", spy)
+        step = model(tokens[:, 9:], cache=prefix.past_key_values, use_cache=True).logits
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(prefix.logits, expected[:, :9], rtol=0, atol=1e-5)
+    torch.testing.assert_close(step[:, -1], expected[:, -1], rtol=0, atol=1e-5)
+    # the selected group's query heads, widened to every query head of the KV heads it reads (so MQA, one KV
+    # head, cannot skip anything)
+    computed = max(heads // groups, heads // kv_heads)
+    assert spy.heads == [computed] * dense.config.num_hidden_layers
+    assert computed < heads
+
+
+# -------------------------------------------------------------------------------------------- gradients
+
+
+def _lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The plain LM loss (no router losses: those would give routers a gradient of their own)."""
+    logits = model(tokens).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def test_routers_and_projections_get_gradients_below_full_top_k():
+    model = _attention_moe(_dense(), _spec(4, top_k=2), router_std=1.0).train()
+    _lm_loss(model, _tokens()).backward()
+    for name, parameter in model.named_parameters():
+        if ".self_attn." in name:
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+            assert parameter.grad.abs().sum() > 0, name
+
+
+def test_top_1_router_gets_no_lm_gradient():
+    """Like an FFN router: at top_k = 1 the renormalised weight is 1 whatever the logits, so only the
+    router losses train the choice (the projections still learn)."""
+    model = _attention_moe(_dense(), _spec(4, top_k=1), router_std=1.0).train()
+    _lm_loss(model, _tokens()).backward()
+    for name, parameter in model.named_parameters():
+        if ".head_gate." in name:
+            assert parameter.grad is None or parameter.grad.abs().max() < 1e-7, name  # w / w: round-off only
+        elif ".q_proj." in name:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_save_and_auto_from_pretrained_round_trip(tmp_path: Path):
+    model = _attention_moe(_dense(), [_spec(4, top_k=2), None, _spec(2, top_k=1)], router_std=1.0)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    saved = (tmp_path / "config.json").read_text()
+    assert '"attention_moe_layers"' in saved and (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.attention_moe_layers == model.config.attention_moe_layers
+    assert isinstance(loaded.model.layers[0].self_attn, MoeforgeAttentionMoE)
+    assert not isinstance(loaded.model.layers[1].self_attn, MoeforgeAttentionMoE)
+    tokens = _tokens()
+    assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+
+    low = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert low.model.layers[0].self_attn.head_gate.router.weight.dtype == torch.bfloat16
+    got = _logits(low, tokens).float()
+    assert torch.isfinite(got).all()
+    assert (got.argmax(-1) == _logits(model, tokens).argmax(-1)).float().mean() > 0.9
+
+
+# --------------------------------------------------------------------------------- composition with FFN MoE
+
+
+def _copy_experts(dense: torch.nn.Module, model: torch.nn.Module, layers: list[int]) -> None:
+    """Every expert of ``layers`` a copy of the dense FFN: renormalised top-k over them is the dense FFN."""
+    with torch.no_grad():
+        for index in layers:
+            mlp, block = dense.model.layers[index].mlp, model.model.layers[index].mlp
+            block.experts.gate_up_proj.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).expand_as(block.experts.gate_up_proj))
+            block.experts.down_proj.copy_(mlp.down_proj.weight.expand_as(block.experts.down_proj))
+
+
+@pytest.mark.parametrize("ffn_layers", [[0, 1, 2], [1]], ids=["same-layers", "different-layers"])
+def test_ffn_moe_and_attention_moe_compose_exactly(ffn_layers):
+    dense = _dense()
+    ffn = {"num_experts": 3, "top_k": 2, "expert_intermediate_size": dense.config.intermediate_size}
+    moe_layers = [ffn if i in ffn_layers else None for i in range(3)]
+    attention = [_spec(4), _spec(2), None] if ffn_layers == [1] else _spec(2)
+    model = _attention_moe(dense, attention, moe_layers)
+    _copy_experts(dense, model, ffn_layers)
+    tokens = _tokens()
+    torch.testing.assert_close(_logits(model, tokens), _logits(dense, tokens), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ families
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "granite"])
+def test_llama_style_families_are_exact_at_full_top_k(family):
+    dense = build_family(family)
+    specs = [_spec(2), _spec(4, shared=(0,)), None]
+    config = moeforge_config(dense.config, None, attention_moe_layers=specs)
+    model = causal_lm_class(config)(config)
+    missing, _ = model.load_state_dict(dense.state_dict(), strict=False)
+    assert all(".head_gate." in name for name in missing)
+    with torch.no_grad():
+        for router in (m for m in model.modules() if isinstance(m, AttentionRouter)):
+            router.weight.zero_()
+    tokens = token_ids()  # longer than Mistral's window
+    torch.testing.assert_close(_logits(model.eval(), tokens), _logits(dense, tokens), rtol=1e-6, atol=1e-5)
+
+
+def test_a_family_without_llama_attention_is_refused():
+    config = moeforge_config(build_family("gemma3_text").config, None, attention_moe_layers=[_spec(2)] + [None] * 3)
+    with pytest.raises(MoeforgeError, match=r"^attention_moe: gemma3_text attention is not Llama's") as raised:
+        causal_lm_class(config)(config)
+    assert "\n" not in str(raised.value)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"num_experts": 3, "top_k": 1}, "num_experts 3 does not divide the 4 query heads"),
+        ({"num_experts": 4, "top_k": 1}, "groups of 3 heads would split the 4 query heads of a KV head unevenly"),
+        ({"num_experts": 2, "top_k": 1, "shared_experts": [2]}, r"shared_experts \[2\] must be distinct groups 0-1"),
+        ({"num_experts": 2, "top_k": 1, "shared_experts": [0, 0]}, r"shared_experts \[0, 0\] must be distinct"),
+        ({"num_experts": 2, "top_k": 2, "shared_experts": [0]}, "top_k 2 must be between 1 and the 1 routed groups"),
+        ({"num_experts": 2, "top_k": 0}, "top_k 0 must be between 1 and the 2 routed groups"),
+    ],
+)
+def test_bad_layer_specs_are_refused_naming_the_layer(spec, message):
+    heads, kv = (12, 3) if "unevenly" in message else (4, 2)
+    dense_config = make_tiny_llama_config(num_attention_heads=heads, num_key_value_heads=kv, hidden_size=48)
+    with pytest.raises(ValueError, match=rf"attention_moe_layers\[1\]: .*{message}"):
+        moeforge_config(dense_config, None, attention_moe_layers=[None, spec, None])
