@@ -4,6 +4,7 @@ reference, gradients, the checkpoint round trip, composition with FFN MoE, and c
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,11 @@ from transformers import AutoModelForCausalLM
 from moeforge.errors import MoeforgeError
 from moeforge.modeling import AttentionRouter, HeadGroupGate, MoeforgeAttentionMoE, causal_lm_class, moeforge_config
 from moeforge.modeling import attention_moe as attention_moe_module
+from moeforge.modeling.moice import MoiceAttention
 from tests.families.tiny import build_family, token_ids
 from tests.helpers import build_tiny_llama, make_tiny_llama_config, sharpen
 
+THETA = 10000.0  # the tiny Llama's RoPE base
 pytestmark = pytest.mark.filterwarnings("ignore:router layers .* the balance loss is constant")  # full top-k, on purpose
 
 # (query heads, KV heads, groups): GQA by KV group, finer (one head per group) and coarser (both KV heads in
@@ -321,3 +324,58 @@ def test_bad_layer_specs_are_refused_naming_the_layer(spec, message):
     dense_config = make_tiny_llama_config(num_attention_heads=heads, num_key_value_heads=kv, hidden_size=48)
     with pytest.raises(ValueError, match=rf"attention_moe_layers\[1\]: .*{message}"):
         moeforge_config(dense_config, None, attention_moe_layers=[None, spec, None])
+
+
+# ------------------------------------------------------------------------------- MoICE on the same layers
+
+
+def _with_moice(model, **spec):
+    from moeforge.config.moice import MoiceSpec
+    from moeforge.modeling.moice import apply_moice
+
+    model = copy.deepcopy(model)
+    apply_moice(model, MoiceSpec(**spec), seed=0)
+    return model.eval()
+
+
+def test_moice_with_only_the_native_base_is_the_attention_moe_model():
+    """MoICE over attention MoE takes over the head gate (same parameter, same name) and gates its mixture
+    of bases with it: with the native base alone the mixture is the attention, so nothing changes."""
+    model = _attention_moe(_dense(), [_spec(4, top_k=2, shared=(0,)), _spec(2, top_k=1), None], router_std=1.0)
+    moice = _with_moice(model, base_set=[THETA])
+    attention = moice.model.layers[0].self_attn
+    assert isinstance(attention, MoiceAttention) and isinstance(attention.head_gate, HeadGroupGate)
+    assert "model.layers.0.self_attn.head_gate.router.weight" in dict(moice.named_parameters())
+    tokens = _tokens()
+    torch.testing.assert_close(_logits(moice, tokens), _logits(model, tokens), rtol=0, atol=1e-6)
+
+
+def test_moice_over_attention_moe_applies_the_head_gate():
+    """With several bases the head gate still weights the heads: the reference is the same MoICE (same seeded
+    routers) over the dense model, its ``o_proj`` input multiplied by hand by the same head gates."""
+    model = _attention_moe(_dense(), _spec(4, top_k=2), router_std=1.0)
+    moice = _with_moice(model, topk=2)
+    plain = _with_moice(_dense(), topk=2)  # the same MoICE routers (seeded) without head gates
+    hooks = _masked_dense_reference(plain, moice)
+    tokens = _tokens()
+    expected = _logits(plain, tokens)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(_logits(moice, tokens), expected, rtol=0, atol=1e-5)
+    assert (expected - _logits(plain, tokens)).abs().max() > 1e-3  # the gate matters
+
+
+def test_moice_over_attention_moe_round_trip_restores_both(tmp_path: Path):
+    from moeforge.io.loading import load_model
+
+    model = _attention_moe(_dense(), _spec(4, top_k=2), router_std=1.0, router_aux_free=True)
+    moice = _with_moice(model, topk=2)
+    with torch.no_grad():
+        moice.model.layers[1].self_attn.head_gate.router.expert_bias.copy_(torch.tensor([0.5, -0.5, 0.0, 0.25]))
+    moice.save_pretrained(tmp_path)
+    loaded, _ = load_model(tmp_path)
+    attention = loaded.model.layers[1].self_attn
+    assert isinstance(attention, MoiceAttention) and isinstance(attention.head_gate, HeadGroupGate)
+    assert torch.equal(attention.head_gate.router.expert_bias, torch.tensor([0.5, -0.5, 0.0, 0.25]))
+    tokens = _tokens()
+    assert torch.equal(_logits(loaded, tokens), _logits(moice, tokens))
