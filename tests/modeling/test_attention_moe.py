@@ -11,10 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from moeforge.config.router_losses import RouterLossConfig
 from moeforge.errors import MoeforgeError
 from moeforge.modeling import AttentionRouter, HeadGroupGate, MoeforgeAttentionMoE, causal_lm_class, moeforge_config
 from moeforge.modeling import attention_moe as attention_moe_module
 from moeforge.modeling.moice import MoiceAttention
+from moeforge.routing.aux_free import AuxFreeBalancer
+from moeforge.routing.detection import find_routers
+from moeforge.routing.hooks import attach_router_losses
+from moeforge.training.freeze import apply_freeze, parameter_roles
 from tests.families.tiny import build_family, token_ids
 from tests.helpers import build_tiny_llama, make_tiny_llama_config, sharpen
 
@@ -379,3 +384,98 @@ def test_moice_over_attention_moe_round_trip_restores_both(tmp_path: Path):
     assert torch.equal(attention.head_gate.router.expert_bias, torch.tensor([0.5, -0.5, 0.0, 0.25]))
     tokens = _tokens()
     assert torch.equal(_logits(loaded, tokens), _logits(moice, tokens))
+
+
+# -------------------------------------------------------------- the router contract: labels, freezing, losses
+
+
+def _ffn_and_heads(router_std: float = 1.0, **settings):
+    """FFN MoE (3 experts, top-1) on layers 1-2, attention MoE (4 groups, top-1) on layers 0-1."""
+    dense = _dense()
+    ffn = {"num_experts": 3, "top_k": 1, "expert_intermediate_size": 32}
+    return _attention_moe(dense, [_spec(4, top_k=1), _spec(4, top_k=1), None], [None, ffn, ffn], router_std=router_std, **settings)
+
+
+def test_head_routers_are_found_and_labelled_apart_from_moice_and_ffn_routers():
+    model = _with_moice(_ffn_and_heads(), topk=2, layers=[1])
+    labels = {ref.label: ref for ref in find_routers(model)}
+    assert list(labels) == ["0.heads", "1.heads", "1.attn", "1", "2"]
+    assert labels["1.heads"].module is model.model.layers[1].self_attn.head_gate.router
+    assert (labels["1.heads"].num_experts, labels["1.heads"].top_k, labels["1.heads"].per_token) == (4, 1, 1)
+    assert labels["1.heads"].balance_coef is None  # the recipe's router losses, like an FFN router
+
+
+@pytest.mark.parametrize(
+    ("groups", "trained"),
+    [
+        (["attention_router"], {"experts", "attention", "embeddings", "norms", "router", "dense_layers"}),
+        (["attention"], {"experts", "attention_router", "embeddings", "norms", "router", "dense_layers"}),
+        (["all_but_new"], {"attention_router", "router"}),
+    ],
+)
+def test_freeze_roles_of_head_routers(groups, trained):
+    model = _ffn_and_heads()
+    roles = parameter_roles(model)
+    assert roles["model.layers.0.self_attn.head_gate.router.weight"] == "attention_router"
+    assert roles["model.layers.0.self_attn.q_proj.weight"] == "attention"
+    apply_freeze(model, groups)
+    assert {roles[name] for name, p in model.named_parameters() if p.requires_grad} == trained
+
+
+def _hand_balance(calls: list, mask: torch.Tensor) -> torch.Tensor:
+    """``E · Σ_e f_e · P_e`` per router call over the real tokens, averaged over the calls (layers)."""
+    per_layer = []
+    for logits, _, indices in calls:
+        real, chosen = logits.reshape(-1, logits.shape[-1])[mask], indices.reshape(-1, indices.shape[-1])[mask]
+        experts = real.shape[-1]
+        share = torch.nn.functional.one_hot(chosen, experts).sum(1).float().mean(0)
+        per_layer.append(experts * (share * real.softmax(-1).mean(0)).sum())
+    return torch.stack(per_layer).mean()
+
+
+def _balance(model, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(the handle's balance loss, the hand-computed one)`` of one training forward."""
+    calls: list = []
+    routers = [ref.module for ref in find_routers(model)]
+    hooks = [router.register_forward_hook(lambda _m, _a, out: calls.append(out)) for router in routers]
+    handle = attach_router_losses(model, RouterLossConfig(balance_coef=1.0))
+    model.train()
+    model(tokens, attention_mask=mask, labels=tokens)
+    for hook in hooks:
+        hook.remove()
+    handle.detach()
+    return handle.losses["balance"], _hand_balance(calls, mask.reshape(-1).bool())
+
+
+def test_balance_loss_averages_head_and_ffn_routers_per_layer_over_real_tokens():
+    model = _ffn_and_heads()
+    tokens = _tokens(batch=2, length=10)
+    mask = torch.ones_like(tokens)
+    mask[0, :4] = 0  # left padding: not routing
+    balance, expected = _balance(model, tokens, mask)
+    torch.testing.assert_close(balance, expected)
+    padded_as_real, _ = _balance(model, tokens, torch.ones_like(tokens))
+    assert (padded_as_real - balance).abs() > 1e-4
+
+    router = model.model.layers[0].self_attn.head_gate.router
+    skew = torch.tensor([100.0, 0.0, 0.0, 0.0])
+    router.logits = lambda hidden: torch.nn.functional.linear(hidden, router.weight) + skew  # group 0 for every token
+    skewed, expected = _balance(model, tokens, mask)
+    torch.testing.assert_close(skewed, expected)
+    assert skewed > balance + 0.5  # layer 0's term is now E · 1 · 1 = 4
+
+
+def test_aux_free_gives_head_routers_a_bias_that_save_and_load_keep(tmp_path: Path):
+    model = _ffn_and_heads()
+    balancer = AuxFreeBalancer(attach_router_losses(model, RouterLossConfig()), rate=0.1)
+    assert len(balancer.routers) == 4 and model.config.router_aux_free
+    model.train()
+    model(_tokens())
+    balancer.step()
+    bias = model.model.layers[0].self_attn.head_gate.router.expert_bias
+    assert bias.abs().sum() > 0  # the top-1 load of 24 tokens over 4 groups is uneven
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.model.layers[0].self_attn.head_gate.router.expert_bias, bias)
+    tokens = _tokens(seed=1)
+    assert torch.equal(_logits(loaded, tokens), _logits(model.eval(), tokens))

@@ -44,8 +44,9 @@ from moeforge.modeling.routers import LinearRouter
 
 class AttentionRouter(LinearRouter):
     """A linear router over a layer's attention input choosing head groups. ``decisions_per_token`` marks it
-    as an attention router (freezing role ``attention_router``, telemetry label ``N.attn``); its losses are the
-    recipe's router losses, averaged with the FFN routers' per layer."""
+    as an attention router (freezing role ``attention_router``, telemetry label ``N.heads``, apart from a MoICE
+    router's ``N.attn`` on the same layer); its losses are the recipe's router losses, averaged with the FFN
+    routers' per layer."""
 
     decisions_per_token = 1
 
