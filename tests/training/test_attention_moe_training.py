@@ -32,7 +32,9 @@ def _attention_moe_checkpoint(path: Path) -> Path:
 
 def test_head_routers_train_while_attention_and_embeddings_stay_frozen(tmp_path: Path) -> None:
     source = _attention_moe_checkpoint(tmp_path / "source")
-    recipe = make_recipe("pt", source, tmp_path / "run", freeze=["attention", "embeddings"], training={"max_steps": 3, "learning_rate": 1e-2})
+    recipe = make_recipe(
+        "pt", source, tmp_path / "run", freeze=["attention", "embeddings"], training={"max_steps": 3, "learning_rate": 1e-2}
+    )
     result = train(recipe, log=lambda _line: None)
     before, after = state_dict(source), state_dict(result.model_dir)
     assert before.keys() == after.keys()

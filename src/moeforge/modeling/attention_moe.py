@@ -61,7 +61,9 @@ class HeadGroupGate(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, spec: AttentionMoeLayerSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.router = AttentionRouter(hidden_size, MoeLayerSpec(num_experts=len(spec.routed_experts), top_k=spec.top_k, expert_intermediate_size=0))
+        self.router = AttentionRouter(
+            hidden_size, MoeLayerSpec(num_experts=len(spec.routed_experts), top_k=spec.top_k, expert_intermediate_size=0)
+        )
         head_group, routed_column = self._index(num_heads)
         self.register_buffer("head_group", head_group, persistent=False)
         self.register_buffer("routed_column", routed_column, persistent=False)
