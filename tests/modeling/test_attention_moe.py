@@ -1,6 +1,7 @@
 """Attention MoE (head groups chosen per token): the dense identity at full top-k for every head layout and
 Llama-style family, the cache and batched generation, the skipped-groups path against a masked dense
-reference, gradients, the checkpoint round trip, composition with FFN MoE, and config validation."""
+reference, gradients, the checkpoint round trip, composition with FFN MoE and with MoICE on the same layers,
+config validation, and the router contract (labels, freezing roles, balance loss, aux-free bias)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from moeforge.config.router_losses import RouterLossConfig
 from moeforge.errors import MoeforgeError
-from moeforge.modeling import AttentionRouter, HeadGroupGate, MoeforgeAttentionMoE, causal_lm_class, moeforge_config
+from moeforge.modeling import AttentionMoeLayerSpec, AttentionRouter, HeadGroupGate, MoeforgeAttentionMoE, causal_lm_class, moeforge_config
 from moeforge.modeling import attention_moe as attention_moe_module
 from moeforge.modeling.moice import MoiceAttention
 from moeforge.routing.aux_free import AuxFreeBalancer
@@ -26,12 +27,12 @@ from tests.helpers import build_tiny_llama, make_tiny_llama_config, sharpen
 THETA = 10000.0  # the tiny Llama's RoPE base
 pytestmark = pytest.mark.filterwarnings("ignore:router layers .* the balance loss is constant")  # full top-k, on purpose
 
-# (query heads, KV heads, groups): GQA by KV group, finer (one head per group) and coarser (both KV heads in
-# one of two groups), MQA, MHA, and an odd count
+# (query heads, KV heads, groups): GQA by KV group, finer (one head per group) and coarser (two KV heads per
+# group), MQA, MHA, and an odd count
 LAYOUTS = [
     pytest.param(4, 2, 2, id="gqa"),
     pytest.param(4, 2, 4, id="gqa-finer"),
-    pytest.param(8, 2, 1, id="gqa-coarser"),
+    pytest.param(8, 4, 2, id="gqa-coarser"),
     pytest.param(6, 1, 3, id="mqa"),
     pytest.param(4, 4, 2, id="mha"),
     pytest.param(6, 3, 3, id="odd"),
@@ -102,7 +103,7 @@ def test_below_full_top_k_is_not_the_dense_model():
 
 def test_gate_weights_per_head():
     """1 for a shared group, scale · renormalised top-k weight for a selected routed group, 0 otherwise."""
-    spec = attention_moe_module.AttentionMoeLayerSpec(num_experts=4, top_k=2, shared_experts=(3,), scale=3.0)
+    spec = AttentionMoeLayerSpec(num_experts=4, top_k=2, shared_experts=(3,), scale=3.0)
     gate = HeadGroupGate(hidden_size=8, num_heads=8, spec=spec)
     torch.nn.init.normal_(gate.router.weight)
     hidden = torch.randn(2, 5, 8)
@@ -186,10 +187,13 @@ class _HeadCountSpy:
         return attention
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "groups"), [(4, 2, 4), (4, 2, 2), (6, 3, 3), (4, 4, 2)])
-def test_one_token_decoding_attends_only_over_the_selected_groups(heads, kv_heads, groups, monkeypatch):
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize(("heads", "kv_heads", "groups"), [(4, 2, 4), (4, 2, 2), (8, 4, 2), (6, 3, 3), (4, 4, 2)])
+def test_one_token_decoding_attends_only_over_the_selected_groups(heads, kv_heads, groups, implementation, monkeypatch):
     dense = _dense(heads, kv_heads)
     model = _attention_moe(dense, _spec(groups, top_k=1), router_std=1.0)
+    for each in (dense, model):
+        each.set_attn_implementation(implementation)
     tokens = _tokens(batch=1, length=10, seed=3)
     hooks = _masked_dense_reference(dense, model)
     with torch.no_grad():
