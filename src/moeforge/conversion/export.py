@@ -154,7 +154,9 @@ def build_config(
         if not plan.attention_moe_layers:
             return moeforge_config(source, moe_layers)
         chosen = shared_groups or {}
-        attention = [None if layer is None else layer.spec(chosen.get(index)).to_dict() for index, layer in enumerate(plan.attention_layers)]
+        attention = [
+            None if layer is None else layer.spec(chosen.get(index)).to_dict() for index, layer in enumerate(plan.attention_layers)
+        ]
         return moeforge_config(source, moe_layers, attention_moe_layers=attention)
     return _native_config(known_native_moe(target), plan, source)
 

@@ -202,7 +202,7 @@ class LayerwiseModel:
                 what = f"lacks {LAYERS_PREFIX}{index}.{missing[0]}" if missing else f"has an unexpected {LAYERS_PREFIX}{index}.{extra[0]}"
                 raise MoeforgeError(f"the checkpoint {what} (its config.json says otherwise); re-download or re-save it")
             _set_parameters(layer, tensors)
-            with self.recording(index, self.ffn_module) if capture_mlp_input else nullcontext({}) as seen:
+            with self.recording(index, *((self.ffn_module,) if capture_mlp_input else ())) as seen:
                 args, kwargs = stream.calls[index]
                 output = layer(stream.hidden, *args, **kwargs)
         finally:

@@ -229,7 +229,12 @@ class _Converter:
         return attention
 
     def _attention_router(
-        self, index: int, attention_plan: AttentionLayerPlan, weights: dict[str, torch.Tensor], moe: LayerInputs | None, runner: LayerwiseModel
+        self,
+        index: int,
+        attention_plan: AttentionLayerPlan,
+        weights: dict[str, torch.Tensor],
+        moe: LayerInputs | None,
+        runner: LayerwiseModel,
     ) -> torch.Tensor:
         """The layer's attention router in the output dtype; decides its shared groups first (importance: the
         groups whose output through o_proj is largest on the fit sequences of the MoE stream)."""
@@ -242,7 +247,9 @@ class _Converter:
             fit = slice(None, self.fit_sequences)
             attention_in = seen[ATTENTION_MODULE][0][fit].reshape(-1, self.source_config.hidden_size)
             if attention_plan.ranks_groups:
-                importance = _group_importance(seen[f"{ATTENTION_MODULE}.o_proj"][0][fit], weights[f"{ATTENTION_MODULE}.o_proj.weight"], attention_plan.num_experts)
+                importance = _group_importance(
+                    seen[f"{ATTENTION_MODULE}.o_proj"][0][fit], weights[f"{ATTENTION_MODULE}.o_proj.weight"], attention_plan.num_experts
+                )
                 self.shared_groups[index] = tuple(sorted(importance.topk(num_shared).indices.tolist()))
         router = init_router(
             attention_plan.router_init,
@@ -323,7 +330,9 @@ def _group_importance(o_proj_in: torch.Tensor, o_proj: torch.Tensor, groups: int
     the attention output before o_proj): what the layer loses when the group is left out."""
     flat = o_proj_in.reshape(-1, o_proj_in.shape[-1])
     width = flat.shape[-1] // groups
-    return torch.stack([(flat[:, g * width : (g + 1) * width] @ o_proj[:, g * width : (g + 1) * width].T).norm(dim=-1).mean() for g in range(groups)])
+    return torch.stack(
+        [(flat[:, g * width : (g + 1) * width] @ o_proj[:, g * width : (g + 1) * width].T).norm(dim=-1).mean() for g in range(groups)]
+    )
 
 
 @torch.no_grad()

@@ -112,7 +112,7 @@ class ConversionPlan:
 
     @property
     def exact(self) -> bool:
-        return all(layer.exact for layer in [*self.moe_layers, *self.attention_moe_layers])
+        return all(layer.exact for layer in self.moe_layers) and all(layer.exact for layer in self.attention_moe_layers)
 
     @property
     def needs_activations(self) -> bool:
@@ -142,9 +142,7 @@ def select_moe_layers(placement: Placement, num_layers: int, key: str = "moe.pla
     if placement.layers != "all":
         bad = [i for i in placement.layers if not 0 <= i < num_layers]
         if bad:
-            raise MoeforgeError(
-                f"{key}.layers: layer {bad[0]} does not exist (the model has {num_layers} layers, 0-{num_layers - 1})"
-            )
+            raise MoeforgeError(f"{key}.layers: layer {bad[0]} does not exist (the model has {num_layers} layers, 0-{num_layers - 1})")
         chosen = sorted(set(placement.layers))
     else:
         chosen = list(range(placement.moe_start_layer, num_layers, placement.moe_layer_freq))
@@ -318,6 +316,4 @@ def build_plan(recipe: ConvertRecipe, source_config: PretrainedConfig, ffn_sizes
     layers: list[LayerPlan | None] = [None] * num_layers
     for layer in moe_layer_ids:
         layers[layer] = _plan_layer(recipe.moe, layer, counts[layer], ffn_sizes[layer])
-    return ConversionPlan(
-        recipe=recipe, num_layers=num_layers, ffn_sizes=list(ffn_sizes), layers=layers, attention_layers=attention_layers
-    )
+    return ConversionPlan(recipe=recipe, num_layers=num_layers, ffn_sizes=list(ffn_sizes), layers=layers, attention_layers=attention_layers)
