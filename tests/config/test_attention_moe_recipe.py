@@ -51,3 +51,12 @@ def test_bad_values_are_one_line_naming_the_key(case) -> None:
         _recipe(section)
     assert "\n" not in str(caught.value)
     assert str(caught.value).startswith(f"recipe: {message}")
+
+
+def test_moe_null_needs_attention_moe() -> None:
+    assert parse_recipe({"source": "x", "output": "y", "moe": None, "attention_moe": {}}).moe is None
+    with pytest.raises(MoeforgeError) as caught:
+        parse_recipe({"source": "x", "output": "y", "moe": None})
+    assert str(caught.value) == (
+        "recipe: moe: null leaves nothing to convert; give moe: settings, or an attention_moe: section (the FFNs then stay dense)"
+    )

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from moeforge.cli.inspect_cmd import describe_layer
-from moeforge.config.recipe import Calibration
+from moeforge.config.recipe import Calibration, parse_recipe
+from moeforge.conversion import convert
 from moeforge.data.calibration import calibration_ids
 from moeforge.errors import MoeforgeError
 from moeforge.io.inspection import inspect_checkpoint
@@ -185,3 +186,14 @@ def test_family_without_llama_attention_is_refused(tmp_path):
     with pytest.raises(MoeforgeError, match=r"attention_moe: gemma3_text attention is not Llama's") as caught:
         run_convert(source, tmp_path / "out", FFN_MOE, attention_moe={})
     assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
+
+
+def test_attention_moe_alone_keeps_the_ffns_dense(head_sources, input_ids, tmp_path):
+    source = head_sources["gqa_4_2"]
+    recipe = parse_recipe({"source": str(source), "output": str(tmp_path / "moe"), "moe": None, "attention_moe": {"top_k": 2}})
+    result = convert(recipe, log=lambda _line: None)
+    assert result.export == "moeforge" and not result.plan.moe_layers and result.plan.exact and result.fidelity.passed
+    torch.testing.assert_close(load_logits(tmp_path / "moe", input_ids), dense_logits(source, input_ids), atol=1e-5, rtol=1e-5)
+    config, _, tensors = _saved(tmp_path / "moe")
+    assert config["moe_layers"] == [None] * 3 and all(config["attention_moe_layers"])
+    assert "model.layers.0.mlp.gate_proj.weight" in tensors  # the dense FFN as it was

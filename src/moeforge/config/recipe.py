@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, overload
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from moeforge.config.errors import describe
 from moeforge.config.seed import Seed
@@ -196,9 +196,10 @@ class ConvertRecipe(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_shard_size: str = "2GB"
     seed: Seed = 0
-    moe: MoESpec = Field(default_factory=MoESpec)
     attention_moe: AttentionMoESpec | None = None
-    """Attention MoE layers (head groups chosen per token); none by default."""
+    """Attention MoE layers (head groups chosen per token); none by default. Before ``moe`` so its check sees it."""
+    moe: MoESpec | None = Field(default_factory=MoESpec)
+    """FFN MoE; null keeps every FFN dense (with ``attention_moe:``, which then is the whole conversion)."""
     calibration: Calibration = Field(default_factory=Calibration)
     fidelity: Fidelity = Field(default_factory=Fidelity)
 
@@ -206,6 +207,13 @@ class ConvertRecipe(_Strict):
     @classmethod
     def _size(cls, value: str) -> str:
         parse_size(value)
+        return value
+
+    @field_validator("moe")
+    @classmethod
+    def _something_to_convert(cls, value: MoESpec | None, info: ValidationInfo) -> MoESpec | None:
+        if value is None and "attention_moe" in info.data and info.data["attention_moe"] is None:  # (absent: already invalid)
+            raise ValueError("null leaves nothing to convert; give moe: settings, or an attention_moe: section (the FFNs then stay dense)")
         return value
 
     @property

@@ -278,7 +278,7 @@ class _Converter:
         """Build layer ``index``'s MoE block. Returns the block for the MoE stream (experts kept in the
         output dtype, upcast per expert as they run) and its canonical tensors (moeforge's names). ``own``
         and ``attention``: the layer's tensors and the attention module the MoE stream runs it with."""
-        moe_spec, config = self.recipe.moe, self.source_config
+        moe_spec, config = self.plan.moe, self.source_config
         activations = None
         if self.plan.needs_activations:
             assert dense_ffn_in is not None  # a plan that needs activations runs the dense stream
@@ -316,7 +316,7 @@ class _Converter:
     def _block(self, layer_plan: LayerPlan, mlp: dict[str, torch.Tensor]) -> MoeforgeSparseMoeBlock:
         """The canonical MoE block over these tensors: experts stay in the output dtype, the rest runs in fp32."""
         with torch.device("meta"):
-            block = MoeforgeSparseMoeBlock(self.block_config, layer_plan.spec(self.recipe.moe))
+            block = MoeforgeSparseMoeBlock(self.block_config, layer_plan.spec(self.plan.moe))
         block.load_state_dict(
             {name: tensor if name.startswith("experts.") else tensor.float() for name, tensor in mlp.items()},
             strict=True,
@@ -408,17 +408,18 @@ def convert(recipe: ConvertRecipe, *, overwrite: bool = False, log: Callable[[st
     moe_count, attention_count = len(converter.plan.moe_layers), len(converter.plan.attention_moe_layers)
     log(
         f"converting {recipe.source} ({converter.source_config.model_type}, {converter.plan.num_layers} layers) -> "
-        f"{converter.target}: {moe_count} MoE layers, init {recipe.moe.init}"
+        f"{converter.target}: {moe_count} MoE layers"
+        + (f", init {recipe.moe.init}" if recipe.moe else "")
         + (f", {attention_count} attention MoE layers" if attention_count else "")
         + f", dtype {str(converter.out_dtype).removeprefix('torch.')}"
     )
     caveats = llama_cpp_caveats(converter.target, converter.plan, converter.source_config)
     if caveats and converter.target != MOEFORGE:
         log(f"note: llama.cpp will not run this {converter.target} export as transformers does: {'; '.join(caveats)}")
-    size = converter.plan.moe_layers[0].expert_intermediate_size
+    size = converter.plan.moe_layers[0].expert_intermediate_size if converter.plan.moe_layers else 0
     if converter.target != MOEFORGE and padded(size) != size:
         log(f"note: expert FFNs padded from {size} to {padded(size)} zero neurons (exact; the row alignment experts kernels need)")
-    if any(layer.top_k == 1 for layer in converter.plan.moe_layers) and converter.plan.moe_layers[0].spec(recipe.moe).normalize:
+    if any(layer.top_k == 1 for layer in converter.plan.moe_layers) and converter.plan.moe.routing.normalize:
         log(
             "warning: top_k 1 with renormalised weights gives every token weight 1: the router gets no gradient "
             "from the LM loss (only from auxiliary losses); routing.normalize: false is Switch-style top-1"

@@ -100,7 +100,8 @@ class ConversionPlan:
 
     @property
     def moe(self) -> MoESpec:
-        return self.recipe.moe
+        """The FFN MoE settings; the defaults under ``moe: null``, where no MoE layer reads them."""
+        return self.recipe.moe or MoESpec()
 
     @property
     def moe_layers(self) -> list[LayerPlan]:
@@ -311,9 +312,10 @@ def build_plan(recipe: ConvertRecipe, source_config: PretrainedConfig, ffn_sizes
     """The plan for a source whose layers have ``ffn_sizes`` FFN neurons (read from the checkpoint's headers)."""
     num_layers = source_config.num_hidden_layers
     attention_layers = attention_plan(recipe.attention_moe, source_config)
-    moe_layer_ids = select_moe_layers(recipe.moe.placement, num_layers)
-    counts = experts_per_layer(recipe.moe, moe_layer_ids)
     layers: list[LayerPlan | None] = [None] * num_layers
-    for layer in moe_layer_ids:
-        layers[layer] = _plan_layer(recipe.moe, layer, counts[layer], ffn_sizes[layer])
+    if recipe.moe is not None:  # moe: null keeps every FFN dense
+        moe_layer_ids = select_moe_layers(recipe.moe.placement, num_layers)
+        counts = experts_per_layer(recipe.moe, moe_layer_ids)
+        for layer in moe_layer_ids:
+            layers[layer] = _plan_layer(recipe.moe, layer, counts[layer], ffn_sizes[layer])
     return ConversionPlan(recipe=recipe, num_layers=num_layers, ffn_sizes=list(ffn_sizes), layers=layers, attention_layers=attention_layers)
