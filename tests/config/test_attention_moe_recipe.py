@@ -58,5 +58,5 @@ def test_moe_null_needs_attention_moe() -> None:
     with pytest.raises(MoeforgeError) as caught:
         parse_recipe({"source": "x", "output": "y", "moe": None})
     assert str(caught.value) == (
-        "recipe: moe: null leaves nothing to convert; give moe: settings, or an attention_moe: section (the FFNs then stay dense)"
+        "recipe: attention_moe: required when moe is null (the FFNs stay dense: nothing else to convert); add it or give moe: settings"
     )

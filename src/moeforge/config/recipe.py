@@ -196,10 +196,10 @@ class ConvertRecipe(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_shard_size: str = "2GB"
     seed: Seed = 0
-    attention_moe: AttentionMoESpec | None = None
-    """Attention MoE layers (head groups chosen per token); none by default. Before ``moe`` so its check sees it."""
     moe: MoESpec | None = Field(default_factory=MoESpec)
     """FFN MoE; null keeps every FFN dense (with ``attention_moe:``, which then is the whole conversion)."""
+    attention_moe: AttentionMoESpec | None = Field(default=None, validate_default=True)
+    """Attention MoE layers (head groups chosen per token); none by default."""
     calibration: Calibration = Field(default_factory=Calibration)
     fidelity: Fidelity = Field(default_factory=Fidelity)
 
@@ -209,11 +209,11 @@ class ConvertRecipe(_Strict):
         parse_size(value)
         return value
 
-    @field_validator("moe")
+    @field_validator("attention_moe")
     @classmethod
-    def _something_to_convert(cls, value: MoESpec | None, info: ValidationInfo) -> MoESpec | None:
-        if value is None and "attention_moe" in info.data and info.data["attention_moe"] is None:  # (absent: already invalid)
-            raise ValueError("null leaves nothing to convert; give moe: settings, or an attention_moe: section (the FFNs then stay dense)")
+    def _something_to_convert(cls, value: AttentionMoESpec | None, info: ValidationInfo) -> AttentionMoESpec | None:
+        if value is None and "moe" in info.data and info.data["moe"] is None:  # (moe absent from data: already invalid)
+            raise ValueError("required when moe is null (the FFNs stay dense: nothing else to convert); add it or give moe: settings")
         return value
 
     @property
