@@ -197,3 +197,10 @@ def test_attention_moe_alone_keeps_the_ffns_dense(head_sources, input_ids, tmp_p
     config, _, tensors = _saved(tmp_path / "moe")
     assert config["moe_layers"] == [None] * 3 and all(config["attention_moe_layers"])
     assert "model.layers.0.mlp.gate_proj.weight" in tensors  # the dense FFN as it was
+
+
+def test_without_fidelity_check_the_attention_is_rewritten_while_streaming(head_sources, input_ids, tmp_path):
+    source = head_sources["odd_6_3"]
+    result = run_convert(source, tmp_path / "moe", FFN_MOE, attention_moe={"top_k": 3}, fidelity={"check": False})
+    assert result.fidelity is None and result.plan.exact
+    torch.testing.assert_close(load_logits(tmp_path / "moe", input_ids), dense_logits(source, input_ids), atol=1e-5, rtol=1e-5)
