@@ -123,7 +123,10 @@ class MoeforgeAttentionMoE(nn.Module):
         self.head_gate = HeadGroupGate(attention.config.hidden_size, self.num_heads, spec).to(device=weight.device, dtype=weight.dtype)
 
     def _computed_kv_heads(self, gates: torch.Tensor) -> torch.Tensor | None:
-        """The KV heads whose query heads some token gives a non-zero weight; ``None`` when that is all of them."""
+        """The KV heads whose query heads some token gives a non-zero weight; ``None`` when that is all of them
+        (always at top_k = all routed groups: then nothing is checked, which would cost a device sync)."""
+        if self.head_gate.spec.top_k == len(self.head_gate.spec.routed_experts):
+            return None
         used = gates.reshape(-1, self.num_heads // self.num_key_value_groups, self.num_key_value_groups).ne(0).any(-1).any(0)
         return None if bool(used.all()) else used.nonzero().flatten()
 
