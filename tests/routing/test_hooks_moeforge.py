@@ -201,9 +201,18 @@ def test_a_deep_copy_computes_its_own_losses() -> None:
     assert original_handle.pop_stats().tokens == 0
 
 
-def test_k_equal_e_warns_that_the_balance_loss_is_constant() -> None:
+def test_k_equal_e_warns_once_when_training_starts_that_the_balance_loss_is_constant() -> None:
+    import warnings
+
     from moeforge.modeling import MoeLayerSpec
 
     layers = [None, MoeLayerSpec(4, 4, 24).to_dict(), MoeLayerSpec(3, 1, 16).to_dict()]
+    with warnings.catch_warnings():  # loading, evaluating or chatting has nothing to fix: no warning
+        warnings.simplefilter("error")
+        model = moeforge_model(moe_layers=layers).eval()
+        model(**batch())
     with pytest.warns(UserWarning, match="layers 1: the balance loss is constant"):
-        moeforge_model(moe_layers=layers)
+        model.train()(**batch())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**batch())

@@ -94,6 +94,7 @@ class RouterLossHandle:
         self.losses: dict[str, torch.Tensor] = {}
         self.balancer: AuxFreeBalancer | None = None
         self.measure_grad_norm = False  # set for a forward to log the attention-router balance gradient norm
+        self.constant_balance: list[RouterRef] = []  # routers whose balance loss cannot train: said at the first training forward
         self.hooks_model = hooks_model  # else the model's own forward calls begin and finish
         self._replaced = replaced  # loss handles this one displaced (already removed): re-attached on detach
         self._batch: BatchContext | None = None  # set only while the model's forward runs
@@ -163,6 +164,9 @@ class RouterLossHandle:
         balances = [self._record(call, mask) for call, mask in zip(calls, masks, strict=True)]
         if self.config is None:
             return output
+        if training and self.constant_balance:
+            _warn_constant_balance(self.constant_balance)
+            self.constant_balance = []
         # FFN routers use the recipe's coefficients; a router with its own (MoICE attention) is averaged
         # over its layers separately and weighted by that coefficient
         ffn = [i for i, (index, _, _) in enumerate(calls) if self.routers[index].balance_coef is None]
@@ -251,6 +255,18 @@ def _add_to_output(output: Any, aux: torch.Tensor | None, losses: dict[str, torc
     return output
 
 
+def _warn_constant_balance(routers: list[RouterRef]) -> None:
+    """Said when such a model first trains (not when it loads: a chat or an evaluation has nothing to fix)."""
+    labels = [r.label for r in routers]
+    shown = ", ".join(labels) if len(labels) <= 6 else f"{', '.join(labels[:3])}, ... ({len(labels)} in all)"
+    moice = " (MoICE's released recipe: topk = len(base_set))" if any(r.per_token > 1 for r in routers) else ""
+    warnings.warn(
+        f"router layers {shown}: the balance loss is constant (= E) with zero gradient at "
+        f"top_k = num_experts{moice}; lower top_k for it to balance",
+        stacklevel=3,
+    )
+
+
 def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = None) -> RouterLossHandle:
     """Add router losses to ``model``'s forward (a causal LM: its output's ``loss``), returning the handle.
 
@@ -262,15 +278,6 @@ def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = Non
     config = config or RouterLossConfig()
     routers = find_routers(model)
     constant = [r for r in routers if r.top_k == r.num_experts and (config.balance_coef if r.balance_coef is None else r.balance_coef) > 0]
-    if constant:
-        labels = [r.label for r in constant]
-        shown = ", ".join(labels) if len(labels) <= 6 else f"{', '.join(labels[:3])}, ... ({len(labels)} in all)"
-        moice = " (MoICE's released recipe: topk = len(base_set))" if any(r.per_token > 1 for r in constant) else ""
-        warnings.warn(
-            f"router layers {shown}: the balance loss is constant (= E) with zero gradient at "
-            f"top_k = num_experts{moice}; lower top_k for it to balance",
-            stacklevel=2,
-        )
     replaced = tuple(m.__dict__[_HANDLE_ATTR] for m in model.modules() if _HANDLE_ATTR in m.__dict__)
     for old in replaced:
         old._remove()
@@ -278,6 +285,7 @@ def attach_router_losses(model: nn.Module, config: RouterLossConfig | None = Non
     # a forward replaced on the instance (TRL's fused LM head, which runs the decoder itself) skips the class's.
     calls = getattr(type(model), "calls_router_losses", False) and "forward" not in model.__dict__
     handle = RouterLossHandle(model, routers, config, replaced, hooks_model=not calls)
+    handle.constant_balance = constant
     model.__dict__[_HANDLE_ATTR] = handle
     if config.aux_free:
         try:
