@@ -30,7 +30,7 @@ from moeforge.errors import MoeforgeError
 
 LAYERS_PREFIX = "model.layers."
 ATTENTION_MODULE = "self_attn"
-"""A decoder layer's attention, in the families whose attention is Llama's (the ones attention MoE converts)."""
+"""A decoder layer's (softmax) attention, in every family: what attention MoE converts."""
 
 
 class _Recorded(Exception):

@@ -8,6 +8,7 @@ and the fidelity report costs no second pass. Output goes to a temporary directo
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -16,10 +17,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import safetensors
 import torch
 import transformers
+from torch import nn
 from transformers.activations import ACT2FN
 
 from moeforge.config.recipe import ConvertRecipe
@@ -46,7 +49,7 @@ from moeforge.io.publish import check_output, staged_directory
 from moeforge.io.safetensors_reader import CheckpointReader
 from moeforge.io.safetensors_writer import ShardedWriter
 from moeforge.modeling import AttentionMoeLayerSpec, MoeforgeSparseMoeBlock, moeforge_config
-from moeforge.modeling.attention_moe import HeadGroupGate, MoeforgeAttentionMoE
+from moeforge.modeling.attention_moe import HeadGroupGate, with_head_gate
 
 ATTENTION_ROUTER = f"{ATTENTION_MODULE}.head_gate.router.weight"
 """The one tensor attention MoE adds to a layer (relative to the layer)."""
@@ -219,12 +222,14 @@ class _Converter:
         self.log(f"  layer {index} {kind}")  # 0-based, as recipes' placement.layers
         return created
 
-    def _attention(self, runner: LayerwiseModel, index: int, spec: AttentionMoeLayerSpec) -> MoeforgeAttentionMoE:
-        """The layer's attention MoE for the MoE stream: moeforge's module over the runner's attention, its
-        parameters (router included) given with the layer's tensors at each run."""
-        attention = MoeforgeAttentionMoE(runner.layers[index].self_attn, spec)
+    def _attention(self, runner: LayerwiseModel, index: int, spec: AttentionMoeLayerSpec) -> nn.Module:
+        """The layer's attention MoE for the MoE stream, as the converted model will have it (:func:`with_head_gate`)
+        over a copy of the runner's attention (the dense stream keeps the original); its parameters (router
+        included) are given with the layer's tensors at each run."""
+        dense: Any = runner.layers[index].self_attn
+        attention = with_head_gate(copy.deepcopy(dense, memo={id(dense.config): dense.config}), spec)
         # the gate's buffers (head -> group) made real: built over the runner's meta skeleton, they are on meta
-        attention.head_gate = HeadGroupGate(self.source_config.hidden_size, attention.num_heads, spec)
+        attention.head_gate = HeadGroupGate(self.source_config.hidden_size, self.source_config.num_attention_heads, spec)
         return attention
 
     def _fit_attention(
@@ -274,7 +279,7 @@ class _Converter:
         moe: LayerInputs | None,
         runner: LayerwiseModel,
         own: dict[str, torch.Tensor],
-        attention: MoeforgeAttentionMoE | None,
+        attention: nn.Module | None,
     ) -> tuple[MoeforgeSparseMoeBlock, dict[str, torch.Tensor]]:
         """Build layer ``index``'s MoE block. Returns the block for the MoE stream (experts kept in the
         output dtype, upcast per expert as they run) and its canonical tensors (moeforge's names). ``own``

@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 
 from moeforge.config.recipe import AttentionMoESpec, ConvertRecipe, MoESpec, Placement
 from moeforge.errors import MoeforgeError
-from moeforge.families import has_llama_attention
+from moeforge.families import softmax_attention_layers
 from moeforge.modeling import MoeLayerSpec
 from moeforge.modeling.configuration import AttentionMoeLayerSpec
 
@@ -299,16 +299,26 @@ def attention_plan(spec: AttentionMoESpec | None, source_config: PretrainedConfi
     num_layers = source_config.num_hidden_layers
     if spec is None:
         return [None] * num_layers
-    if not has_llama_attention(source_config):
-        raise MoeforgeError(
-            f"attention_moe: {source_config.model_type} attention is not Llama's; attention MoE converts llama, mistral, "
-            "qwen2, qwen3 and granite models (docs/families.md)"
-        )
     heads = source_config.num_attention_heads
     kv_heads = getattr(source_config, "num_key_value_heads", None) or heads
+    # layers: all means the layers with softmax attention (a hybrid's linear-attention layers have no heads);
+    # a list that names another layer is refused
+    chosen = select_moe_layers(spec.placement, num_layers, "attention_moe.placement")
+    attention = softmax_attention_layers(source_config)
+    linear = [layer for layer in chosen if layer not in attention]
+    if linear and spec.placement.layers != "all":
+        raise MoeforgeError(
+            f"attention_moe.placement.layers: layer {linear[0]} has linear attention, no heads to group; "
+            f"choose among the softmax-attention layers {attention}"
+        )
+    if len(linear) == len(chosen):
+        raise MoeforgeError(
+            f"attention_moe.placement selects only linear-attention layers ({linear}); softmax attention is in layers {attention}"
+        )
     layers: list[AttentionLayerPlan | None] = [None] * num_layers
-    for layer in select_moe_layers(spec.placement, num_layers, "attention_moe.placement"):
-        layers[layer] = _plan_attention(spec, layer, heads, kv_heads)
+    for layer in chosen:
+        if layer in attention:
+            layers[layer] = _plan_attention(spec, layer, heads, kv_heads)
     return layers
 
 

@@ -56,12 +56,14 @@ __all__ = [
     "native_moe",
     "source_family",
     "has_llama_attention",
+    "softmax_attention_layers",
 ]
 
 
 def has_llama_attention(config) -> bool:
     """Whether a model of this config has Llama's attention (its family's, for moeforge's architecture its base
-    family's): what MoICE and attention MoE take over (:attr:`DenseFamily.llama_attention`)."""
+    family's): what MoICE takes over, and where attention MoE runs moeforge's own module
+    (:attr:`DenseFamily.llama_attention`)."""
     family = dense_family(getattr(config, "base_model_type", None) or config.model_type)
     native = native_moe(config.model_type)
     return bool((family and family.llama_attention) or (native and native.llama_attention))
@@ -77,3 +79,11 @@ def source_family(config, source: str) -> DenseFamily:
         f"source: {source} is a {config.model_type} model; convert takes a dense decoder of one of these families: "
         f"{', '.join(DENSE_MODEL_TYPES)}"
     )
+
+
+def softmax_attention_layers(config) -> list[int]:
+    """The decoder layers with softmax attention (a ``self_attn``, whose heads attention MoE can group): every
+    layer but the linear-attention ones of hybrid families (Qwen3.5's gated delta-net layers, ``layer_types``
+    entry ``linear_attention``)."""
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [index for index, kind in enumerate(kinds) if kind != "linear_attention"]

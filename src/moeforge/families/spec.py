@@ -77,8 +77,9 @@ class DenseFamily:
     ffn: Ffn = Ffn()
     llama_attention: bool = False
     """Its attention is Llama's: q/k/v/o projections, optional per-head q/k RMSNorm, one RoPE, optional sliding
-    window, a scaling factor. moeforge's own attention modules (MoICE, attention MoE) take over such an
-    attention module's projections and recompute it; other families keep their attention code untouched."""
+    window, a scaling factor. moeforge's own attention modules (MoICE, and attention MoE's module that computes
+    only the selected head groups) take over such an attention module's projections and recompute it; other
+    families keep their attention code untouched (attention MoE weights their heads at ``o_proj``'s input)."""
 
     def activation(self, config) -> str:
         return getattr(config, self.activation_field)

@@ -21,12 +21,20 @@ the tokens routed to it only, so a group never sees the others' keys and needs i
   in a prefill or training batch nearly every group is selected and the cost is dense attention plus
   the router. ``benchmarks/attention_moe_cost.py`` measures both.
 
-Runs on transformers' attention interface (SDPA by default, eager, flash where installed), for the
-families whose attention is Llama's (:attr:`moeforge.families.DenseFamily.llama_attention`).
+That module (:class:`MoeforgeAttentionMoE`) runs on transformers' attention interface (SDPA by default,
+eager, flash where installed) for the families whose attention is Llama's
+(:attr:`moeforge.families.DenseFamily.llama_attention`). Every other family keeps its own attention module
+and forward (Gemma's soft-capping and per-layer RoPE, OLMo's q/k norms over all heads, Phi-3's fused qkv,
+Qwen3.5's output gate, Gemma 4's shared KV, ...): the module becomes a subclass of its class
+(:func:`head_gated_class`) that computes the gates from its input and hands them to its ``o_proj``, a
+:class:`GatedOutputProjection`, which weights each head's slice of its input by them. Every family computes
+``o_proj(attn_output.reshape(..., heads · head_dim))``, so that is the same sum over head groups; attention
+is then computed for every head, selected or not (the skipping above is the Llama module's).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -34,10 +42,12 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from moeforge.errors import MoeforgeError
-from moeforge.families import has_llama_attention
+from moeforge.families import DENSE_FAMILIES, has_llama_attention
 from moeforge.modeling.configuration import AttentionMoeLayerSpec, MoeLayerSpec
 from moeforge.modeling.routers import LinearRouter
 
@@ -180,17 +190,85 @@ class MoeforgeAttentionMoE(nn.Module):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
+class GatedOutputProjection(nn.Linear):
+    """A family's ``o_proj`` (the same ``weight`` and ``bias``) that first weights each head's slice of its input
+    ``[..., heads · head_dim]`` by the per-head gates ``[..., heads]`` its attention set for the current call."""
+
+    gates: torch.Tensor | None = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.gates is None:
+            raise RuntimeError("a head-gated o_proj runs inside its attention's forward, which hands it the call's gates")
+        heads = input.view(*input.shape[:-1], self.gates.shape[-1], -1) * self.gates.unsqueeze(-1).to(input.dtype)
+        return super().forward(heads.flatten(-2))
+
+
+class _HeadGatedAttention(nn.Module):
+    """Placed before a family's attention class (:func:`head_gated_class`): the family's own forward, with the
+    gates of this call's tokens handed to ``o_proj`` for its duration (nothing is left between calls, so a
+    recomputing gradient checkpoint or a deep copy sees a plain module)."""
+
+    head_gate: HeadGroupGate
+    o_proj: GatedOutputProjection
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.o_proj.gates = self.head_gate(hidden_states)
+        try:
+            return super().forward(hidden_states, *args, **kwargs)
+        finally:
+            self.o_proj.gates = None
+
+
+def head_gated_class(attention_class: type[nn.Module]) -> type[nn.Module]:
+    """The head-gated subclass of a family's attention class, built once and kept in this module under its name
+    (``HeadGatedGemma3Attention``), so models pickle."""
+    name = f"HeadGated{attention_class.__name__}"
+    if name not in globals():
+        doc = f"{attention_class.__name__} with attention MoE's head gate at o_proj's input."
+        globals()[name] = type(name, (_HeadGatedAttention, attention_class), {"__module__": __name__, "__doc__": doc})
+    return globals()[name]
+
+
+def __getattr__(name: str) -> type:
+    """A head-gated attention class by name, built on first use (as when a model is unpickled in a process that
+    has not built it yet): the family's attention class lives in the module of its transformers model."""
+    if name.startswith("HeadGated"):
+        for family in DENSE_FAMILIES:
+            module = importlib.import_module(MODEL_MAPPING[CONFIG_MAPPING[family.model_type]].__module__)
+            base = getattr(module, name.removeprefix("HeadGated"), None)
+            if isinstance(base, type) and issubclass(base, nn.Module):
+                return head_gated_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def with_head_gate(attention: Any, spec: AttentionMoeLayerSpec) -> nn.Module:
+    """``attention`` (a decoder layer's ``self_attn``) as an attention MoE of ``spec``: moeforge's module over its
+    projections where it is Llama's, else the module itself made head-gated in place (its class and its
+    ``o_proj``'s; the parameters stay where and what they are)."""
+    if has_llama_attention(attention.config):
+        return MoeforgeAttentionMoE(attention, spec)
+    heads, o_proj = attention.config.num_attention_heads, attention.o_proj
+    if type(o_proj) is not nn.Linear or o_proj.in_features % heads:
+        raise MoeforgeError(
+            f"attention_moe: {type(attention).__name__}.o_proj is not a linear map of {heads} heads' outputs; "
+            "this model's attention cannot be split into head groups"
+        )
+    attention.__class__ = head_gated_class(type(attention))
+    o_proj.__class__ = GatedOutputProjection
+    attention.head_gate = HeadGroupGate(attention.config.hidden_size, heads, spec).to(
+        device=o_proj.weight.device, dtype=o_proj.weight.dtype
+    )
+    return attention
+
+
 def install_attention_moe(decoder: nn.Module, config: Any) -> None:
     """Give every layer of ``decoder`` that ``config.attention_moe_layers`` names an attention MoE."""
-    layers = [(index, spec) for index in range(config.num_hidden_layers) if (spec := config.attention_layer_spec(index))]
-    if layers and not has_llama_attention(config):
-        raise MoeforgeError(
-            f"attention_moe: {config.base_model_type} attention is not Llama's; attention MoE works on llama, mistral, "
-            "qwen2, qwen3 and granite models (docs/families.md)"
-        )
-    for index, spec in layers:
+    for index in range(config.num_hidden_layers):
+        spec = config.attention_layer_spec(index)
+        if spec is None:
+            continue
         layer = cast(nn.ModuleList, decoder.layers)[index]
-        attention = MoeforgeAttentionMoE(layer.self_attn, spec)
+        attention = with_head_gate(layer.self_attn, spec)
         if config.router_aux_free:
-            attention.head_gate.router.enable_expert_bias()
+            cast(HeadGroupGate, attention.head_gate).router.enable_expert_bias()
         layer.self_attn = attention

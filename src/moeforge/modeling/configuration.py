@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from moeforge.errors import MoeforgeError
-from moeforge.families import LEGACY_MODEL_TYPES, MOEFORGE_MODEL_TYPE, dense_family, known_dense_family
+from moeforge.families import LEGACY_MODEL_TYPES, MOEFORGE_MODEL_TYPE, dense_family, known_dense_family, softmax_attention_layers
 
 GateType = Literal["linear", "mlp", "gmm"]
 Scoring = Literal["softmax_then_topk", "topk_then_softmax"]
@@ -112,9 +112,12 @@ class MoeforgeConfigMixin:
                     f"attention_moe_layers has {len(self.attention_moe_layers)} entries but num_hidden_layers is {self.num_hidden_layers}"
                 )
             kv_heads = getattr(self, "num_key_value_heads", None) or self.num_attention_heads
+            attention_layers = softmax_attention_layers(self)
             for index in range(self.num_hidden_layers):
                 spec = self.attention_layer_spec(index)
                 problems = spec.problems(self.num_attention_heads, kv_heads) if spec else []
+                if spec and index not in attention_layers:
+                    problems = ["the layer has linear attention, no attention heads to group"]
                 if problems:
                     raise ValueError(f"attention_moe_layers[{index}]: {'; '.join(problems)}")
 
