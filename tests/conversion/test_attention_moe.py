@@ -181,10 +181,19 @@ def test_impossible_attention_moe_is_one_line_naming_the_key(case, head_sources,
     assert not (tmp_path / "out").exists()
 
 
-def test_family_without_llama_attention_is_refused(tmp_path):
-    source = save_family(tmp_path / "gemma", "gemma3_text")
-    with pytest.raises(MoeforgeError, match=r"attention_moe: gemma3_text attention is not Llama's") as caught:
-        run_convert(source, tmp_path / "out", FFN_MOE, attention_moe={})
+@pytest.mark.parametrize(
+    ("placement", "message"),
+    [
+        ({"layers": [1, 2]}, r"attention_moe.placement.layers: layer 2 has linear attention, no heads to group; .* layers \[1, 3\]$"),
+        ({"moe_layer_freq": 2}, r"attention_moe.placement selects only linear-attention layers \(\[0, 2\]\); .* layers \[1, 3\]$"),
+    ],
+)
+def test_linear_attention_layers_cannot_be_placed(tmp_path, placement, message):
+    """Qwen3.5's gated delta-net layers (0 and 2 here) have no heads: ``layers: all`` means the other layers
+    (tests/families), a placement that names only such layers is refused."""
+    source = save_family(tmp_path / "qwen3_5", "qwen3_5_text")
+    with pytest.raises(MoeforgeError, match=message) as caught:
+        run_convert(source, tmp_path / "out", FFN_MOE, attention_moe={"placement": placement})
     assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
 
 

@@ -1,6 +1,7 @@
 """Attention MoE (head groups chosen per token): the dense identity at full top-k for every head layout and
 Llama-style family, the cache and batched generation, the skipped-groups path against a masked dense
-reference, gradients, the checkpoint round trip, composition with FFN MoE and with MoICE on the same layers,
+reference, the other families' own attention gated at o_proj's input (against the same reference; gradient
+checkpointing, copies, pickling; MoICE refused), gradients, the checkpoint round trip, composition with FFN MoE and with MoICE on the same layers,
 config validation, and the router contract (labels, freezing roles, balance loss, aux-free bias)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from moeforge.config.router_losses import RouterLossConfig
 from moeforge.errors import MoeforgeError
+from moeforge.families import softmax_attention_layers
 from moeforge.modeling import AttentionMoeLayerSpec, AttentionRouter, HeadGroupGate, MoeforgeAttentionMoE, causal_lm_class, moeforge_config
 from moeforge.modeling import attention_moe as attention_moe_module
 from moeforge.modeling.moice import MoiceAttention
@@ -155,7 +157,9 @@ def _masked_dense_reference(dense: torch.nn.Module, model: torch.nn.Module) -> l
     the gate ``model``'s head gate gives it: attention MoE by definition, without skipping anything."""
     hooks, inputs = [], {}
     for index, layer in enumerate(dense.model.layers):
-        gate = model.model.layers[index].self_attn.head_gate
+        gate = getattr(getattr(model.model.layers[index], "self_attn", None), "head_gate", None)
+        if gate is None:  # a layer without attention MoE (or without attention: Qwen3.5's linear layers)
+            continue
 
         def remember(_module, _args, kwargs, index=index):
             inputs[index] = kwargs["hidden_states"]
@@ -307,10 +311,70 @@ def test_llama_style_families_are_exact_at_full_top_k(family):
     torch.testing.assert_close(_logits(model.eval(), tokens), _logits(dense, tokens), rtol=1e-6, atol=1e-5)
 
 
-def test_a_family_without_llama_attention_is_refused():
-    config = moeforge_config(build_family("gemma3_text").config, None, attention_moe_layers=[_spec(2)] + [None] * 3)
-    with pytest.raises(MoeforgeError, match=r"^attention_moe: gemma3_text attention is not Llama's") as raised:
-        causal_lm_class(config)(config)
+def _head_gated(family: str, router_std: float = 1.0):
+    """The tiny ``family`` model and its attention MoE (4 one-head groups, top-2) on every softmax-attention layer."""
+    dense = build_family(family)
+    attention = softmax_attention_layers(dense.config)
+    specs = [_spec(4, top_k=2) if index in attention else None for index in range(dense.config.num_hidden_layers)]
+    return dense, _attention_moe(dense, specs, router_std=router_std)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma4_text", "phi3", "qwen3_5_text", "olmo2"])
+def test_other_families_keep_their_attention_and_gate_heads_at_o_proj(family):
+    """The family's own attention module and forward (a subclass of its class), whose o_proj input is multiplied
+    by the head gates: the dense model with that multiplication done by hand computes the same logits."""
+    dense, model = _head_gated(family)
+    for index in softmax_attention_layers(dense.config):
+        attention = model.model.layers[index].self_attn
+        assert isinstance(attention, type(dense.model.layers[index].self_attn)) and not isinstance(attention, MoeforgeAttentionMoE)
+    hooks = _masked_dense_reference(dense, model)
+    tokens = token_ids(length=20)
+    expected = _logits(dense, tokens)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(_logits(model, tokens), expected, rtol=0, atol=1e-5)
+    assert (expected - _logits(dense, tokens)).abs().max() > 1e-3  # the gates matter
+
+
+def test_head_gated_attention_survives_checkpointing_copies_and_pickling(tmp_path: Path):
+    """Nothing is left on the module between calls: gradient checkpointing (which reruns the forward) gives the
+    same gradients, a deep copy (a DPO reference model) and a model unpickled in a fresh interpreter (which has
+    not built the head-gated class yet) the same logits."""
+    import pickle
+    import subprocess
+    import sys
+
+    _, model = _head_gated("gemma3_text")
+    tokens = token_ids(length=20)
+    expected = _logits(model, tokens)
+    assert all(module.o_proj.gates is None for module in model.modules() if hasattr(module, "head_gate"))
+    assert torch.equal(_logits(copy.deepcopy(model), tokens), expected)
+
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps(model))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    model_file, tokens_file, logits_file = (str(tmp_path / name) for name in ("model.pkl", "tokens.pt", "logits.pt"))
+    code = f"import pickle, torch; m = pickle.load(open({model_file!r}, 'rb')); torch.save(m(torch.load({tokens_file!r})).logits.detach(), {logits_file!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        _lm_loss(model, tokens).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if ".head_gate." in name})
+    assert grads[0] and all(torch.allclose(grads[0][name], grads[1][name], atol=1e-7) for name in grads[0])
+
+
+def test_moice_is_refused_on_a_family_without_llama_attention():
+    from moeforge.config.moice import MoiceSpec
+    from moeforge.modeling.moice import apply_moice
+
+    _, model = _head_gated("gemma3_text")
+    with pytest.raises(MoeforgeError, match=r"^moice: gemma3_text attention is not Llama-style") as raised:
+        apply_moice(model, MoiceSpec(), seed=0)
     assert "\n" not in str(raised.value)
 
 
@@ -333,6 +397,12 @@ def test_bad_layer_specs_are_refused_naming_the_layer(spec, message):
     dense_config = make_tiny_llama_config(num_attention_heads=heads, num_key_value_heads=kv, hidden_size=48)
     with pytest.raises(ValueError, match=rf"attention_moe_layers\[1\]: .*{message}"):
         moeforge_config(dense_config, None, attention_moe_layers=[None, spec, None])
+
+
+def test_a_layer_without_softmax_attention_is_refused():
+    dense_config = build_family("qwen3_5_text").config  # layers 0 and 2: linear attention
+    with pytest.raises(ValueError, match=r"attention_moe_layers\[2\]: the layer has linear attention, no attention heads to group"):
+        moeforge_config(dense_config, None, attention_moe_layers=[None, _spec(2), _spec(2), None])
 
 
 # ------------------------------------------------------------------------------- MoICE on the same layers
