@@ -347,7 +347,7 @@ def test_head_gated_attention_survives_checkpointing_copies_and_pickling(tmp_pat
     _, model = _head_gated("gemma3_text")
     tokens = token_ids(length=20)
     expected = _logits(model, tokens)
-    assert all(module.o_proj.gates is None for module in model.modules() if hasattr(module, "head_gate"))
+    assert all(isinstance(module.o_proj, torch.nn.Linear) for module in model.modules() if hasattr(module, "head_gate"))
     assert torch.equal(_logits(copy.deepcopy(model), tokens), expected)
 
     (tmp_path / "model.pkl").write_bytes(pickle.dumps(model))
@@ -366,6 +366,21 @@ def test_head_gated_attention_survives_checkpointing_copies_and_pickling(tmp_pat
         _lm_loss(model, tokens).backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters() if ".head_gate." in name})
     assert grads[0] and all(torch.allclose(grads[0][name], grads[1][name], atol=1e-7) for name in grads[0])
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "llama"])
+def test_lora_on_o_proj_sees_the_gated_heads(family):
+    """A LoRA adapter on ``o_proj`` gets the same (gated) input as the projection it adapts, in both kinds of
+    attention MoE: merged into ``o_proj`` it computes what it computed as an adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    _, model = _head_gated(family)
+    tokens = token_ids(length=20)
+    plain = _logits(model, tokens)
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
+    unmerged = _logits(adapted, tokens)
+    assert (unmerged - plain).abs().max() > 1e-3  # the adapter acts
+    torch.testing.assert_close(_logits(adapted.merge_and_unload(), tokens), unmerged, rtol=1e-5, atol=1e-4)
 
 
 def test_moice_is_refused_on_a_family_without_llama_attention():

@@ -26,8 +26,8 @@ eager, flash where installed) for the families whose attention is Llama's
 (:attr:`moeforge.families.DenseFamily.llama_attention`). Every other family keeps its own attention module
 and forward (Gemma's soft-capping and per-layer RoPE, OLMo's q/k norms over all heads, Phi-3's fused qkv,
 Qwen3.5's output gate, Gemma 4's shared KV, ...): the module becomes a subclass of its class
-(:func:`head_gated_class`) that computes the gates from its input and hands them to its ``o_proj``, a
-:class:`GatedOutputProjection`, which weights each head's slice of its input by them. Every family computes
+(:func:`head_gated_class`) that computes the gates from its input and, during its forward, has its
+``o_proj`` weight each head's slice of its input by them. Every family computes
 ``o_proj(attn_output.reshape(..., heads · head_dim))``, so that is the same sum over head groups; attention
 is then computed for every head, selected or not (the skipping above is the Llama module's).
 """
@@ -190,33 +190,28 @@ class MoeforgeAttentionMoE(nn.Module):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
-class GatedOutputProjection(nn.Linear):
-    """A family's ``o_proj`` (the same ``weight`` and ``bias``) that first weights each head's slice of its input
-    ``[..., heads · head_dim]`` by the per-head gates ``[..., heads]`` its attention set for the current call."""
-
-    gates: torch.Tensor | None = None
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.gates is None:
-            raise RuntimeError("a head-gated o_proj runs inside its attention's forward, which hands it the call's gates")
-        heads = input.view(*input.shape[:-1], self.gates.shape[-1], -1) * self.gates.unsqueeze(-1).to(input.dtype)
-        return super().forward(heads.flatten(-2))
-
-
 class _HeadGatedAttention(nn.Module):
-    """Placed before a family's attention class (:func:`head_gated_class`): the family's own forward, with the
-    gates of this call's tokens handed to ``o_proj`` for its duration (nothing is left between calls, so a
-    recomputing gradient checkpoint or a deep copy sees a plain module)."""
+    """Placed before a family's attention class (:func:`head_gated_class`): the family's own forward, in which
+    ``self.o_proj`` is, for that call only, ``o_proj`` applied to the head outputs weighted by the call's gates
+    (an instance attribute, found before the child module; the child, and whatever wraps it, such as a LoRA
+    adapter, is what runs, on the gated input). Nothing is left between calls, so a recomputing gradient
+    checkpoint or a deep copy sees the plain module."""
 
     head_gate: HeadGroupGate
-    o_proj: GatedOutputProjection
+    o_proj: nn.Module
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        self.o_proj.gates = self.head_gate(hidden_states)
+        gates, o_proj = self.head_gate(hidden_states), self.o_proj  # gates [B, T, heads]
+
+        def gated_o_proj(heads: torch.Tensor) -> torch.Tensor:  # [B, T, heads · head_dim], as every family calls it
+            weighted = heads.view(*heads.shape[:-1], gates.shape[-1], -1) * gates.unsqueeze(-1).to(heads.dtype)
+            return o_proj(weighted.flatten(-2))
+
+        self.__dict__["o_proj"] = gated_o_proj  # nn.Module.__setattr__ would refuse a function over a child module
         try:
             return super().forward(hidden_states, *args, **kwargs)
         finally:
-            self.o_proj.gates = None
+            del self.__dict__["o_proj"]
 
 
 def head_gated_class(attention_class: type[nn.Module]) -> type[nn.Module]:
@@ -243,18 +238,17 @@ def __getattr__(name: str) -> type:
 
 def with_head_gate(attention: Any, spec: AttentionMoeLayerSpec) -> nn.Module:
     """``attention`` (a decoder layer's ``self_attn``) as an attention MoE of ``spec``: moeforge's module over its
-    projections where it is Llama's, else the module itself made head-gated in place (its class and its
-    ``o_proj``'s; the parameters stay where and what they are)."""
+    projections where it is Llama's, else the module itself made head-gated in place (its class; the
+    parameters stay where and what they are)."""
     if has_llama_attention(attention.config):
         return MoeforgeAttentionMoE(attention, spec)
     heads, o_proj = attention.config.num_attention_heads, attention.o_proj
-    if type(o_proj) is not nn.Linear or o_proj.in_features % heads:
+    if not isinstance(o_proj, nn.Linear) or o_proj.in_features % heads:
         raise MoeforgeError(
             f"attention_moe: {type(attention).__name__}.o_proj is not a linear map of {heads} heads' outputs; "
             "this model's attention cannot be split into head groups"
         )
     attention.__class__ = head_gated_class(type(attention))
-    o_proj.__class__ = GatedOutputProjection
     attention.head_gate = HeadGroupGate(attention.config.hidden_size, heads, spec).to(
         device=o_proj.weight.device, dtype=o_proj.weight.dtype
     )
