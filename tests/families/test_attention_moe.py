@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import moeforge  # noqa: F401  (registers moeforge's architecture)
-from moeforge.config.recipe import parse_recipe
+from moeforge.config.recipe import Calibration, parse_recipe
 from moeforge.conversion import ConversionResult, convert
+from moeforge.data.calibration import calibration_ids
 from moeforge.families import dense_family, softmax_attention_layers
+from moeforge.io.loading import load_tokenizer
 from moeforge.modeling import AttentionRouter, MoeforgeAttentionMoE
 from tests.families.tiny import FAMILY_CONFIGS, token_ids
 
@@ -55,14 +57,24 @@ def test_all_routed_groups_with_ffn_upcycling_are_exact(family_sources, tmp_path
 
 
 @pytest.mark.parametrize("family", FAMILY_CONFIGS)
-def test_below_all_groups_cache_round_trip_and_router_gradient(family_sources, tmp_path, family):
-    """Four one-head groups, top-2, random routers: not the dense model; cached decoding equals the full forward;
-    a saved and reloaded model computes the same logits; the LM loss alone gives every head router a gradient."""
-    result = _convert(family_sources[family], tmp_path / "moe", {"num_experts": 4, "top_k": 2}, None)
-    assert not result.plan.exact
-    model, ids = _load(tmp_path / "moe"), token_ids(length=20)
+def test_below_all_groups_report_cache_round_trip_and_router_gradient(family_sources, tmp_path, family):
+    """Four one-head groups, the most important one shared, top-2 of the others, k-means routers: not the dense
+    model; the checkpoint computes what the conversion reported; cached decoding equals the full forward; a saved
+    and reloaded model computes the same logits; the LM loss alone gives every head router a gradient."""
+    source = family_sources[family]
+    result = _convert(source, tmp_path / "moe", {"num_experts": 4, "shared": 1, "top_k": 2, "router_init": "kmeans"}, None)
+    assert not result.plan.exact and result.fidelity.max_abs_logit_diff > 1e-3
+    model = _load(tmp_path / "moe")
+    calibration, _ = calibration_ids(
+        Calibration(num_sequences=2), load_tokenizer(source), model.config.vocab_size, torch.Generator().manual_seed(0)
+    )
+    held_out = calibration[1:]  # the first sequence fitted the shared group and the routers
+    with torch.no_grad():
+        perplexity = torch.exp(model(held_out, labels=held_out).loss).item()
+    assert perplexity == pytest.approx(result.fidelity.perplexity_moe, rel=1e-4)
+
+    ids = token_ids(length=20)
     full = _logits(model, ids)
-    assert (full - _logits(_load(family_sources[family]), ids)).abs().max() > 1e-3  # the head gates matter
 
     with torch.no_grad():
         prefill = model(ids[:, :16], use_cache=True)  # past the sliding windows (12)
