@@ -1,4 +1,4 @@
-"""``moeforge train`` on an attention MoE checkpoint: the head routers are their own freezing role
+"""``moeforge train`` on an attention MoE checkpoint (a Llama, and a Gemma 3 whose own attention is head-gated): the head routers are their own freezing role
 (``attention_router``), train while the attention's projections stay frozen, and are logged as ``N.heads``."""
 
 from __future__ import annotations
@@ -6,19 +6,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from moeforge.modeling import AttentionRouter, causal_lm_class, moeforge_config
 from moeforge.training.runner import train
+from tests.families.tiny import build_family
 from tests.helpers import build_tiny_llama, make_tiny_llama_config, make_tiny_tokenizer
 from tests.training.conftest import make_recipe, state_dict
 
 
-def _attention_moe_checkpoint(path: Path) -> Path:
-    """The tiny Llama with attention MoE (4 groups of one head, top-2) on layers 0 and 2, random routers."""
-    dense = build_tiny_llama(make_tiny_llama_config(initializer_range=0.05))
+def _attention_moe_checkpoint(path: Path, family: str) -> Path:
+    """The tiny ``family`` model with attention MoE (4 groups of one head, top-2) on layers 0 and 2, random routers."""
+    dense = build_tiny_llama(make_tiny_llama_config(initializer_range=0.05)) if family == "llama" else build_family(family)
     spec = {"num_experts": 4, "top_k": 2, "shared_experts": [], "scale": 4.0}
-    config = moeforge_config(dense.config, None, attention_moe_layers=[spec, None, spec])
+    layers = dense.config.num_hidden_layers
+    config = moeforge_config(dense.config, None, attention_moe_layers=[spec if index in (0, 2) else None for index in range(layers)])
     model = causal_lm_class(config)(config)
     model.load_state_dict(dense.state_dict(), strict=False)
     generator = torch.Generator().manual_seed(0)
@@ -30,8 +33,9 @@ def _attention_moe_checkpoint(path: Path) -> Path:
     return path
 
 
-def test_head_routers_train_while_attention_and_embeddings_stay_frozen(tmp_path: Path) -> None:
-    source = _attention_moe_checkpoint(tmp_path / "source")
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # moeforge's attention module; the family's own, head-gated
+def test_head_routers_train_while_attention_and_embeddings_stay_frozen(tmp_path: Path, family: str) -> None:
+    source = _attention_moe_checkpoint(tmp_path / "source", family)
     recipe = make_recipe(
         "pt", source, tmp_path / "run", freeze=["attention", "embeddings"], training={"max_steps": 3, "learning_rate": 1e-2}
     )
@@ -44,7 +48,7 @@ def test_head_routers_train_while_attention_and_embeddings_stay_frozen(tmp_path:
         frozen = ".self_attn." in name and name not in routers or "embed_tokens" in name or "lm_head" in name
         assert torch.equal(after[name], tensor) == frozen, name
     config = json.loads((result.model_dir / "config.json").read_text())
-    assert [entry and entry["top_k"] for entry in config["attention_moe_layers"]] == [2, None, 2]
+    assert [entry and entry["top_k"] for entry in config["attention_moe_layers"]][:3] == [2, None, 2]
 
     logged = [json.loads(line) for line in (recipe.output / "routing.jsonl").read_text().splitlines()]
     assert logged and logged[-1]["layers"] == ["0.heads", "2.heads"]
