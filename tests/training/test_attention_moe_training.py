@@ -1,5 +1,6 @@
-"""``moeforge train`` on an attention MoE checkpoint (a Llama, and a Gemma 3 whose own attention is head-gated): the head routers are their own freezing role
-(``attention_router``), train while the attention's projections stay frozen, and are logged as ``N.heads``."""
+"""``moeforge train`` on an attention MoE checkpoint (a Llama, and a Gemma 3 whose own attention is head-gated):
+the head routers are their own freezing role (``attention_router``), train while the attention's projections
+stay frozen, and are logged as ``N.heads``."""
 
 from __future__ import annotations
 
