@@ -383,6 +383,15 @@ def test_lora_on_o_proj_sees_the_gated_heads(family):
     torch.testing.assert_close(_logits(adapted.merge_and_unload(), tokens), unmerged, rtol=1e-5, atol=1e-4)
 
 
+def test_an_attention_without_a_linear_o_proj_over_its_heads_is_refused():
+    from moeforge.modeling.attention_moe import with_head_gate
+
+    attention = build_family("gemma3_text").model.layers[0].self_attn
+    attention.o_proj = torch.nn.Identity()
+    with pytest.raises(MoeforgeError, match=r"^attention_moe: Gemma3Attention.o_proj is not a linear map of 4 heads' outputs"):
+        with_head_gate(attention, AttentionMoeLayerSpec(num_experts=2, top_k=1))
+
+
 def test_moice_is_refused_on_a_family_without_llama_attention():
     from moeforge.config.moice import MoiceSpec
     from moeforge.modeling.moice import apply_moice
