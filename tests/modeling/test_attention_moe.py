@@ -17,7 +17,7 @@ from moeforge.config.router_losses import RouterLossConfig
 from moeforge.errors import MoeforgeError
 from moeforge.families import softmax_attention_layers
 from moeforge.modeling import AttentionMoeLayerSpec, AttentionRouter, HeadGroupGate, MoeforgeAttentionMoE, causal_lm_class, moeforge_config
-from moeforge.modeling import attention_moe as attention_moe_module
+from moeforge.modeling import llama_attention as llama_attention_module
 from moeforge.modeling.moice import MoiceAttention
 from moeforge.routing.aux_free import AuxFreeBalancer
 from moeforge.routing.detection import find_routers
@@ -203,8 +203,8 @@ def test_one_token_decoding_attends_only_over_the_selected_groups(heads, kv_head
     with torch.no_grad():
         expected = dense(tokens).logits
         prefix = model(tokens[:, :9], use_cache=True)
-        spy = _HeadCountSpy(attention_moe_module.ALL_ATTENTION_FUNCTIONS)
-        monkeypatch.setattr(attention_moe_module, "ALL_ATTENTION_FUNCTIONS", spy)
+        spy = _HeadCountSpy(llama_attention_module.ALL_ATTENTION_FUNCTIONS)
+        monkeypatch.setattr(llama_attention_module, "ALL_ATTENTION_FUNCTIONS", spy)
         step = model(tokens[:, 9:], cache=prefix.past_key_values, use_cache=True).logits
     for hook in hooks:
         hook.remove()

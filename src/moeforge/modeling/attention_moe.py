@@ -35,20 +35,19 @@ is then computed for every head, selected or not (the skipping above is the Llam
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from moeforge.errors import MoeforgeError
 from moeforge.families import DENSE_FAMILIES, has_llama_attention
 from moeforge.modeling.configuration import AttentionMoeLayerSpec, MoeLayerSpec
+from moeforge.modeling.llama_attention import LlamaAttentionTakeover
 from moeforge.modeling.routers import LinearRouter
 
 
@@ -104,31 +103,12 @@ class HeadGroupGate(nn.Module):
         return per_head.view(*hidden_states.shape[:-1], -1)
 
 
-class MoeforgeAttentionMoE(nn.Module):
+class MoeforgeAttentionMoE(LlamaAttentionTakeover):
     """Takes over one Llama-style attention module's projections (same parameter names, so checkpoints keep
     the dense keys) and adds ``head_gate``; see the module docstring for what it computes."""
 
-    q_proj: nn.Module
-    k_proj: nn.Module
-    v_proj: nn.Module
-    o_proj: nn.Module
-    q_norm: nn.Module  # only where the family has per-head q/k norms (Qwen3)
-    k_norm: nn.Module
-
     def __init__(self, attention: Any, spec: AttentionMoeLayerSpec) -> None:
-        super().__init__()
-        self.config = attention.config
-        self.layer_idx = attention.layer_idx
-        self.head_dim = attention.head_dim
-        self.num_key_value_groups = attention.num_key_value_groups
-        self.scaling = attention.scaling
-        self.attention_dropout = attention.attention_dropout
-        self.is_causal = True
-        self.sliding_window = getattr(attention, "sliding_window", getattr(attention.config, "sliding_window", None))
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
-            if hasattr(attention, name):
-                setattr(self, name, getattr(attention, name))
-        self.num_heads = attention.config.num_attention_heads
+        super().__init__(attention)
         weight = attention.q_proj.weight
         self.head_gate = HeadGroupGate(attention.config.hidden_size, self.num_heads, spec).to(device=weight.device, dtype=weight.dtype)
 
@@ -149,13 +129,7 @@ class MoeforgeAttentionMoE(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape)
-        key = self.k_proj(hidden_states).view(hidden_shape)
-        if hasattr(self, "q_norm"):
-            query, key = self.q_norm(query), self.k_norm(key)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key, value = self.project(hidden_states)
         assert position_embeddings is not None  # Llama-style decoder layers always pass them
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
@@ -171,19 +145,7 @@ class MoeforgeAttentionMoE(nn.Module):
             ).flatten()
             query, key, value, gates = query[:, heads], key[:, kv_heads], value[:, kv_heads], gates[..., heads]
 
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        extra = {"sliding_window": self.sliding_window} if self.sliding_window is not None else {}
-        out, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **extra,
-            **kwargs,
-        )  # [B, T, computed heads, d]
+        out, weights = self.attend(query, key, value, attention_mask, **kwargs)  # [B, T, computed heads, d]
         out = out * gates.unsqueeze(-1).to(out.dtype)
         if heads is not None:
             out = out.new_zeros(*input_shape, self.num_heads, self.head_dim).index_copy(2, heads, out)

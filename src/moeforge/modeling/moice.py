@@ -21,7 +21,6 @@ only and un-rotated keys must be rotated at their own positions on every later s
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,6 @@ from pydantic import ValidationError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from moeforge.config.moice import MoiceSpec, ResolvedMoice
 from moeforge.errors import MoeforgeError
@@ -40,6 +37,7 @@ from moeforge.families import has_llama_attention
 from moeforge.io.extensions import register_config_extension
 from moeforge.io.safetensors_reader import CheckpointReader
 from moeforge.modeling.attention_moe import HeadGroupGate
+from moeforge.modeling.llama_attention import LlamaAttentionTakeover
 
 ROUTER_NAME = "moice_router"
 _POSITIONS_ATTR = "_moeforge_moice_positions"  # {layer_idx: [B, tokens seen]} on a transformers Cache
@@ -102,34 +100,16 @@ def _heads_by_base(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 0, 2, 3, 4).reshape(b, n * h, t, d)
 
 
-class MoiceAttention(nn.Module):
+class MoiceAttention(LlamaAttentionTakeover):
     """Takes over one attention module's projections (same parameter names, so checkpoints keep their
     keys) and adds ``moice_router``. Works for Llama, Mistral, Qwen2 and Qwen3 attention (q/k norms)."""
 
-    q_proj: nn.Module
-    k_proj: nn.Module
-    v_proj: nn.Module
-    o_proj: nn.Module
-    q_norm: nn.Module  # only where the family has q/k norms (Qwen3)
-    k_norm: nn.Module
     inv_freqs: torch.Tensor
     moice_router: MoiceRouter
     head_gate: HeadGroupGate  # only over an attention MoE layer, whose head gate this takes over
 
     def __init__(self, attention: Any, settings: ResolvedMoice, inv_freqs: torch.Tensor, rope_scaling: float):
-        super().__init__()
-        self.config = attention.config
-        self.layer_idx = attention.layer_idx
-        self.head_dim = attention.head_dim
-        self.num_key_value_groups = attention.num_key_value_groups
-        self.scaling = attention.scaling
-        self.attention_dropout = attention.attention_dropout
-        self.is_causal = True
-        self.sliding_window = getattr(attention, "sliding_window", getattr(attention.config, "sliding_window", None))
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "head_gate"):
-            if hasattr(attention, name):
-                setattr(self, name, getattr(attention, name))
-        self.num_heads = attention.config.num_attention_heads
+        super().__init__(attention, extra=("head_gate",))
         self.router_input = settings.router_input
         self.rope_scaling = rope_scaling
         self.register_buffer("inv_freqs", inv_freqs, persistent=False)
@@ -174,13 +154,7 @@ class MoiceAttention(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         input_shape = hidden_states.shape[:-1]
         batch, length = input_shape
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape)
-        key = self.k_proj(hidden_states).view(hidden_shape)
-        if hasattr(self, "q_norm"):
-            query, key = self.q_norm(query), self.k_norm(key)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key, value = self.project(hidden_states)
 
         positions = self._positions(kwargs, cache, batch, length, hidden_states.device)
         if cache is not None:  # keys are cached un-rotated, once for every base
@@ -202,20 +176,8 @@ class MoiceAttention(nn.Module):
                 queries, used, mix = queries[chosen], used[chosen], mix[..., chosen]
         keys = _rope(key, key_positions, used, self.rope_scaling)
 
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        extra = {"sliding_window": self.sliding_window} if self.sliding_window is not None else {}
         values = value.repeat(1, len(used), 1, 1) if len(used) > 1 else value
-        out, _ = attention(
-            self,
-            _heads_by_base(queries),
-            _heads_by_base(keys),
-            values,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **extra,
-            **kwargs,
-        )  # [B, T, n·H, d]
+        out, _ = self.attend(_heads_by_base(queries), _heads_by_base(keys), values, attention_mask, **kwargs)  # [B, T, n·H, d]
         out = out.view(batch, length, len(used), self.num_heads, self.head_dim)
         output = (out * mix.transpose(2, 3).unsqueeze(-1).to(out.dtype)).sum(2)  # [B, T, H, d]
         if hasattr(self, "head_gate"):  # attention MoE's per-head weights, on the mixture of bases
