@@ -23,9 +23,9 @@ dense function, and N(0, 0.02) below it):
 
 Each case is timed interleaved with its dense counterpart: one warm-up, then the median of --reps rounds
 (each round of a decode case is the mean of --inner calls), and the ratio of the fastest rounds next to it;
-torch's default thread count.
+torch's default thread count unless --threads.
 
-    python benchmarks/attention_moe_cost.py [--reps 11 --inner 20 --new-tokens 64] [--skip-model]
+    python benchmarks/attention_moe_cost.py [--reps 11 --inner 20 --new-tokens 64] [--skip-model] [--threads 1]
 Results: benchmarks/results/attention_moe_cost.json and attention_moe_cost.md.
 """
 
@@ -392,7 +392,10 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--model-reps", type=int, default=3, help="rounds of (c)")
     parser.add_argument("--skip-model", action="store_true", help="layers only: skip (c)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on cores other work shares")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     prefill, decode = [], []
     for shape_name, shape in SHAPES.items():
