@@ -31,7 +31,7 @@ def test_every_problem_is_reported_at_once() -> None:
         "recipe: 4 problems: source: required key is missing; "
         "moe.init: Input should be 'copy', 'partition' or 'granular' (got 'clone'); "
         "moe.copy.nois: unknown key, did you mean moe.copy.noise?; "
-        f"top_k: unknown key, did you mean moe.top_k? {CONVERT_DOC}"
+        f"top_k: unknown key, did you mean moe.top_k or attention_moe.top_k? {CONVERT_DOC}"
     )
 
 
@@ -39,7 +39,10 @@ def test_every_problem_is_reported_at_once() -> None:
     ("data", "guess"),
     [
         ({"seed_": 1}, "seed_: unknown key, did you mean seed?"),  # a typo at its own level
-        ({"expert_top_k": 1}, "expert_top_k: unknown key, did you mean moe.top_k?"),  # an alias of another section's key
+        (
+            {"expert_top_k": 1},
+            "expert_top_k: unknown key, did you mean moe.top_k or attention_moe.top_k?",
+        ),  # an alias of other sections' keys
         ({"moe": {"seed": 1}}, "moe.seed: unknown key, did you mean seed?"),  # a key one level too deep
         ({"moe": {"gate_type": "mlp"}}, "moe.gate_type: unknown key, did you mean moe.routing.gate_type?"),
         ({"moe": {"moe_start_layr": 4}}, "moe.moe_start_layr: unknown key, did you mean moe.placement.moe_start_layer?"),

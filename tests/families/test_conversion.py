@@ -114,7 +114,7 @@ def test_multimodal_checkpoint_is_refused_with_its_text_family(tmp_path):
         convert_tiny(tmp_path / "mm", tmp_path / "out", {"num_experts": 4})
 
 
-MOICE_FAMILIES = [family for family in FAMILY_CONFIGS if dense_family(family).moice]
+MOICE_FAMILIES = [family for family in FAMILY_CONFIGS if dense_family(family).llama_attention]
 
 
 @pytest.mark.parametrize("family", FAMILY_CONFIGS)

@@ -355,6 +355,7 @@ DENSE_LAYOUTS = {
 }
 MOE_LAYOUTS = {
     "demo.yaml": ("mixtral", [FfnShape(1536, 8, 2)] * 30),  # 8 copies of the FFN, top-2
+    "attention-moe.yaml": ("moeforge", [FfnShape(1536, 8, 2)] * 30),  # the demo's FFNs; attention MoE adds only routers
     # MoE from layer 16 on, every second layer; qwen2_moe always builds a shared expert (1 wide, zero)
     "dense2moe-placement.yaml": ("qwen2_moe", [FfnShape(1536, 8, 2, 1) if i >= 16 and i % 2 == 0 else FfnShape(1536) for i in range(30)]),
     "gemma3-moe.yaml": ("moeforge", [FfnShape(2048, 4, 2)] * 18),

@@ -32,14 +32,22 @@ def _bytes(n: int) -> str:
 
 
 def describe_layer(row: dict[str, Any]) -> str:
-    """One layer's shape in words, e.g. ``moe 8 experts top-2, expert ffn 1408, shared ffn 5632, linear gate``."""
+    """One layer's shape in words, e.g. ``moe 8 experts top-2, expert ffn 1408, shared ffn 5632, linear gate``
+    (then ``; attention moe 3 head groups top-2 (+1 shared)`` for an attention MoE layer)."""
+    attention = row.get("attention")
+    suffix = ""
+    if attention:
+        shared = len(attention["shared_experts"] or [])
+        suffix = f"; attention moe {attention['num_experts']} head groups top-{attention['top_k']}" + (
+            f" (+{shared} shared)" if shared else ""
+        )
     if row["kind"] == "dense":
-        return f"dense ffn {row['intermediate_size']}"
+        return f"dense ffn {row['intermediate_size']}{suffix}"
     parts = [f"moe {row['num_experts']} experts top-{row['top_k']}", f"expert ffn {row['expert_intermediate_size']}"]
     if row["shared_intermediate_size"]:
         parts.append(f"shared ffn {row['shared_intermediate_size']}")
     parts.append(f"{row['gate_type']} gate" + (f" ({row['scoring']})" if row["scoring"] else ""))
-    return ", ".join(parts)
+    return ", ".join(parts) + suffix
 
 
 def layer_groups(layers: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -63,7 +71,11 @@ def render(report: dict[str, Any], console: Console) -> None:
         ("model type", f"{report['model_type']} ({report['architecture']})"),
         ("stored dtype", str(report["dtype"])),
         ("hidden size", str(report["hidden_size"])),
-        ("layers", f"{report['num_layers']} ({report['num_moe_layers']} MoE)"),
+        (
+            "layers",
+            f"{report['num_layers']} ({report['num_moe_layers']} MoE"
+            + (f", {report['num_attention_moe_layers']} attention MoE)" if report.get("num_attention_moe_layers") else ")"),
+        ),
         ("attention heads", f"{report['num_attention_heads']} (kv {report['num_key_value_heads']})"),
         ("vocab", f"{report['vocab_size']}" + (" (tied embeddings)" if report["tie_word_embeddings"] else "")),
         ("total parameters", human_count(report["total_parameters"])),
@@ -75,7 +87,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(summary)
     plan = Table(title="layers", title_justify="left")
     plan.add_column("layers")
-    plan.add_column("feed-forward")
+    plan.add_column("feed-forward (and attention MoE)" if report.get("num_attention_moe_layers") else "feed-forward")
     for span, description in layer_groups(report["layers"]):
         plan.add_row(span, description)
     console.print(plan)

@@ -79,7 +79,10 @@ def _unknown(key: str, parents: list[str | int], section: type[BaseModel] | None
     if not any(name == key for _, name in everywhere) and not close:
         close_elsewhere = difflib.get_close_matches(key, sorted({name for _, name in everywhere}), n=1)
         key = close_elsewhere[0] if close_elsewhere else key
-    elsewhere = sorted({path for path, name in everywhere if name == key}, key=lambda path: path.count("."))
+    # shallowest first, then in the recipe's order (a set's order would vary from run to run)
+    elsewhere = sorted(dict.fromkeys(path for path, name in everywhere if name == key), key=lambda path: path.count("."))
+    # within the section the key was written in first (moe.placement.x for a typo in moe:, not attention_moe.placement.x)
+    elsewhere = [path for path in elsewhere if path.startswith(prefix)] or elsewhere
     if close and not elsewhere and section is not None:
         elsewhere = [prefix + _canonical(section, close[0])]
     guesses = elsewhere[:2]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, overload
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from moeforge.config.errors import describe
 from moeforge.config.seed import Seed
@@ -138,6 +138,38 @@ class MoESpec(_Strict):
         return self
 
 
+class AttentionMoESpec(_Strict):
+    """Attention MoE: each chosen layer's query heads split into groups (each with the KV heads it reads) that
+    a per-token router selects; the dense projections are kept, only a router is added."""
+
+    num_experts: int | Literal["kv_groups"] = "kv_groups"
+    """Head groups per layer, routed and shared: kv_groups (one per KV head) or a number."""
+    top_k: Annotated[int, Field(ge=1, validation_alias=AliasChoices("top_k", "expert_top_k"))] = 2
+    shared: Annotated[int, Field(ge=0)] = 0
+    """Always-on groups (weight 1): the residual attention expert."""
+    shared_selection: Literal["importance", "first"] = "importance"
+    """importance: the groups with the largest output through o_proj on calibration text; first: groups 0.."""
+    router_init: Literal["auto", "zeros", "random", "kmeans"] = "auto"
+    """auto: zeros when top_k = routed groups (exact), else random; kmeans: centroids of the attention input."""
+    router_init_std: Annotated[float, Field(gt=0.0)] = 0.02
+    scale: float | Literal["auto"] = "auto"
+    """Factor on the routed groups' weights; auto: the number of routed groups (exact at top_k = all, zero router)."""
+    placement: Placement = Field(default_factory=Placement)
+
+    @model_validator(mode="after")
+    def _check(self) -> AttentionMoESpec:
+        if not isinstance(self.scale, str) and self.scale <= 0:
+            raise ValueError(f"scale: {self.scale} must be > 0 (or auto)")
+        if isinstance(self.num_experts, int):
+            if self.num_experts < 1:
+                raise ValueError(f"num_experts: {self.num_experts} must be >= 1 (or kv_groups)")
+            if self.shared >= self.num_experts:
+                raise ValueError(f"shared: {self.shared} must be below num_experts {self.num_experts} (at least one routed group)")
+            if self.top_k > self.num_experts - self.shared:
+                raise ValueError(f"top_k: {self.top_k} is larger than the {self.num_experts - self.shared} routed groups")
+        return self
+
+
 class Calibration(_Strict):
     file: Path | None = None
     """Plain-text file of calibration text; default: a built-in sample shipped with moeforge."""
@@ -164,7 +196,10 @@ class ConvertRecipe(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_shard_size: str = "2GB"
     seed: Seed = 0
-    moe: MoESpec = Field(default_factory=MoESpec)
+    moe: MoESpec | None = Field(default_factory=MoESpec)
+    """FFN MoE; null keeps every FFN dense (with ``attention_moe:``, which then is the whole conversion)."""
+    attention_moe: AttentionMoESpec | None = Field(default=None, validate_default=True)
+    """Attention MoE layers (head groups chosen per token); none by default."""
     calibration: Calibration = Field(default_factory=Calibration)
     fidelity: Fidelity = Field(default_factory=Fidelity)
 
@@ -172,6 +207,13 @@ class ConvertRecipe(_Strict):
     @classmethod
     def _size(cls, value: str) -> str:
         parse_size(value)
+        return value
+
+    @field_validator("attention_moe")
+    @classmethod
+    def _something_to_convert(cls, value: AttentionMoESpec | None, info: ValidationInfo) -> AttentionMoESpec | None:
+        if value is None and "moe" in info.data and info.data["moe"] is None:  # (moe absent from data: already invalid)
+            raise ValueError("required when moe is null (the FFNs stay dense: nothing else to convert); add it or give moe: settings")
         return value
 
     @property

@@ -47,6 +47,8 @@ def export_problems(target: str, plan: ConversionPlan, source: PretrainedConfig)
     """Why ``target`` cannot hold this conversion of ``source`` exactly (empty: it can)."""
     if target == MOEFORGE:
         return []
+    if plan.attention_moe_layers:  # no native architecture routes attention heads
+        return ["attention MoE (only moeforge's architecture has it)"]
     native, sibling = native_moe(target), _sibling(target, source)
     family = known_dense_family(source.model_type)
     if native is None or sibling is None:
@@ -142,9 +144,20 @@ def _native_config(native: NativeMoe, plan: ConversionPlan, source: PretrainedCo
     return config_class(**values)
 
 
-def build_config(target: str, plan: ConversionPlan, source: PretrainedConfig) -> PretrainedConfig:
+def build_config(
+    target: str, plan: ConversionPlan, source: PretrainedConfig, shared_groups: dict[int, tuple[int, ...]] | None = None
+) -> PretrainedConfig:
+    """The converted model's config; ``shared_groups``: the attention MoE layers' shared groups where the
+    conversion chose them (by importance; default: the first ones)."""
     if target == MOEFORGE:
-        return moeforge_config(source, [None if layer is None else layer.spec(plan.moe).to_dict() for layer in plan.layers])
+        moe_layers = [None if layer is None else layer.spec(plan.moe).to_dict() for layer in plan.layers]
+        if not plan.attention_moe_layers:
+            return moeforge_config(source, moe_layers)
+        chosen = shared_groups or {}
+        attention = [
+            None if layer is None else layer.spec(chosen.get(index)).to_dict() for index, layer in enumerate(plan.attention_layers)
+        ]
+        return moeforge_config(source, moe_layers, attention_moe_layers=attention)
     return _native_config(known_native_moe(target), plan, source)
 
 

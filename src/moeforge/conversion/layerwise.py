@@ -29,6 +29,8 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from moeforge.errors import MoeforgeError
 
 LAYERS_PREFIX = "model.layers."
+ATTENTION_MODULE = "self_attn"
+"""A decoder layer's attention, in the families whose attention is Llama's (the ones attention MoE converts)."""
 
 
 class _Recorded(Exception):
@@ -180,35 +182,55 @@ class LayerwiseModel:
         stream: LayerInputs,
         *,
         mlp: nn.Module | None = None,
+        attention: nn.Module | None = None,
         capture_mlp_input: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run decoder layer ``index`` with ``tensors`` (names relative to ``model.layers.{index}.``; without the
-        FFN's when ``mlp`` replaces it) on the stream's hidden states. Returns the new hidden states and, if
-        asked, the FFN's input. The stream itself is not advanced (the caller decides)."""
+        """Run decoder layer ``index`` with ``tensors`` (names relative to ``model.layers.{index}.``) on the stream's
+        hidden states. ``mlp`` replaces the FFN and ``attention`` replaces ``self_attn`` for this call; their own
+        parameters serve where ``tensors`` has none (a replacement released after one run needs them given). Returns the new hidden states and, if asked, the FFN's
+        input. The stream itself is not advanced (the caller decides)."""
         layer = self.layers[index]
-        original_mlp = getattr(layer, self.ffn_module)
-        if mlp is not None:
-            setattr(layer, self.ffn_module, mlp)
-            tensors = tensors | {f"{self.ffn_module}.{name}": value for name, value in mlp.state_dict().items()}
+        replaced = {name: module for name, module in ((self.ffn_module, mlp), (ATTENTION_MODULE, attention)) if module is not None}
+        originals = {name: getattr(layer, name) for name in replaced}
+        for name, module in replaced.items():
+            setattr(layer, name, module)
+            tensors = {f"{name}.{key}": value for key, value in module.state_dict().items()} | tensors
         expected = set(layer.state_dict())
-        if set(tensors) != expected:
-            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-            what = f"lacks {LAYERS_PREFIX}{index}.{missing[0]}" if missing else f"has an unexpected {LAYERS_PREFIX}{index}.{extra[0]}"
-            raise MoeforgeError(f"the checkpoint {what} (its config.json says otherwise); re-download or re-save it")
-        _set_parameters(layer, tensors)
-        captured: list[torch.Tensor] = []
-        ffn = getattr(layer, self.ffn_module)
-        hook = ffn.register_forward_pre_hook(lambda _m, args: captured.append(args[0])) if capture_mlp_input else None
-        args, kwargs = stream.calls[index]
         try:
-            output = layer(stream.hidden, *args, **kwargs)
+            if set(tensors) != expected:
+                missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+                what = f"lacks {LAYERS_PREFIX}{index}.{missing[0]}" if missing else f"has an unexpected {LAYERS_PREFIX}{index}.{extra[0]}"
+                raise MoeforgeError(f"the checkpoint {what} (its config.json says otherwise); re-download or re-save it")
+            _set_parameters(layer, tensors)
+            with self.recording(index, *((self.ffn_module,) if capture_mlp_input else ())) as seen:
+                args, kwargs = stream.calls[index]
+                output = layer(stream.hidden, *args, **kwargs)
         finally:
-            if hook is not None:
-                hook.remove()
-            setattr(layer, self.ffn_module, original_mlp)
+            for name, module in originals.items():
+                setattr(layer, name, module)
             _release(layer)
         output = output[0] if isinstance(output, tuple) else output
+        captured = seen.get(self.ffn_module)
         return output, (captured[0] if captured else None)
+
+    @contextmanager
+    def recording(self, index: int, *paths: str) -> Iterator[dict[str, list[torch.Tensor]]]:
+        """What the submodules ``paths`` (relative to layer ``index``, as they are now) receive as their input
+        (first argument or ``hidden_states``) in the runs inside the context, one tensor per call."""
+        seen: dict[str, list[torch.Tensor]] = {path: [] for path in paths}
+        hooks = [
+            self.layers[index]
+            .get_submodule(path)
+            .register_forward_pre_hook(
+                lambda _m, args, kwargs, _p=path: seen[_p].append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+            )
+            for path in paths
+        ]
+        try:
+            yield seen
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, final_hidden: torch.Tensor, outer: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -35,8 +35,8 @@ from moeforge.conversion.export import (
     resolve_export,
 )
 from moeforge.conversion.fidelity import FidelityReport, compare, default_tolerance
-from moeforge.conversion.layerwise import LAYERS_PREFIX, LayerInputs, LayerwiseModel
-from moeforge.conversion.plan import ConversionPlan, LayerPlan, build_plan
+from moeforge.conversion.layerwise import ATTENTION_MODULE, LAYERS_PREFIX, LayerInputs, LayerwiseModel
+from moeforge.conversion.plan import AttentionLayerPlan, ConversionPlan, LayerPlan, build_plan
 from moeforge.conversion.router_init import init_router
 from moeforge.data.calibration import calibration_ids
 from moeforge.errors import FidelityError, MoeforgeError
@@ -46,6 +46,10 @@ from moeforge.io.publish import check_output, staged_directory
 from moeforge.io.safetensors_reader import CheckpointReader
 from moeforge.io.safetensors_writer import ShardedWriter
 from moeforge.modeling import MoeforgeSparseMoeBlock, moeforge_config
+from moeforge.modeling.attention_moe import HeadGroupGate, MoeforgeAttentionMoE
+
+ATTENTION_ROUTER = f"{ATTENTION_MODULE}.head_gate.router.weight"
+"""The one tensor attention MoE adds to a layer (relative to the layer)."""
 
 
 @dataclass(frozen=True)
@@ -79,12 +83,13 @@ class _Converter:
         self.reader = CheckpointReader(source_dir)
         self.plan = build_plan(recipe, self.source_config, self._ffn_sizes())
         self.target = resolve_export(recipe.export, self.plan, self.source_config)
-        self.target_config = build_config(self.target, self.plan, self.source_config)
+        build_config(self.target, self.plan, self.source_config)  # its problems before any weight is read
         self.generator = torch.Generator().manual_seed(recipe.seed)
         self.out_dtype = TORCH_DTYPES.get(recipe.dtype) or self.reader.dtype_of(self._layer_names(0)[0])
         self.act = ACT2FN[self.family.activation(self.source_config)]
         self.checksums: dict[str, str] = {}
         self.scales: dict[int, float] = {}  # least-squares calibrated down_proj factors, by layer
+        self.shared_groups: dict[int, tuple[int, ...]] = {}  # attention MoE's shared groups, by layer
         # Calibration sequences used to fit (importance, k-means routers, scales); the fidelity report uses the
         # others, so its figures are held out. Nothing fitted: every sequence serves the report.
         sequences = recipe.calibration.num_sequences
@@ -136,6 +141,11 @@ class _Converter:
         names = sorted(names, key=lambda name: name == runner.embedding_name)
         return {name: self._read(name) if name == runner.embedding_name else self._read(name).float() for name in names}
 
+    @property
+    def target_config(self) -> transformers.PretrainedConfig:
+        """The converted model's config: with the attention groups chosen during the run, once it has run."""
+        return build_config(self.target, self.plan, self.source_config, self.shared_groups)
+
     def run(self, tmp: Path) -> tuple[FidelityReport | None, list[str]]:
         recipe, plan, config = self.recipe, self.plan, self.source_config
         tokenizer = load_tokenizer(self.source_dir)
@@ -180,25 +190,78 @@ class _Converter:
         dense_ffn_in = None
         if dense is not None:
             dense.hidden, dense_ffn_in = runner.run_layer(index, weights, dense, capture_mlp_input=True)
-        layer_plan = plan.layers[index]
+        attention_plan, attention, own = plan.attention_layers[index], None, weights
         created: list[str] = []
+        if attention_plan is not None:  # the converted attention runs the MoE stream from here on, its router stored
+            router = self._attention_router(index, attention_plan, weights, moe, runner)
+            stored[ATTENTION_ROUTER] = router
+            created.append(prefix + ATTENTION_ROUTER)
+            if moe is not None:
+                attention = self._attention(runner, index, attention_plan)
+                own = weights | {ATTENTION_ROUTER: router.float()}
+        layer_plan = plan.layers[index]
         if layer_plan is None:
             if moe is not None:
-                moe.hidden, _ = runner.run_layer(index, weights, moe)
+                moe.hidden, _ = runner.run_layer(index, own, moe, attention=attention)
             disk = layer_tensors(self.target, prefix, stored, None)
         else:
-            block, mlp = self._convert_layer(index, layer_plan, stored, weights, dense_ffn_in, moe, runner)
+            block, mlp = self._convert_layer(index, layer_plan, stored, weights, dense_ffn_in, moe, runner, own, attention)
             ffn_names = set(self.ffn.weight_names())
             if moe is not None:
-                attention = {name: tensor for name, tensor in weights.items() if name not in ffn_names}
-                moe.hidden, _ = runner.run_layer(index, attention, moe, mlp=block)
+                rest = {name: tensor for name, tensor in own.items() if name not in ffn_names}
+                moe.hidden, _ = runner.run_layer(index, rest, moe, mlp=block, attention=attention)
             layer = {name: tensor for name, tensor in stored.items() if name not in ffn_names}
             disk = layer_tensors(self.target, prefix, layer, mlp, self.ffn.module)
-            created = sorted(name for name in disk if created_by_conversion(self.target, name[len(prefix) :], self.ffn.module))
+            created += sorted(name for name in disk if created_by_conversion(self.target, name[len(prefix) :], self.ffn.module))
         for name, tensor in disk.items():
             writer.add(name, tensor)
-        self.log(f"  layer {index} {'moe' if layer_plan else 'dense'}")  # 0-based, as recipes' placement.layers
+        kind = ("moe" if layer_plan else "dense") + (", attention moe" if attention_plan else "")
+        self.log(f"  layer {index} {kind}")  # 0-based, as recipes' placement.layers
         return created
+
+    def _attention(self, runner: LayerwiseModel, index: int, attention_plan: AttentionLayerPlan) -> MoeforgeAttentionMoE:
+        """The layer's attention MoE for the MoE stream: moeforge's module over the runner's attention, its
+        parameters (router included) given with the layer's tensors at each run."""
+        spec = attention_plan.spec(self.shared_groups.get(index))
+        attention = MoeforgeAttentionMoE(runner.layers[index].self_attn, spec)
+        # the gate's buffers (head -> group) made real: built over the runner's meta skeleton, they are on meta
+        attention.head_gate = HeadGroupGate(self.source_config.hidden_size, attention.num_heads, spec)
+        return attention
+
+    def _attention_router(
+        self,
+        index: int,
+        attention_plan: AttentionLayerPlan,
+        weights: dict[str, torch.Tensor],
+        moe: LayerInputs | None,
+        runner: LayerwiseModel,
+    ) -> torch.Tensor:
+        """The layer's attention router in the output dtype; decides its shared groups first (importance: the
+        groups whose output through o_proj is largest on the fit sequences of the MoE stream)."""
+        num_shared = attention_plan.num_shared
+        attention_in = None
+        if attention_plan.ranks_groups or attention_plan.router_init == "kmeans":
+            assert moe is not None  # a plan that calibrates runs the MoE stream
+            with runner.recording(index, ATTENTION_MODULE, f"{ATTENTION_MODULE}.o_proj") as seen:
+                runner.run_layer(index, weights, moe)
+            fit = slice(None, self.fit_sequences)
+            attention_in = seen[ATTENTION_MODULE][0][fit].reshape(-1, self.source_config.hidden_size)
+            if attention_plan.ranks_groups:
+                importance = _group_importance(
+                    seen[f"{ATTENTION_MODULE}.o_proj"][0][fit], weights[f"{ATTENTION_MODULE}.o_proj.weight"], attention_plan.num_experts
+                )
+                self.shared_groups[index] = tuple(sorted(importance.topk(num_shared).indices.tolist()))
+        router = init_router(
+            attention_plan.router_init,
+            attention_plan.routed,
+            "linear",
+            0,
+            self.source_config.hidden_size,
+            attention_plan.router_init_std,
+            attention_in if attention_plan.router_init == "kmeans" else None,
+            self.generator,
+        )
+        return router["weight"].to(self.out_dtype)
 
     def _convert_layer(
         self,
@@ -209,10 +272,13 @@ class _Converter:
         dense_ffn_in: torch.Tensor | None,
         moe: LayerInputs | None,
         runner: LayerwiseModel,
+        own: dict[str, torch.Tensor],
+        attention: MoeforgeAttentionMoE | None,
     ) -> tuple[MoeforgeSparseMoeBlock, dict[str, torch.Tensor]]:
         """Build layer ``index``'s MoE block. Returns the block for the MoE stream (experts kept in the
-        output dtype, upcast per expert as they run) and its canonical tensors (moeforge's names)."""
-        moe_spec, config = self.recipe.moe, self.source_config
+        output dtype, upcast per expert as they run) and its canonical tensors (moeforge's names). ``own``
+        and ``attention``: the layer's tensors and the attention module the MoE stream runs it with."""
+        moe_spec, config = self.plan.moe, self.source_config
         activations = None
         if self.plan.needs_activations:
             assert dense_ffn_in is not None  # a plan that needs activations runs the dense stream
@@ -220,21 +286,23 @@ class _Converter:
             activations = _ffn_activations(dense_ffn_in[: self.fit_sequences], gate, up, self.act)
         moe_ffn_in = None
         if layer_plan.router_init == "kmeans" or layer_plan.calibrate_scale:
-            # the router's real input: this layer's FFN input on the MoE stream (attention is unchanged)
+            # the router's real input: this layer's FFN input on the MoE stream (after its attention MoE, if any)
             assert moe is not None  # a plan that calibrates runs the MoE stream
-            _, captured = runner.run_layer(index, weights, moe, capture_mlp_input=True)
+            _, captured = runner.run_layer(index, own, moe, attention=attention, capture_mlp_input=True)
             assert captured is not None  # asked for with capture_mlp_input
             moe_ffn_in = captured[: self.fit_sequences].reshape(-1, captured.shape[-1])
         router_inputs = moe_ffn_in if layer_plan.router_init == "kmeans" else None
         mlp = build_experts(layer_plan, moe_spec, *self.ffn.split(stored), activations, self.generator)
         router = init_router(
-            layer_plan,
+            layer_plan.router_init,
+            layer_plan.num_experts,
             moe_spec.routing.gate_type,
             moe_spec.routing.gate_hidden_size,
             config.hidden_size,
             moe_spec.routing.router_init_std,
             router_inputs,
             self.generator,
+            layer_plan.n_split,
         )
         mlp.update({f"gate.{name}": tensor.to(self.out_dtype) for name, tensor in router.items()})
         block = self._block(layer_plan, mlp)
@@ -248,13 +316,23 @@ class _Converter:
     def _block(self, layer_plan: LayerPlan, mlp: dict[str, torch.Tensor]) -> MoeforgeSparseMoeBlock:
         """The canonical MoE block over these tensors: experts stay in the output dtype, the rest runs in fp32."""
         with torch.device("meta"):
-            block = MoeforgeSparseMoeBlock(self.block_config, layer_plan.spec(self.recipe.moe))
+            block = MoeforgeSparseMoeBlock(self.block_config, layer_plan.spec(self.plan.moe))
         block.load_state_dict(
             {name: tensor if name.startswith("experts.") else tensor.float() for name, tensor in mlp.items()},
             strict=True,
             assign=True,
         )
         return block
+
+
+def _group_importance(o_proj_in: torch.Tensor, o_proj: torch.Tensor, groups: int) -> torch.Tensor:
+    """Each head group's mean output norm through its columns of ``o_proj`` (``o_proj_in [..., heads·d]``:
+    the attention output before o_proj): what the layer loses when the group is left out."""
+    flat = o_proj_in.reshape(-1, o_proj_in.shape[-1])
+    width = flat.shape[-1] // groups
+    return torch.stack(
+        [(flat[:, g * width : (g + 1) * width] @ o_proj[:, g * width : (g + 1) * width].T).norm(dim=-1).mean() for g in range(groups)]
+    )
 
 
 @torch.no_grad()
@@ -299,6 +377,20 @@ def _provenance(recipe: ConvertRecipe, converter: _Converter, report: FidelityRe
             }
             for index, layer in enumerate(plan.layers)
         ],
+        "attention_layers": [
+            None
+            if layer is None
+            else {
+                "num_experts": layer.num_experts,
+                "top_k": layer.top_k,
+                "shared_experts": list(layer.spec(converter.shared_groups.get(index)).shared_experts),
+                "shared_selection": layer.shared_selection,
+                "router_init": layer.router_init,
+                "scale": layer.scale,
+                "exact": layer.exact,
+            }
+            for index, layer in enumerate(plan.attention_layers)
+        ],
         "exact_by_construction": plan.exact,
         "fidelity": report.to_dict() if report else None,
         "newly_initialized": new_params,
@@ -313,18 +405,21 @@ def convert(recipe: ConvertRecipe, *, overwrite: bool = False, log: Callable[[st
     check_output(recipe.output, overwrite=overwrite)  # before any work
     source_dir = resolve_checkpoint(recipe.source, gguf_file=recipe.gguf_file)
     converter = _Converter(recipe, source_dir, log)
-    moe_count = len(converter.plan.moe_layers)
+    moe_count, attention_count = len(converter.plan.moe_layers), len(converter.plan.attention_moe_layers)
     log(
         f"converting {recipe.source} ({converter.source_config.model_type}, {converter.plan.num_layers} layers) -> "
-        f"{converter.target}: {moe_count} MoE layers, init {recipe.moe.init}, dtype {str(converter.out_dtype).removeprefix('torch.')}"
+        f"{converter.target}: {moe_count} MoE layers"
+        + (f", init {recipe.moe.init}" if recipe.moe else "")
+        + (f", {attention_count} attention MoE layers" if attention_count else "")
+        + f", dtype {str(converter.out_dtype).removeprefix('torch.')}"
     )
     caveats = llama_cpp_caveats(converter.target, converter.plan, converter.source_config)
     if caveats and converter.target != MOEFORGE:
         log(f"note: llama.cpp will not run this {converter.target} export as transformers does: {'; '.join(caveats)}")
-    size = converter.plan.moe_layers[0].expert_intermediate_size
+    size = converter.plan.moe_layers[0].expert_intermediate_size if converter.plan.moe_layers else 0
     if converter.target != MOEFORGE and padded(size) != size:
         log(f"note: expert FFNs padded from {size} to {padded(size)} zero neurons (exact; the row alignment experts kernels need)")
-    if any(layer.top_k == 1 for layer in converter.plan.moe_layers) and converter.plan.moe_layers[0].spec(recipe.moe).normalize:
+    if any(layer.top_k == 1 for layer in converter.plan.moe_layers) and converter.plan.moe.routing.normalize:
         log(
             "warning: top_k 1 with renormalised weights gives every token weight 1: the router gets no gradient "
             "from the LM loss (only from auxiliary losses); routing.normalize: false is Switch-style top-1"

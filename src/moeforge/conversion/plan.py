@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 
 from transformers import PretrainedConfig
 
-from moeforge.config.recipe import ConvertRecipe, MoESpec
+from moeforge.config.recipe import AttentionMoESpec, ConvertRecipe, MoESpec, Placement
 from moeforge.errors import MoeforgeError
+from moeforge.families import has_llama_attention
 from moeforge.modeling import MoeLayerSpec
+from moeforge.modeling.configuration import AttentionMoeLayerSpec
 
 
 @dataclass(frozen=True)
@@ -50,12 +52,45 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class AttentionLayerPlan:
+    """How one dense attention becomes an attention MoE: its heads in ``num_experts`` groups, ``num_shared``
+    of them always on (which ones is decided at conversion time when ``shared_selection`` is importance)."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    num_shared: int
+    shared_selection: str
+    router_init: str
+    router_init_std: float
+    scale: float
+    exact: bool
+    """top_k = routed groups, a zero router and scale = routed groups: every group gets weight 1."""
+
+    @property
+    def routed(self) -> int:
+        return self.num_experts - self.num_shared
+
+    @property
+    def ranks_groups(self) -> bool:
+        """Whether the shared groups are chosen by their output on calibration text."""
+        return self.num_shared > 0 and self.shared_selection == "importance"
+
+    def spec(self, shared: tuple[int, ...] | None = None) -> AttentionMoeLayerSpec:
+        """The layer's spec with these shared groups (default: the first ``num_shared``, as selection first)."""
+        chosen = tuple(range(self.num_shared)) if shared is None else shared
+        return AttentionMoeLayerSpec(num_experts=self.num_experts, top_k=self.top_k, shared_experts=chosen, scale=self.scale)
+
+
+@dataclass(frozen=True)
 class ConversionPlan:
     recipe: ConvertRecipe
     num_layers: int
     ffn_sizes: list[int]
     """Each source layer's FFN neuron count (most families use one size; Gemma 4 doubles some layers')."""
     layers: list[LayerPlan | None] = field(default_factory=list)
+    attention_layers: list[AttentionLayerPlan | None] = field(default_factory=list)
+    """Per layer: its attention MoE, or None (the dense attention); all None without ``attention_moe:``."""
 
     @property
     def intermediate_size(self) -> int:
@@ -65,15 +100,20 @@ class ConversionPlan:
 
     @property
     def moe(self) -> MoESpec:
-        return self.recipe.moe
+        """The FFN MoE settings; the defaults under ``moe: null``, where no MoE layer reads them."""
+        return self.recipe.moe or MoESpec()
 
     @property
     def moe_layers(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer is not None]
 
     @property
+    def attention_moe_layers(self) -> list[AttentionLayerPlan]:
+        return [layer for layer in self.attention_layers if layer is not None]
+
+    @property
     def exact(self) -> bool:
-        return all(layer.exact for layer in self.moe_layers)
+        return all(layer.exact for layer in self.moe_layers) and all(layer.exact for layer in self.attention_moe_layers)
 
     @property
     def needs_activations(self) -> bool:
@@ -86,7 +126,11 @@ class ConversionPlan:
     @property
     def needs_calibration(self) -> bool:
         """Whether the conversion itself (not only the fidelity report) runs the model on calibration text."""
-        return self.needs_activations or any(layer.router_init == "kmeans" or layer.calibrate_scale for layer in self.moe_layers)
+        return (
+            self.needs_activations
+            or any(layer.router_init == "kmeans" or layer.calibrate_scale for layer in self.moe_layers)
+            or any(layer.router_init == "kmeans" or layer.ranks_groups for layer in self.attention_moe_layers)
+        )
 
 
 def _parse_layer_key(key: str) -> range:
@@ -94,21 +138,19 @@ def _parse_layer_key(key: str) -> range:
     return range(int(start), int(end or start) + 1)
 
 
-def select_moe_layers(moe: MoESpec, num_layers: int) -> list[int]:
-    placement = moe.placement
+def select_moe_layers(placement: Placement, num_layers: int, key: str = "moe.placement") -> list[int]:
+    """The layers ``placement`` (the recipe's ``key``) chooses."""
     if placement.layers != "all":
         bad = [i for i in placement.layers if not 0 <= i < num_layers]
         if bad:
-            raise MoeforgeError(
-                f"moe.placement.layers: layer {bad[0]} does not exist (the model has {num_layers} layers, 0-{num_layers - 1})"
-            )
+            raise MoeforgeError(f"{key}.layers: layer {bad[0]} does not exist (the model has {num_layers} layers, 0-{num_layers - 1})")
         chosen = sorted(set(placement.layers))
     else:
         chosen = list(range(placement.moe_start_layer, num_layers, placement.moe_layer_freq))
     last_allowed = num_layers - placement.keep_last_dense
     chosen = [i for i in chosen if placement.keep_first_dense <= i < last_allowed]
     if not chosen:
-        raise MoeforgeError(f"moe.placement selects no layer of the model's {num_layers}: loosen moe_start_layer / keep_*_dense / layers")
+        raise MoeforgeError(f"{key} selects no layer of the model's {num_layers}: loosen moe_start_layer / keep_*_dense / layers")
     return chosen
 
 
@@ -221,12 +263,59 @@ def _plan_layer(moe: MoESpec, layer: int, num_experts: int, intermediate: int) -
     )
 
 
+def _plan_attention(spec: AttentionMoESpec, layer: int, num_heads: int, num_kv_heads: int) -> AttentionLayerPlan:
+    groups = num_kv_heads if spec.num_experts == "kv_groups" else spec.num_experts
+    routed = groups - spec.shared
+    if routed < 1:  # only with kv_groups: a number of groups is checked against shared in the recipe
+        raise MoeforgeError(f"attention_moe.shared: {spec.shared} shared of the {groups} groups leaves no routed group; share fewer")
+    if spec.top_k > routed:
+        raise MoeforgeError(f"attention_moe.top_k: {spec.top_k} is larger than the {routed} routed groups (layer {layer})")
+    full = spec.top_k == routed
+    router_init = ("zeros" if full else "random") if spec.router_init == "auto" else spec.router_init
+    scale = float(routed) if spec.scale == "auto" else float(spec.scale)
+    plan = AttentionLayerPlan(
+        layer=layer,
+        num_experts=groups,
+        top_k=spec.top_k,
+        num_shared=spec.shared,
+        shared_selection=spec.shared_selection,
+        router_init=router_init,
+        router_init_std=spec.router_init_std,
+        scale=scale,
+        exact=full and router_init == "zeros" and scale == routed,
+    )
+    problems = plan.spec().problems(num_heads, num_kv_heads)
+    if problems:
+        raise MoeforgeError(f"attention_moe.num_experts: {'; '.join(problems)} (layer {layer}, {num_heads} heads, {num_kv_heads} KV heads)")
+    return plan
+
+
+def attention_plan(spec: AttentionMoESpec | None, source_config: PretrainedConfig) -> list[AttentionLayerPlan | None]:
+    """Each layer's attention MoE (None: dense attention) for the recipe's ``attention_moe:`` section."""
+    num_layers = source_config.num_hidden_layers
+    if spec is None:
+        return [None] * num_layers
+    if not has_llama_attention(source_config):
+        raise MoeforgeError(
+            f"attention_moe: {source_config.model_type} attention is not Llama's; attention MoE converts llama, mistral, "
+            "qwen2, qwen3 and granite models (docs/families.md)"
+        )
+    heads = source_config.num_attention_heads
+    kv_heads = getattr(source_config, "num_key_value_heads", None) or heads
+    layers: list[AttentionLayerPlan | None] = [None] * num_layers
+    for layer in select_moe_layers(spec.placement, num_layers, "attention_moe.placement"):
+        layers[layer] = _plan_attention(spec, layer, heads, kv_heads)
+    return layers
+
+
 def build_plan(recipe: ConvertRecipe, source_config: PretrainedConfig, ffn_sizes: list[int]) -> ConversionPlan:
     """The plan for a source whose layers have ``ffn_sizes`` FFN neurons (read from the checkpoint's headers)."""
     num_layers = source_config.num_hidden_layers
-    moe_layer_ids = select_moe_layers(recipe.moe, num_layers)
-    counts = experts_per_layer(recipe.moe, moe_layer_ids)
+    attention_layers = attention_plan(recipe.attention_moe, source_config)
     layers: list[LayerPlan | None] = [None] * num_layers
-    for layer in moe_layer_ids:
-        layers[layer] = _plan_layer(recipe.moe, layer, counts[layer], ffn_sizes[layer])
-    return ConversionPlan(recipe=recipe, num_layers=num_layers, ffn_sizes=list(ffn_sizes), layers=layers)
+    if recipe.moe is not None:  # moe: null keeps every FFN dense
+        moe_layer_ids = select_moe_layers(recipe.moe.placement, num_layers)
+        counts = experts_per_layer(recipe.moe, moe_layer_ids)
+        for layer in moe_layer_ids:
+            layers[layer] = _plan_layer(recipe.moe, layer, counts[layer], ffn_sizes[layer])
+    return ConversionPlan(recipe=recipe, num_layers=num_layers, ffn_sizes=list(ffn_sizes), layers=layers, attention_layers=attention_layers)

@@ -12,20 +12,21 @@ import torch
 import torch.nn.functional as F
 
 from moeforge.conversion.clustering import kmeans
-from moeforge.conversion.plan import LayerPlan
 
 
 def init_router(
-    plan: LayerPlan,
+    method: str,
+    experts: int,
     gate_type: str,
     gate_hidden_size: int,
     hidden_size: int,
     std: float,
     router_inputs: torch.Tensor | None,
     generator: torch.Generator,
+    n_split: int = 1,
 ) -> dict[str, torch.Tensor]:
-    experts = plan.num_experts
-    method = plan.router_init
+    """A router over ``experts`` choices (FFN experts, or attention head groups with gate_type linear);
+    ``n_split``: the shards per dense copy that virtual_groups ties together."""
     # The per-expert rows: the linear weight, the mlp gate's output layer, or the gmm means.
     width = gate_hidden_size if gate_type == "mlp" else hidden_size
 
@@ -37,7 +38,7 @@ def init_router(
     elif method == "virtual_groups":
         # one random row per dense copy, repeated for each of its shards: the shards of a copy tie and are
         # selected together, which is what makes granular upcycling exact
-        rows = normal(experts // plan.n_split, width).repeat_interleave(plan.n_split, dim=0)
+        rows = normal(experts // n_split, width).repeat_interleave(n_split, dim=0)
     elif method == "random":
         rows = normal(experts, width)
     elif method == "kmeans":

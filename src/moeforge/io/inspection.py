@@ -46,6 +46,7 @@ def _dense(index: int, intermediate_size: int | None) -> dict[str, Any]:
         "shared_intermediate_size": None,
         "gate_type": None,
         "scoring": None,
+        "attention": None,
     }
 
 
@@ -68,6 +69,7 @@ def _moe(
         "shared_intermediate_size": shared_size or None,
         "gate_type": gate,
         "scoring": scoring,
+        "attention": None,
     }
 
 
@@ -96,6 +98,10 @@ def _moeforge_rows(config: PretrainedConfig) -> list[dict[str, Any]]:
             )
         except (KeyError, TypeError, AttributeError) as err:
             raise MoeforgeError(f"config moe_layers[{i}] is malformed (missing {err}); fix the config") from None
+    attention = getattr(config, "attention_moe_layers", None) or [None] * n
+    for row, entry in zip(rows, attention, strict=False):
+        if entry is not None:  # head groups a router selects per token (the attention projections are all stored and run)
+            row["attention"] = {key: entry.get(key) for key in ("num_experts", "top_k", "shared_experts")}
     return rows
 
 
@@ -178,6 +184,7 @@ def inspect_checkpoint(source: str | Path) -> dict[str, Any]:
         "vocab_size": config.vocab_size,
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "num_moe_layers": sum(row["kind"] == "moe" for row in layers),
+        "num_attention_moe_layers": sum(row["attention"] is not None for row in layers),
         "total_parameters": total,
         "active_parameters": total - _inactive_parameters(reader, layers, config.hidden_size),
         "weights_format": reader.format,

@@ -32,6 +32,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
@@ -43,8 +44,9 @@ from moeforge.modeling.routers import LinearRouter
 
 class AttentionRouter(LinearRouter):
     """A linear router over a layer's attention input choosing head groups. ``decisions_per_token`` marks it
-    as an attention router (freezing role ``attention_router``, telemetry label ``N.attn``); its losses are the
-    recipe's router losses, averaged with the FFN routers' per layer."""
+    as an attention router (freezing role ``attention_router``, telemetry label ``N.heads``, apart from a MoICE
+    router's ``N.attn`` on the same layer); its losses are the recipe's router losses, averaged with the FFN
+    routers' per layer."""
 
     decisions_per_token = 1
 
@@ -59,15 +61,27 @@ class HeadGroupGate(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, spec: AttentionMoeLayerSpec) -> None:
         super().__init__()
         self.spec = spec
-        routed = spec.routed_experts
-        self.router = AttentionRouter(hidden_size, MoeLayerSpec(num_experts=len(routed), top_k=spec.top_k, expert_intermediate_size=0))
-        heads_per_group = num_heads // spec.num_experts
-        # for each head, its group; for each group, its column among the routed weights (the last column,
-        # always 1, for a shared group)
-        self.register_buffer("head_group", torch.arange(num_heads) // heads_per_group, persistent=False)
-        column = torch.full((spec.num_experts,), len(routed), dtype=torch.long)
+        self.router = AttentionRouter(
+            hidden_size, MoeLayerSpec(num_experts=len(spec.routed_experts), top_k=spec.top_k, expert_intermediate_size=0)
+        )
+        head_group, routed_column = self._index(num_heads)
+        self.register_buffer("head_group", head_group, persistent=False)
+        self.register_buffer("routed_column", routed_column, persistent=False)
+
+    def _index(self, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each head, its group; for each group, its column among the routed weights (the last column,
+        always 1, for a shared group)."""
+        routed = self.spec.routed_experts
+        column = torch.full((self.spec.num_experts,), len(routed), dtype=torch.long)
         column[list(routed)] = torch.arange(len(routed))
-        self.register_buffer("routed_column", column, persistent=False)
+        return torch.arange(num_heads) // (num_heads // self.spec.num_experts), column
+
+    def reset_index(self) -> None:
+        """Refill the index buffers: ``from_pretrained`` builds the model on the meta device and leaves buffers
+        that are not saved (these) uninitialised, so the model's ``_init_weights`` calls this."""
+        head_group, routed_column = self._index(self.head_group.numel())
+        init.copy_(self.head_group, head_group)
+        init.copy_(self.routed_column, routed_column)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``hidden_states [B, T, H]`` (the attention's input) -> fp32 weights ``[B, T, heads]``."""

@@ -29,7 +29,7 @@ from transformers.utils import ModelOutput
 
 from moeforge.config.router_losses import RouterLossConfig
 from moeforge.families import DENSE_FAMILIES, known_dense_family
-from moeforge.modeling.attention_moe import install_attention_moe
+from moeforge.modeling.attention_moe import HeadGroupGate, install_attention_moe
 from moeforge.modeling.configuration import config_class
 from moeforge.modeling.moe_block import MoeforgeExperts, MoeforgeSparseMoeBlock
 from moeforge.modeling.routers import GMMRouter, LinearRouter, MLPRouter, TopKRouter
@@ -87,6 +87,8 @@ class _MoeforgePreTrained(_FamilyModel):
             pass  # its nn.Linear children are initialised by the base class
         if isinstance(module, TopKRouter) and module.expert_bias is not None:
             init.zeros_(module.expert_bias)
+        if isinstance(module, HeadGroupGate):
+            module.reset_index()
 
 
 class _MoeforgeModel(_MoeforgePreTrained):

@@ -11,7 +11,8 @@ interface (SDPA, eager, flash when installed) instead of requiring flash-attn; p
 (the official code applies row 0's positions to the whole batch, which breaks left-padded batched
 generation); and it is installed on a loaded model (:func:`apply_moice`) rather than by replacing
 transformers' ``modeling_llama.py``, so it works for Llama, Mistral and Qwen2-family attention, dense or
-MoE, and composes with moeforge's FFN experts.
+MoE, and composes with moeforge's FFN experts and attention MoE: over an attention MoE layer it takes over the
+head gate and weights each head's mixture of bases with it (every head is computed: no group is skipped).
 
 Positions of cached keys are recorded on the cache object (per layer), because a cache stores tensors
 only and un-rotated keys must be rotated at their own positions on every later step.
@@ -38,6 +39,7 @@ from moeforge.errors import MoeforgeError
 from moeforge.families import has_llama_attention
 from moeforge.io.extensions import register_config_extension
 from moeforge.io.safetensors_reader import CheckpointReader
+from moeforge.modeling.attention_moe import HeadGroupGate
 
 ROUTER_NAME = "moice_router"
 _POSITIONS_ATTR = "_moeforge_moice_positions"  # {layer_idx: [B, tokens seen]} on a transformers Cache
@@ -112,6 +114,7 @@ class MoiceAttention(nn.Module):
     k_norm: nn.Module
     inv_freqs: torch.Tensor
     moice_router: MoiceRouter
+    head_gate: HeadGroupGate  # only over an attention MoE layer, whose head gate this takes over
 
     def __init__(self, attention: Any, settings: ResolvedMoice, inv_freqs: torch.Tensor, rope_scaling: float):
         super().__init__()
@@ -123,7 +126,7 @@ class MoiceAttention(nn.Module):
         self.attention_dropout = attention.attention_dropout
         self.is_causal = True
         self.sliding_window = getattr(attention, "sliding_window", getattr(attention.config, "sliding_window", None))
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "head_gate"):
             if hasattr(attention, name):
                 setattr(self, name, getattr(attention, name))
         self.num_heads = attention.config.num_attention_heads
@@ -214,7 +217,9 @@ class MoiceAttention(nn.Module):
             **kwargs,
         )  # [B, T, n·H, d]
         out = out.view(batch, length, len(used), self.num_heads, self.head_dim)
-        output = (out * mix.transpose(2, 3).unsqueeze(-1).to(out.dtype)).sum(2)
+        output = (out * mix.transpose(2, 3).unsqueeze(-1).to(out.dtype)).sum(2)  # [B, T, H, d]
+        if hasattr(self, "head_gate"):  # attention MoE's per-head weights, on the mixture of bases
+            output = output * self.head_gate(hidden_states).unsqueeze(-1).to(output.dtype)
         return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
 
 

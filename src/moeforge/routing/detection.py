@@ -42,11 +42,14 @@ def _is_router_like(module: nn.Module) -> bool:
 
 def _label(name: str) -> str:
     """``model.layers.12.mlp.gate`` -> ``12``: the decoder layer, which is what a reader looks for;
-    ``12.attn`` for an attention (MoICE) router, which can share a layer with an FFN one."""
+    ``12.attn`` for a MoICE router (RoPE bases) and ``12.heads`` for an attention MoE one (head groups),
+    since a layer can have an FFN router and both of those."""
     match = re.search(r"layers\.(\d+)\.", name)
     if not match:
         return name
-    return f"{match.group(1)}.attn" if ".self_attn." in name else match.group(1)
+    if ".self_attn." not in name:
+        return match.group(1)
+    return f"{match.group(1)}.heads" if ".head_gate." in name else f"{match.group(1)}.attn"
 
 
 def find_routers(model: nn.Module) -> list[RouterRef]:

@@ -2,7 +2,8 @@
 
 Roles come from the module tree, not from name patterns, so the same recipe works on moeforge_llama,
 Mixtral, Qwen2-MoE and Qwen3-MoE: a router is a module with ``top_k`` and ``num_experts`` (plus Qwen's
-``shared_expert_gate``), an ``attention_router`` one that also makes per-head decisions (MoICE),
+``shared_expert_gate``), an ``attention_router`` one that also has ``decisions_per_token`` (MoICE's RoPE-base
+routers, attention MoE's head routers; inside ``self_attn`` but not ``attention``),
 experts are ``experts`` / ``shared_expert`` modules (and a MoE adapter's expert deltas), attention is ``self_attn``.
 """
 
@@ -46,7 +47,7 @@ def _role_of_module(name: str, module: nn.Module) -> str | None:
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
     """Map every parameter name to its role (``norms`` for what no rule claims: RMSNorm weights). The
-    innermost claiming module wins: a MoICE router inside ``self_attn`` is a router, not attention."""
+    innermost claiming module wins: a MoICE or head router inside ``self_attn`` is a router, not attention."""
     roles: dict[str, str] = {}
     modules = sorted(model.named_modules(), key=lambda item: -item[0].count(".") if item[0] else 1)
     for module_name, module in modules:
@@ -76,7 +77,7 @@ def apply_freeze(model: nn.Module, groups: Iterable[str], layers: Iterable[int] 
     """Freeze the parameters of ``groups`` and every parameter of the decoder ``layers``; with
     ``keep_frozen`` a parameter already frozen stays frozen (an adapter model: only adapter parts train). ``all_but_new``
     freezes everything a dense source already had, i.e. all but the routers (the only parameters an
-    upcycling conversion or MoICE creates; norms freeze too). Returns ``(trainable, total)`` parameter counts."""
+    upcycling conversion, attention MoE or MoICE creates; norms freeze too). Returns ``(trainable, total)`` parameter counts."""
     groups, layers = set(groups), set(layers)
     count = _layer_count(model)
     beyond = sorted(i for i in layers if not 0 <= i < count)
