@@ -204,3 +204,11 @@ def test_without_fidelity_check_the_attention_is_rewritten_while_streaming(head_
     result = run_convert(source, tmp_path / "moe", FFN_MOE, attention_moe={"top_k": 3}, fidelity={"check": False})
     assert result.fidelity is None and result.plan.exact
     torch.testing.assert_close(load_logits(tmp_path / "moe", input_ids), dense_logits(source, input_ids), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_scale_is_top_k(head_sources, tmp_path):
+    """A selected group keeps about its dense weight: its renormalised weight times top_k."""
+    run_convert(head_sources["odd_6_3"], tmp_path / "moe", FFN_MOE, attention_moe={"top_k": 2}, seed=0)
+    config, provenance, _ = _saved(tmp_path / "moe")
+    assert [layer["scale"] for layer in config["attention_moe_layers"]] == [2.0] * 3
+    assert [layer["scale"] for layer in provenance["attention_layers"]] == [2.0] * 3

@@ -24,7 +24,7 @@ from transformers import PretrainedConfig
 from moeforge.conversion.plan import ConversionPlan
 from moeforge.errors import MoeforgeError
 from moeforge.families import MOEFORGE_MODEL_TYPE, NativeMoe, Sibling, known_dense_family, known_native_moe, native_moe
-from moeforge.modeling import moeforge_config
+from moeforge.modeling import AttentionMoeLayerSpec, moeforge_config
 
 MOEFORGE = MOEFORGE_MODEL_TYPE
 EXPERT_ROW_ALIGNMENT = 8
@@ -145,17 +145,17 @@ def _native_config(native: NativeMoe, plan: ConversionPlan, source: PretrainedCo
 
 
 def build_config(
-    target: str, plan: ConversionPlan, source: PretrainedConfig, shared_groups: dict[int, tuple[int, ...]] | None = None
+    target: str, plan: ConversionPlan, source: PretrainedConfig, attention_specs: dict[int, AttentionMoeLayerSpec] | None = None
 ) -> PretrainedConfig:
-    """The converted model's config; ``shared_groups``: the attention MoE layers' shared groups where the
-    conversion chose them (by importance; default: the first ones)."""
+    """The converted model's config; ``attention_specs``: the attention MoE layers' specs where the conversion
+    fitted them (shared groups by importance, a calibrated scale; default: as planned)."""
     if target == MOEFORGE:
         moe_layers = [None if layer is None else layer.spec(plan.moe).to_dict() for layer in plan.layers]
         if not plan.attention_moe_layers:
             return moeforge_config(source, moe_layers)
-        chosen = shared_groups or {}
+        fitted = attention_specs or {}
         attention = [
-            None if layer is None else layer.spec(chosen.get(index)).to_dict() for index, layer in enumerate(plan.attention_layers)
+            None if layer is None else fitted.get(index, layer.spec()).to_dict() for index, layer in enumerate(plan.attention_layers)
         ]
         return moeforge_config(source, moe_layers, attention_moe_layers=attention)
     return _native_config(known_native_moe(target), plan, source)

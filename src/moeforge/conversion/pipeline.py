@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -45,7 +45,7 @@ from moeforge.io.loading import TORCH_DTYPES, copy_tokenizer_files, load_tokeniz
 from moeforge.io.publish import check_output, staged_directory
 from moeforge.io.safetensors_reader import CheckpointReader
 from moeforge.io.safetensors_writer import ShardedWriter
-from moeforge.modeling import MoeforgeSparseMoeBlock, moeforge_config
+from moeforge.modeling import AttentionMoeLayerSpec, MoeforgeSparseMoeBlock, moeforge_config
 from moeforge.modeling.attention_moe import HeadGroupGate, MoeforgeAttentionMoE
 
 ATTENTION_ROUTER = f"{ATTENTION_MODULE}.head_gate.router.weight"
@@ -89,7 +89,7 @@ class _Converter:
         self.act = ACT2FN[self.family.activation(self.source_config)]
         self.checksums: dict[str, str] = {}
         self.scales: dict[int, float] = {}  # least-squares calibrated down_proj factors, by layer
-        self.shared_groups: dict[int, tuple[int, ...]] = {}  # attention MoE's shared groups, by layer
+        self.attention_specs: dict[int, AttentionMoeLayerSpec] = {}  # attention MoE layers as fitted, by layer
         # Calibration sequences used to fit (importance, k-means routers, scales); the fidelity report uses the
         # others, so its figures are held out. Nothing fitted: every sequence serves the report.
         sequences = recipe.calibration.num_sequences
@@ -144,7 +144,7 @@ class _Converter:
     @property
     def target_config(self) -> transformers.PretrainedConfig:
         """The converted model's config: with the attention groups chosen during the run, once it has run."""
-        return build_config(self.target, self.plan, self.source_config, self.shared_groups)
+        return build_config(self.target, self.plan, self.source_config, self.attention_specs)
 
     def run(self, tmp: Path) -> tuple[FidelityReport | None, list[str]]:
         recipe, plan, config = self.recipe, self.plan, self.source_config
@@ -193,11 +193,11 @@ class _Converter:
         attention_plan, attention, own = plan.attention_layers[index], None, weights
         created: list[str] = []
         if attention_plan is not None:  # the converted attention runs the MoE stream from here on, its router stored
-            router = self._attention_router(index, attention_plan, weights, moe, runner)
+            spec, router = self._fit_attention(index, attention_plan, weights, moe, runner)
             stored[ATTENTION_ROUTER] = router
             created.append(prefix + ATTENTION_ROUTER)
             if moe is not None:
-                attention = self._attention(runner, index, attention_plan)
+                attention = self._attention(runner, index, spec)
                 own = weights | {ATTENTION_ROUTER: router.float()}
         layer_plan = plan.layers[index]
         if layer_plan is None:
@@ -219,26 +219,26 @@ class _Converter:
         self.log(f"  layer {index} {kind}")  # 0-based, as recipes' placement.layers
         return created
 
-    def _attention(self, runner: LayerwiseModel, index: int, attention_plan: AttentionLayerPlan) -> MoeforgeAttentionMoE:
+    def _attention(self, runner: LayerwiseModel, index: int, spec: AttentionMoeLayerSpec) -> MoeforgeAttentionMoE:
         """The layer's attention MoE for the MoE stream: moeforge's module over the runner's attention, its
         parameters (router included) given with the layer's tensors at each run."""
-        spec = attention_plan.spec(self.shared_groups.get(index))
         attention = MoeforgeAttentionMoE(runner.layers[index].self_attn, spec)
         # the gate's buffers (head -> group) made real: built over the runner's meta skeleton, they are on meta
         attention.head_gate = HeadGroupGate(self.source_config.hidden_size, attention.num_heads, spec)
         return attention
 
-    def _attention_router(
+    def _fit_attention(
         self,
         index: int,
         attention_plan: AttentionLayerPlan,
         weights: dict[str, torch.Tensor],
         moe: LayerInputs | None,
         runner: LayerwiseModel,
-    ) -> torch.Tensor:
-        """The layer's attention router in the output dtype; decides its shared groups first (importance: the
-        groups whose output through o_proj is largest on the fit sequences of the MoE stream)."""
-        num_shared = attention_plan.num_shared
+    ) -> tuple[AttentionMoeLayerSpec, torch.Tensor]:
+        """The layer's attention MoE spec and router (in the output dtype), fitted on the fit sequences of the MoE
+        stream where the plan says: the shared groups by importance (the groups whose output through o_proj is
+        largest), k-means router rows (on the attention's input)."""
+        spec = attention_plan.spec()
         attention_in = None
         if attention_plan.ranks_groups or attention_plan.router_init == "kmeans":
             assert moe is not None  # a plan that calibrates runs the MoE stream
@@ -250,7 +250,7 @@ class _Converter:
                 importance = _group_importance(
                     seen[f"{ATTENTION_MODULE}.o_proj"][0][fit], weights[f"{ATTENTION_MODULE}.o_proj.weight"], attention_plan.num_experts
                 )
-                self.shared_groups[index] = tuple(sorted(importance.topk(num_shared).indices.tolist()))
+                spec = replace(spec, shared_experts=tuple(sorted(importance.topk(attention_plan.num_shared).indices.tolist())))
         router = init_router(
             attention_plan.router_init,
             attention_plan.routed,
@@ -260,8 +260,9 @@ class _Converter:
             attention_plan.router_init_std,
             attention_in if attention_plan.router_init == "kmeans" else None,
             self.generator,
-        )
-        return router["weight"].to(self.out_dtype)
+        )["weight"].to(self.out_dtype)
+        self.attention_specs[index] = spec
+        return spec, router
 
     def _convert_layer(
         self,
@@ -383,7 +384,7 @@ def _provenance(recipe: ConvertRecipe, converter: _Converter, report: FidelityRe
             else {
                 "num_experts": layer.num_experts,
                 "top_k": layer.top_k,
-                "shared_experts": list(layer.spec(converter.shared_groups.get(index)).shared_experts),
+                "shared_experts": list(converter.attention_specs[index].shared_experts),
                 "shared_selection": layer.shared_selection,
                 "router_init": layer.router_init,
                 "scale": layer.scale,

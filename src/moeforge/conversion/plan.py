@@ -64,6 +64,7 @@ class AttentionLayerPlan:
     router_init: str
     router_init_std: float
     scale: float
+    """Factor on the routed groups' weights (auto: top_k, or the user's number)."""
     exact: bool
     """top_k = routed groups, a zero router and scale = routed groups: every group gets weight 1."""
 
@@ -76,10 +77,12 @@ class AttentionLayerPlan:
         """Whether the shared groups are chosen by their output on calibration text."""
         return self.num_shared > 0 and self.shared_selection == "importance"
 
-    def spec(self, shared: tuple[int, ...] | None = None) -> AttentionMoeLayerSpec:
-        """The layer's spec with these shared groups (default: the first ``num_shared``, as selection first)."""
-        chosen = tuple(range(self.num_shared)) if shared is None else shared
-        return AttentionMoeLayerSpec(num_experts=self.num_experts, top_k=self.top_k, shared_experts=chosen, scale=self.scale)
+    def spec(self) -> AttentionMoeLayerSpec:
+        """The layer's spec as planned: the first ``num_shared`` groups shared (selection first); a conversion that
+        ranks the groups replaces them (``dataclasses.replace``)."""
+        return AttentionMoeLayerSpec(
+            num_experts=self.num_experts, top_k=self.top_k, shared_experts=tuple(range(self.num_shared)), scale=self.scale
+        )
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,8 @@ def _plan_attention(spec: AttentionMoESpec, layer: int, num_heads: int, num_kv_h
         raise MoeforgeError(f"attention_moe.top_k: {spec.top_k} is larger than the {routed} routed groups (layer {layer})")
     full = spec.top_k == routed
     router_init = ("zeros" if full else "random") if spec.router_init == "auto" else spec.router_init
-    scale = float(routed) if spec.scale == "auto" else float(spec.scale)
+    scale = float(spec.top_k) if spec.scale == "auto" else float(spec.scale)
+    exact = full and router_init == "zeros" and scale == routed
     plan = AttentionLayerPlan(
         layer=layer,
         num_experts=groups,
@@ -282,7 +286,7 @@ def _plan_attention(spec: AttentionMoESpec, layer: int, num_heads: int, num_kv_h
         router_init=router_init,
         router_init_std=spec.router_init_std,
         scale=scale,
-        exact=full and router_init == "zeros" and scale == routed,
+        exact=exact,
     )
     problems = plan.spec().problems(num_heads, num_kv_heads)
     if problems:
