@@ -370,7 +370,7 @@ def write_markdown(meta: dict, prefill: list[dict], decode: list[dict], model: l
             ],
             "",
             f"Quality without training: LM loss on the next {m['held_out_tokens']} tokens of the built-in text (4 x 512) and agreement "
-            "with the dense logits; scale = groups is the recipe's `auto`, scale = top_k gives the selected groups about weight 1 each.",
+            "with the dense logits; scale = groups gives the selected groups about groups/top_k each, scale = top_k (the recipe's `auto`) about 1 each.",
             "",
             "| case | scale | held-out loss | vs dense | max abs Δlogit | top-1 agreement |",
             "|---|---|---|---|---|---|",

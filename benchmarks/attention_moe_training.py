@@ -4,15 +4,16 @@ From the embedded SmolLM2-135M-Instruct, two arms converted with ``export: moefo
 and code path, so the only difference is the attention):
   (A) ffn_moe        8 experts top-2, copy upcycling: exactly the dense function;
   (B) ffn_moe+attn   the same plus ``attention_moe: {num_experts: kv_groups, shared: 1, shared_selection:
-                     importance, top_k: 1, scale: 1, router_init: random}``: 3 groups of 3 query heads (one KV
+                     importance, top_k: 1, router_init: random}`` (scale auto = top_k = 1): 3 groups of 3 query heads (one KV
                      head each); every token keeps the layer's most important group and the router picks one of
                      the other two, so a token's attention runs on 2 of 3 groups. Not exact: B starts worse and
                      the question is how much of that the same training recovers.
 Why this B: a top_k = all attention MoE is exact but computes everything, so it is not the arm of interest.
 Among the settings that keep 2 of 3 groups per token it starts closest to the dense model (held-out loss of
 SmolLM2 with untrained N(0, 0.02) routers on all 30 layers, built-in text, dense 2.34: top-2 of 3 with scale
-auto = 3 gives 7.25, with scale 2 gives 6.05; one shared group (group 1 in every layer) + top-1 of 2, scale 1
-gives 4.23). Scale 1 at top-1 gives the selected group weight 1, as in the dense sum.
+3 gives 7.25, with scale 2 (= top_k, the recipe's auto) 6.05; one shared group (group 1 in every layer) +
+top-1 of 2, scale 1, gives 4.23; benchmarks/results/attention_moe_cost.md). Scale 1 at top-1 gives the
+selected group weight 1, as in the dense sum.
 
 Each run is ``moeforge.training.train`` (stage pt, fp32, embeddings frozen, router balance loss on the FFN
 and attention routers) in its own process (benchmarks/_runs.py), on the same data (built-in pt-demo), the
@@ -25,7 +26,7 @@ Resumable: every run's result goes to its own JSON under --runs-dir and a rerun 
 which arms run now; the summary is written once every (arm, seed) has a result.
 
     python benchmarks/attention_moe_training.py [--seeds 0 1 2 --steps 30 --batch 4 --seq-len 128]
-                                                [--arms ffn_moe ffn_moe+attn] [--attention-top-k 1 --attention-shared 1 --attention-scale 1]
+                                                [--arms ffn_moe ffn_moe+attn] [--attention-top-k 1 --attention-shared 1 --attention-scale auto]
 Results: benchmarks/results/attention_moe_training.json and .md (runs: results/attention_moe_training_runs/).
 """
 
@@ -105,8 +106,8 @@ def recipe_for(model: Path, output: Path, args, seed: int) -> dict:
     }
 
 
-def run_one(arm: str, seed: int, args, work: Path) -> dict:
-    """Convert (or reuse the conversion of) ``arm`` for ``seed``, train it in a child, return its result."""
+def converted(arm: str, seed: int, args, work: Path) -> tuple[Path, dict]:
+    """The converted model of ``arm`` for ``seed`` under ``work`` (made unless already there) and its fidelity."""
     from moeforge.io.embedded import default_model_dir
 
     sections, convert_seed = conversion(arm, args, seed)
@@ -116,11 +117,16 @@ def run_one(arm: str, seed: int, args, work: Path) -> dict:
         info = convert_model(default_model_dir(), model, sections, seed=convert_seed)
         info_path.write_text(json.dumps(info))
         print(f"  converted {arm} (seed {convert_seed}): {json.dumps(info)}", flush=True)
-    info = json.loads(info_path.read_text())
+    return model, json.loads(info_path.read_text())
+
+
+def run_one(arm: str, seed: int, args, work: Path) -> dict:
+    """Train ``arm`` for ``seed`` in a child process; its result."""
+    model, info = converted(arm, seed, args, work)
     name = f"{arm}-seed{seed}"
     out = run_child({"name": name, "recipe": recipe_for(model, work / f"{name}-run", args, seed), "score_blocks": False}, work)
     shutil.rmtree(work / f"{name}-run", ignore_errors=True)
-    if convert_seed:  # arm B's conversion serves this seed only
+    if arm != "ffn_moe":  # arm B's conversion serves this seed only
         shutil.rmtree(model, ignore_errors=True)
     return {"arm": arm, "seed": seed, "settings": settings(args, arm), "conversion": info, "result": out}
 
@@ -243,7 +249,7 @@ def flags(args) -> str:
         "lr": 1e-4,
         "attention_top_k": 1,
         "attention_shared": 1,
-        "attention_scale": "1",
+        "attention_scale": "auto",
     }
     text = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, v in defaults.items() if getattr(args, k) != v)
     return text + ("" if args.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, args.seeds)))
@@ -264,7 +270,7 @@ def main() -> None:
     parser.add_argument("--mix-seed", type=int, default=42, help="data.mix_seed: the held-out split, the same for every run")
     parser.add_argument("--attention-top-k", type=int, default=1, help="attention_moe.top_k of arm B")
     parser.add_argument("--attention-shared", type=int, default=1, help="attention_moe.shared of arm B (chosen by importance)")
-    parser.add_argument("--attention-scale", default="1", help="attention_moe.scale of arm B: auto (= routed groups) or a number")
+    parser.add_argument("--attention-scale", default="auto", help="attention_moe.scale of arm B: auto (= top_k) or a number")
     parser.add_argument("--runs-dir", type=Path, default=RESULTS / "attention_moe_training_runs")
     parser.add_argument("--work", type=Path, default=Path("/tmp/moeforge-attention-moe-training"), help="converted models")
     args = parser.parse_args()
