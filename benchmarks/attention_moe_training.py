@@ -21,11 +21,16 @@ same held-out rows (``data.eval_ratio``, split by ``data.mix_seed``, fixed), sch
 per seed s, ``training.seed`` = s (data order) and arm B's conversion ``seed`` = s (its router init). The
 final held-out loss is reported per arm as mean ± SD over seeds, with the per-seed paired difference B - A.
 
+Sized for 2 CPU cores shared with other work: one run of 30 steps x 4 x 128 tokens took ~30 s a step there
+(the upcycled model trains 664 M parameters), so the defaults are 20 steps x 2 x 128 tokens (5,120 tokens a
+run, ~8 min a run, 6 runs ~50 min). That is a short continued pretraining: it says whether B's start gap
+closes quickly, not where either arm would end.
+
 Resumable: every run's result goes to its own JSON under --runs-dir and a rerun skips the runs already there
 (with the same settings); converted models are kept under --work until their runs are done. --arms limits
 which arms run now; the summary is written once every (arm, seed) has a result.
 
-    python benchmarks/attention_moe_training.py [--seeds 0 1 2 --steps 30 --batch 4 --seq-len 128]
+    python benchmarks/attention_moe_training.py [--seeds 0 1 2 --steps 20 --batch 2 --seq-len 128]
                                                 [--arms ffn_moe ffn_moe+attn] [--attention-top-k 1 --attention-shared 1 --attention-scale auto]
 Results: benchmarks/results/attention_moe_training.json and .md (runs: results/attention_moe_training_runs/).
 """
@@ -243,8 +248,8 @@ def report(runs: dict[tuple[str, int], dict], args, wall: float) -> None:
 
 def flags(args) -> str:
     defaults = {
-        "steps": 30,
-        "batch": 4,
+        "steps": 20,
+        "batch": 2,
         "seq_len": 128,
         "lr": 1e-4,
         "attention_top_k": 1,
@@ -259,8 +264,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run now (the summary needs both)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (default: at the start and the end only)")
     parser.add_argument("--eval-ratio", type=float, default=0.1)
