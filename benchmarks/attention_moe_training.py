@@ -21,16 +21,15 @@ same held-out rows (``data.eval_ratio``, split by ``data.mix_seed``, fixed), sch
 per seed s, ``training.seed`` = s (data order) and arm B's conversion ``seed`` = s (its router init). The
 final held-out loss is reported per arm as mean ± SD over seeds, with the per-seed paired difference B - A.
 
-Sized for 2 CPU cores shared with other work: one run of 30 steps x 4 x 128 tokens took ~30 s a step there
-(the upcycled model trains 664 M parameters), so the defaults are 20 steps x 2 x 128 tokens (5,120 tokens a
-run, ~8 min a run, 6 runs ~50 min). That is a short continued pretraining: it says whether B's start gap
-closes quickly, not where either arm would end.
+Sized for 2 CPU cores shared with other work: 30 steps x 4 x 128 tokens (15,360 tokens a run, about half an
+epoch of pt-demo's training split) take ~5-7 min a run there, ~40 min for 3 seeds x 2 arms. That is a short
+continued pretraining: it says how fast B's start gap closes, not where either arm would end.
 
 Resumable: every run's result goes to its own JSON under --runs-dir and a rerun skips the runs already there
 (with the same settings); converted models are kept under --work until their runs are done. --arms limits
 which arms run now; the summary is written once every (arm, seed) has a result.
 
-    python benchmarks/attention_moe_training.py [--seeds 0 1 2 --steps 20 --batch 2 --seq-len 128]
+    python benchmarks/attention_moe_training.py [--seeds 0 1 2 --steps 30 --batch 4 --seq-len 128 --eval-every 10]
                                                 [--arms ffn_moe ffn_moe+attn] [--attention-top-k 1 --attention-shared 1 --attention-scale auto]
 Results: benchmarks/results/attention_moe_training.json and .md (runs: results/attention_moe_training_runs/).
 """
@@ -234,6 +233,32 @@ def report(runs: dict[tuple[str, int], dict], args, wall: float) -> None:
             f"| {p['seed']} | {sa['start_loss']:.4f} | {sa['final_loss']:.4f} | {sb['start_loss']:.4f} | {sb['final_loss']:.4f} | "
             f"{p['start_gap']:+.4f} | {p['final_gap']:+.4f} |"
         )
+    steps = sorted({step for summary in summaries.values() for step, _ in summary["eval_curve"]})
+    curve = {key: dict(summary["eval_curve"]) for key, summary in summaries.items()}
+    lines += [
+        "",
+        "Held-out loss by step (mean over seeds) and the paired gap B - A (mean ± SD over seeds):",
+        "",
+        "| step | A | B | B - A |",
+        "|---|---|---|---|",
+    ]
+    for step in steps:
+        if all(step in curve[(arm, s)] for arm in ARMS for s in seeds):
+            step_gaps = [curve[("ffn_moe+attn", s)][step] - curve[("ffn_moe", s)][step] for s in seeds]
+            lines.append(
+                f"| {step} | {statistics.fmean(curve[('ffn_moe', s)][step] for s in seeds):.4f} | "
+                f"{statistics.fmean(curve[('ffn_moe+attn', s)][step] for s in seeds):.4f} | "
+                f"{statistics.fmean(step_gaps):+.4f} ± {sd(step_gaps):.4f} |"
+            )
+    conversions = [runs[("ffn_moe+attn", s)]["conversion"] for s in seeds]
+    lines += [
+        "",
+        "B's conversions (fidelity check against the dense model on calibration text): top-1 agreement "
+        + ", ".join(f"{c['top1_agreement']:.3f}" for c in conversions)
+        + "; max |Δlogit| "
+        + ", ".join(f"{c['max_abs_logit_diff']:.1f}" for c in conversions)
+        + f" (seeds {seeds}). A's: exact, max |Δlogit| {a['conversion']['max_abs_logit_diff']:.1e}.",
+    ]
     lines += [
         "",
         f"Final B - A over seeds: {difference['mean']:+.4f} ± {difference['sd']:.4f} (mean ± SD of the {difference['n']} per-seed paired "
@@ -248,9 +273,10 @@ def report(runs: dict[tuple[str, int], dict], args, wall: float) -> None:
 
 def flags(args) -> str:
     defaults = {
-        "steps": 20,
-        "batch": 2,
+        "steps": 30,
+        "batch": 4,
         "seq_len": 128,
+        "eval_every": 10,
         "lr": 1e-4,
         "attention_top_k": 1,
         "attention_shared": 1,
@@ -264,10 +290,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run now (the summary needs both)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (default: at the start and the end only)")
+    parser.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N steps (and at step 0)")
     parser.add_argument("--eval-ratio", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
@@ -279,7 +305,6 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=RESULTS / "attention_moe_training_runs")
     parser.add_argument("--work", type=Path, default=Path("/tmp/moeforge-attention-moe-training"), help="converted models")
     args = parser.parse_args()
-    args.eval_every = args.eval_every or args.steps
     started = time.perf_counter()
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
