@@ -12,7 +12,7 @@ Why this B: a top_k = all attention MoE is exact but computes everything, so it 
 Among the settings that keep 2 of 3 groups per token it starts closest to the dense model (held-out loss of
 SmolLM2 with untrained N(0, 0.02) routers on all 30 layers, built-in text, dense 2.34: top-2 of 3 with scale
 3 gives 7.25, with scale 2 (= top_k, the recipe's auto) 6.05; one shared group (group 1 in every layer) +
-top-1 of 2, scale 1, gives 4.23; benchmarks/results/attention_moe_cost.md). Scale 1 at top-1 gives the
+top-1 of 2, scale 1, gave 4.23 in a one-off measurement; the others are in benchmarks/results/attention_moe_cost.md). Scale 1 at top-1 gives the
 selected group weight 1, as in the dense sum.
 
 Each run is ``moeforge.training.train`` (stage pt, fp32, embeddings frozen, router balance loss on the FFN
@@ -22,7 +22,7 @@ per seed s, ``training.seed`` = s (data order) and arm B's conversion ``seed`` =
 final held-out loss is reported per arm as mean ± SD over seeds, with the per-seed paired difference B - A.
 
 Sized for 2 CPU cores shared with other work: 30 steps x 4 x 128 tokens (15,360 tokens a run, about half an
-epoch of pt-demo's training split) take ~5-7 min a run there, ~40 min for 3 seeds x 2 arms. That is a short
+epoch of pt-demo's training split) took 255-537 s a run there (as other work came and went), 36 min for 3 seeds x 2 arms. That is a short
 continued pretraining: it says how fast B's start gap closes, not where either arm would end.
 
 Resumable: every run's result goes to its own JSON under --runs-dir and a rerun skips the runs already there
