@@ -217,6 +217,33 @@ def test_one_token_decoding_attends_only_over_the_selected_groups(heads, kv_head
     assert computed < heads
 
 
+def test_kv_heads_that_are_not_consecutive_are_gathered_by_index(monkeypatch):
+    """Groups 0 and 2 of 4 (one per KV head), forced by the routers' selection bias: the attention runs on
+    those two KV heads' query heads, taken by index (consecutive ones are a slice), and equals the masked dense
+    layer in prefill and in one-token decoding."""
+    dense = _dense(heads=8, kv_heads=4)
+    model = _attention_moe(dense, _spec(4, top_k=2), router_std=1.0)
+    for router in (m for m in model.modules() if isinstance(m, AttentionRouter)):
+        router.enable_expert_bias()
+        router.expert_bias.copy_(torch.tensor([100.0, -100.0, 100.0, -100.0]))
+    tokens = _tokens(batch=1, length=10, seed=4)
+    hooks = _masked_dense_reference(dense, model)
+    spy = _HeadCountSpy(llama_attention_module.ALL_ATTENTION_FUNCTIONS)
+    monkeypatch.setattr(llama_attention_module, "ALL_ATTENTION_FUNCTIONS", spy)
+    with torch.no_grad():
+        expected = dense(tokens).logits
+        prefix = model(tokens[:, :9], use_cache=True)
+        step = model(tokens[:, 9:], cache=prefix.past_key_values, use_cache=True).logits
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(prefix.logits, expected[:, :9], rtol=0, atol=1e-5)
+    torch.testing.assert_close(step[:, -1], expected[:, -1], rtol=0, atol=1e-5)
+    assert spy.heads == [4] * (2 * dense.config.num_hidden_layers)  # 2 of 4 KV heads x 2 query heads, both passes
+    gate = model.model.layers[0].self_attn
+    chosen = gate._computed_kv_heads(gate.head_gate(torch.randn(1, 3, dense.config.hidden_size)))
+    assert isinstance(chosen, torch.Tensor) and chosen.tolist() == [0, 2]
+
+
 # -------------------------------------------------------------------------------------------- gradients
 
 

@@ -112,13 +112,18 @@ class MoeforgeAttentionMoE(LlamaAttentionTakeover):
         weight = attention.q_proj.weight
         self.head_gate = HeadGroupGate(attention.config.hidden_size, self.num_heads, spec).to(device=weight.device, dtype=weight.dtype)
 
-    def _computed_kv_heads(self, gates: torch.Tensor) -> torch.Tensor | None:
-        """The KV heads whose query heads some token gives a non-zero weight; ``None`` when that is all of them
-        (always at top_k = all routed groups: then nothing is checked, which would cost a device sync)."""
+    def _computed_kv_heads(self, gates: torch.Tensor) -> slice | torch.Tensor | None:
+        """The KV heads whose query heads some token gives a non-zero weight: a slice when they are consecutive
+        (always at top-1; a view, so the cache is not copied), else their indices; ``None`` when that is all of
+        them (always at top_k = all routed groups: then nothing is checked, which would cost a device sync)."""
         if self.head_gate.spec.top_k == len(self.head_gate.spec.routed_experts):
             return None
         used = gates.reshape(-1, self.num_heads // self.num_key_value_groups, self.num_key_value_groups).ne(0).any(-1).any(0)
-        return None if bool(used.all()) else used.nonzero().flatten()
+        if bool(used.all()):
+            return None
+        chosen = used.nonzero().flatten()
+        first, last = int(chosen[0]), int(chosen[-1])
+        return slice(first, last + 1) if last - first + 1 == len(chosen) else chosen
 
     def forward(
         self,
@@ -137,18 +142,20 @@ class MoeforgeAttentionMoE(LlamaAttentionTakeover):
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
 
         gates = self.head_gate(hidden_states)  # [B, T, heads]
-        kv_heads = self._computed_kv_heads(gates)
-        heads = None
-        if kv_heads is not None:
-            heads = (
-                kv_heads[:, None] * self.num_key_value_groups + torch.arange(self.num_key_value_groups, device=kv_heads.device)
-            ).flatten()
+        kv_heads, heads = self._computed_kv_heads(gates), None
+        per_kv = self.num_key_value_groups  # query heads per KV head
+        if isinstance(kv_heads, slice):
+            heads = slice(kv_heads.start * per_kv, kv_heads.stop * per_kv)
+        elif kv_heads is not None:
+            heads = (kv_heads[:, None] * per_kv + torch.arange(per_kv, device=kv_heads.device)).flatten()
+        if heads is not None:
             query, key, value, gates = query[:, heads], key[:, kv_heads], value[:, kv_heads], gates[..., heads]
 
         out, weights = self.attend(query, key, value, attention_mask, **kwargs)  # [B, T, computed heads, d]
         out = out * gates.unsqueeze(-1).to(out.dtype)
         if heads is not None:
-            out = out.new_zeros(*input_shape, self.num_heads, self.head_dim).index_copy(2, heads, out)
+            computed, out = out, out.new_zeros(*input_shape, self.num_heads, self.head_dim)
+            out[:, :, heads] = computed
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
