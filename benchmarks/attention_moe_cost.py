@@ -106,6 +106,8 @@ def computed_share(module: torch.nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
         kv_heads = module._computed_kv_heads(module.head_gate(x))
     kv = module.num_heads // module.num_key_value_groups
+    if isinstance(kv_heads, slice):  # consecutive KV heads: a slice of the cache
+        return (kv_heads.stop - kv_heads.start) / kv
     return 1.0 if kv_heads is None else len(kv_heads) / kv
 
 
