@@ -187,8 +187,9 @@ class LayerwiseModel:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run decoder layer ``index`` with ``tensors`` (names relative to ``model.layers.{index}.``) on the stream's
         hidden states. ``mlp`` replaces the FFN and ``attention`` replaces ``self_attn`` for this call; their own
-        parameters serve where ``tensors`` has none (a replacement released after one run needs them given). Returns the new hidden states and, if asked, the FFN's
-        input. The stream itself is not advanced (the caller decides)."""
+        parameters serve where ``tensors`` has none (a replacement released after one run needs them given).
+        Returns the new hidden states and, if asked, the FFN's input. The stream itself is not advanced (the
+        caller decides)."""
         layer = self.layers[index]
         replaced = {name: module for name, module in ((self.ffn_module, mlp), (ATTENTION_MODULE, attention)) if module is not None}
         originals = {name: getattr(layer, name) for name in replaced}
