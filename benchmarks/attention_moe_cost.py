@@ -35,7 +35,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from _timing import timed
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
@@ -109,22 +109,6 @@ def computed_share(module: torch.nn.Module, x: torch.Tensor) -> float:
     if isinstance(kv_heads, slice):  # consecutive KV heads: a slice of the cache
         return (kv_heads.stop - kv_heads.start) / kv
     return 1.0 if kv_heads is None else len(kv_heads) / kv
-
-
-def timed(steps: dict[str, Callable[[], None]], reps: int, inner: int = 1) -> dict[str, tuple[float, float]]:
-    """(median, minimum) seconds per call of each step, rounds interleaved across steps after one warm-up
-    round. The minimum is the least-disturbed round: on cores shared with other work, a ratio of minima that
-    agrees with the ratio of medians says the interference did not decide the ratio."""
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                step()
-            times[name].append((time.perf_counter() - start) / inner)
-    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
 
 
 class WrittenInPlaceCache:

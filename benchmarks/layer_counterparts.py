@@ -19,13 +19,13 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import transformers
+from _timing import timed
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import moeforge  # noqa: F401
@@ -87,18 +87,6 @@ def attention_cases(base: LlamaForCausalLM) -> dict[str, torch.nn.Module]:
     return cases
 
 
-def timed(cases: dict[str, callable], reps: int) -> dict[str, float]:
-    for step in cases.values():
-        step()
-    times = {name: [] for name in cases}
-    for _ in range(reps):
-        for name, step in cases.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def make_step(module, x: torch.Tensor, backward: bool, extra: dict):
     params = [p for p in module.parameters() if p.requires_grad] + [x]
 
@@ -131,7 +119,7 @@ def main() -> None:
         plain = next(iter(cases))
         for mode in ("fwd", "fwd+bwd"):
             steps = {name: make_step(m, x, mode == "fwd+bwd", extra) for name, m in cases.items()}
-            seconds = timed(steps, args.reps)
+            seconds = {name: median for name, (median, _) in timed(steps, args.reps).items()}
             for name, value in seconds.items():
                 rows.append({"group": group, "case": name, "mode": mode, "ms": value * 1e3, "vs_plain": value / seconds[plain]})
                 print(f"{group:9s} {mode:7s} {name:30s} {value * 1e3:8.1f} ms  {value / seconds[plain]:.2f}x", flush=True)
