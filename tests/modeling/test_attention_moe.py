@@ -166,7 +166,7 @@ def _masked_dense_reference(dense: torch.nn.Module, model: torch.nn.Module) -> l
 
         def mask(_module, args, index=index, gate=gate):
             (heads,) = args
-            weights = gate(inputs[index]).repeat_interleave(heads.shape[-1] // gate.head_group.numel(), dim=-1)
+            weights = gate(inputs[index]).repeat_interleave(heads.shape[-1] // gate.head_column.numel(), dim=-1)
             return (heads * weights.to(heads.dtype),)
 
         hooks.append(layer.self_attn.register_forward_pre_hook(remember, with_kwargs=True))

@@ -64,8 +64,7 @@ class HeadGroupGate(nn.Module):
     """Per-token, per-head output weights of one attention MoE layer: 1 for shared groups, ``scale · w`` for
     the routed groups the router selected, 0 for the others."""
 
-    head_group: torch.Tensor
-    routed_column: torch.Tensor
+    head_column: torch.Tensor
 
     def __init__(self, hidden_size: int, num_heads: int, spec: AttentionMoeLayerSpec) -> None:
         super().__init__()
@@ -73,24 +72,20 @@ class HeadGroupGate(nn.Module):
         self.router = AttentionRouter(
             hidden_size, MoeLayerSpec(num_experts=len(spec.routed_experts), top_k=spec.top_k, expert_intermediate_size=0)
         )
-        head_group, routed_column = self._index(num_heads)
-        self.register_buffer("head_group", head_group, persistent=False)
-        self.register_buffer("routed_column", routed_column, persistent=False)
+        self.register_buffer("head_column", self._head_column(num_heads), persistent=False)
 
-    def _index(self, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each head, its group; for each group, its column among the routed weights (the last column,
-        always 1, for a shared group)."""
+    def _head_column(self, num_heads: int) -> torch.Tensor:
+        """For each head, the column of its group's weight among the routed weights (the last column, always 1,
+        for a shared group)."""
         routed = self.spec.routed_experts
         column = torch.full((self.spec.num_experts,), len(routed), dtype=torch.long)
         column[list(routed)] = torch.arange(len(routed))
-        return torch.arange(num_heads) // (num_heads // self.spec.num_experts), column
+        return column[torch.arange(num_heads) // (num_heads // self.spec.num_experts)]
 
     def reset_index(self) -> None:
-        """Refill the index buffers: ``from_pretrained`` builds the model on the meta device and leaves buffers
-        that are not saved (these) uninitialised, so the model's ``_init_weights`` calls this."""
-        head_group, routed_column = self._index(self.head_group.numel())
-        init.copy_(self.head_group, head_group)
-        init.copy_(self.routed_column, routed_column)
+        """Refill the index buffer: ``from_pretrained`` builds the model on the meta device and leaves buffers
+        that are not saved (this one) uninitialised, so the model's ``_init_weights`` calls this."""
+        init.copy_(self.head_column, self._head_column(self.head_column.numel()))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``hidden_states [B, T, H]`` (the attention's input) -> fp32 weights ``[B, T, heads]``."""
@@ -99,7 +94,7 @@ class HeadGroupGate(nn.Module):
         routed = weights.new_zeros(flat.shape[0], self.router.num_experts + 1)
         routed = routed.scatter(-1, indices, weights * self.spec.scale)
         routed[:, -1] = 1.0
-        per_head = routed[:, self.routed_column[self.head_group]]
+        per_head = routed[:, self.head_column]
         return per_head.view(*hidden_states.shape[:-1], -1)
 
 
