@@ -228,7 +228,7 @@ class _Converter:
         included) are given with the layer's tensors at each run."""
         dense: Any = runner.layers[index].self_attn
         attention = with_head_gate(copy.deepcopy(dense, memo={id(dense.config): dense.config}), spec)
-        # the gate's buffers (head -> group) made real: built over the runner's meta skeleton, they are on meta
+        # a real gate (its head -> column buffer): the one built over the runner's meta skeleton is on meta
         attention.head_gate = HeadGroupGate(self.source_config.hidden_size, self.source_config.num_attention_heads, spec)
         return attention
 
