@@ -23,6 +23,14 @@ Training data: the built-in ``pt-demo`` text (moeforge.data), every 10th documen
 ``--block``-token blocks; next-token loss on all tokens. The logged LM loss excludes the router balance loss,
 which is logged apart: at top-k = N (MoICE's released recipe) it is constant with zero gradient.
 
+Why lr 1e-2 (MoICE's recipe: 1e-4 constant, a few steps): a pilot at lr 1e-3, 8 steps of 256 tokens left
+every mixture uniform to four decimals (largest base weight 0.1434 trained, 0.1433 untrained, 1/7 = 0.1429).
+Adam moves a weight by at most about lr per step, and a MoICE router's logits are products of three
+N(0, 0.02) weight matrices, so at lr <= 1e-3 and the step count two CPU cores afford the "trained" routers
+are the untrained ones and the run could not test routing at all. At 1e-2 (16 steps) they move (see the
+mixture table the report prints); the static mixture, whose logits move by at most ~lr per step, moves far
+less — read its comparison with that in mind.
+
 Probes (moeforge.eval.probes, teacher-forced, batch 1 — padded batches take a slower attention path for the
 7-base attention): key-value retrieval (``--kv-pairs``, held-out seed ``--eval-seed``) and an MDQA-style
 probe over a generated JSONL of made-up facts (``--mdqa-docs`` short documents, gold document moving), at
@@ -31,21 +39,25 @@ held-out loss of ``--ppl-blocks`` pt-demo blocks.
 
 Reported: per position, answer log-prob and exact match with bootstrap 95% CIs (trained arms pooled over
 seeds: the per-prompt mean over seeds, resampled over prompts; plus the SD across seeds of the per-seed means
-and of the max−min position gap); paired per-prompt differences moice-trained − static-mixture and
-moice-trained − original, per seed and pooled; held-out perplexity; the wall time of every unit (the cost
-of MoICE's 7-base attention against the original model on the same prompts).
+and of the max−min position gap); paired per-prompt differences (moice-trained − static-mixture, − untrained,
+− original; static-mixture, untrained and adapter − original), per seed and pooled; held-out perplexity; how far
+each trained mixture is from uniform; the wall time of every unit (the cost of MoICE's 7-base attention
+against the original model on the same prompts).
 
 Resumable: each training unit writes ``<results>/moice_retrieval_runs/train_<model>.json`` (its loss log; the
 trained weights go to ``--cache``, and a unit whose weights are gone is retrained), each evaluation unit
 ``eval_<model>.json`` (per-prompt scores); a rerun skips finished units, ``--report`` rebuilds
-``moice_retrieval.{json,md,png}`` from them. ``--models`` picks units, so phases can run one at a time.
+``moice_retrieval.{json,md}`` and one ``moice_retrieval_<probe>.png`` per probe from them. ``--models`` picks units, so phases can run one at a time.
 
-    # the README run (2 shared CPU cores; one phase per command, so other jobs can interleave):
-    python benchmarks/moice_retrieval.py --phase train --models moice-trained,static-mixture,adapter   # ~8 min
-    python benchmarks/moice_retrieval.py --phase eval --models original,moice-untrained,adapter        # ~4 min
-    python benchmarks/moice_retrieval.py --phase eval --models moice-trained                           # ~5 min
-    python benchmarks/moice_retrieval.py --phase eval --models static-mixture                          # ~5 min
-    python benchmarks/moice_retrieval.py --report
+    # the README run (2 shared CPU cores; one phase per command, so other jobs can interleave; 17 min in all):
+    python benchmarks/moice_retrieval.py --phase train --models moice-trained,static-mixture,adapter   # 8 min
+    python benchmarks/moice_retrieval.py --phase eval --models original,moice-untrained,adapter        # 2 min
+    python benchmarks/moice_retrieval.py --phase eval --models moice-trained                           # 3.5 min
+    python benchmarks/moice_retrieval.py --phase eval --models static-mixture                          # 3.5 min
+    python benchmarks/moice_retrieval.py --report                                                      # 5 s
+    # the README run has 10 prompts per position at 48 pairs only (~2 s per MoICE prompt of 600 tokens on 2 cores);
+    # longer contexts and the MDQA-style probe, the same phases with e.g.:
+    #   --results-dir /tmp/moice-long --kv-pairs 48,96 --mdqa-docs 48 --samples 20       (several CPU hours)
     # a smoke run (a minute or two):
     python benchmarks/moice_retrieval.py --results-dir /tmp/moice-smoke --steps 1 --block 64 --seeds 1 \\
         --kv-pairs 6 --mdqa-docs 6 --samples 1 --ppl-blocks 1
@@ -504,7 +516,8 @@ def markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
             f"{t['batch']} blocks of {t['block']} tokens, next-token loss on all tokens, AdamW lr {t['lr']:g} constant, "
             "only the arm's new parameters train.",
             "",
-            "| model | trainable params | LM loss first → last step | attention balance loss (min, max) | s |",
+            "| model | trainable params | LM loss, first → last step (one block each: noisy; the held-out table measures) "
+            "| attention balance loss (min, max) | s |",
             "|---|---|---|---|---|",
         ]
         for name, u in train_units.items():
@@ -623,16 +636,16 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="rebuild moice_retrieval.{json,md,png} from the unit files")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per trained arm (router init / A init + data order)")
     parser.add_argument("--adapter-seeds", type=int, default=1, help="seeds for the adapter arm (budget)")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch", type=int, default=1, help="blocks per step")
-    parser.add_argument("--block", type=int, default=256, help="tokens per training / held-out block")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--block", type=int, default=512, help="tokens per training / held-out block")
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--kv-pairs", type=lambda v: [int(x) for x in v.split(",") if x], default=[48])
     parser.add_argument("--mdqa-docs", type=lambda v: [int(x) for x in v.split(",") if x], default=[])
     parser.add_argument("--positions", type=int, default=3)
     parser.add_argument("--samples", type=int, default=10, help="prompts per position")
     parser.add_argument("--eval-seed", type=int, default=1000)
-    parser.add_argument("--ppl-blocks", type=int, default=4)
+    parser.add_argument("--ppl-blocks", type=int, default=3)
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/moeforge-moice-retrieval"), help="trained weights")
     args = parser.parse_args()
