@@ -38,12 +38,19 @@ def _eval_blocks(recipe, tokenizer) -> torch.Tensor:
     return torch.tensor(pack_texts(data.eval, tokenizer, recipe.data.max_length)["input_ids"], dtype=torch.long)
 
 
-@torch.no_grad()
 def block_losses(model_dir: str, blocks: torch.Tensor, batch: int) -> list[float]:
-    """Mean next-token cross-entropy of each held-out block (what the trainer's eval_loss averages)."""
+    """:func:`model_block_losses` of the checkpoint at ``model_dir``, loaded in fp32 and freed after."""
     from moeforge.io.loading import load_model
 
     model, _ = load_model(model_dir, dtype=torch.float32)
+    losses = model_block_losses(model, blocks, batch)
+    del model
+    return losses
+
+
+@torch.no_grad()
+def model_block_losses(model: torch.nn.Module, blocks: torch.Tensor, batch: int) -> list[float]:
+    """Mean next-token cross-entropy of each held-out block (what the trainer's eval_loss averages)."""
     losses = []
     for start in range(0, blocks.shape[0], batch):
         ids = blocks[start : start + batch]
@@ -51,7 +58,6 @@ def block_losses(model_dir: str, blocks: torch.Tensor, batch: int) -> list[float
         # [tokens, vocab] layout: torch's CPU cross_entropy over a [batch, vocab, seq] input is off by ~1e-4 here
         token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         losses += token.view(ids.shape[0], -1).mean(dim=1).tolist()
-    del model
     return losses
 
 
