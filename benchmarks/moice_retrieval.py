@@ -245,9 +245,9 @@ def train_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What every probe of an evaluation unit shares; the probes themselves (--kv-pairs, --mdqa-docs) are not
+    in it, so a later run with another probe adds that probe's scores to the finished units."""
     return {
-        "kv_pairs": args.kv_pairs,
-        "mdqa_docs": args.mdqa_docs,
         "positions": args.positions,
         "samples": args.samples,
         "eval_seed": args.eval_seed,
@@ -358,20 +358,23 @@ def scored_blocks(model: nn.Module, blocks: torch.Tensor) -> tuple[list[float], 
 def evaluate(model: nn.Module, name: str, tokenizer, held_out: torch.Tensor, args: argparse.Namespace, log: Log) -> None:
     settings = eval_settings(args)
     path = args.runs / f"eval_{name}.json"
-    if read_unit(path, settings) is not None:
+    unit = read_unit(path, settings) or {"settings": settings, "model": name, "probes": {}}
+    missing = {probe: spec for probe, spec in probes(args).items() if probe not in unit["probes"]}
+    if not missing and "heldout_block_losses" in unit:
         return
-    log(f"evaluating {name}")
-    unit: dict[str, Any] = {"settings": settings, "model": name, "probes": {}}
-    for probe_name, spec in probes(args).items():
+    log(f"evaluating {name}: {', '.join(missing) or 'held-out text'}")
+    for probe_name, spec in missing.items():
         start = time.perf_counter()
         result = run_probe(model, tokenizer, spec, batch_size=1)
         seconds = time.perf_counter() - start
         unit["probes"][probe_name] = result.to_dict() | {"seconds": round(seconds, 1)}
         log(f"  {probe_name}: {seconds:.0f} s, mean log-prob {statistics.fmean(p.logprob for p in result.positions):.3f}")
-    start = time.perf_counter()
-    unit["heldout_block_losses"], unit["mixture"] = scored_blocks(model, held_out[: args.ppl_blocks])
-    unit["ppl_seconds"] = round(time.perf_counter() - start, 1)
-    write_json(path, unit)
+        write_json(path, unit)  # one probe at a time: an interrupted run keeps the probes already scored
+    if "heldout_block_losses" not in unit:
+        start = time.perf_counter()
+        unit["heldout_block_losses"], unit["mixture"] = scored_blocks(model, held_out[: args.ppl_blocks])
+        unit["ppl_seconds"] = round(time.perf_counter() - start, 1)
+        write_json(path, unit)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -434,6 +437,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         units = [evals[m] for m in models]
         entry: dict[str, Any] = {"models": models, "probes": {}}
         for probe in probe_names:
+            if any(probe not in u["probes"] for u in units):
+                continue  # not scored for every seed of this arm yet
             pooled, per_seed, gaps = _pooled(units, probe)
             first = units[0]["probes"][probe]
             plots[probe][f"{arm} (x{len(models)})" if len(models) > 1 else arm] = ProbeResult(
@@ -474,6 +479,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
             continue
         rows = {}
         for probe in probe_names:
+            if probe not in out["arms"][a]["probes"] or probe not in out["arms"][b]["probes"]:
+                continue
             # seed S pairs with seed S (same data order); a single-model arm pairs with every seed
             pairs = list(zip(arms[a], arms[b] if len(arms[b]) == len(arms[a]) else arms[b] * len(arms[a]), strict=True))
             by_seed = {
@@ -537,7 +544,8 @@ def markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
             "| model | " + " | ".join(f"pos {p}" for p in positions) + " | gap |",
             "|---|" + "---|" * (len(positions) + 1),
         ]
-        for arm, entry in data["arms"].items():
+        scored = {arm: entry for arm, entry in data["arms"].items() if probe in entry["probes"]}
+        for arm, entry in scored.items():
             e = entry["probes"][probe]
             cells = [
                 f"{p['logprob']:.2f} [{p['logprob_ci'][0]:.2f}, {p['logprob_ci'][1]:.2f}]"
@@ -549,7 +557,7 @@ def markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
             lines.append(f"| {arm} (x{len(entry['models'])}) | " + " | ".join(cells) + f" | {gap} |")
         lines += ["", "Exact match, mean [95% CI] (pooled as above):", "", "| model | " + " | ".join(f"pos {p}" for p in positions) + " |"]
         lines.append("|---|" + "---|" * len(positions))
-        for arm, entry in data["arms"].items():
+        for arm, entry in scored.items():
             e = entry["probes"][probe]["positions"]
             lines.append(
                 f"| {arm} | "
@@ -569,6 +577,8 @@ def markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
             "|---|---|---|",
         ]
         for comparison, rows in data["paired"].items():
+            if probe not in rows:
+                continue
             row = rows[probe]
             labels = row["pairs"] + (["pooled over seeds"] if len(row["pairs"]) > 1 else [])
             for label, lp, em in zip(labels, row["cells"]["logprobs"], row["cells"]["exact"], strict=True):
@@ -612,7 +622,10 @@ def markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
     ]
     lines.append("|---|" + "---|" * len(data["arms"]["original"]["probes"]))
     for arm, entry in data["arms"].items():
-        lines.append(f"| {arm} | " + " | ".join(f"{e['seconds_per_prompt']:.2f}" for e in entry["probes"].values()) + " |")
+        cells = [
+            f"{entry['probes'][p]['seconds_per_prompt']:.2f}" if p in entry["probes"] else "-" for p in data["arms"]["original"]["probes"]
+        ]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
