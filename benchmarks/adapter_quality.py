@@ -41,15 +41,16 @@ Methods (same data, steps, batch, schedule: linear warm-up over the first 10% of
             in the default run (issue 17 compares the adapters).
 alpha = 2 x rank for both adapters is MixLoRA's own comparison setup (rank 8 / alpha 16 vs a wider LoRA).
 
-Protocol. A unit is one (method, lr, seed) training followed by: validation answer NLL, greedy answers and
-exact match on the test prompts, test answer NLL (and, for moe_lora, the task/expert mutual information of
-the routing before and after training). The seed is the training seed: adapter and router init, dropout,
-and the order of the (fixed) training examples.
+Protocol. A unit is one (method, lr, seed) training followed by the validation answer NLL (and, for
+moe_lora, the task/expert mutual information of the routing on the validation examples, before and after
+training), then greedy answers, exact match and answer NLL on the test prompts. The seed is the training
+seed: adapter and router init, dropout, and the order of the (fixed) training examples.
   --stage sweep  the base unit, and every method at every rate of its sweep (--lrs-moe-lora, --lrs-lora) at
-                 the first seed; the selected rate of a method is the one with the lowest validation answer
-                 NLL (mean over tasks; the test prompts play no part in the choice);
-  --stage seeds  every method at its selected rate for the other seeds (--seeds 0 1 2: three seeds with the
-                 sweep's seed-0 unit);
+                 the first seed, scored on validation only; each keeps its trained parameters under --work;
+  --stage seeds  per method, the selected rate = the lowest validation answer NLL (mean over tasks; the test
+                 prompts play no part in the choice); its seed-0 unit is scored on the test prompts from the
+                 kept parameters (the same outputs as scoring it right after training: checked), the kept
+                 parameters are deleted, and the other seeds (--seeds 0 1 2: three in all) run at that rate;
   --report       rebuild adapter_quality.json and .md from the stored units (also done after a stage that
                  completes them).
 Every unit writes <results-dir>/adapter_quality_runs/<method>-lr<lr>-seed<seed>.json (base: base.json) with
@@ -799,12 +800,13 @@ def markdown(report: dict, args) -> str:
         lines += ["", "## Verdict (MoE-LoRA − LoRA)", ""]
         for task in (*TASKS, "overall"):
             lines.append("- " + verdict(c["em"][task], f"EM {task}", "", lower_better=False))
-        lines.append("- " + verdict(c["nll"]["overall"], "answer NLL overall", " nats/token", lower_better=True))
+        for task in (*TASKS, "overall"):
+            lines.append("- " + verdict(c["nll"][task], f"answer NLL {task}", " nats/token", lower_better=True))
     if "routing_mi" in report:
         r = report["routing_mi"]
         lines += [
             "",
-            f"MoE-LoRA routing vs task: mutual information between task and expert choice over the test examples' tokens (prompt + answer, "
+            f"MoE-LoRA routing vs task: mutual information between task and expert choice over the validation examples' tokens (prompt + answer, "
             f"after the {r['shared_prefix_tokens']}-token shared prefix), mean over layers {r['before']['mean']:.3f} ± {r['before']['sd']:.3f} nats "
             f"before training → {r['after']['mean']:.3f} ± {r['after']['sd']:.3f} after (max layer {r['after_max_layer']['mean']:.3f}; "
             f"upper bound ln {len(TASKS)} = {r['upper_bound']:.3f}); mean ± SD over seeds.",
