@@ -62,13 +62,16 @@ per-prompt mean; MoE-LoRA - LoRA paired on the same prompts and seed: per seed w
 seeds, and the seed-pooled CI; the sweep table. The verdict names a winner only where every seed's
 difference has the same sign and the seed-pooled CI excludes 0.
 
-Cost on 2 CPU cores (2 torch threads), from the pilot: MoE-LoRA ~3.2 s per step of 8 examples, LoRA ~2.7;
-greedy answers for the 200 test prompts ~25 s for a trained model (the untrained one writes all
---max-new-tokens); a teacher-forced pass ~0.14 s per example. Sweep stage (base + 6 units at 30 steps, test
-prompts scored only for the selected rates) ~13 min; seeds stage (2 test evaluations + 4 units) ~13 min.
+Rates: 5e-4, 1e-3, 2e-3 for both at first; each method's best sat at an edge (MoE-LoRA 2e-3, LoRA 5e-4), so
+each grid got one more rate beyond it (4e-3, 2.5e-4), the defaults now.
+
+Cost on 2 CPU cores (2 torch threads), measured at the defaults (30 steps x 8): a sweep unit (training +
+validation) takes ~90 s for MoE-LoRA (~2.5 s per step), ~65 s for LoRA (~2 s per step); scoring the 200
+test prompts (greedy answers + answer NLL) ~50 s; the untrained model's unit ~65 s (it writes all
+--max-new-tokens). Sweep stage (base + 8 units) ~11 min; seeds stage (2 test evaluations + 4 units) ~10 min.
 Memory: ~7.5 GB peak.
 
-    python benchmarks/adapter_quality.py --stage sweep     # base + 2 methods x 3 rates at seed 0
+    python benchmarks/adapter_quality.py --stage sweep     # base + 2 methods x 4 rates at seed 0
     python benchmarks/adapter_quality.py --stage seeds     # seeds 1 and 2 at each method's selected rate
     python benchmarks/adapter_quality.py --report          # the summary from the stored units
     python benchmarks/adapter_quality.py --steps 2 --batch 4 --test-per-task 2 --val-per-task 1 \
