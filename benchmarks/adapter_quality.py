@@ -59,8 +59,9 @@ units already there and refuses units run with other settings.
 Report: per method and task, exact match and answer NLL per seed (with a bootstrap 95% CI over prompts,
 moeforge.eval.probes.bootstrap_ci), mean ± SD over seeds, and the CI over prompts of the seed-pooled
 per-prompt mean; MoE-LoRA - LoRA paired on the same prompts and seed: per seed with its CI, mean ± SD over
-seeds, and the seed-pooled CI; the sweep table. The verdict names a winner only where every seed's
-difference has the same sign and the seed-pooled CI excludes 0.
+seeds, and the seed-pooled CI; the sweep table; instruction confusion (the share of test prompts answered
+with the paired task's answer for the same numbers, derived from the stored predictions). The verdict names a
+winner only where every seed's difference has the same sign and the seed-pooled CI excludes 0.
 
 Rates: 5e-4, 1e-3, 2e-3 for both at first; each method's best sat at an edge (MoE-LoRA 2e-3, LoRA 5e-4), so
 each grid got one more rate beyond it (4e-3, 2.5e-4), the defaults now.
@@ -114,6 +115,7 @@ from train_throughput import TUNED_MALLOC, _trim_heap  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("add", "subtract", "sort_asc", "sort_desc")
 INSTRUCTION = {"add": "add", "subtract": "subtract", "sort_asc": "sort ascending", "sort_desc": "sort descending"}
+PARTNER = {"add": "subtract", "subtract": "add", "sort_asc": "sort_desc", "sort_desc": "sort_asc"}
 METHODS = ("base", "moe_lora", "lora", "full")
 FFN = ["gate_proj", "up_proj", "down_proj"]
 SYSTEM = "Answer with the result only."
@@ -141,13 +143,26 @@ def _pair(rng: random.Random, digits: list[int]) -> list[int]:
     return [max(a, b), min(a, b)]
 
 
-def make_example(task: str, rng: random.Random, digits: list[int], lengths: list[int]) -> Example:
+def answer(task: str, numbers: list[int]) -> str:
     if task in ("add", "subtract"):
-        a, b = _pair(rng, digits)
-        return Example(task, _prompt(task, [a, b]), str(a + b if task == "add" else a - b))
-    numbers = rng.sample(range(100), rng.choice(lengths))
-    ordered = sorted(numbers, reverse=task == "sort_desc")
-    return Example(task, _prompt(task, numbers), ", ".join(map(str, ordered)))
+        a, b = numbers
+        return str(a + b if task == "add" else a - b)
+    return ", ".join(map(str, sorted(numbers, reverse=task == "sort_desc")))
+
+
+def make_example(task: str, rng: random.Random, digits: list[int], lengths: list[int]) -> Example:
+    numbers = _pair(rng, digits) if task in ("add", "subtract") else rng.sample(range(100), rng.choice(lengths))
+    return Example(task, _prompt(task, numbers), answer(task, numbers))
+
+
+def confused(predictions: list[str], examples: list[Example]) -> list[float]:
+    """Per prompt: 1 if the prediction is the other task of the pair's answer for the same numbers (the
+    instruction was ignored or mixed up), else 0. Never also exact: the two answers always differ."""
+    out = []
+    for p, e in zip(predictions, examples, strict=True):
+        numbers = [int(x) for x in e.prompt.split("Input: ")[1].split(", ")]
+        out.append(float(p == answer(PARTNER[e.task], numbers)))
+    return out
 
 
 def make_data(args) -> tuple[list[Example], list[Example], list[Example]]:
@@ -545,21 +560,26 @@ def mean_sd(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else float("nan"), "values": values}
 
 
-def seed_mean(units: list[dict], key: str) -> list[float]:
+def per_prompt(unit: dict, key: str, test: list[Example]) -> list[float]:
+    """A unit's per-prompt test values: ``exact``, ``answer_nll`` or ``confused`` (derived from its predictions)."""
+    return confused(unit["test"]["predictions"], test) if key == "confused" else unit["test"][key]
+
+
+def seed_mean(units: list[dict], key: str, test: list[Example]) -> list[float]:
     """Per prompt: the mean over the units (seeds) of ``key``'s per-prompt values."""
-    return [float(x) for x in np.mean([u["test"][key] for u in units], axis=0)]
+    return [float(x) for x in np.mean([per_prompt(u, key, test) for u in units], axis=0)]
 
 
 def method_summary(units: list[dict], test: list[Example]) -> dict:
     """Per task: per-seed EM / NLL, mean ± SD over seeds, and the bootstrap CI over prompts of the seed-pooled
     per-prompt means (the CI covers the choice of prompts; the SD covers training seeds)."""
     out: dict = {"lr": units[0]["lr"], "seeds": [u["seed"] for u in units]}
-    for metric, key in (("em", "exact"), ("nll", "answer_nll")):
-        per_seed = [by_task(u["test"][key], test) for u in units]
-        pooled = summarize(seed_mean(units, key), test)
+    for metric, key in (("em", "exact"), ("nll", "answer_nll"), ("confused", "confused")):
+        per_seed = [by_task(per_prompt(u, key, test), test) for u in units]
+        pooled = summarize(seed_mean(units, key, test), test)
         out[metric] = {
             task: mean_sd([s[task] for s in per_seed])
-            | {"pooled_ci": pooled[task]["ci"], "seed_cis": [summarize(u["test"][key], test)[task]["ci"] for u in units]}
+            | {"pooled_ci": pooled[task]["ci"], "seed_cis": [summarize(per_prompt(u, key, test), test)[task]["ci"] for u in units]}
             for task in (*TASKS, "overall")
         }
     return out
@@ -569,9 +589,9 @@ def comparison(a: list[dict], b: list[dict], test: list[Example]) -> dict:
     """a - b paired on the same prompts and seeds: per seed (bootstrap CI over prompts), mean ± SD of the
     per-seed differences, and the CI of the seed-pooled per-prompt difference."""
     out = {}
-    for metric, key in (("em", "exact"), ("nll", "answer_nll")):
-        per_seed = [paired(x["test"][key], y["test"][key], test) for x, y in zip(a, b, strict=True)]
-        pooled = paired(seed_mean(a, key), seed_mean(b, key), test)
+    for metric, key in (("em", "exact"), ("nll", "answer_nll"), ("confused", "confused")):
+        per_seed = [paired(per_prompt(x, key, test), per_prompt(y, key, test), test) for x, y in zip(a, b, strict=True)]
+        pooled = paired(seed_mean(a, key, test), seed_mean(b, key, test), test)
         out[metric] = {
             task: mean_sd([s[task]["mean"] for s in per_seed]) | {"per_seed": [s[task] for s in per_seed], "pooled_ci": pooled[task]["ci"]}
             for task in (*TASKS, "overall")
@@ -633,7 +653,11 @@ def build_report(args, units: dict[str, dict], methods: list[str], lrs: dict[str
     }
     if "base" in units:
         base = units["base"]["test"]
-        report["base"] = {"em": summarize(base["exact"], test), "nll": summarize(base["answer_nll"], test)}
+        report["base"] = {
+            "em": summarize(base["exact"], test),
+            "nll": summarize(base["answer_nll"], test),
+            "confused": summarize(confused(base["predictions"], test), test),
+        }
     for a, b in (("moe_lora", "lora"), ("moe_lora", "full"), ("lora", "full")):
         if a in runs and b in runs:
             report["comparisons"][f"{a} - {b}"] = comparison(runs[a], runs[b], test)
@@ -798,6 +822,33 @@ def markdown(report: dict, args) -> str:
             lines.append(
                 "| seed-pooled CI | " + " | ".join(_ci(c[metric][t]["pooled_ci"], True, digits) for t in (*TASKS, "overall")) + " |"
             )
+    lines += [
+        "",
+        "## Instruction confusion: share of test prompts answered with the other task's answer for the same numbers "
+        "(sorted the wrong way, added instead of subtracted, ...); mean ± SD over seeds [seed-pooled CI]",
+        "",
+        "| | " + " | ".join(TASKS) + " | overall |",
+        "|---|" + "---|" * (len(TASKS) + 1),
+    ]
+    if "base" in report:
+        b = report["base"]["confused"]
+        lines.append("| base (untrained) | " + " | ".join(f"{b[t]['mean']:.2f} {_ci(b[t]['ci'])}" for t in (*TASKS, "overall")) + " |")
+    for m in trained:
+        r = report["methods"][m]["confused"]
+        lines.append(
+            f"| {names[m]} | "
+            + " | ".join(f"{r[t]['mean']:.2f} ± {r[t]['sd']:.2f} {_ci(r[t]['pooled_ci'])}" for t in (*TASKS, "overall"))
+            + " |"
+        )
+    for name, c in report["comparisons"].items():
+        lines.append(
+            f"| {name} | "
+            + " | ".join(
+                f"{c['confused'][t]['mean']:+.3f} ± {c['confused'][t]['sd']:.3f} {_ci(c['confused'][t]['pooled_ci'], True)}"
+                for t in (*TASKS, "overall")
+            )
+            + " |"
+        )
     if "moe_lora - lora" in report["comparisons"]:
         c = report["comparisons"]["moe_lora - lora"]
         lines += ["", "## Verdict (MoE-LoRA − LoRA)", ""]
@@ -805,6 +856,8 @@ def markdown(report: dict, args) -> str:
             lines.append("- " + verdict(c["em"][task], f"EM {task}", "", lower_better=False))
         for task in (*TASKS, "overall"):
             lines.append("- " + verdict(c["nll"][task], f"answer NLL {task}", " nats/token", lower_better=True))
+        lines.append("- " + verdict(c["confused"]["overall"], "instruction confusion overall", "", lower_better=True))
+        lines.append(f"- {2 * len(TASKS) + 3} comparisons in all: a single one passing the rule above is weak evidence on its own.")
     if "routing_mi" in report:
         r = report["routing_mi"]
         lines += [
