@@ -284,9 +284,9 @@ def judge(what: str, p: dict, better: str, worse: str) -> str:
     s = p["over_seeds"]
     if s is None:
         return f"{what}: not run."
-    text = f"{what}: {fmt(s, sign='+')} nats (mean ± SD over {s['n']} seeds"
     if s["ci95"] is None:
-        return text + "; one seed, no spread: no claim)."
+        return f"{what}: {fmt(s, sign='+')} nats (one seed: no spread, no claim)."
+    text = f"{what}: {fmt(s, sign='+')} nats (mean ± SD over {s['n']} seeds"
     low, high = s["ci95"]
     per_seed = ", ".join(f"{r['gap']:+.4f} ± {r['block_se']:.4f}" for r in p["per_seed"])
     text += f", 95% t interval [{low:+.4f}, {high:+.4f}]; per seed {per_seed}, each ± its per-block paired SE)"
@@ -501,9 +501,11 @@ def markdown(result: dict, runs: dict[str, dict[int, dict]], sweep: dict, args, 
         "",
         f"![held-out loss curves and the sweep]({NAME}.png)",
         "",
-        "Wall time of every run (process seconds, including model loading and held-out scoring; conversions not included): "
+        "Wall time of every run (process seconds, including model loading and held-out scoring): "
         + ", ".join(f"{name} {s:.0f}" for name, s in result["process_seconds_per_unit"].items())
-        + f"; total {result['process_seconds_total']:.0f} s"
+        + f"; total {result['process_seconds_total']:.0f} s, plus the conversions' "
+        + ", ".join(f"{c['seconds']:.0f}" for c in conversions.values())
+        + " s"
         + ("" if wall is None else f" (this invocation {wall:.0f} s wall)")
         + ".",
         "",
