@@ -34,9 +34,10 @@ model = dense parameters + (top_k - 1) x dense FFN weights + router weights (the
 its lookup is free, the output head is a matmul).
 
 Sized for 2 CPU cores shared with other work, under flock /tmp/moeforge-cpu.lock. The defaults (20 steps x
-4 x 128 tokens = 10,240 tokens a run, a third of pt-demo's training split) took ~35 min for all 13 runs:
-~90 s a dense run, ~200 s an upcycled one (~13 GB of memory: fp32 weights, gradients, AdamW), ~60 s a
-conversion. Commands (each phase its own lock, so other work can interleave):
+4 x 128 tokens = 10,240 tokens a run, a third of pt-demo's training split) took 31 min under the lock for
+all 13 runs (sweep 996 s, seeds 551 s, matched 323 s): ~80-90 s a dense run (~105 s a 32-step matched one),
+~180-205 s an upcycled one (peak 14.9 GB resident: fp32 weights, gradients, AdamW), ~10 s a conversion.
+Commands (each phase its own lock, so other work can interleave):
 
     flock /tmp/moeforge-cpu.lock python benchmarks/upcycle_vs_dense.py --phase sweep
     flock /tmp/moeforge-cpu.lock python benchmarks/upcycle_vs_dense.py --phase seeds
