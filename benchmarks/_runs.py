@@ -4,7 +4,13 @@ Each run is ``moeforge.training.train`` in its own process (this file is the chi
 not share memory or global state. The child scores the held-out blocks itself before and after training:
 the plain LM loss per block (router losses are added in training mode only), which lets the parent pair
 runs block by block; a spec with ``"score_blocks": false`` skips that (two model loads) and keeps the
-trainer's own held-out ``eval_loss`` (at step 0 and every ``eval_steps``) as the figure.
+trainer's own held-out ``eval_loss`` (at step 0 and every ``eval_steps``) as the figure. Two spec options
+save CPU when many runs share a source model:
+  ``"start_losses"``  the per-block losses of the spec's model, scored once by an earlier run (the same
+                      weights and blocks give the same figures), so the child does not load and score it again;
+  ``"score_every"``   N: the child scores the blocks on the in-memory model every N steps (0: never) and after
+                      the last step, in place of the trainer's evaluation (turned off: it is not per block and
+                      would repeat the start and final scoring), and the final scoring needs no reload.
 
 moeforge.training.train returns the last losses but not the history, so each child appends a read-only
 recorder callback to transformers' default callbacks to keep ``state.log_history``.
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,19 +45,12 @@ def _eval_blocks(recipe, tokenizer) -> torch.Tensor:
     return torch.tensor(pack_texts(data.eval, tokenizer, recipe.data.max_length)["input_ids"], dtype=torch.long)
 
 
-def block_losses(model_dir: str, blocks: torch.Tensor, batch: int) -> list[float]:
-    """:func:`model_block_losses` of the checkpoint at ``model_dir``, loaded in fp32 and freed after."""
-    from moeforge.io.loading import load_model
-
-    model, _ = load_model(model_dir, dtype=torch.float32)
-    losses = model_block_losses(model, blocks, batch)
-    del model
-    return losses
-
-
 @torch.no_grad()
-def model_block_losses(model: torch.nn.Module, blocks: torch.Tensor, batch: int) -> list[float]:
-    """Mean next-token cross-entropy of each held-out block (what the trainer's eval_loss averages)."""
+def score_blocks(model: torch.nn.Module, blocks: torch.Tensor, batch: int) -> list[float]:
+    """Mean next-token cross-entropy of each held-out block (what the trainer's eval_loss averages), in eval
+    mode (no router losses); the model goes back to the mode it was in."""
+    was_training = model.training
+    model.eval()
     losses = []
     for start in range(0, blocks.shape[0], batch):
         ids = blocks[start : start + batch]
@@ -58,7 +58,45 @@ def model_block_losses(model: torch.nn.Module, blocks: torch.Tensor, batch: int)
         # [tokens, vocab] layout: torch's CPU cross_entropy over a [batch, vocab, seq] input is off by ~1e-4 here
         token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         losses += token.view(ids.shape[0], -1).mean(dim=1).tolist()
+    model.train(was_training)
     return losses
+
+
+def block_losses(model_dir: str, blocks: torch.Tensor, batch: int) -> list[float]:
+    """:func:`score_blocks` of the model saved in ``model_dir``."""
+    from moeforge.io.loading import load_model
+
+    model, _ = load_model(model_dir, dtype=torch.float32)
+    losses = score_blocks(model, blocks, batch)
+    del model
+    return losses
+
+
+def _block_scorer(blocks: torch.Tensor, batch: int, every: int):
+    """A callback that scores ``blocks`` every ``every`` steps and after the last one, on the model being
+    trained, and keeps the trainer from evaluating (its ``curve``: step -> per-block losses)."""
+    from transformers import TrainerCallback
+
+    class BlockScorer(TrainerCallback):
+        def __init__(self) -> None:
+            self.curve: dict[int, list[float]] = {}
+            self.seconds = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            args.eval_on_start = False  # read right after on_train_begin; the start losses are scored or given
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            control.should_evaluate = False
+            step = state.global_step
+            if (every and step % every == 0) or step >= state.max_steps:
+                start = time.perf_counter()
+                self.curve[step] = score_blocks(model, blocks, batch)
+                self.seconds += time.perf_counter() - start
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            control.should_evaluate = False
+
+    return BlockScorer()
 
 
 def run_training(spec: dict) -> dict:
@@ -77,32 +115,48 @@ def run_training(spec: dict) -> dict:
             record.update(log_history=list(state.log_history), steps=state.global_step, tokens=state.num_input_tokens_seen)
 
     recipe = parse_recipe(spec["recipe"], model=TrainRecipe)
+    batch = recipe.training.per_device_eval_batch_size
     scored: dict = {}
     eval_seconds = 0.0
+    callbacks: list = [Recorder]
     if spec.get("score_blocks", True):  # off: the trainer's own eval_loss before and after is the figure
         blocks = _eval_blocks(recipe, load_tokenizer(resolve_checkpoint(recipe.model)))
-        start = time.perf_counter()
-        scored["block_losses_start"] = block_losses(recipe.model, blocks, recipe.training.per_device_eval_batch_size)
         scored |= {"eval_blocks": blocks.shape[0], "block_tokens": blocks.shape[1]}
-        eval_seconds = time.perf_counter() - start
+        if "start_losses" in spec:
+            if len(spec["start_losses"]) != blocks.shape[0]:
+                raise SystemExit(f"start_losses has {len(spec['start_losses'])} blocks, the held-out split {blocks.shape[0]}")
+            scored["block_losses_start"] = spec["start_losses"]
+        else:
+            start = time.perf_counter()
+            scored["block_losses_start"] = block_losses(recipe.model, blocks, batch)
+            eval_seconds = time.perf_counter() - start
+        if "score_every" in spec:
+            callbacks.append(_block_scorer(blocks, batch, spec["score_every"]))
 
-    transformers.trainer.DEFAULT_CALLBACKS.append(Recorder)
+    transformers.trainer.DEFAULT_CALLBACKS.extend(callbacks)
     try:
         start = time.perf_counter()
         result = train(recipe, log=lambda line: print(line, file=sys.stderr, flush=True))
         train_seconds = time.perf_counter() - start
     finally:
-        transformers.trainer.DEFAULT_CALLBACKS.remove(Recorder)
+        for callback in callbacks:
+            transformers.trainer.DEFAULT_CALLBACKS.remove(callback)
 
-    if scored:
+    if len(callbacks) > 1:  # scored in training: the last step's losses are the final ones
+        scorer = callbacks[1]
+        scored["block_curve"] = sorted(scorer.curve.items())
+        scored["block_losses_final"] = scorer.curve[max(scorer.curve)]
+        scored["in_training_score_seconds"] = round(scorer.seconds, 1)
+    elif scored:
         start = time.perf_counter()
-        scored["block_losses_final"] = block_losses(str(result.model_dir), blocks, recipe.training.per_device_eval_batch_size)
+        scored["block_losses_final"] = block_losses(str(result.model_dir), blocks, batch)
         eval_seconds += time.perf_counter() - start
     return {
         **record,
         **scored,
         "train_call_seconds": round(train_seconds, 1),
         "script_eval_seconds": round(eval_seconds, 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "trainable_parameters": result.trainable_parameters,
         "total_parameters": result.total_parameters,
     }
@@ -161,10 +215,13 @@ def summarize(name: str, out: dict) -> dict:
     """One run's child result as curves, start/final held-out loss (± SE over blocks) and timings."""
     history = out["log_history"]
     evals = [(0, statistics.fmean(out["block_losses_start"]))]
-    evals += [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e and 0 < e["step"] < out["steps"]]
+    if "block_curve" in out:  # scored by the child during training
+        evals += [(step, statistics.fmean(losses)) for step, losses in out["block_curve"] if 0 < step < out["steps"]]
+    else:
+        evals += [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e and 0 < e["step"] < out["steps"]]
     evals.append((out["steps"], statistics.fmean(out["block_losses_final"])))
     summary = next((e for e in reversed(history) if "train_loss" in e), {})  # the trainer's end-of-run summary
-    eval_runtime = sum(e.get("eval_runtime", 0.0) for e in history if "eval_loss" in e)
+    eval_runtime = sum(e.get("eval_runtime", 0.0) for e in history if "eval_loss" in e) + out.get("in_training_score_seconds", 0.0)
     train_seconds = summary.get("train_runtime", 0.0) - eval_runtime
     start_mean, start_se = mean_se(out["block_losses_start"])
     final_mean, final_se = mean_se(out["block_losses_final"])
@@ -188,6 +245,7 @@ def summarize(name: str, out: dict) -> dict:
         "train_seconds_excl_eval": round(train_seconds, 1),
         "train_tokens_per_second": round(out["tokens"] / train_seconds, 1) if train_seconds > 0 else None,
         "process_seconds": out["process_seconds"],
+        "peak_rss_gb": out.get("peak_rss_gb"),
         "trainable_parameters": out["trainable_parameters"],
         "total_parameters": out["total_parameters"],
         "eval_blocks": out["eval_blocks"],

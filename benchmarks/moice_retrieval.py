@@ -77,7 +77,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _runs import model_block_losses, paired_gap
+from _runs import paired_gap, score_blocks
 from torch import nn
 
 from moeforge.config.moice import MoiceSpec
@@ -341,7 +341,7 @@ def scored_blocks(model: nn.Module, blocks: torch.Tensor) -> tuple[list[float], 
 
     handles = [router.register_forward_hook(record) for router in routers]
     try:
-        losses = model_block_losses(model, blocks, batch=1)
+        losses = score_blocks(model, blocks, batch=1)
     finally:
         for handle in handles:
             handle.remove()
