@@ -49,15 +49,16 @@ trained weights go to ``--cache``, and a unit whose weights are gone is retraine
 ``eval_<model>.json`` (per-prompt scores); a rerun skips finished units, ``--report`` rebuilds
 ``moice_retrieval.{json,md}`` and one ``moice_retrieval_<probe>.png`` per probe from them. ``--models`` picks units, so phases can run one at a time.
 
-    # the README run (2 shared CPU cores; one phase per command, so other jobs can interleave; 17 min in all):
+    # the README run (2 shared CPU cores; one phase per command, so other jobs can interleave; the units' own
+    # times add up to ~47 min: 8 min of training, 40 of probing, about 2 s per MoICE prompt of 600 tokens):
     python benchmarks/moice_retrieval.py --phase train --models moice-trained,static-mixture,adapter   # 8 min
-    python benchmarks/moice_retrieval.py --phase eval --models original,moice-untrained,adapter        # 2 min
-    python benchmarks/moice_retrieval.py --phase eval --models moice-trained                           # 3.5 min
-    python benchmarks/moice_retrieval.py --phase eval --models static-mixture                          # 3.5 min
+    python benchmarks/moice_retrieval.py --phase eval --models original,moice-untrained,adapter \\
+        --kv-pairs 48,96 --mdqa-docs 48                                                                 # 10 min
+    python benchmarks/moice_retrieval.py --phase eval --models moice-trained --kv-pairs 48,96 --mdqa-docs 48   # 14 min
+    python benchmarks/moice_retrieval.py --phase eval --models static-mixture --kv-pairs 48,96 --mdqa-docs 48  # 15 min
     python benchmarks/moice_retrieval.py --report                                                      # 5 s
-    # the README run has 10 prompts per position at 48 pairs only (~2 s per MoICE prompt of 600 tokens on 2 cores);
-    # longer contexts and the MDQA-style probe, the same phases with e.g.:
-    #   --results-dir /tmp/moice-long --kv-pairs 48,96 --mdqa-docs 48 --samples 20       (several CPU hours)
+    # a longer context (--kv-pairs 48,96,192) adds its probe to the same units; more prompts per position
+    # (--samples 20) changes the units' settings, so it needs its own --results-dir.
     # a smoke run (a minute or two):
     python benchmarks/moice_retrieval.py --results-dir /tmp/moice-smoke --steps 1 --block 64 --seeds 1 \\
         --kv-pairs 6 --mdqa-docs 6 --samples 1 --ppl-blocks 1
