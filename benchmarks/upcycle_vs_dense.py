@@ -1,10 +1,13 @@
 """The sparse-upcycling claim at small scale: continue training SmolLM2 dense vs upcycled, tuned, over seeds.
 
-From the embedded SmolLM2-135M-Instruct (a Q4_1 GGUF dequantised to fp32), three arms of continued
+From the embedded SmolLM2-135M-Instruct (a Q4_1 GGUF dequantised to fp32), four arms of continued
 pretraining (stage pt, fp32, every weight trained):
   dense          the dense model;
   upcycled       the same after exact copy-upcycling to 8 experts top-2 (Mixtral export; the conversion's
                  fidelity check passes, so both start as the same function), moeforge balance loss 0.01;
+  drop_upcycled  the same with Drop-Upcycling (Nakamura et al. 2025, arXiv 2502.19261): every expert re-draws
+                 half of its neurons from N(mean, std) of the dense matrix, which breaks the symmetry between
+                 copies at the price of starting as another function (the conversion seed picks the neurons);
   dense_matched  the dense model trained for round(steps x FLOP ratio) steps: as many training FLOPs as an
                  upcycled run (it sees more tokens), at dense's best learning rate.
 Every run is ``moeforge.training.train`` in its own process (benchmarks/_runs.py) on the same data (built-in
@@ -14,7 +17,7 @@ upcycled arm, the conversion seed (its router init), so the seed spread includes
 
 Phases (each run is a unit, stored as results/upcycle_vs_dense_runs/<arm>-lr<lr>-seed<seed>.json; a rerun
 skips stored units, so an interrupted phase resumes):
-  sweep    seed 0, dense and upcycled, at every --lrs rate (1e-4, 2e-4, 4e-4);
+  sweep    seed 0, dense, upcycled and drop_upcycled, at every --lrs rate (1e-4, 2e-4, 4e-4);
   seeds    --seeds (1 2) at each arm's best rate: the lowest final held-out loss of its sweep;
   matched  dense_matched at dense's best rate, --matched-seeds (0 1 2);
   all      the three in order (the default).
@@ -26,7 +29,8 @@ Held-out loss is the plain LM loss per block (router losses are added in trainin
 child on the model in memory every --eval-every steps and after the last one; the trainer's own evaluation
 is off. A source model's start losses are the same for every run of it (same weights, same blocks): they are
 scored by the first run of each source and passed to the others (the upcycled conversions of seeds 1 and 2
-are exact copies too, checked by their fidelity figures, so they take seed 0's start losses).
+are exact copies too, checked by their fidelity figures, so they take seed 0's start losses; a drop_upcycled
+conversion is its seed's own model, so its start losses are shared only between rates of that seed).
 
 FLOPs: training FLOPs per token = 6 x (active parameters) + 6 x layers x seq_len x attention width (the
 attention score and value products at full context, an upper bound); active parameters of the upcycled
@@ -64,11 +68,23 @@ from _runs import convert_model, paired_gap, run_child, summarize
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "upcycle_vs_dense"
 MOE = {"num_experts": 8, "top_k": 2}
-ARMS = ("dense", "upcycled", "dense_matched")
-SWEPT = ("dense", "upcycled")
+DROP_RATIO = 0.5
+MOE_OF = {"upcycled": MOE, "drop_upcycled": MOE | {"copy": {"drop_ratio": DROP_RATIO}}}  # the converted arms
+ARMS = ("dense", "upcycled", "drop_upcycled", "dense_matched")
+SWEPT = ("dense", "upcycled", "drop_upcycled")
 PHASES = ("sweep", "seeds", "matched")
-SOURCE_OF = {"dense": "dense", "dense_matched": "dense", "upcycled": "upcycled"}  # which start losses an arm shares
+SHAPE_OF = {"dense": "dense", "dense_matched": "dense", "upcycled": "upcycled", "drop_upcycled": "upcycled"}  # for FLOPs
+SOURCE_OF = {"dense": "dense", "dense_matched": "dense", "upcycled": "upcycled", "drop_upcycled": "drop_upcycled"}
+"""Which start losses an arm shares: the same source model on the same blocks. Drop-Upcycling's conversions
+differ by seed (its re-drawn neurons), so its runs share them only within a seed."""
+SEEDED_SOURCE = ("drop_upcycled",)
 BLOCK_KEYS = ("seq_len", "eval_ratio", "mix_seed", "data", "source")  # what fixes the held-out blocks
+PAIRS = {
+    "upcycled_minus_dense_equal_tokens": "upcycled - dense",
+    "upcycled_minus_dense_matched_equal_flops": "upcycled - dense_matched",
+    "drop_upcycled_minus_upcycled_equal_tokens": "drop_upcycled - upcycled",
+}
+"""The paired gaps the markdown tabulates per seed (result key: column label)."""
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 """Two-sided 95% Student t quantiles by degrees of freedom (few seeds; scipy is not a dependency)."""
 MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32)"
@@ -95,7 +111,7 @@ def settings(args, arm: str, steps: int) -> dict:
         "source": str(args.source) if args.source else None,
         "data": str(args.data) if args.data else None,
     }
-    return common | ({"moe": MOE, "balance_coef": args.balance_coef} if arm == "upcycled" else {})
+    return common | ({"moe": MOE_OF[arm], "balance_coef": args.balance_coef} if arm in MOE_OF else {})
 
 
 def recipe_for(model: Path, output: Path, args, lr: float, seed: int, steps: int) -> dict:
@@ -128,12 +144,12 @@ def source_dir(args) -> Path:
     return args.source or default_model_dir()
 
 
-def converted(seed: int, args) -> tuple[Path, dict]:
-    """The upcycled model for conversion ``seed`` under --work (made unless there) and its fidelity."""
-    model = args.work / f"upcycled-convert{seed}"
+def converted(arm: str, seed: int, args) -> tuple[Path, dict]:
+    """``arm``'s model for conversion ``seed`` under --work (made unless there) and its fidelity."""
+    model = args.work / f"{arm}-convert{seed}"
     info_path = model.with_suffix(".conversion.json")
     if not (info_path.exists() and model.is_dir()):
-        info = convert_model(source_dir(args), model, {"moe": MOE}, seed=seed)
+        info = convert_model(source_dir(args), model, {"moe": MOE_OF[arm]}, seed=seed)
         info_path.write_text(json.dumps(info))
         print(f"  converted (seed {seed}): {json.dumps(info)}", flush=True)
     return model, json.loads(info_path.read_text())
@@ -153,11 +169,12 @@ def stored(units: dict[str, dict], arm: str, lr: float, seed: int, args, steps: 
     return unit
 
 
-def cached_start(units: dict[str, dict], arm: str, args) -> tuple[str, list[float]] | None:
+def cached_start(units: dict[str, dict], arm: str, seed: int, args) -> tuple[str, list[float]] | None:
     """Start losses scored by a stored run of the same source model on the same blocks, and that run's name."""
     wanted = settings(args, arm, 0)
     for name, unit in units.items():
-        if SOURCE_OF[unit["arm"]] == SOURCE_OF[arm] and all(unit["settings"][k] == wanted[k] for k in BLOCK_KEYS):
+        same_source = SOURCE_OF[unit["arm"]] == SOURCE_OF[arm] and (arm not in SEEDED_SOURCE or unit["seed"] == seed)
+        if same_source and all(unit["settings"][k] == wanted[k] for k in BLOCK_KEYS):
             if unit["start_losses_from"] is None:
                 return name, unit["result"]["block_losses_start"]
     return None
@@ -166,13 +183,13 @@ def cached_start(units: dict[str, dict], arm: str, args) -> tuple[str, list[floa
 def run_unit(arm: str, lr: float, seed: int, steps: int, args, units: dict[str, dict]) -> dict:
     """Train one unit in a child process and store it (written whole, then renamed)."""
     name = unit_name(arm, lr, seed)
-    model, conversion = converted(seed, args) if arm == "upcycled" else (source_dir(args), None)
+    model, conversion = converted(arm, seed, args) if arm in MOE_OF else (source_dir(args), None)
     spec: dict = {
         "name": name,
         "recipe": recipe_for(model, args.work / f"{name}-run", args, lr, seed, steps),
         "score_every": args.eval_every,
     }
-    cached = cached_start(units, arm, args)
+    cached = cached_start(units, arm, seed, args)
     if cached is not None:
         spec["start_losses"] = cached[1]
     print(f"training {name} ({steps} steps x {args.batch} x {args.seq_len} tokens) ...", flush=True)
@@ -198,12 +215,18 @@ def run_unit(arm: str, lr: float, seed: int, steps: int, args, units: dict[str, 
 # ---------------------------------------------------------------------------------- phases and FLOPs
 
 
+def rates(arm: str, args) -> list[float]:
+    """``arm``'s sweep grid: --lrs, and for drop_upcycled also --drop-lrs (it starts far from the dense function,
+    so its best rate may lie above the others')."""
+    return sorted({*args.lrs, *(args.drop_lrs if arm == "drop_upcycled" else ())})
+
+
 def best_rates(units: dict[str, dict], args) -> dict[str, float]:
     """Each swept arm's rate with the lowest final held-out loss at the sweep seed."""
     best = {}
     for arm in SWEPT:
         finals = {}
-        for lr in args.lrs:
+        for lr in rates(arm, args):
             unit = stored(units, arm, lr, args.sweep_seed, args, args.steps)
             if unit is None:
                 raise SystemExit(f"the sweep has no {unit_name(arm, lr, args.sweep_seed)} yet: run --phase sweep first")
@@ -217,7 +240,7 @@ def flop_accounting(units: dict[str, dict], args) -> dict:
     from transformers import AutoConfig
 
     totals = {}
-    for arm in SWEPT:
+    for arm in ("dense", "upcycled"):
         unit = next((u for u in units.values() if u["arm"] == arm), None)
         if unit is None:
             raise SystemExit(f"no stored {arm} run yet: run --phase sweep first")
@@ -245,7 +268,7 @@ def flop_accounting(units: dict[str, dict], args) -> dict:
 def plan(phase: str, units: dict[str, dict], args) -> list[tuple[str, float, int, int]]:
     """The units (arm, lr, seed, steps) of ``phase``."""
     if phase == "sweep":
-        return [(arm, lr, args.sweep_seed, args.steps) for arm in SWEPT for lr in args.lrs]
+        return [(arm, lr, args.sweep_seed, args.steps) for arm in SWEPT for lr in rates(arm, args)]
     best = best_rates(units, args)
     if phase == "seeds":
         return [(arm, best[arm], seed, args.steps) for seed in args.seeds for arm in SWEPT]
@@ -313,13 +336,13 @@ def report(args, wall: float | None) -> None:
             if unit is not None:
                 runs[arm][seed] = summarize(unit_name(arm, lr, seed), unit["result"]) | {
                     "lr": lr,
-                    "flops": unit["result"]["tokens"] * flops["flops_per_token"][SOURCE_OF[arm]],
+                    "flops": unit["result"]["tokens"] * flops["flops_per_token"][SHAPE_OF[arm]],
                     "conversion": unit["conversion"],
                 }
     sweep = {
         arm: {
             lr: summarize(unit_name(arm, lr, args.sweep_seed), stored(units, arm, lr, args.sweep_seed, args, args.steps)["result"])
-            for lr in args.lrs
+            for lr in rates(arm, args)
         }
         for arm in SWEPT
     }
@@ -340,14 +363,16 @@ def report(args, wall: float | None) -> None:
                 "process_seconds": spread([r["process_seconds"] for r in rows]),
                 "peak_rss_gb": max(r["peak_rss_gb"] for r in rows),
                 "total_parameters": rows[0]["total_parameters"],
-                "active_parameters": flops["active_parameters"][SOURCE_OF[arm]],
+                "active_parameters": flops["active_parameters"][SHAPE_OF[arm]],
             }
     equal_tokens = paired(runs["dense"], runs["upcycled"])
     fresh = paired({s: r for s, r in runs["dense"].items() if s != args.sweep_seed}, runs["upcycled"])
     equal_flops = paired(runs["dense_matched"], runs["upcycled"])
+    drop_vs_copy = paired(runs["upcycled"], runs["drop_upcycled"])
+    drop_vs_dense = paired(runs["dense"], runs["drop_upcycled"])
     all_units = sorted(units.items(), key=lambda kv: (PHASES.index(phase_of(kv[1], args)), kv[0]))
     wall_per_unit = {name: u["result"]["process_seconds"] for name, u in all_units}
-    conversions = {s: r["conversion"] for s, r in runs["upcycled"].items()}
+    conversions = {arm: {s: r["conversion"] for s, r in runs[arm].items()} for arm in MOE_OF}
     # the median over every run of the arm (all rates and seeds: same steps, same work) resists the shared
     # machine's slow spells better than the mean over the best rate's seeds
     train_median = {
@@ -363,6 +388,8 @@ def report(args, wall: float | None) -> None:
             "upcycled",
             "dense_matched",
         ),
+        judge(f"Drop-upcycled (r = {DROP_RATIO:g}) - upcycled at equal tokens", drop_vs_copy, "drop_upcycled", "upcycled"),
+        judge(f"Drop-upcycled (r = {DROP_RATIO:g}) - dense at equal tokens", drop_vs_dense, "drop_upcycled", "dense"),
     ]
     verdict.append(
         f"An upcycled run's training took {time_ratio:.1f}x a dense run's wall time here (median over all runs of each arm, "
@@ -376,7 +403,13 @@ def report(args, wall: float | None) -> None:
         "model": str(args.source) if args.source else MODEL,
         "data": str(args.data or "built-in pt-demo"),
         "settings": settings(args, "upcycled", args.steps)
-        | {"lrs": args.lrs, "sweep_seed": args.sweep_seed, "seeds": args.seeds, "matched_seeds": args.matched_seeds},
+        | {
+            "lrs": args.lrs,
+            "drop_lrs": args.drop_lrs,
+            "sweep_seed": args.sweep_seed,
+            "seeds": args.seeds,
+            "matched_seeds": args.matched_seeds,
+        },
         "best_lr": best,
         "flops": flops,
         "sweep_final_loss": {arm: {f"{lr:g}": s["final_loss"] for lr, s in by_lr.items()} for arm, by_lr in sweep.items()},
@@ -384,6 +417,8 @@ def report(args, wall: float | None) -> None:
         "upcycled_minus_dense_equal_tokens": equal_tokens,
         "upcycled_minus_dense_fresh_seeds_only": fresh,
         "upcycled_minus_dense_matched_equal_flops": equal_flops,
+        "drop_upcycled_minus_upcycled_equal_tokens": drop_vs_copy,
+        "drop_upcycled_minus_dense_equal_tokens": drop_vs_dense,
         "conversions": conversions,
         "train_seconds_median_all_runs": train_median,
         "train_time_ratio": time_ratio,
@@ -420,15 +455,24 @@ def markdown(result: dict, runs: dict[str, dict[int, dict]], sweep: dict, args, 
         f"Data: {result['data']}; held-out: the same {first['eval_blocks']} blocks of {first['block_tokens']} tokens for every run "
         f"(eval_ratio {args.eval_ratio}, split by mix_seed {args.mix_seed}). AdamW, cosine schedule (warm-up {args.warmup_ratio:g}), "
         f"batch {args.batch} x {args.seq_len} tokens, fp32, every weight trained. Upcycled: 8 experts top-2, exact copy upcycling "
-        f"(Mixtral export), balance loss {args.balance_coef:g}, conversion seed = run seed (router init). Seed s also sets the data order.",
+        f"(Mixtral export), balance loss {args.balance_coef:g}, conversion seed = run seed (router init). Drop-upcycled: the same "
+        f"with Drop-Upcycling (arXiv 2502.19261): each expert re-draws {DROP_RATIO:.0%} of its neurons from N(mean, std) of the "
+        "dense matrix (the conversion seed picks them), so it starts as another function. Seed s also sets the data order.",
         "",
         f"## Learning-rate sweep (seed {args.sweep_seed}, {args.steps} steps): final held-out loss",
         "",
         "| lr | " + " | ".join(SWEPT) + " |",
         "|---|" + "---|" * len(SWEPT),
     ]
-    for lr in args.lrs:
-        cells = [f"**{sweep[arm][lr]['final_loss']:.4f}**" if best[arm] == lr else f"{sweep[arm][lr]['final_loss']:.4f}" for arm in SWEPT]
+    for lr in sorted({lr for arm in SWEPT for lr in rates(arm, args)}):
+        cells = [
+            "-"
+            if lr not in sweep[arm]
+            else f"**{sweep[arm][lr]['final_loss']:.4f}**"
+            if best[arm] == lr
+            else f"{sweep[arm][lr]['final_loss']:.4f}"
+            for arm in SWEPT
+        ]
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -436,9 +480,9 @@ def markdown(result: dict, runs: dict[str, dict[int, dict]], sweep: dict, args, 
         f"{args.sweep_seed}'s held-out loss and seed {args.sweep_seed} is reported below on the same blocks: a small selection "
         "bias toward each arm's best rate (the fresh seeds alone are given too)."
         + "".join(
-            f" {arm}'s best rate is at the {'top' if lr == max(args.lrs) else 'bottom'} of the grid: a rate beyond it might do better."
+            f" {arm}'s best rate is at the {'top' if lr == max(rates(arm, args)) else 'bottom'} of its grid: a rate beyond it might do better."
             for arm, lr in best.items()
-            if lr in (min(args.lrs), max(args.lrs))
+            if lr in (min(rates(arm, args)), max(rates(arm, args)))
         ),
         "",
         "## Each arm at its best rate (mean ± SD over seeds)",
@@ -464,22 +508,21 @@ def markdown(result: dict, runs: dict[str, dict[int, dict]], sweep: dict, args, 
         "",
         "## Paired final differences (same seed: same data order, same held-out blocks)",
         "",
-        "| seed | dense | upcycled | dense_matched | upcycled - dense ± block SE | upcycled - dense_matched ± block SE |",
-        "|---|---|---|---|---|---|",
+        "| seed | " + " | ".join(ARMS) + " | " + " | ".join(f"{label} ± block SE" for label in PAIRS.values()) + " |",
+        "|---|" + "---|" * (len(ARMS) + len(PAIRS)),
     ]
-    tokens = {r["seed"]: r for r in result["upcycled_minus_dense_equal_tokens"]["per_seed"]}
-    matched = {r["seed"]: r for r in result["upcycled_minus_dense_matched_equal_flops"]["per_seed"]}
+    gaps = [{r["seed"]: r for r in result[key]["per_seed"]} for key in PAIRS]
     for seed in sorted(set().union(*(runs[arm].keys() for arm in ARMS))):
         cells = [f"{runs[arm][seed]['final_loss']:.4f}" if seed in runs[arm] else "-" for arm in ARMS]
-        cells += [f"{g[seed]['gap']:+.4f} ± {g[seed]['block_se']:.4f}" if seed in g else "-" for g in (tokens, matched)]
+        cells += [f"{g[seed]['gap']:+.4f} ± {g[seed]['block_se']:.4f}" if seed in g else "-" for g in gaps]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     summary_cells = []
-    for key in ("upcycled_minus_dense_equal_tokens", "upcycled_minus_dense_matched_equal_flops"):
+    for key in PAIRS:
         s = result[key]["over_seeds"]
         summary_cells.append(
             "-" if s is None else fmt(s, sign="+") + ("" if s["ci95"] is None else f" [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}]")
         )
-    lines.append("| mean ± SD [95% t interval] | | | | " + " | ".join(summary_cells) + " |")
+    lines.append("| mean ± SD [95% t interval] |" + " |" * len(ARMS) + " " + " | ".join(summary_cells) + " |")
     fresh = result["upcycled_minus_dense_fresh_seeds_only"]["over_seeds"]
     if fresh is not None:
         lines += ["", f"Upcycled - dense on the fresh seeds alone (not used to pick the rates): {fmt(fresh, sign='+')} (n = {fresh['n']})."]
@@ -501,7 +544,11 @@ def markdown(result: dict, runs: dict[str, dict[int, dict]], sweep: dict, args, 
     lines += [
         "",
         "Conversions (fidelity check against the dense model): max |Δlogit| "
-        + ", ".join(f"{c['max_abs_logit_diff']:.1e} (seed {s})" for s, c in sorted(conversions.items()))
+        + "; ".join(
+            f"{arm} " + ", ".join(f"{c['max_abs_logit_diff']:.1e} (seed {s})" for s, c in sorted(by_seed.items()))
+            for arm, by_seed in conversions.items()
+            if by_seed
+        )
         + "; start losses of every source model were scored once and shared (same weights, same blocks).",
         "",
         "Verdict (a side wins only when the 95% Student t interval of the per-seed paired differences excludes zero): "
@@ -513,7 +560,7 @@ def markdown(result: dict, runs: dict[str, dict[int, dict]], sweep: dict, args, 
         "Wall time of every run (process seconds, including model loading and held-out scoring): "
         + ", ".join(f"{name} {s:.0f}" for name, s in result["process_seconds_per_unit"].items())
         + f"; total {result['process_seconds_total']:.0f} s, plus the conversions' "
-        + ", ".join(f"{c['seconds']:.0f}" for c in conversions.values())
+        + ", ".join(f"{c['seconds']:.0f}" for by_seed in conversions.values() for c in by_seed.values())
         + " s"
         + ("" if wall is None else f" (this invocation {wall:.0f} s wall)")
         + ".",
@@ -541,7 +588,7 @@ def flags(args) -> str:
         "mix_seed": 42,
     }
     text = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, v in defaults.items() if getattr(args, k) != v)
-    for key, default in (("lrs", [1e-4, 2e-4, 4e-4]), ("seeds", [1, 2]), ("matched_seeds", [0, 1, 2])):
+    for key, default in (("lrs", [1e-4, 2e-4, 4e-4]), ("drop_lrs", [8e-4, 1.6e-3]), ("seeds", [1, 2]), ("matched_seeds", [0, 1, 2])):
         if getattr(args, key) != default:
             text += f" --{key.replace('_', '-')} " + " ".join(f"{v:g}" for v in getattr(args, key))
     for key in ("source", "data"):
@@ -552,13 +599,14 @@ def flags(args) -> str:
 
 def plot(runs: dict[str, dict[int, dict]], sweep: dict, best: dict[str, float], path: Path) -> None:
     """Held-out loss of each arm at its best rate against tokens and against training FLOPs (mean over seeds,
-    band = min..max over seeds), and the sweep's final loss against the learning rate."""
+    band = min..max over seeds), drop_upcycled against the arms it starts from in a panel of its own (it starts
+    nats above them, which would flatten the others), and the sweep's final loss against the learning rate."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(14, 4.5))
-    by_tokens, by_flops, rates = fig.subplots(1, 3)
-    colors = {"dense": "tab:blue", "upcycled": "tab:orange", "dense_matched": "tab:green"}
+    fig = Figure(figsize=(19, 4.5))
+    by_tokens, by_flops, drop_ax, sweep_ax = fig.subplots(1, 4)
+    colors = {"dense": "tab:blue", "upcycled": "tab:orange", "drop_upcycled": "tab:red", "dense_matched": "tab:green"}
     for arm, by_seed in runs.items():
         if not by_seed:
             continue
@@ -568,28 +616,34 @@ def plot(runs: dict[str, dict[int, dict]], sweep: dict, best: dict[str, float], 
         mean = [statistics.fmean(v) for v in values]
         per_step = rows[0]["tokens_seen"] / rows[0]["steps"]
         per_token = rows[0]["flops"] / rows[0]["tokens_seen"]
-        for ax, scale in ((by_tokens, per_step), (by_flops, per_step * per_token)):
+        panels = [(drop_ax, per_step)] if arm in ("dense", "upcycled", "drop_upcycled") else []
+        if arm != "drop_upcycled":
+            panels += [(by_tokens, per_step), (by_flops, per_step * per_token)]
+        for ax, scale in panels:
             x = [s * scale for s in steps]
             ax.plot(x, mean, "o-", color=colors[arm], markersize=3, label=f"{arm} (lr {rows[0]['lr']:g}, {len(rows)} seeds)")
             ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=colors[arm], alpha=0.2)
     by_tokens.set_xlabel("training tokens")
+    drop_ax.set_xlabel("training tokens")
     by_flops.set_xlabel("training FLOPs")
-    for ax in (by_tokens, by_flops):
+    for ax in (by_tokens, by_flops, drop_ax):
         ax.set_ylabel("held-out loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     by_tokens.set_title("equal tokens (band: min..max over seeds)")
     by_flops.set_title("equal compute")
+    drop_ax.set_title("Drop-Upcycling vs its starting points")
     for arm, by_lr in sweep.items():
         lrs = sorted(by_lr)
-        rates.plot(lrs, [by_lr[lr]["final_loss"] for lr in lrs], "o-", color=colors[arm], label=arm)
-        rates.plot([best[arm]], [by_lr[best[arm]]["final_loss"]], "*", color=colors[arm], markersize=12)
-    rates.set_xscale("log")
-    rates.set_xlabel("learning rate")
-    rates.set_ylabel("final held-out loss, sweep seed")
-    rates.set_title("learning-rate sweep")
-    rates.grid(alpha=0.3)
-    rates.legend(fontsize=8)
+        sweep_ax.plot(lrs, [by_lr[lr]["final_loss"] for lr in lrs], "o-", color=colors[arm], label=arm)
+        sweep_ax.plot([best[arm]], [by_lr[best[arm]]["final_loss"]], "*", color=colors[arm], markersize=12)
+    sweep_ax.set_xscale("log")
+    sweep_ax.set_yscale("log")
+    sweep_ax.set_xlabel("learning rate")
+    sweep_ax.set_ylabel("final held-out loss, sweep seed (log)")
+    sweep_ax.set_title("learning-rate sweep")
+    sweep_ax.grid(alpha=0.3)
+    sweep_ax.legend(fontsize=8)
     FigureCanvasAgg(fig)
     fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
 
@@ -617,6 +671,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10, help="score the held-out blocks every N steps (0: only at the end)")
     parser.add_argument("--eval-ratio", type=float, default=0.1, help="share of documents held out (data.eval_ratio)")
     parser.add_argument("--lrs", type=positive(float), nargs="+", default=[1e-4, 2e-4, 4e-4], help="the sweep's learning rates")
+    parser.add_argument("--drop-lrs", type=positive(float), nargs="*", default=[8e-4, 1.6e-3], help="drop_upcycled's further sweep rates")
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--balance-coef", type=float, default=0.01, help="router balance loss of the upcycled runs")
     parser.add_argument("--mix-seed", type=int, default=42, help="data.mix_seed: the held-out split, the same for every run")
@@ -635,7 +690,7 @@ def main() -> None:
         parser.error(f"--eval-ratio must be between 0 and 1, got {args.eval_ratio}")
     if args.sweep_seed in args.seeds:
         parser.error(f"--seeds must not repeat the sweep seed {args.sweep_seed}")
-    args.lrs = sorted(set(args.lrs))
+    args.lrs, args.drop_lrs = sorted(set(args.lrs)), sorted(set(args.drop_lrs))
     args.runs_dir = args.results_dir / f"{NAME}_runs"
     if args.report:
         report(args, None)
