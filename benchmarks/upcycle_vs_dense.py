@@ -39,8 +39,9 @@ its lookup is free, the output head is a matmul).
 
 Sized for 2 CPU cores shared with other work, under flock /tmp/moeforge-cpu.lock. The defaults (20 steps x
 4 x 128 tokens = 10,240 tokens a run, a third of pt-demo's training split) took 31 min under the lock for
-all 13 runs (sweep 996 s, seeds 551 s, matched 323 s): ~80-90 s a dense run (~105 s a 32-step matched one),
-~180-205 s an upcycled one (peak 14.9 GB resident: fp32 weights, gradients, AdamW), ~10 s a conversion.
+the first 13 runs (sweep 996 s, seeds 551 s, matched 323 s): ~80-90 s a dense run (~105 s a 32-step matched
+one), ~180-205 s an upcycled one (peak 14.9 GB resident: fp32 weights, gradients, AdamW), ~10 s a conversion.
+The 7 drop_upcycled runs, added later on a slower machine, took 36 min (210-410 s a run, ~20-25 s a conversion).
 Commands (each phase its own lock, so other work can interleave):
 
     flock /tmp/moeforge-cpu.lock python benchmarks/upcycle_vs_dense.py --phase sweep
@@ -357,7 +358,7 @@ def report(args, wall: float | None) -> None:
                 "epochs": rows[0]["epochs"],
                 "flops_per_run": rows[0]["flops"],
                 "seeds": sorted(by_seed),
-                "start_loss": rows[0]["start_loss"],
+                "start_loss": spread([r["start_loss"] for r in rows]),  # differs by seed for drop_upcycled only
                 "final_loss": spread([r["final_loss"] for r in rows]),
                 "train_seconds_excl_eval": spread([r["train_seconds_excl_eval"] for r in rows]),
                 "process_seconds": spread([r["process_seconds"] for r in rows]),
@@ -492,9 +493,10 @@ def markdown(result: dict, runs: dict[str, dict[int, dict]], sweep: dict, args, 
     ]
     for arm, a in arms.items():
         per_seed = ", ".join(f"{runs[arm][s]['final_loss']:.4f}" for s in a["seeds"])
+        start = fmt(a["start_loss"]) if a["start_loss"]["sd"] else f"{a['start_loss']['mean']:.4f}"
         lines.append(
             f"| {arm} | {a['lr']:g} | {a['steps']} | {a['tokens_seen']:,} | {a['total_parameters'] / 1e6:.1f} / {a['active_parameters'] / 1e6:.1f} | "
-            f"{a['flops_per_run']:.2e} | {', '.join(map(str, a['seeds']))} | {a['start_loss']:.4f} | {fmt(a['final_loss'])} | {per_seed} | "
+            f"{a['flops_per_run']:.2e} | {', '.join(map(str, a['seeds']))} | {start} | {fmt(a['final_loss'])} | {per_seed} | "
             f"{fmt(a['train_seconds_excl_eval'], 0)} | {fmt(a['process_seconds'], 0)} | {a['peak_rss_gb']:.1f} |"
         )
     lines += [
