@@ -17,7 +17,8 @@ upcycled arm, the conversion seed (its router init), so the seed spread includes
 
 Phases (each run is a unit, stored as results/upcycle_vs_dense_runs/<arm>-lr<lr>-seed<seed>.json; a rerun
 skips stored units, so an interrupted phase resumes):
-  sweep    seed 0, dense, upcycled and drop_upcycled, at every --lrs rate (1e-4, 2e-4, 4e-4);
+  sweep    seed 0, dense, upcycled and drop_upcycled, at every --lrs rate (1e-4, 2e-4, 4e-4), drop_upcycled
+           also at the --drop-lrs rates (8e-4, 1.6e-3: its best rate lies above the others');
   seeds    --seeds (1 2) at each arm's best rate: the lowest final held-out loss of its sweep;
   matched  dense_matched at dense's best rate, --matched-seeds (0 1 2);
   all      the three in order (the default).
@@ -48,7 +49,8 @@ Commands (each phase its own lock, so other work can interleave):
     flock /tmp/moeforge-cpu.lock python benchmarks/upcycle_vs_dense.py --phase seeds
     flock /tmp/moeforge-cpu.lock python benchmarks/upcycle_vs_dense.py --phase matched
     python benchmarks/upcycle_vs_dense.py --report
-Options: [--steps 20 --batch 4 --seq-len 128 --eval-every 10 --lrs 1e-4 2e-4 4e-4 --seeds 1 2 --matched-seeds 0 1 2]
+Options: [--steps 20 --batch 4 --seq-len 128 --eval-every 10 --lrs 1e-4 2e-4 4e-4 --drop-lrs 8e-4 1.6e-3 --seeds 1 2
+          --matched-seeds 0 1 2]
          [--source DIR] [--data FILE] [--results-dir DIR] [--work DIR] [--max-units N]
 """
 
