@@ -119,6 +119,7 @@ def run_training(spec: dict) -> dict:
     scored: dict = {}
     eval_seconds = 0.0
     callbacks: list = [Recorder]
+    scorer = None
     if spec.get("score_blocks", True):  # off: the trainer's own eval_loss before and after is the figure
         blocks = _eval_blocks(recipe, load_tokenizer(resolve_checkpoint(recipe.model)))
         scored |= {"eval_blocks": blocks.shape[0], "block_tokens": blocks.shape[1]}
@@ -131,7 +132,8 @@ def run_training(spec: dict) -> dict:
             scored["block_losses_start"] = block_losses(recipe.model, blocks, batch)
             eval_seconds = time.perf_counter() - start
         if "score_every" in spec:
-            callbacks.append(_block_scorer(blocks, batch, spec["score_every"]))
+            scorer = _block_scorer(blocks, batch, spec["score_every"])
+            callbacks.append(scorer)
 
     transformers.trainer.DEFAULT_CALLBACKS.extend(callbacks)
     try:
@@ -142,8 +144,7 @@ def run_training(spec: dict) -> dict:
         for callback in callbacks:
             transformers.trainer.DEFAULT_CALLBACKS.remove(callback)
 
-    if len(callbacks) > 1:  # scored in training: the last step's losses are the final ones
-        scorer = callbacks[1]
+    if scorer is not None:  # scored in training: the last step's losses are the final ones
         scored["block_curve"] = sorted(scorer.curve.items())
         scored["block_losses_final"] = scorer.curve[max(scorer.curve)]
         scored["in_training_score_seconds"] = round(scorer.seconds, 1)

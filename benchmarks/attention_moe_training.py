@@ -45,11 +45,17 @@ import time
 from pathlib import Path
 
 import torch
+from _flags import changed_flags
 from _runs import convert_model, run_child
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MOE = {"num_experts": 8, "top_k": 2}
 ARMS = ("ffn_moe", "ffn_moe+attn")
+REPRODUCED = (
+    "seeds", "steps", "batch", "seq_len", "eval_every", "eval_ratio", "lr", "warmup_ratio", "balance_coef", "mix_seed",
+    "attention_top_k", "attention_shared", "attention_scale",
+)  # fmt: skip
+"""The options that change what a run computes: the reproduce line repeats those set off default."""
 
 
 def attention_section(args) -> dict:
@@ -265,25 +271,10 @@ def report(runs: dict[tuple[str, int], dict], args, wall: float) -> None:
         f"differences). B's start gap {b['start_mean'] - a['start_mean']:+.4f} is what the untrained attention routers cost; the final "
         "gap is what is left of it after the same training.",
         "",
-        f"Reproduce: `python benchmarks/attention_moe_training.py{flags(args)}` (runs are stored per (arm, seed) and skipped on a rerun).",
+        f"Reproduce: `python benchmarks/attention_moe_training.py{args.reproduce_flags}` (runs are stored per (arm, seed) and skipped on a rerun).",
     ]
     (RESULTS / "attention_moe_training.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def flags(args) -> str:
-    defaults = {
-        "steps": 30,
-        "batch": 4,
-        "seq_len": 128,
-        "eval_every": 10,
-        "lr": 1e-4,
-        "attention_top_k": 1,
-        "attention_shared": 1,
-        "attention_scale": "auto",
-    }
-    text = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, v in defaults.items() if getattr(args, k) != v)
-    return text + ("" if args.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, args.seeds)))
 
 
 def main() -> None:
@@ -305,6 +296,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=RESULTS / "attention_moe_training_runs")
     parser.add_argument("--work", type=Path, default=Path("/tmp/moeforge-attention-moe-training"), help="converted models")
     args = parser.parse_args()
+    args.reproduce_flags = changed_flags(parser, args, REPRODUCED)
     started = time.perf_counter()
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,7 @@ import time
 from pathlib import Path
 
 import torch
+from _flags import changed_flags
 from _runs import convert_model, paired_gap, run_child, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,6 +89,11 @@ PAIRS = {
     "drop_upcycled_minus_upcycled_equal_tokens": "drop_upcycled - upcycled",
 }
 """The paired gaps the markdown tabulates per seed (result key: column label)."""
+REPRODUCED = (
+    "steps", "batch", "seq_len", "eval_every", "eval_ratio", "lrs", "drop_lrs", "warmup_ratio", "balance_coef",
+    "mix_seed", "sweep_seed", "seeds", "matched_seeds", "source", "data",
+)  # fmt: skip
+"""The options that change what a run computes: the results' reproduce lines repeat those set off default."""
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 """Two-sided 95% Student t quantiles by degrees of freedom (few seeds; scipy is not a dependency)."""
 MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32)"
@@ -572,33 +578,11 @@ def markdown(result: dict, runs: dict[str, dict[int, dict]], sweep: dict, args, 
         "Reproduce (each phase under the shared CPU lock; units already stored are skipped):",
         "",
         "```",
-        *(f"flock /tmp/moeforge-cpu.lock python benchmarks/upcycle_vs_dense.py --phase {phase}{flags(args)}" for phase in PHASES),
-        f"python benchmarks/upcycle_vs_dense.py --report{flags(args)}",
+        *(f"flock /tmp/moeforge-cpu.lock python benchmarks/upcycle_vs_dense.py --phase {phase}{args.reproduce_flags}" for phase in PHASES),
+        f"python benchmarks/upcycle_vs_dense.py --report{args.reproduce_flags}",
         "```",
     ]
     return "\n".join(lines) + "\n"
-
-
-def flags(args) -> str:
-    """The command-line flags that differ from the defaults."""
-    defaults = {
-        "steps": 20,
-        "batch": 4,
-        "seq_len": 128,
-        "eval_every": 10,
-        "eval_ratio": 0.1,
-        "warmup_ratio": 0.1,
-        "balance_coef": 0.01,
-        "mix_seed": 42,
-    }
-    text = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, v in defaults.items() if getattr(args, k) != v)
-    for key, default in (("lrs", [1e-4, 2e-4, 4e-4]), ("drop_lrs", [8e-4, 1.6e-3]), ("seeds", [1, 2]), ("matched_seeds", [0, 1, 2])):
-        if getattr(args, key) != default:
-            text += f" --{key.replace('_', '-')} " + " ".join(f"{v:g}" for v in getattr(args, key))
-    for key in ("source", "data"):
-        if getattr(args, key):
-            text += f" --{key} {getattr(args, key)}"
-    return text
 
 
 def plot(runs: dict[str, dict[int, dict]], sweep: dict, best: dict[str, float], path: Path) -> None:
@@ -695,6 +679,7 @@ def main() -> None:
     if args.sweep_seed in args.seeds:
         parser.error(f"--seeds must not repeat the sweep seed {args.sweep_seed}")
     args.lrs, args.drop_lrs = sorted(set(args.lrs)), sorted(set(args.drop_lrs))
+    args.reproduce_flags = changed_flags(parser, args, REPRODUCED)
     args.runs_dir = args.results_dir / f"{NAME}_runs"
     if args.report:
         report(args, None)
